@@ -1,0 +1,103 @@
+"""The `flowgen` command line.
+
+Thin by design: each command parses its options and calls one function in the workflow layer.
+User errors (FlowgenError) become one line on stderr and exit code 2; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from flowgen import __version__
+from flowgen.errors import FlowgenError
+
+
+def user_errors(fn):
+    """Turn FlowgenError into `error: ...` + exit 2 (one line per problem)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FlowgenError as err:
+            problems = getattr(err, "problems", None) or [str(err)]
+            for problem in problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(err.exit_code)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flowgen")
+def main():
+    """flowgen — declarative batch image generation and editing with FLUX.2 [klein]."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. task.steps=8.")
+@user_errors
+def validate(recipe, overrides):
+    """Check RECIPE and report every problem at once."""
+    from flowgen.commands import validate_command
+
+    validate_command(recipe, list(overrides))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@user_errors
+def plan(recipe, out_dir, overrides, as_json):
+    """Dry run: items, results, batches, and the diff against the output folder."""
+    from flowgen.commands import plan_command
+
+    plan_command(recipe, out_dir, list(overrides), as_json)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@click.option("--limit", type=click.IntRange(min=1), help="Run at most N results.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
+@user_errors
+def run(recipe, out_dir, overrides, limit, fail_fast):
+    """Run RECIPE: render every missing or changed result and update the manifest."""
+    from flowgen.commands import run_command
+
+    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@user_errors
+def status(out_dir, as_json):
+    """Summarise the manifest of OUT_DIR."""
+    from flowgen.commands import status_command
+
+    status_command(out_dir, as_json)
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--verify", is_flag=True, help="Compare sha256 with the recorded output.")
+@click.option("--to", "to_dir", type=click.Path(file_okay=False), help="Write regenerated files here (default: OUT_DIR/regen).")
+@user_errors
+def regen(out_dir, targets, verify, to_dir):
+    """Regenerate items (by id, or from image files carrying flowgen metadata)."""
+    from flowgen.commands import regen_command
+
+    sys.exit(regen_command(out_dir, list(targets), verify, to_dir))
+
+
+if __name__ == "__main__":
+    main()
