@@ -1,0 +1,1 @@
+"""Reading checkpoints: safetensors files, sharded folders, and key mappings per model."""
