@@ -1,9 +1,24 @@
-"""What each CLI command does, one module per command; cli.py only parses options."""
+"""What each CLI command does, one module per command; cli.py only parses options.
 
-from flowgen.commands.validate import validate_command
-from flowgen.commands.plan import plan_command
-from flowgen.commands.run import run_command
-from flowgen.commands.status import status_command
-from flowgen.commands.regen import regen_command
+Imported lazily so `flowgen validate` does not pay for the planner's and runner's imports.
+"""
 
-__all__ = ["validate_command", "plan_command", "run_command", "status_command", "regen_command"]
+from __future__ import annotations
+
+import importlib
+
+_COMMANDS = {
+    "validate_command": "flowgen.commands.validate",
+    "plan_command": "flowgen.commands.plan",
+    "run_command": "flowgen.commands.run",
+    "status_command": "flowgen.commands.status",
+    "regen_command": "flowgen.commands.regen",
+}
+
+__all__ = list(_COMMANDS)
+
+
+def __getattr__(name: str):
+    if name in _COMMANDS:
+        return getattr(importlib.import_module(_COMMANDS[name]), name)
+    raise AttributeError(f"module 'flowgen.commands' has no attribute {name!r}")

@@ -1,0 +1,25 @@
+"""`flowgen validate RECIPE`: load, expand and check references; report every problem, write nothing."""
+
+from __future__ import annotations
+
+import click
+
+from flowgen.errors import RecipeError
+
+
+def validate_command(recipe_path: str, overrides: list[str]) -> None:
+    """Validate a recipe end to end; raise RecipeError with every problem, else print a one-line summary."""
+    from flowgen.recipe.api import check_references, expand_items, load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    items = expand_items(recipe)
+    problems = check_references(items)
+    if problems:
+        raise RecipeError(problems)
+    results = sum(item.task.get("numberResults", 1) for item in items)
+    references = len({path for item in items for path in item.references})
+    card = f" (card {recipe.card.name})" if getattr(recipe.card, "name", None) else ""
+    click.echo(
+        f"ok: {recipe_path}: {len(items)} items, {results} results, {references} reference images, "
+        f"model {recipe.model}{card}, output {recipe.output_dir(None)}"
+    )

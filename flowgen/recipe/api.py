@@ -1,0 +1,73 @@
+"""The recipe layer's public surface: load, expand, validate. Everything else in flowgen/recipe is private.
+
+    recipe = load_recipe("recipes/product-photos.yaml", ["task.steps=8"])
+    items = expand_items(recipe)                 # list[Item], see flowgen/recipe/item.py
+    problems = check_references(items)           # [] when every reference image is usable
+    out = recipe.output_dir(None)                # <recipe folder>/out/<name>, or the --out folder
+    name = recipe.render_filename(items[0], 0, "webp")   # relative to `out`, never escapes it
+
+All user errors raise flowgen.errors.RecipeError carrying every problem found, one line each,
+each naming the field path (``task.width: ...``) or the file (``recipe.yaml:3:5: ...``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from flowgen.errors import RecipeError
+from flowgen.recipe.item import Item
+from flowgen.recipe.schema import Recipe
+
+__all__ = ["Recipe", "Item", "RecipeError", "load_recipe", "expand_items", "validate_task", "check_references", "extension_for"]
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read, override (``--set a.b=value``) and validate a recipe file; load its datasets.
+
+    Raises RecipeError listing every problem (YAML syntax with file:line:col, unknown keys, ranges,
+    datasets that are missing or have duplicate keys, bad overrides, ...).
+    """
+    from flowgen.recipe.loading import load
+
+    return load(Path(path), list(overrides))
+
+
+def expand_items(recipe: Recipe) -> list[Item]:
+    """Expand the matrix (product, zip, include, exclude) into Items with fully resolved tasks.
+
+    Item.key is "var=value|var=value" over all variables sorted by name, where a dataset row's value
+    is its dataset key; Item.task holds card defaults < recipe defaults < task, templated, with
+    ``model`` set and ``inputs.referenceImages`` as absolute paths (also in Item.references).
+    Items are sorted by key. Raises RecipeError for unknown template fields or invalid tasks.
+    """
+    from flowgen.recipe.expand import expand
+
+    return expand(recipe)
+
+
+def validate_task(task: dict, where: str = "task") -> list[str]:
+    """Problems with one imageInference task dict (spec ranges + what the local engine supports).
+
+    Fields still holding a template (``"{product.w}"``) are skipped; ``where`` prefixes each path.
+    """
+    from flowgen.recipe.task_rules import task_problems
+
+    return task_problems(task, where)
+
+
+def check_references(items: Sequence[Item]) -> list[str]:
+    """Problems with the reference images of `items`: missing, undecodable, too small/large, > 4.
+
+    Reads image headers only (PIL, no full decode); each problem names the file and the item key.
+    """
+    from flowgen.recipe.references import reference_problems
+
+    return reference_problems(items)
+
+
+def extension_for(task: dict) -> str:
+    """File extension for a task's outputFormat (JPG -> "jpg", PNG -> "png", WEBP -> "webp")."""
+    from flowgen.recipe.spec_values import OUTPUT_EXTENSIONS
+
+    return OUTPUT_EXTENSIONS[task.get("outputFormat", "JPG")]
