@@ -1,0 +1,35 @@
+"""`flowgen regen OUT_DIR TARGET...`: re-render recorded results; `--verify` compares sha256."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from flowgen.run.manifest import Manifest
+from flowgen.run.regen import regenerate, resolve_targets
+
+
+def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None) -> int:
+    """Regenerate TARGETS (item ids, ID#N, or image files) of OUT_DIR into TO_DIR (default OUT_DIR/regen).
+
+    Returns 0, or 1 when a result could not be regenerated or (with verify) its sha256 differs.
+    """
+    with Manifest(out_dir, create=False) as manifest:
+        records = resolve_targets(manifest, list(targets))
+    destination = Path(to_dir) if to_dir else Path(out_dir) / "regen"
+    outcomes = regenerate(records, destination)
+    code = 0
+    for outcome in outcomes:
+        name = f"{outcome.item_id}#{outcome.result_index}"
+        if outcome.error:
+            click.echo(f"failed    {name}: {outcome.error}")
+            code = 1
+        elif verify:
+            verdict = "identical" if outcome.matches else "DIFFERS "
+            click.echo(f"{verdict} {name} {outcome.path} sha256 {outcome.sha256[:16]} (recorded {str(outcome.recorded_sha256)[:16]})")
+            code = code or (0 if outcome.matches else 1)
+        else:
+            click.echo(f"wrote     {name} {outcome.path}")
+    return code

@@ -1,0 +1,52 @@
+"""`flowgen status OUT_DIR`: what the manifest of an output folder holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from flowgen.run.manifest import Manifest
+
+
+def status_command(out_dir: str, as_json: bool) -> None:
+    """Summarise OUT_DIR's manifest (and refresh its manifest.jsonl export)."""
+    with Manifest(out_dir, create=False) as manifest:
+        report = status_report(manifest)
+        manifest.export_jsonl()
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    counts = report["counts"]
+    click.echo(f"{report['out_dir']}: {report['results']} result(s) — "
+               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "failed", "skipped")))
+    if report["last_run"]:
+        run = report["last_run"]
+        click.echo(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
+    for failure in report["failed"][:20]:
+        click.echo(f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}")
+    if report["missing_outputs"]:
+        click.echo(f"  {len(report['missing_outputs'])} ok result(s) whose file is missing (a run will render them again)")
+
+
+def status_report(manifest: Manifest) -> dict[str, Any]:
+    failed, missing = [], []
+    total = 0
+    for record in manifest.records():
+        total += 1
+        if record["status"] == "failed":
+            failed.append({k: record[k] for k in ("item_id", "result_index", "item_key", "error")})
+        elif record["status"] == "ok" and not (Path(manifest.out_dir) / record["output"]["path"]).exists():
+            missing.append(record["output"]["path"])
+    runs = manifest.runs()
+    return {
+        "out_dir": str(manifest.out_dir),
+        "results": total,
+        "counts": manifest.counts(),
+        "failed": failed,
+        "missing_outputs": missing,
+        "runs": len(runs),
+        "last_run": runs[-1] if runs else None,
+    }

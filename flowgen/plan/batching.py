@@ -1,0 +1,73 @@
+"""Group results into batches that bound the number of compiled programs.
+
+Results with the same shape signature (size, steps, guidance, reference count and sizes) may share
+an engine call. Batch sizes are powers of two up to `max_batch`, so a whole run compiles at most
+log2(max_batch)+1 programs per signature. Inside a signature, results are ordered by reference set
+and prompt so that a reference set (one pre-pass per distinct set per batch) and a prompt (encoded
+once) are shared by as many neighbours as possible.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from flowgen.plan.model import Batch, PlannedResult, Signature
+
+# A remainder is padded up to the next power of two when at most this share of it is padding
+# (7 -> 8, 3 -> 4); otherwise it is split into smaller powers of two (5 -> 4 + 1).
+MAX_PADDING_SHARE = 0.25
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+def chunk_sizes(n: int, max_batch: int) -> list[tuple[int, int]]:
+    """Split n results into (real count, padded size) chunks with power-of-two sizes ≤ max_batch."""
+    cap = 1 << (max(1, max_batch).bit_length() - 1)  # largest power of two ≤ max_batch
+    chunks: list[tuple[int, int]] = []
+    while n > 0:
+        if n >= cap:
+            chunks.append((cap, cap))
+            n -= cap
+            continue
+        padded = next_pow2(n)
+        if (padded - n) / padded <= MAX_PADDING_SHARE:
+            chunks.append((n, padded))
+            n = 0
+        else:
+            low = padded // 2
+            chunks.append((low, low))
+            n -= low
+    return chunks
+
+
+def _order_key(result: PlannedResult) -> tuple:
+    item = result.item
+    return (item.reference_set, item.task.get("positivePrompt", ""), item.item_id, result.result_index)
+
+
+def make_batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
+    """Batches for `results` (only runnable ones should be passed), in a deterministic order."""
+    groups: dict[Signature, list[PlannedResult]] = defaultdict(list)
+    for result in results:
+        groups[result.item.signature].append(result)  # dict keeps first-appearance order
+    batches: list[Batch] = []
+    for signature, members in groups.items():
+        members.sort(key=_order_key)
+        start = 0
+        for count, size in chunk_sizes(len(members), max_batch):
+            batches.append(Batch(signature, members[start : start + count], size))
+            start += count
+    return batches
+
+
+def signature_label(signature: Signature) -> str:
+    """Human-readable signature, e.g. '128x128 4 steps, cfg 3.5, 2 refs'."""
+    width, height, steps, guidance, ref_sizes = signature
+    parts = [f"{width}x{height}", f"{steps} steps"]
+    parts.append(f"cfg {guidance:g}" if guidance is not None else "no cfg")
+    if ref_sizes:
+        parts.append(f"{len(ref_sizes)} ref{'s' if len(ref_sizes) > 1 else ''} " + ",".join(f"{w}x{h}" for w, h in ref_sizes))
+    return ", ".join(parts)

@@ -1,0 +1,136 @@
+"""Compile recipe items into a Plan: ids, seeds, reference hashes, content hashes, output paths."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from flowgen.errors import RecipeError
+import os
+
+from flowgen.plan.hashing import item_hash, model_key, result_hash
+from flowgen.plan.model import Plan, PlannedItem, PlannedResult
+from flowgen.plan.references import ReferenceInspector
+from flowgen.plan.seeds import item_id_for, result_seed
+from flowgen.recipe.item import Item
+
+EXTENSIONS = {"JPG": "jpg", "JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+
+# (item, result_index, ext) -> output path, relative to the output folder (or absolute)
+FilenameFn = Callable[[Item, int, str], "str | Path"]
+
+
+def output_ext(task: dict[str, Any]) -> str:
+    """File extension for the task's outputFormat (spec default JPG)."""
+    fmt = str(task.get("outputFormat") or "JPG").upper()
+    if fmt not in EXTENSIONS:
+        raise RecipeError(f"outputFormat: {fmt!r} is not one of JPG, PNG, WEBP")
+    return EXTENSIONS[fmt]
+
+
+def guidance_for(task: dict[str, Any], distilled: bool) -> float | None:
+    """CFG scale when guidance is on, else None: off for CFGScale ≤ 1 and for distilled models
+    (step-distilled Klein ignores guidance, as diffusers does)."""
+    scale = task.get("CFGScale")
+    if distilled or scale is None or float(scale) <= 1.0:
+        return None
+    return float(scale)
+
+
+def compile_plan(
+    *,
+    recipe_name: str,
+    recipe_seed: int | None,
+    items: Iterable[Item],
+    out_dir: str | Path,
+    filename: FilenameFn,
+    model: str,
+    model_identity: dict[str, Any],
+    distilled: bool,
+    recipe_hash: str,
+    max_batch: int = 8,
+    inspector: ReferenceInspector | None = None,
+    reference_check: Callable[[Item], list[str]] | None = None,
+) -> Plan:
+    """Plan every result of every item. Per-item problems (unreadable references) are recorded on
+    the item, not raised; plan-wide problems (two results writing one file) raise RecipeError.
+    reference_check(item) -> problems runs once per distinct reference set (sizes, count rules)."""
+    out = Path(out_dir).resolve()
+    out_text = str(out)
+    model_text = model_key(model_identity)
+    inspector = inspector or ReferenceInspector()
+    planned_items: list[PlannedItem] = []
+    results: list[PlannedResult] = []
+    seen_ids: dict[str, str] = {}
+    checked: dict[tuple, str | None] = {}
+    for item in items:
+        planned = _plan_item(item, recipe_name, model_text, distilled, inspector)
+        if planned.error is None and item.references and reference_check is not None:
+            if item.references not in checked:
+                problems = reference_check(item)
+                checked[item.references] = problems[0] if problems else None
+            planned.error = checked[item.references]
+        if planned.item_id in seen_ids:
+            raise RecipeError(f"items {seen_ids[planned.item_id]!r} and {item.key!r}: duplicate item key")
+        seen_ids[planned.item_id] = item.key
+        planned_items.append(planned)
+        ext = output_ext(item.task)
+        for index in range(int(item.task.get("numberResults") or 1)):
+            seed = result_seed(item.task.get("seed"), recipe_seed, item.key, index)
+            path = os.path.normpath(os.path.join(out_text, str(filename(item, index, ext))))
+            results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
+    _check_unique_paths(results)
+    plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch)
+    plan.plan_hash = _plan_hash(plan)
+    return plan
+
+
+def _plan_item(item: Item, recipe_name: str, model_text: str, distilled: bool, inspector: ReferenceInspector) -> PlannedItem:
+    hashes: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    error = None
+    for ref in item.references:
+        try:
+            digest, size = inspector.inspect(ref)
+        except ValueError as err:
+            error = error or str(err)
+            digest, size = "unreadable", (0, 0)
+        hashes.append(digest)
+        sizes.append(size)
+    return PlannedItem(
+        item_id=item_id_for(recipe_name, item.key),
+        key=item.key,
+        values=item.values,
+        task=item.task,
+        references=tuple(str(r) for r in item.references),
+        reference_hashes=tuple(hashes),
+        reference_sizes=tuple(sizes),
+        item_hash=item_hash(model_text, item.task, hashes),
+        guidance=guidance_for(item.task, distilled),
+        error=error,
+    )
+
+
+def _check_unique_paths(results: list[PlannedResult]) -> None:
+    owners: dict[str, PlannedResult] = {}
+    problems = []
+    for result in results:
+        other = owners.setdefault(result.output_file, result)
+        if other is not result:
+            problems.append(
+                f"output.filename: items {other.item.key!r}#{other.result_index} and "
+                f"{result.item.key!r}#{result.result_index} both write {result.output_file}; "
+                "add {result_index} or an item field to the filename template"
+            )
+            if len(problems) >= 5:
+                break
+    if problems:
+        raise RecipeError(problems)
+
+
+def _plan_hash(plan: Plan) -> str:
+    digest = hashlib.sha256(plan.recipe_hash.encode())
+    lines = sorted(f"{r.item.item_id}:{r.result_index}:{r.content_hash}\n" for r in plan.results)
+    digest.update("".join(lines).encode())
+    return digest.hexdigest()

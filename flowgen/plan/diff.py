@@ -1,0 +1,110 @@
+"""Compare a plan with the output folder's manifest: new / unchanged / changed / removed.
+
+A result is unchanged only when its manifest row is `ok`, has the same content hash and output
+path, and the file on disk still has the recorded sha256. Everything else runs again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from flowgen.plan.hashing import image_params, sha256_file
+from flowgen.plan.model import Plan, PlannedResult
+
+# (item_id, result_index) -> (status, content_hash, output_path, output_sha256)
+ManifestIndex = dict[tuple[str, int], tuple[str, str, "str | None", "str | None"]]
+
+
+@dataclass
+class PlanDiff:
+    order: list[PlannedResult] = field(default_factory=list, repr=False)  # every planned result
+    new: list[PlannedResult] = field(default_factory=list)
+    unchanged: list[PlannedResult] = field(default_factory=list)
+    changed: list[tuple[PlannedResult, list[str]]] = field(default_factory=list)  # (result, reasons)
+    removed: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def to_run(self) -> list[PlannedResult]:
+        """Results that need rendering, in plan order."""
+        pending = {id(r) for r in self.new} | {id(r) for r, _ in self.changed}
+        return [r for r in self.order if id(r) in pending]
+
+
+def relative_output(plan: Plan, result: PlannedResult) -> str:
+    """Output path as stored in the manifest: relative to the output folder when inside it."""
+    try:
+        return result.output_path.relative_to(plan.out_dir).as_posix()
+    except ValueError:
+        return str(result.output_path)
+
+
+def diff_plan(
+    plan: Plan,
+    index: ManifestIndex,
+    load_record: Callable[[str, int], "dict[str, Any] | None"] | None = None,
+    verify_files: bool = True,
+) -> PlanDiff:
+    """Classify every planned result against the manifest index (see module doc).
+
+    load_record, when given, is used to name the fields that changed (plan diff output);
+    verify_files re-hashes unchanged outputs (a run must; a quick look may skip it).
+    """
+    diff = PlanDiff(order=list(plan.results))
+    planned_ids = set()
+    for result in plan.results:
+        planned_ids.add(result.rid)
+        row = index.get(result.rid)
+        if row is None:
+            diff.new.append(result)
+            continue
+        reasons = _reasons(plan, result, row, load_record, verify_files)
+        if reasons:
+            diff.changed.append((result, reasons))
+        else:
+            diff.unchanged.append(result)
+    diff.removed = sorted(rid for rid in index if rid not in planned_ids)
+    return diff
+
+
+def _reasons(plan, result, row, load_record, verify_files) -> list[str]:
+    status, content_hash, output_path, output_sha = row
+    reasons: list[str] = []
+    if content_hash != result.content_hash:
+        old = load_record(*result.rid) if load_record else None
+        reasons.extend(changed_fields(old, plan, result) if old else ["parameters"])
+    if status != "ok":
+        reasons.append(f"last status {status}")
+    if output_path != relative_output(plan, result):
+        reasons.append("output path")
+    elif status == "ok":
+        path = result.output_path
+        if not path.exists():
+            reasons.append("output missing")
+        elif verify_files and output_sha and sha256_file(path) != output_sha:
+            reasons.append("output modified")
+    return reasons
+
+
+def changed_fields(old: dict[str, Any], plan: Plan, result: PlannedResult) -> list[str]:
+    """Names of what differs between a manifest record and a planned result."""
+    item = result.item
+    fields: list[str] = []
+    old_params = image_params(old.get("params") or {})
+    new_params = image_params(item.task)
+    for name in sorted(set(old_params) | set(new_params)):
+        if _norm(old_params.get(name)) != _norm(new_params.get(name)):
+            fields.append(name)
+    old_refs = [r.get("sha256") for r in old.get("references") or []]
+    if old_refs != list(item.reference_hashes):
+        fields.append("referenceImages (content)")
+    if old.get("seed") != result.seed:
+        fields.append("seed")
+    if (old.get("model") or {}).get("identity") != plan.model_identity:
+        fields.append("model")
+    return fields or ["parameters"]
+
+
+def _norm(value: Any) -> Any:
+    return str(value) if isinstance(value, os.PathLike) else value

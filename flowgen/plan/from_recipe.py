@@ -1,0 +1,61 @@
+"""Recipe file -> Plan: the one place that joins the recipe layer and the planner."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from flowgen.plan.compile import compile_plan
+from flowgen.plan.hashing import canonical_json
+from flowgen.plan.model import Plan
+
+DEFAULT_MAX_BATCH = 8  # FLOWGEN_MAX_BATCH overrides it (bigger on large accelerators)
+
+
+def max_batch_setting() -> int:
+    value = os.environ.get("FLOWGEN_MAX_BATCH", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_BATCH
+
+
+def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
+    """(model name as written, identity for hashing, distilled?) without loading any weights."""
+    card = recipe.card
+    name = recipe.model or (getattr(card, "name", None) if card is not None else None) or "default"
+    identity = card.identity() if card is not None and hasattr(card, "identity") else {"model": name}
+    return name, identity, bool(recipe.distilled)
+
+
+def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (), max_batch: int | None = None) -> Plan:
+    """Load, expand and compile a recipe against an output folder (RecipeError on user errors)."""
+    from flowgen.recipe.api import expand_items, load_recipe
+
+    recipe = load_recipe(path, list(overrides))
+    items = expand_items(recipe)
+    model, identity, distilled = model_facts(recipe)
+    plan = compile_plan(
+        recipe_name=recipe.name,
+        recipe_seed=recipe.seed,
+        items=items,
+        out_dir=recipe.output_dir(out_dir),
+        filename=recipe.render_filename,
+        model=model,
+        model_identity=identity,
+        distilled=distilled,
+        recipe_hash=hashlib.sha256(canonical_json(recipe.raw).encode()).hexdigest(),
+        max_batch=max_batch or max_batch_setting(),
+        reference_check=_reference_check(),
+    )
+    plan.extra["recipe_path"] = str(Path(path).resolve())
+    plan.extra["card"] = recipe.card
+    return plan
+
+
+def _reference_check():
+    """The recipe layer's per-item reference check (sizes, count), when it exists."""
+    try:
+        from flowgen.recipe.api import check_references
+    except ImportError:  # pragma: no cover - older recipe layer
+        return None
+    return lambda item: check_references([item])

@@ -1,0 +1,94 @@
+"""Content hashes: what a result's image depends on, reduced to one sha256.
+
+A result's hash covers the model identity (card + weights), every resolved task parameter that
+can change the file's bytes, the reference images' *content* (sha256 of file bytes, so moving a
+file changes nothing), the seed and the result index. Delivery-only fields (webhooks, upload
+targets, taskUUID, ...) are left out: changing them must not re-render anything. numberResults is
+left out too, so raising it from 2 to 3 only adds result 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+HASH_SCHEMA = 1  # bump when the hashed material changes shape: every result then re-renders
+
+# Fields that never change an output file's bytes.
+NON_IMAGE_FIELDS = frozenset(
+    {
+        "taskType",
+        "taskUUID",
+        "webhookURL",
+        "deliveryMethod",
+        "uploadEndpoint",
+        "includeCost",
+        "ttl",
+        "outputType",
+        "numberResults",
+        "seed",  # hashed as the per-result seed instead
+        "referenceImages",  # hashed by content instead of by path
+        "inputs",  # likewise (its other fields, if any, are kept: see image_params)
+        "safety",
+    }
+)
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic compact JSON (sorted keys, no spaces, ASCII) used for every hash."""
+    return _ENCODER.encode(value)
+
+
+def image_params(task: Mapping[str, Any]) -> dict[str, Any]:
+    """The task fields that can change the output bytes (see NON_IMAGE_FIELDS)."""
+    params = {k: v for k, v in task.items() if k not in NON_IMAGE_FIELDS}
+    other_inputs = {k: v for k, v in (task.get("inputs") or {}).items() if k != "referenceImages"}
+    if other_inputs:
+        params["inputs"] = other_inputs
+    return params
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FileHashCache:
+    """sha256 of files, remembered per (path, size, mtime) so shared references are read once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        stat = os.stat(path)
+        key = (str(Path(path)), stat.st_size, stat.st_mtime_ns)
+        if key not in self._cache:
+            self._cache[key] = sha256_file(path)
+        return self._cache[key]
+
+
+def model_key(model_identity: Mapping[str, Any]) -> str:
+    """The model identity as hashed (serialised once per plan, not once per item)."""
+    return canonical_json(model_identity)
+
+
+def item_hash(model: str, task: Mapping[str, Any], reference_hashes: list[str]) -> str:
+    """Hash of everything an item's results share: model (see model_key), parameters, reference
+    contents, and the hash schema."""
+    material = f"flowgen-item-hash/{HASH_SCHEMA}\0{model}\0{canonical_json(image_params(task))}\0{','.join(reference_hashes)}"
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def result_hash(item_digest: str, seed: int, result_index: int) -> str:
+    """Hash of one result: its item's hash plus its own seed and index."""
+    return hashlib.sha256(f"{item_digest}\0{seed}\0{result_index}".encode()).hexdigest()

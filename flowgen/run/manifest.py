@@ -1,0 +1,182 @@
+"""The run manifest: one record per result, in SQLite (WAL) so it survives kill -9 at any moment.
+
+`<out>/.flowgen/manifest.sqlite` holds the authoritative records, keyed by (item_id,
+result_index) and upserted, so a rerun never duplicates a row. Each engine batch is committed in
+one transaction after its images are on disk (an image without a row is simply rendered again).
+`<out>/manifest.jsonl` is a human/tool-friendly export, rewritten atomically at the end of a run
+and by `flowgen status`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from flowgen.errors import FlowgenError
+from flowgen.run.atomic import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+STATE_DIR = ".flowgen"
+DB_NAME = "manifest.sqlite"
+JSONL_NAME = "manifest.jsonl"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    item_id       TEXT    NOT NULL,
+    result_index  INTEGER NOT NULL,
+    item_key      TEXT    NOT NULL,
+    status        TEXT    NOT NULL CHECK (status IN ('ok', 'failed', 'skipped')),
+    content_hash  TEXT    NOT NULL,
+    output_path   TEXT,
+    output_sha256 TEXT,
+    run_id        TEXT    NOT NULL,
+    updated_at    REAL    NOT NULL,
+    record        TEXT    NOT NULL,
+    PRIMARY KEY (item_id, result_index)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    recipe_name TEXT,
+    recipe_hash TEXT,
+    plan_hash   TEXT,
+    status      TEXT NOT NULL,
+    summary     TEXT
+);
+"""
+
+_UPSERT = """
+INSERT INTO results (item_id, result_index, item_key, status, content_hash, output_path,
+                     output_sha256, run_id, updated_at, record)
+VALUES (:item_id, :result_index, :item_key, :status, :content_hash, :output_path,
+        :output_sha256, :run_id, :updated_at, :record)
+ON CONFLICT (item_id, result_index) DO UPDATE SET
+    item_key = excluded.item_key, status = excluded.status, content_hash = excluded.content_hash,
+    output_path = excluded.output_path, output_sha256 = excluded.output_sha256,
+    run_id = excluded.run_id, updated_at = excluded.updated_at, record = excluded.record
+"""
+
+
+def manifest_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / STATE_DIR / DB_NAME
+
+
+class Manifest:
+    """Records of one output folder. Records are plain dicts (see flowgen.run.records)."""
+
+    def __init__(self, out_dir: str | Path, *, create: bool = True):
+        self.out_dir = Path(out_dir)
+        path = manifest_path(self.out_dir)
+        if not path.exists() and not create:
+            raise FlowgenError(f"{self.out_dir}: no flowgen manifest here ({STATE_DIR}/{DB_NAME} is missing)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
+        self.conn.executescript(_SCHEMA)
+        self._check_schema()
+
+    def _check_schema(self) -> None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise FlowgenError(f"{manifest_path(self.out_dir)}: manifest schema {row[0]} is newer than this flowgen ({SCHEMA_VERSION})")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Manifest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- results -------------------------------------------------------------------------
+    def upsert(self, records: Iterable[dict[str, Any]]) -> None:
+        """Insert or replace records in one transaction (all of a batch, or none of it)."""
+        rows = [_row(r) for r in records]
+        if not rows:
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.executemany(_UPSERT, rows)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT record FROM results WHERE item_id=? AND result_index=?", (item_id, result_index)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def records(self, item_id: str | None = None) -> Iterator[dict[str, Any]]:
+        """All records (or those of one item) ordered by (item_id, result_index)."""
+        if item_id is None:
+            cursor = self.conn.execute("SELECT record FROM results ORDER BY item_id, result_index")
+        else:
+            cursor = self.conn.execute("SELECT record FROM results WHERE item_id=? ORDER BY result_index", (item_id,))
+        for (text,) in cursor:
+            yield json.loads(text)
+
+    def index(self) -> dict[tuple[str, int], tuple[str, str, str | None, str | None]]:
+        """(item_id, result_index) -> (status, content_hash, output_path, output_sha256), cheap."""
+        cursor = self.conn.execute("SELECT item_id, result_index, status, content_hash, output_path, output_sha256 FROM results")
+        return {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in cursor}
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
+
+    # --- runs ----------------------------------------------------------------------------
+    def start_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str) -> None:
+        self.conn.execute(
+            "INSERT INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status) VALUES (?,?,?,?,?,'running')",
+            (run_id, time.time(), recipe_name, recipe_hash, plan_hash),
+        )
+
+    def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        self.conn.execute(
+            "UPDATE runs SET finished_at=?, status=?, summary=? WHERE run_id=?",
+            (time.time(), status, json.dumps(summary, sort_keys=True), run_id),
+        )
+
+    def runs(self) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT run_id, started_at, finished_at, recipe_name, recipe_hash, plan_hash, status, summary FROM runs ORDER BY started_at"
+        )
+        names = [d[0] for d in cursor.description]
+        rows = [dict(zip(names, r)) for r in cursor]
+        for row in rows:
+            row["summary"] = json.loads(row["summary"]) if row["summary"] else None
+        return rows
+
+    # --- export --------------------------------------------------------------------------
+    def export_jsonl(self) -> Path:
+        """Rewrite <out>/manifest.jsonl atomically from the database; returns its path."""
+        lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in self.records()]
+        target = self.out_dir / JSONL_NAME
+        atomic_write_bytes(target, ("\n".join(lines) + ("\n" if lines else "")).encode())
+        return target
+
+
+def _row(record: dict[str, Any]) -> dict[str, Any]:
+    output = record.get("output") or {}
+    return {
+        "item_id": record["item_id"],
+        "result_index": record["result_index"],
+        "item_key": record["item_key"],
+        "status": record["status"],
+        "content_hash": record["content_hash"],
+        "output_path": output.get("path"),
+        "output_sha256": output.get("sha256"),
+        "run_id": record["run_id"],
+        "updated_at": record.get("updated_at", time.time()),
+        "record": json.dumps(record, sort_keys=True, ensure_ascii=False),
+    }
