@@ -1,0 +1,123 @@
+"""Runtime wrapper of the FLUX.2 [klein] DiT: weights as runtime arguments of jitted pure functions.
+
+    tr = Transformer.from_bfl_tensors(config, tensors, dtype="bfloat16")
+    v = tr(x, x_ids, t, txt, txt_ids)                 # plain step (refs concatenated by the caller)
+    kv = tr.reference_kv(ref, ref_ids)                # KV model: reference pre-pass, once per edit
+    v = tr(x, x_ids, t, txt, txt_ids, ref_kv=kv)      # cached step (all steps, step 0 included)
+
+`tr.forward_fn(params, x, rope_img, t, txt, rope_txt, ref_kv)` and
+`tr.prepass_fn(params, ref, rope_ref)` are the jitted pure functions (callable inside another jit;
+the unjitted `dit.forward` / `dit.reference_prepass` take the merged module instead);
+RoPE tables come from `tr.rope(ids)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flowgen.engine.config import Flux2Config
+from flowgen.engine.dit import Flux2DiT, ReferenceKV, forward, reference_prepass
+from flowgen.engine.rope import rope_tables
+from flowgen.engine.transformer_params import convert_bfl_tensors, expected_bfl_shapes
+from flowgen.errors import CheckpointError
+
+# Incremented while tracing (not while running): lets tests check that steps do not retrace.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(dtype) -> jnp.dtype:
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise CheckpointError(f"transformer dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return jnp.dtype(_DTYPES[name])
+
+
+def _forward_pure(graphdef, params, x, rope_img, t, txt, rope_txt, ref_kv=None):
+    TRACE_COUNTS["forward"] += 1
+    return forward(nnx.merge(graphdef, params), x, rope_img, t, txt, rope_txt, ref_kv)
+
+
+def _prepass_pure(graphdef, params, ref, rope_ref):
+    TRACE_COUNTS["reference_prepass"] += 1
+    return reference_prepass(nnx.merge(graphdef, params), ref, rope_ref)
+
+
+# The graphdef (model structure: config and dtype) is static, so models of the same kind share
+# compiled programs; weights are ordinary arguments.
+_forward_jit = jax.jit(_forward_pure, static_argnums=0)
+_prepass_jit = jax.jit(_prepass_pure, static_argnums=0)
+
+
+class Transformer:
+    """A FLUX.2 [klein] DiT with its weights; call it like the reference transformer (see module doc)."""
+
+    def __init__(self, config: Flux2Config, graphdef, params, dtype):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.graphdef = graphdef
+        self.params = params
+        self.forward_fn = functools.partial(_forward_jit, graphdef)
+        self.prepass_fn = functools.partial(_prepass_jit, graphdef)
+        self._rope_cache: dict = {}
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def expected_bfl_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
+        """The full BFL single-file key -> torch shape table for `config`."""
+        return expected_bfl_shapes(config)
+
+    @classmethod
+    def _abstract(cls, config: Flux2Config, dtype):
+        model = nnx.eval_shape(lambda: Flux2DiT(config, rngs=nnx.Rngs(0), dtype=dtype))
+        return nnx.split(model)
+
+    @classmethod
+    def from_bfl_tensors(cls, config: Flux2Config, tensors: Mapping, dtype="float32") -> "Transformer":
+        """Build from BFL-named tensors (torch (out, in) layout, numpy/ml_dtypes), converting one at a time."""
+        dtype = _dtype(dtype)
+        graphdef, abstract = cls._abstract(config, dtype)
+        pure = convert_bfl_tensors(config, tensors, nnx.to_pure_dict(abstract), dtype)
+        nnx.replace_by_pure_dict(abstract, pure)
+        return cls(config, graphdef, abstract, dtype)
+
+    @classmethod
+    def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> "Transformer":
+        """Random weights (normal, std 1/sqrt(fan_in); norm scales 1) — for benchmarks and smoke tests."""
+        dtype = _dtype(dtype)
+        graphdef, _ = cls._abstract(config, dtype)
+        # one compiled program creates every parameter on device (eager init compiles per shape)
+        params = jax.jit(lambda: nnx.state(Flux2DiT(config, rngs=nnx.Rngs(seed), dtype=dtype)))()
+        return cls(config, graphdef, params, dtype)
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def rope(self, ids) -> tuple[jax.Array, jax.Array]:
+        """Device RoPE tables for position ids (N, 4) (cached per distinct ids)."""
+        ids = np.asarray(ids)
+        key = (ids.shape, ids.tobytes())
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            cos, sin = rope_tables(ids, self.config.axes_dim, self.config.theta)
+            self._rope_cache[key] = (jnp.asarray(cos), jnp.asarray(sin))
+        return self._rope_cache[key]
+
+    def __call__(self, x, x_ids, t, txt, txt_ids, ref_kv: ReferenceKV | None = None) -> jax.Array:
+        """Velocity (B, N, 128) for tokens x (B, N, 128) at time t (B,) or scalar; optional cached ref K/V."""
+        x = jnp.asarray(x)
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+        return self.forward_fn(self.params, x, self.rope(x_ids), t, jnp.asarray(txt), self.rope(txt_ids), ref_kv)
+
+    def reference_kv(self, ref, ref_ids) -> ReferenceKV:
+        """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128)."""
+        return self.prepass_fn(self.params, jnp.asarray(ref), self.rope(ref_ids))

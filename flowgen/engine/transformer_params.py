@@ -1,0 +1,137 @@
+"""BFL single-file key table of the FLUX.2 DiT and its conversion into the stacked JAX params.
+
+BFL key `double_blocks.3.img_mlp.0.weight` (torch (out, in)) lives in the param tree at
+`double_blocks / img_mlp / 0 / kernel`, layer 3 of the stacked (layers, in, out) array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowgen.engine.config import Flux2Config
+from flowgen.errors import CheckpointError
+
+_STACKED = ("double_blocks", "single_blocks")
+
+
+def expected_bfl_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of a BFL FLUX.2 [klein] single file -> its torch shape."""
+    h, m, d = config.hidden_size, config.mlp_hidden, config.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "img_in.weight": (h, config.in_channels),
+        "txt_in.weight": (h, config.context_in_dim),
+        "time_in.in_layer.weight": (h, config.timestep_dim),
+        "time_in.out_layer.weight": (h, h),
+        "double_stream_modulation_img.lin.weight": (6 * h, h),
+        "double_stream_modulation_txt.lin.weight": (6 * h, h),
+        "single_stream_modulation.lin.weight": (3 * h, h),
+    }
+    for i in range(config.depth):
+        for stream in ("img", "txt"):
+            p = f"double_blocks.{i}.{stream}_"
+            shapes[p + "attn.qkv.weight"] = (3 * h, h)
+            shapes[p + "attn.norm.query_norm.scale"] = (d,)
+            shapes[p + "attn.norm.key_norm.scale"] = (d,)
+            shapes[p + "attn.proj.weight"] = (h, h)
+            shapes[p + "mlp.0.weight"] = (2 * m, h)
+            shapes[p + "mlp.2.weight"] = (h, m)
+    for j in range(config.depth_single_blocks):
+        p = f"single_blocks.{j}."
+        shapes[p + "linear1.weight"] = (3 * h + 2 * m, h)
+        shapes[p + "linear2.weight"] = (h, h + m)
+        shapes[p + "norm.query_norm.scale"] = (d,)
+        shapes[p + "norm.key_norm.scale"] = (d,)
+    shapes["final_layer.linear.weight"] = (config.in_channels, h)
+    shapes["final_layer.adaLN_modulation.1.weight"] = (2 * h, h)
+    return shapes
+
+
+def param_location(key: str) -> tuple[tuple, int | None]:
+    """BFL key -> (path in the param tree, layer index or None)."""
+    parts = key.split(".")
+    layer = None
+    if parts[0] in _STACKED:
+        layer = int(parts[1])
+        parts = [parts[0], *parts[2:]]
+    if parts[-1] == "weight":
+        parts[-1] = "kernel"
+    return tuple(int(p) if p.isdigit() else p for p in parts), layer
+
+
+def _shape_of(tensors: Mapping, key: str) -> tuple[int, ...]:
+    shape_fn = getattr(tensors, "shape", None)
+    return tuple(shape_fn(key)) if callable(shape_fn) else tuple(np.shape(tensors[key]))
+
+
+def _list(keys) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+    return ", ".join(keys[:8]) + more
+
+
+def validate_bfl_tensors(config: Flux2Config, tensors: Mapping) -> dict[str, tuple[int, ...]]:
+    """Raise CheckpointError naming missing, unexpected or mis-shaped keys; return the expected table."""
+    expected = expected_bfl_shapes(config)
+    present = set(tensors.keys())
+    missing, unexpected = set(expected) - present, present - set(expected)
+    if missing:
+        raise CheckpointError(f"transformer weights: missing {len(missing)} tensor(s): {_list(missing)}")
+    if unexpected:
+        raise CheckpointError(f"transformer weights: unexpected {len(unexpected)} tensor(s): {_list(unexpected)}")
+    wrong = [
+        f"{k} {_shape_of(tensors, k)} (expected {shape})"
+        for k, shape in expected.items()
+        if _shape_of(tensors, k) != shape
+    ]
+    if wrong:
+        raise CheckpointError(f"transformer weights: wrong shape for {len(wrong)} tensor(s): {'; '.join(wrong[:4])}")
+    return expected
+
+
+def _set_layer(stacked: jax.Array, index: int, value: jax.Array) -> jax.Array:
+    return stacked.at[index].set(value)
+
+
+_set_layer_inplace = jax.jit(_set_layer, donate_argnums=0)  # index is traced: one compile per shape
+
+
+def convert_bfl_tensors(config: Flux2Config, tensors: Mapping, abstract_params: dict, dtype) -> dict:
+    """Fill a pure-dict param tree (shapes from `abstract_params`) from BFL tensors, one tensor at a time.
+
+    Stacked arrays are allocated on device once and filled layer by layer in place (donated
+    buffers), so host memory holds at most one source tensor beyond the growing params.
+    """
+    expected = validate_bfl_tensors(config, tensors)
+    params: dict = {}
+
+    def leaf_slot(path):
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        return node, path[-1]
+
+    def abstract_leaf(path):
+        node = abstract_params
+        for p in path:
+            node = node[p]
+        return node
+
+    for key in expected:
+        path, layer = param_location(key)
+        target = abstract_leaf(path)
+        leaf_dtype = target.dtype if path[-1] == "scale" else jnp.dtype(dtype)
+        value = np.asarray(tensors[key])
+        value = value.T if path[-1] == "kernel" else value
+        value = jnp.asarray(value.astype(leaf_dtype, copy=False))
+        node, name = leaf_slot(path)
+        if layer is None:
+            node[name] = value
+            continue
+        if name not in node:
+            node[name] = jnp.zeros(target.shape, leaf_dtype)
+        node[name] = _set_layer_inplace(node[name], layer, value)
+    return params
