@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from flowgen.gc_pause import paused_gc
 from flowgen.plan.model import Batch, PlannedResult, Signature
 
 # A remainder is padded up to the next power of two when at most this share of it is padding
@@ -50,6 +51,11 @@ def _order_key(result: PlannedResult) -> tuple:
 
 def make_batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
     """Batches for `results` (only runnable ones should be passed), in a deterministic order."""
+    with paused_gc():
+        return _batches(results, max_batch)
+
+
+def _batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
     groups: dict[Signature, list[PlannedResult]] = defaultdict(list)
     for result in results:
         groups[result.item.signature].append(result)  # dict keeps first-appearance order

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from flowgen.errors import RecipeError
-import os
-
-from flowgen.plan.hashing import item_hash, model_key, result_hash
+from flowgen.gc_pause import paused_gc
+from flowgen.plan.hashing import ItemHasher, model_key, result_hash
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
 from flowgen.recipe.item import Item
 
 EXTENSIONS = {"JPG": "jpg", "JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+# Relative names that os.path.normpath leaves as they are ('/'-separated, no '.', '..' or empty
+# segments): joined to the (normalised) output folder with a plain '/'.
+_PLAIN_RELATIVE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 
 # (item, result_index, ext) -> output path, relative to the output folder (or absolute)
 FilenameFn = Callable[[Item, int, str], "str | Path"]
@@ -56,37 +60,54 @@ def compile_plan(
     """Plan every result of every item. Per-item problems (unreadable references) are recorded on
     the item, not raised; plan-wide problems (two results writing one file) raise RecipeError.
     reference_check(item) -> problems runs once per distinct reference set (sizes, count rules)."""
-    out = Path(out_dir).resolve()
-    out_text = str(out)
-    model_text = model_key(model_identity)
-    inspector = inspector or ReferenceInspector()
-    planned_items: list[PlannedItem] = []
-    results: list[PlannedResult] = []
-    seen_ids: dict[str, str] = {}
-    checked: dict[tuple, str | None] = {}
-    for item in items:
-        planned = _plan_item(item, recipe_name, model_text, distilled, inspector)
-        if planned.error is None and item.references and reference_check is not None:
-            if item.references not in checked:
-                problems = reference_check(item)
-                checked[item.references] = problems[0] if problems else None
-            planned.error = checked[item.references]
-        if planned.item_id in seen_ids:
-            raise RecipeError(f"items {seen_ids[planned.item_id]!r} and {item.key!r}: duplicate item key")
-        seen_ids[planned.item_id] = item.key
-        planned_items.append(planned)
-        ext = output_ext(item.task)
-        for index in range(int(item.task.get("numberResults") or 1)):
-            seed = result_seed(item.task.get("seed"), recipe_seed, item.key, index)
-            path = os.path.normpath(os.path.join(out_text, str(filename(item, index, ext))))
-            results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
-    _check_unique_paths(results)
-    plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch)
-    plan.plan_hash = _plan_hash(plan)
-    return plan
+    with paused_gc():
+        out = Path(out_dir).resolve()
+        out_text = str(out)
+        out_prefix = out_text + "/" if os.sep == "/" and out_text != "/" else None
+        hash_item = ItemHasher(model_key(model_identity))  # the model identity is serialised and hashed once
+        inspector = inspector or ReferenceInspector()
+        planned_items: list[PlannedItem] = []
+        results: list[PlannedResult] = []
+        seen_ids: dict[str, str] = {}
+        checked: dict[tuple, str | None] = {}
+        ext_of: dict[str, str] = {}  # outputFormat -> extension, for the usual string formats
+        for item in items:
+            planned = _plan_item(item, recipe_name, hash_item, distilled, inspector)
+            if planned.error is None and item.references and reference_check is not None:
+                if item.references not in checked:
+                    problems = reference_check(item)
+                    checked[item.references] = problems[0] if problems else None
+                planned.error = checked[item.references]
+            if planned.item_id in seen_ids:
+                raise RecipeError(f"items {seen_ids[planned.item_id]!r} and {item.key!r}: duplicate item key")
+            seen_ids[planned.item_id] = item.key
+            planned_items.append(planned)
+            task = item.task
+            output_format = task.get("outputFormat")
+            ext = ext_of.get(output_format) if output_format.__class__ is str else None
+            if ext is None:
+                ext = output_ext(task)
+                if output_format.__class__ is str:
+                    ext_of[output_format] = ext
+            task_seed = task.get("seed")
+            for index in range(int(task.get("numberResults") or 1)):
+                seed = result_seed(task_seed, recipe_seed, item.key, index)
+                name = filename(item, index, ext)
+                if name.__class__ is not str:
+                    name = str(name)
+                if out_prefix is not None and _PLAIN_RELATIVE.fullmatch(name):
+                    path = out_prefix + name
+                else:
+                    path = os.path.normpath(os.path.join(out_text, name))
+                results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
+        _check_unique_paths(results)
+        plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch)
+        plan.plan_hash = _plan_hash(plan)
+        return plan
 
 
-def _plan_item(item: Item, recipe_name: str, model_text: str, distilled: bool, inspector: ReferenceInspector) -> PlannedItem:
+def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: bool,
+               inspector: ReferenceInspector) -> PlannedItem:
     hashes: list[str] = []
     sizes: list[tuple[int, int]] = []
     error = None
@@ -103,10 +124,10 @@ def _plan_item(item: Item, recipe_name: str, model_text: str, distilled: bool, i
         key=item.key,
         values=item.values,
         task=item.task,
-        references=tuple(str(r) for r in item.references),
+        references=tuple(map(str, item.references)) if item.references else (),
         reference_hashes=tuple(hashes),
         reference_sizes=tuple(sizes),
-        item_hash=item_hash(model_text, item.task, hashes),
+        item_hash=hash_item(item.task, hashes),
         guidance=guidance_for(item.task, distilled),
         error=error,
     )

@@ -28,6 +28,8 @@ class PlanDiff:
     @property
     def to_run(self) -> list[PlannedResult]:
         """Results that need rendering, in plan order."""
+        if not self.changed and len(self.new) == len(self.order) and all(a is b for a, b in zip(self.new, self.order)):
+            return list(self.order)  # everything is new (no manifest yet): no set of 100k ids
         pending = {id(r) for r in self.new} | {id(r) for r, _ in self.changed}
         return [r for r in self.order if id(r) in pending]
 
@@ -52,6 +54,9 @@ def diff_plan(
     verify_files re-hashes unchanged outputs (a run must; a quick look may skip it).
     """
     diff = PlanDiff(order=list(plan.results))
+    if not index:  # no manifest yet: everything is new, nothing removed
+        diff.new = list(plan.results)
+        return diff
     planned_ids = set()
     for result in plan.results:
         planned_ids.add(result.rid)

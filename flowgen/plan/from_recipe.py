@@ -39,7 +39,7 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
         recipe_seed=recipe.seed,
         items=items,
         out_dir=recipe.output_dir(out_dir),
-        filename=recipe.render_filename,
+        filename=recipe.filename_renderer(),  # the names expand_items rendered, remembered
         model=model,
         model_identity=identity,
         distilled=distilled,

@@ -4,17 +4,22 @@ Per combination: render `defaults` and `task` templates from the combination's r
 (card defaults < defaults < task), set `model`, resolve reference images against the recipe
 folder, validate the result, and check that output file names are safe and distinct.
 Problems are collected over all items; identical problems from many rows are reported once.
+ItemBuilder (item_builder.py) does the same per-item work faster; _item is the reference path it
+falls back to, and the one that words every problem.
 """
 
 from __future__ import annotations
 
 import os
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
 from flowgen.errors import RecipeError
+from flowgen.gc_pause import paused_gc
 from flowgen.recipe.item import Item
-from flowgen.recipe.matrix import combo_key, expand_combos
+from flowgen.recipe.item_builder import ItemBuilder
+from flowgen.recipe.matrix import combo_key, expand_keyed_combos
 from flowgen.recipe.models import card_defaults
 from flowgen.recipe.spec_values import OUTPUT_EXTENSIONS
 from flowgen.recipe.task_rules import clean_task, merge_tasks, merged_problems, task_problems
@@ -27,13 +32,23 @@ MAX_REPORTED = 25  # beyond this many problems, say how many more instead of flo
 
 def expand(recipe: Any) -> list[Item]:
     """See flowgen.recipe.api.expand_items."""
-    combos, problems = expand_combos(recipe)
+    with paused_gc():
+        return _expand(recipe)
+
+
+def _expand(recipe: Any) -> list[Item]:
+    keyed, problems = expand_keyed_combos(recipe)
     if problems:
         raise RecipeError(problems)
     dataset_of = _dataset_of_variables(recipe)
+    builder = _item_builder(recipe) if keyed else None
     items, problems, repeats = [], [], {}
-    for combo in sorted(combos, key=combo_key):
-        item, found = _item(recipe, combo, dataset_of)
+    keyed.sort(key=itemgetter(0))  # keys are unique (checked above), so this is the order by key
+    for key, combo in keyed:
+        item = builder.build(key, combo) if builder is not None else None
+        found: list[str] = []
+        if item is None:  # a problem, or something only the full per-item validation handles
+            item, found = _item(recipe, combo, dataset_of)
         for problem in found:
             gist = _gist(problem)  # the same problem in another row: count it, do not repeat it
             repeats[gist] = repeats.get(gist, 0) + 1
@@ -48,6 +63,15 @@ def expand(recipe: Any) -> list[Item]:
         extra = len(problems) - MAX_REPORTED
         raise RecipeError(problems[:MAX_REPORTED] + ([f"... and {extra} more problems"] if extra > 0 else []))
     return items
+
+
+def _item_builder(recipe: Any) -> ItemBuilder | None:
+    """The fast path, or None if it cannot even be set up (then _item meets the same trouble and
+    behaves exactly as it always did)."""
+    try:
+        return ItemBuilder(recipe, _base_defaults(recipe))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _item(recipe: Any, combo: dict, dataset_of: dict[str, str]) -> tuple[Item | None, list[str]]:
@@ -135,21 +159,24 @@ def _unique_task_uuids(items: list[Item]) -> list[str]:
 
 def _filename_problems(recipe: Any, items: list[Item]) -> list[str]:
     """Every result's file name is safe and no two results write the same file."""
-    owners: dict[str, str] = {}
+    owners: dict[str, tuple[str, int]] = {}  # name -> (item key, result index)
     problems = []
+    render_filename = recipe.filename_renderer()  # remembers the names for the planner
     for item in items:
         ext = OUTPUT_EXTENSIONS[item.task.get("outputFormat", "JPG")]
         for index in range(item.task.get("numberResults", 1)):
             try:
-                name = recipe.render_filename(item, index, ext)
+                name = render_filename(item, index, ext)
             except RecipeError as err:
                 problems += [p for p in err.problems if p not in problems]
                 break
             if name in owners:
+                owner_key, owner_index = owners[name]
                 problems.append(
-                    f"output.filename: {name!r} is written by both {owners[name]} and item {item.key!r} result {index}; "
+                    f"output.filename: {name!r} is written by both item {owner_key!r} result {owner_index} "
+                    f"and item {item.key!r} result {index}; "
                     "add {result} or the variable that tells them apart"
                 )
                 return problems
-            owners[name] = f"item {item.key!r} result {index}"
+            owners[name] = (item.key, index)
     return problems

@@ -24,6 +24,20 @@ def combo_key(combo: Combo) -> str:
     return "|".join(f"{var}={combo[var].key}" for var in sorted(combo))
 
 
+def keyed_combos(combos: list[Combo]) -> list[tuple[str, Combo]]:
+    """(combo_key(combo), combo) for every combination; the variable order is sorted once per
+    distinct set of variables, not once per combination."""
+    orders: dict[tuple, list[tuple[str, str]]] = {}
+    keyed = []
+    for combo in combos:
+        names = tuple(combo)
+        order = orders.get(names)
+        if order is None:
+            order = orders[names] = [(var, f"{var}=") for var in sorted(combo)]
+        keyed.append(("|".join([prefix + combo[var].key for var, prefix in order]), combo))
+    return keyed
+
+
 def factors(recipe: Any, problems: list[str]) -> list[list[Combo]]:
     """One list of partial combinations per matrix variable or zip group."""
     rows_of = recipe._rows
@@ -63,8 +77,8 @@ def _source_rows(var: str, source: Any, rows_of: dict, where: str, problems: lis
     return rows
 
 
-def expand_combos(recipe: Any) -> tuple[list[Combo], list[str]]:
-    """All combinations after product, zip, exclude and include; returns (combos, problems)."""
+def expand_keyed_combos(recipe: Any) -> tuple[list[tuple[str, Combo]], list[str]]:
+    """All (key, combination) pairs after product, zip, exclude and include; returns (pairs, problems)."""
     problems: list[str] = []
     groups = factors(recipe, problems)
     size = 1
@@ -73,21 +87,30 @@ def expand_combos(recipe: Any) -> tuple[list[Combo], list[str]]:
     if size > MAX_ITEMS:
         return [], [f"matrix: expands to {size} items; the limit is {MAX_ITEMS} (split the recipe or filter datasets)"]
     if groups:
-        combos = [dict(kv for part in parts for kv in part.items()) for parts in itertools.product(*groups)]
+        combos = [_joined(parts) for parts in itertools.product(*groups)]
     else:
         combos = [] if recipe.include else [{}]
     variables = list(recipe.matrix) + [var for group in recipe.zip for var in group]
-    combos = [c for c in combos if not any(matches(c, entry) for entry in recipe.exclude)]
+    if recipe.exclude:
+        combos = [c for c in combos if not any(matches(c, entry) for entry in recipe.exclude)]
     all_rows = source_rows(recipe)
     originals = len(combos)  # as in CI matrices, include entries match only the original combinations
     for index, entry in enumerate(recipe.include):
         combos = _apply_include(combos, originals, entry, set(variables), all_rows, f"include[{index}]", problems)
-    seen: dict[str, int] = {}
-    for combo in combos:
-        key = combo_key(combo)
-        seen[key] = seen.get(key, 0) + 1
-    problems += [f"matrix: {n} combinations share the key {key!r}; include entries must not repeat a combination" for key, n in seen.items() if n > 1]
-    return combos, problems
+    keyed = keyed_combos(combos)
+    if len({key for key, _ in keyed}) < len(keyed):
+        seen: dict[str, int] = {}
+        for key, _ in keyed:
+            seen[key] = seen.get(key, 0) + 1
+        problems += [f"matrix: {n} combinations share the key {key!r}; include entries must not repeat a combination" for key, n in seen.items() if n > 1]
+    return keyed, problems
+
+
+def _joined(parts: tuple[Combo, ...]) -> Combo:
+    combo: Combo = {}
+    for part in parts:
+        combo.update(part)
+    return combo
 
 
 def matches(combo: Combo, entry: dict[str, Any]) -> bool:

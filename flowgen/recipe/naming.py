@@ -13,9 +13,14 @@ from typing import Any
 
 from flowgen.errors import RecipeError
 from flowgen.recipe.item import Item
-from flowgen.recipe.templates import TemplateProblem, available_fields, render
+from flowgen.recipe.templates import TemplateProblem, available_fields, compile_template, render
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+_SEPARATORS = re.compile(r"[\\/]")
+# Names path_problem accepts without looking further: '/'-separated segments of safe characters,
+# none starting with a dot (so none is '.' or '..'), no spaces, no drive, no '~'.
+_PLAINLY_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
 
 
 def slug(key: str) -> str:
@@ -28,9 +33,9 @@ def path_problem(rendered: str) -> str | None:
     """Why a rendered relative path would leave its folder (or be unusable), or None when it is fine."""
     if not rendered or rendered.strip() != rendered:
         return "is empty or has leading/trailing spaces"
-    if rendered.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", rendered):
+    if rendered.startswith(("/", "\\", "~")) or _DRIVE.match(rendered):
         return "is absolute; it must be relative to the output folder"
-    parts = re.split(r"[\\/]", rendered)
+    parts = _SEPARATORS.split(rendered) if "\\" in rendered else rendered.split("/")
     if ".." in parts:
         return "contains '..', which escapes the output folder"
     if any(part in ("", ".") for part in parts):
@@ -59,13 +64,55 @@ def filename_context(recipe: Any, item: Item, result_index: int, ext: str) -> di
 
 def render_filename(recipe: Any, item: Item, result_index: int, ext: str) -> str:
     """The result's path relative to the output folder; RecipeError naming output.filename if unsafe."""
-    context = filename_context(recipe, item, result_index, ext)
+    compiled = compile_template(recipe.output.filename)
+    if "slug" in compiled.fields or "slug" in item.values:
+        context = filename_context(recipe, item, result_index, ext)
+    else:  # the same values without slug(), the costly one, which the template does not use
+        context = {**item.values, "name": recipe.name, "key": item.key, "result": result_index, "ext": ext}
     try:
-        rendered = str(render(recipe.output.filename, context))
+        rendered = str(compiled.render(context))
     except TemplateProblem as problem:
-        fields = ", ".join(available_fields(context))
+        fields = ", ".join(available_fields(filename_context(recipe, item, result_index, ext)))
         raise RecipeError(f"output.filename: {problem.message} (item {item.key!r}); available: {fields}") from None
     problem = path_problem(rendered)
     if problem:
         raise RecipeError(f"output.filename: {rendered!r} for item {item.key!r} {problem}")
     return rendered.replace("\\", "/")
+
+
+class FilenameRenderer:
+    """render_filename for one recipe, remembering every name it rendered.
+
+    expand() renders every result's name to check it, and the planner asks for the same names again;
+    the second time is a dictionary lookup. Get one from Recipe.filename_renderer().
+    """
+
+    def __init__(self, recipe: Any):
+        self.recipe, self.template, self.name = recipe, recipe.output.filename, recipe.name
+        self._compiled = compile_template(self.template)
+        self._uses_slug = "slug" in self._compiled.fields
+        self._names: dict[tuple[str, int, str], tuple[Item, str]] = {}
+
+    def fits(self, recipe: Any) -> bool:
+        """Whether this renderer still renders `recipe`'s names (its name and template are unchanged)."""
+        return recipe is self.recipe and recipe.output.filename is self.template and recipe.name == self.name
+
+    def __call__(self, item: Item, result_index: int, ext: str) -> str:
+        memo_key = (item.key, result_index, ext)
+        known = self._names.get(memo_key)
+        if known is not None and known[0] is item:
+            return known[1]
+        name = None
+        values = item.values
+        if not self._uses_slug and "slug" not in values:  # render_filename's common case, inlined
+            context = {**values, "name": self.name, "key": item.key, "result": result_index, "ext": ext}
+            try:
+                rendered = self._compiled.render(context)
+            except TemplateProblem:
+                rendered = None  # render_filename words the problem
+            if rendered.__class__ is str and _PLAINLY_SAFE.fullmatch(rendered):
+                name = rendered
+        if name is None:
+            name = render_filename(self.recipe, item, result_index, ext)
+        self._names[memo_key] = (item, name)
+        return name

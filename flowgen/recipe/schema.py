@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from flowgen.recipe.item import Item
+from flowgen.recipe.naming import FilenameRenderer
 from flowgen.recipe.spec_values import SEED_MAX
 
 class Strict(BaseModel):
@@ -89,6 +90,7 @@ class Recipe(Strict):
     _raw: dict = PrivateAttr(default_factory=dict)
     _rows: dict = PrivateAttr(default_factory=dict)  # dataset name -> list[Row], filled by loading
     _card: Any = PrivateAttr(default=None)
+    _filename_renderer: Any = PrivateAttr(default=None)
 
     @field_validator("version", mode="before")
     @classmethod
@@ -148,6 +150,12 @@ class Recipe(Strict):
 
     def render_filename(self, item: Item, result_index: int, ext: str) -> str:
         """The result's path relative to the output folder (may contain sub-folders, never `..`)."""
-        from flowgen.recipe.naming import render_filename
+        return self.filename_renderer()(item, result_index, ext)
 
-        return render_filename(self, item, result_index, ext)
+    def filename_renderer(self) -> "FilenameRenderer":
+        """render_filename as a callable that remembers the names it rendered: pass it where
+        every result's name is asked for (the planner's `filename`)."""
+        renderer = self._filename_renderer
+        if renderer is None or not renderer.fits(self):
+            renderer = self._filename_renderer = FilenameRenderer(self)
+        return renderer

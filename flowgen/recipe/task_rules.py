@@ -61,9 +61,25 @@ def clean_task(task: dict) -> dict:
 
 def merged_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
     """Rules that need the whole merged task: required fields, model-card rules, cache steps."""
-    problems = [f"{where}.{name}: required" for name in REQUIRED if task.get(name) in (None, "")]
+    return required_problems(task, where, model) + model_rule_problems(task, where, model, distilled, card)
+
+
+def required_problems(task: dict, where: str, model: str | None) -> list[str]:
+    """The required fields (and a model) are present and not empty."""
+    problems = [f"{where}.{name}: required" for name in REQUIRED if is_missing(task.get(name))]
     if not model:
         problems.append("model: required (set the top-level `model:` or task.model)")
+    return problems
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a required field's value counts as not given."""
+    return value in (None, "")
+
+
+def model_rule_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
+    """Model-card rules (guidance on distilled models) and cache-step consistency."""
+    problems = []
     cfg = _float(task.get("CFGScale"))
     limits = getattr(card, "limits", None)
     cfg_allowed = getattr(limits, "cfg", None) if limits is not None else None

@@ -7,8 +7,9 @@ A string that is exactly one placeholder keeps the value's type (a JSONL number 
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Any
+from typing import Any, Callable
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
@@ -40,19 +41,6 @@ def template_fields(value: str) -> list[str]:
     return names
 
 
-def lookup(context: dict[str, Any], name: str) -> Any:
-    """Resolve a dotted name in the context; raise KeyError when any part is missing."""
-    value: Any = context
-    for part in name.split("."):
-        if isinstance(value, dict) and part in value:
-            value = value[part]
-        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
-            value = value[int(part)]
-        else:
-            raise KeyError(name)
-    return value
-
-
 def available_fields(context: dict[str, Any]) -> list[str]:
     """Every dotted name a template may use with this context (rows expand to their columns)."""
     names = []
@@ -66,22 +54,105 @@ def available_fields(context: dict[str, Any]) -> list[str]:
 
 def render(template: str, context: dict[str, Any]) -> Any:
     """Fill a template from the context. Raises TemplateProblem naming an unknown field."""
-    fields = template_fields(template)
-    whole = _TOKEN.fullmatch(template)
-    if whole and whole.group(1) is not None and ":" not in whole.group(1):
-        return _get(context, fields[0])
+    return compile_template(template).render(context)
 
-    def replace(match: re.Match) -> str:
-        if match.group(1) is None:
-            return match.group(0)[0]
-        name, _, spec = match.group(1).partition(":")
-        value = _get(context, name.strip())
+
+@functools.lru_cache(maxsize=4096)
+def compile_template(template: str) -> "CompiledTemplate":
+    """The template parsed once (recipes render the same few templates for 100k items)."""
+    return CompiledTemplate(template)
+
+
+class CompiledTemplate:
+    """A template split once into literal texts and placeholders; render() is what `render` does."""
+
+    __slots__ = ("template", "error", "whole", "first", "slots", "fields")
+
+    def __init__(self, template: str):
+        self.template = template
+        self.error: str | None = None
         try:
-            return format(value, spec) if spec else _text(value)
-        except (ValueError, TypeError):
-            raise TemplateProblem(f"format {spec!r} does not apply to {name.strip()} = {value!r}") from None
+            self.fields = tuple(template_fields(template))
+        except TemplateProblem as problem:  # raised on every render, before any lookup, as before
+            self.error, self.fields = problem.message, ()
+        whole = _TOKEN.fullmatch(template)
+        # A lone placeholder without a format spec returns the value itself (keeps its type).
+        lone = whole is not None and whole.group(1) is not None and ":" not in whole.group(1) and self.fields
+        self.whole = _Placeholder(self.fields[0], "") if lone else None
+        placeholders: list[_Placeholder] = []
+        literals: list[str] = [""]  # the text before each placeholder, and after the last one
+        position = 0
+        for match in _TOKEN.finditer(template):
+            literals[-1] += template[position : match.start()]
+            if match.group(1) is None:
+                literals[-1] += match.group(0)[0]  # {{ -> {, }} -> }
+            else:
+                name, _, spec = match.group(1).partition(":")
+                placeholders.append(_Placeholder(name.strip(), spec))
+                literals.append("")
+            position = match.end()
+        literals[-1] += template[position:]
+        self.first = literals[0]
+        self.slots = tuple(zip(placeholders, literals[1:]))  # (placeholder, the text after it)
 
-    return _TOKEN.sub(replace, template)
+    def render(self, context: dict[str, Any]) -> Any:
+        """Fill the template from the context. Raises TemplateProblem naming an unknown field."""
+        if self.error is not None:
+            raise TemplateProblem(self.error)
+        if self.whole is not None:
+            return self.whole.value(context)
+        texts = [self.first]
+        for placeholder, after in self.slots:  # in order: the first unknown field is the one reported
+            value: Any = context
+            for part in placeholder.path:  # placeholder.value(), inlined: this is the hot loop of a big plan
+                if value.__class__ is dict:
+                    try:
+                        value = value[part]
+                    except KeyError:
+                        raise TemplateProblem(f"template names unknown field {placeholder.name!r}") from None
+                else:
+                    value = placeholder.step(value, part)
+            if placeholder.spec:
+                try:
+                    value = format(value, placeholder.spec)
+                except (ValueError, TypeError):
+                    raise TemplateProblem(
+                        f"format {placeholder.spec!r} does not apply to {placeholder.name} = {value!r}") from None
+            elif value.__class__ is not str:
+                value = _text(value)
+            texts.append(value)
+            texts.append(after)
+        return "".join(texts)
+
+
+class _Placeholder:
+    """One `{name:spec}`, with its dotted name split once."""
+
+    __slots__ = ("name", "spec", "path")
+
+    def __init__(self, name: str, spec: str):
+        self.name, self.spec, self.path = name, spec, tuple(name.split("."))
+
+    def value(self, context: dict[str, Any]) -> Any:
+        """Resolve the dotted name in the context (dict keys, list indexes); TemplateProblem when unknown."""
+        value: Any = context
+        for part in self.path:
+            if value.__class__ is dict:  # the usual case, one dict access
+                try:
+                    value = value[part]
+                except KeyError:
+                    raise TemplateProblem(f"template names unknown field {self.name!r}") from None
+            else:
+                value = self.step(value, part)
+        return value
+
+    def step(self, value: Any, part: str) -> Any:
+        """One step into anything but a plain dict (dict subclasses, lists)."""
+        if isinstance(value, dict) and part in value:
+            return value[part]
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            return value[int(part)]
+        raise TemplateProblem(f"template names unknown field {self.name!r}")
 
 
 def render_tree(value: Any, context: dict[str, Any]) -> Any:
@@ -95,16 +166,22 @@ def render_tree(value: Any, context: dict[str, Any]) -> Any:
     return value
 
 
-def _get(context: dict[str, Any], name: str) -> Any:
-    try:
-        return lookup(context, name)
-    except KeyError:
-        raise TemplateProblem(f"template names unknown field {name!r}") from None
-
-
 def _text(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def compile_tree(value: Any) -> Callable[[dict[str, Any]], Any]:
+    """render_tree(value, context) as a function of the context, with every template parsed once."""
+    if isinstance(value, str):
+        return compile_template(value).render
+    if isinstance(value, dict):
+        fields = [(key, compile_tree(item)) for key, item in value.items()]
+        return lambda context: {key: render_item(context) for key, render_item in fields}
+    if isinstance(value, list):
+        items = [compile_tree(item) for item in value]
+        return lambda context: [render_item(context) for render_item in items]
+    return lambda context: value
