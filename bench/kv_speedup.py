@@ -5,6 +5,8 @@ Workload: H=512 (8 heads x 64), 2 double + 4 single blocks, context 512, 256x256
 references. Times are per generated image (the whole 4-step denoise), best of 3 interleaved rounds after a warm-up;
 the shared rows divide one pre-pass + 8 four-step edits by 8;
 flowgen's compile time (first run minus best) is reported apart.
+torch runs with --threads (default 2), the same thread count XLA's CPU backend uses on this
+2-core machine, so both sides get the same cores.
 
     JAX_PLATFORMS=cpu .venv/bin/python bench/kv_speedup.py [--repeats 3] [--threads 2]
 """
