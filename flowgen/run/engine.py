@@ -68,6 +68,13 @@ class PipelineEngine:
             self._pipe = _LOADED[key]
         return self._pipe
 
+    def preflight(self) -> None:
+        """Raise CheckpointError now if the weights are not on this machine (nothing is loaded)."""
+        if self._pipe is None and (str(getattr(self.model, "name", self.model)), self.dtype) not in _LOADED:
+            from flowgen.engine.pipeline_source import resolve_source
+
+            resolve_source(self.model)
+
     def generate_batch(self, request: BatchRequest) -> BatchOutput:
         kwargs: dict[str, Any] = dict(
             prompts=request.prompts,

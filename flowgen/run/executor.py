@@ -79,6 +79,8 @@ def execute(
         if limit is not None:
             summary.not_run += max(0, len(runnable) - limit)
             runnable = runnable[:limit]
+        if runnable and hasattr(engine, "preflight"):
+            engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         runner = _BatchRunner(plan, engine, summary)
         if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
