@@ -23,6 +23,7 @@ from safetensors.numpy import save_file
 
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.vae_config import VAEConfig
+from flowgen.engine.weights.transformer_keys import diffusers_shapes, expected_bfl_shapes
 from flowgen.engine.weights.vae_keys import diffusers_shapes as vae_shapes
 
 # Bump when the bytes written for a seed change (weight init, layout, configs): it is part of the
@@ -126,7 +127,7 @@ class _Init:
 
 def _transformer_weights(seed: int) -> dict[str, np.ndarray]:
     init, out = _Init(seed, "transformer"), {}
-    for name, shape in sorted(_transformer_shapes(TRANSFORMER).items()):
+    for name, shape in sorted(diffusers_shapes(expected_bfl_shapes(TRANSFORMER)).items()):
         if "norm_q" in name or "norm_k" in name or "norm_added" in name:
             out[name] = init.around(name, shape, 1.75, 1.25)  # spread QK scales: peaky, input-driven attention
         elif "modulation" in name or "norm_out" in name:
@@ -135,38 +136,6 @@ def _transformer_weights(seed: int) -> dict[str, np.ndarray]:
             out[name] = init.linear(name, shape, gain=2.0)  # velocities of order 1
         else:
             out[name] = init.linear(name, shape, gain=1.4)
-    return out
-
-
-def _transformer_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
-    """diffusers Flux2Transformer2DModel tensor names -> shapes (flux2_klein.md §2.2)."""
-    h, m, d = config.hidden_size, config.mlp_hidden, config.head_dim
-    out = {
-        "x_embedder.weight": (h, config.in_channels),
-        "context_embedder.weight": (h, config.context_in_dim),
-        "time_guidance_embed.timestep_embedder.linear_1.weight": (h, config.timestep_dim),
-        "time_guidance_embed.timestep_embedder.linear_2.weight": (h, h),
-        "double_stream_modulation_img.linear.weight": (6 * h, h),
-        "double_stream_modulation_txt.linear.weight": (6 * h, h),
-        "single_stream_modulation.linear.weight": (3 * h, h),
-        "norm_out.linear.weight": (2 * h, h),
-        "proj_out.weight": (config.in_channels, h),
-    }
-    for i in range(config.depth):
-        p = f"transformer_blocks.{i}."
-        for proj in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
-            out[f"{p}attn.{proj}.weight"] = (h, h)
-        for norm in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
-            out[f"{p}attn.{norm}.weight"] = (d,)
-        for ff in ("ff", "ff_context"):
-            out[f"{p}{ff}.linear_in.weight"] = (2 * m, h)
-            out[f"{p}{ff}.linear_out.weight"] = (h, m)
-    for j in range(config.depth_single_blocks):
-        p = f"single_transformer_blocks.{j}.attn."
-        out[p + "to_qkv_mlp_proj.weight"] = (3 * h + 2 * m, h)
-        out[p + "to_out.weight"] = (h, h + m)
-        out[p + "norm_q.weight"] = (d,)
-        out[p + "norm_k.weight"] = (d,)
     return out
 
 

@@ -13,41 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.engine.config import Flux2Config
+from flowgen.engine.weights.transformer_keys import expected_bfl_shapes  # noqa: F401  (re-exported)
 from flowgen.errors import CheckpointError
 
 _STACKED = ("double_blocks", "single_blocks")
-
-
-def expected_bfl_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name of a BFL FLUX.2 [klein] single file -> its torch shape."""
-    h, m, d = config.hidden_size, config.mlp_hidden, config.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "img_in.weight": (h, config.in_channels),
-        "txt_in.weight": (h, config.context_in_dim),
-        "time_in.in_layer.weight": (h, config.timestep_dim),
-        "time_in.out_layer.weight": (h, h),
-        "double_stream_modulation_img.lin.weight": (6 * h, h),
-        "double_stream_modulation_txt.lin.weight": (6 * h, h),
-        "single_stream_modulation.lin.weight": (3 * h, h),
-    }
-    for i in range(config.depth):
-        for stream in ("img", "txt"):
-            p = f"double_blocks.{i}.{stream}_"
-            shapes[p + "attn.qkv.weight"] = (3 * h, h)
-            shapes[p + "attn.norm.query_norm.scale"] = (d,)
-            shapes[p + "attn.norm.key_norm.scale"] = (d,)
-            shapes[p + "attn.proj.weight"] = (h, h)
-            shapes[p + "mlp.0.weight"] = (2 * m, h)
-            shapes[p + "mlp.2.weight"] = (h, m)
-    for j in range(config.depth_single_blocks):
-        p = f"single_blocks.{j}."
-        shapes[p + "linear1.weight"] = (3 * h + 2 * m, h)
-        shapes[p + "linear2.weight"] = (h, h + m)
-        shapes[p + "norm.query_norm.scale"] = (d,)
-        shapes[p + "norm.key_norm.scale"] = (d,)
-    shapes["final_layer.linear.weight"] = (config.in_channels, h)
-    shapes["final_layer.adaLN_modulation.1.weight"] = (2 * h, h)
-    return shapes
 
 
 def param_location(key: str) -> tuple[tuple, int | None]:
