@@ -1,12 +1,17 @@
 """Scaled dot-product attention in (B, heads, N, head_dim) layout, picked per backend.
 
-GPU: `jax.nn.dot_product_attention` (cuDNN flash attention for bf16/fp16, XLA otherwise).
-CPU: XLA's default attention is ~5x slower than torch SDPA here, so we use plain matmuls in
-(B, H, N, D) layout and process queries in blocks (keeps the score matrix cache-sized). The
-softmax is unnormalised (exp(s - max)), and the 1/sum is applied to the (q, D) output instead of
-the (q, k) probabilities; the 1/sqrt(D) scale goes on q (q·D values, not q·k). Together these
-cut one full pass over the score matrix (≈ 15–25 % of CPU attention time, bench/RESULTS.md).
-Softmax is always accumulated in float32.
+`attention(q, k, v, extra_kv)` attends over the keys [k, extra_k]; `extra_kv` (the cached
+reference K/V of the KV model) may have batch 1 and then serves every image of the batch.
+
+GPU: `jax.nn.dot_product_attention` (cuDNN flash attention for bf16/fp16, XLA otherwise) on the
+concatenated keys.
+CPU: XLA's default attention is ~5x slower than torch SDPA here, so we use plain matmuls, one image
+at a time and in query blocks (keeps the score matrix cache-sized: a batch of 8 as one block was
+2.3x slower per image than batch 1). The softmax is unnormalised (exp(s - max)), and the 1/sum is
+applied to the (q, D) output instead of the (q, k) probabilities; the 1/sqrt(D) scale goes on q.
+Extra keys are scored in a separate matmul and merged through the shared max and sum, so a batch-1
+reference K/V is never broadcast or concatenated. Softmax is always accumulated in float32.
+Each image runs the same arithmetic whatever its batch mates, so results do not depend on them.
 """
 
 from __future__ import annotations
@@ -18,30 +23,67 @@ import jax.numpy as jnp
 
 CPU_QUERY_BLOCK = 512  # 128/256/512 measured: 512 best at 320–1408 queries, 8×64 heads
 
+KeyParts = tuple[tuple[jnp.ndarray, jnp.ndarray], ...]  # ((k, v), ...), each (H, Nk_i, D)
 
-def _dense(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
+
+def _dense(q: jnp.ndarray, parts: KeyParts) -> jnp.ndarray:
+    """One image: q (H, Nq, D) over the keys of all parts -> (H, Nq, D)."""
     scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
-    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    total = weights.sum(axis=-1, keepdims=True)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    q = q * scale
+    scores = [jnp.einsum("hqd,hkd->hqk", q, k, preferred_element_type=jnp.float32) for k, _ in parts]
+    peak = jax.lax.stop_gradient(_elementwise_max([s.max(axis=-1, keepdims=True) for s in scores]))
+    weights = [jnp.exp(s - peak) for s in scores]
+    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
+    out = sum(
+        jnp.einsum("hqk,hkd->hqd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        for w, (_, v) in zip(weights, parts)
+    )
     return (out / total).astype(q.dtype)
 
 
-def _query_blocked(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, block: int) -> jnp.ndarray:
-    b, h, n, d = q.shape
+def _elementwise_max(values: list[jnp.ndarray]) -> jnp.ndarray:
+    out = values[0]
+    for value in values[1:]:
+        out = jnp.maximum(out, value)
+    return out
+
+
+def _query_blocked(q: jnp.ndarray, parts: KeyParts, block: int) -> jnp.ndarray:
+    """One image: q (H, N, D) in query blocks of at most `block` rows."""
+    h, n, d = q.shape
     num_blocks = -(-n // block)
     if num_blocks == 1:
-        return _dense(q, k, v)
+        return _dense(q, parts)
     size = -(-n // num_blocks)  # even blocks: least padding
     size = -(-size // 8) * 8
     pad = num_blocks * size - n
     if pad:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    blocks = q.reshape(b, h, num_blocks, size, d).transpose(2, 0, 1, 3, 4)
-    out = jax.lax.map(lambda qb: _dense(qb, k, v), blocks)
-    out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, num_blocks * size, d)
-    return out[:, :, :n] if pad else out
+        q = jnp.pad(q, ((0, 0), (0, pad), (0, 0)))
+    blocks = q.reshape(h, num_blocks, size, d).transpose(1, 0, 2, 3)
+    out = jax.lax.map(lambda qb: _dense(qb, parts), blocks)
+    out = out.transpose(1, 0, 2, 3).reshape(h, num_blocks * size, d)
+    return out[:, :n] if pad else out
+
+
+def _cpu(q, k, v, extra_kv) -> jnp.ndarray:
+    """Image by image (lax.map over the batch); a batch-1 extra K/V is closed over, not mapped."""
+    shared, per_image = None, None
+    if extra_kv is not None:
+        extra_kv = (extra_kv[0].astype(k.dtype), extra_kv[1].astype(v.dtype))
+        if extra_kv[0].shape[0] == 1:
+            shared = (extra_kv[0][0], extra_kv[1][0])
+        else:
+            per_image = extra_kv
+
+    def one_image(args):
+        qi, ki, vi, own_extra = args
+        parts = ((ki, vi),) + tuple(p for p in (own_extra, shared) if p is not None)
+        return _query_blocked(qi, parts, CPU_QUERY_BLOCK)
+
+    if q.shape[0] == 1:
+        own = None if per_image is None else (per_image[0][0], per_image[1][0])
+        return one_image((q[0], k[0], v[0], own))[None]
+    return jax.lax.map(one_image, (q, k, v, per_image))
 
 
 def _gpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
@@ -58,8 +100,22 @@ def _gpu(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
     return out.transpose(0, 2, 1, 3)
 
 
-def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray) -> jnp.ndarray:
-    """softmax(q·kᵀ/√d)·v for q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D)."""
+def concat_keys(k: jnp.ndarray, v: jnp.ndarray, extra_kv) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """[k, extra_k] and [v, extra_v] along the key axis; a batch-1 extra broadcasts over the batch."""
+    if extra_kv is None:
+        return k, v
+    k_extra, v_extra = extra_kv
+    shape = (k.shape[0], *k_extra.shape[1:])
+    k_extra = jnp.broadcast_to(k_extra.astype(k.dtype), shape)
+    v_extra = jnp.broadcast_to(v_extra.astype(v.dtype), shape)
+    return jnp.concatenate([k, k_extra], axis=2), jnp.concatenate([v, v_extra], axis=2)
+
+
+def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, extra_kv=None) -> jnp.ndarray:
+    """softmax(q·kᵀ/√d)·v for q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
+
+    extra_kv: optional (k, v), each (B or 1, H, Ne, D), attended as extra keys (order is irrelevant).
+    """
     if jax.default_backend() == "gpu":
-        return _gpu(q, k, v)
-    return _query_blocked(q, k, v, CPU_QUERY_BLOCK)
+        return _gpu(q, *concat_keys(k, v, extra_kv))
+    return _cpu(q, k, v, extra_kv)

@@ -106,20 +106,6 @@ def qk_prepare(qkv: jnp.ndarray, norm: QKNorm, rope: Rope, num_heads: int):
     return q, k, v
 
 
-def with_reference(k: jnp.ndarray, v: jnp.ndarray, ref_kv: KV | None) -> KV:
-    """Append cached reference K/V to the keys; a batch-1 cache broadcasts over the batch.
-
-    Without a mask, key order does not change attention, so refs can go last.
-    """
-    if ref_kv is None:
-        return k, v
-    k_ref, v_ref = ref_kv
-    shape = (k.shape[0], *k_ref.shape[1:])
-    k_ref = jnp.broadcast_to(k_ref.astype(k.dtype), shape)
-    v_ref = jnp.broadcast_to(v_ref.astype(v.dtype), shape)
-    return jnp.concatenate([k, k_ref], axis=2), jnp.concatenate([v, v_ref], axis=2)
-
-
 class SelfAttention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, *, rngs: nnx.Rngs, dtype, stack=()):
         self.num_heads = num_heads
@@ -166,8 +152,8 @@ class DoubleStreamBlock(nnx.Module):
         (shift, scale, _), _ = mod_txt
         qt, kt, vt = self.txt_attn.project(modulate(txt, shift, scale, self.eps), rope_txt)
         q = jnp.concatenate([qt, qi], axis=2)
-        k, v = with_reference(jnp.concatenate([kt, ki], axis=2), jnp.concatenate([vt, vi], axis=2), ref_kv)
-        out = attention(q, k, v)
+        k, v = jnp.concatenate([kt, ki], axis=2), jnp.concatenate([vt, vi], axis=2)
+        out = attention(q, k, v, ref_kv)  # a batch-1 ref_kv serves the whole batch without a copy
         n_txt = txt.shape[1]
         img = self._finish(img, out[:, :, n_txt:], self.img_attn, self.img_mlp, mod_img)
         txt = self._finish(txt, out[:, :, :n_txt], self.txt_attn, self.txt_mlp, mod_txt)
@@ -203,8 +189,7 @@ class SingleStreamBlock(nnx.Module):
     def __call__(self, h, rope: Rope, mod, ref_kv: KV | None = None):
         """Joint step over h = [txt, img] (+ cached reference K/V as extra keys)."""
         q, k, v, mlp = self._qkv_mlp(h, rope, mod)
-        k, v = with_reference(k, v, ref_kv)
-        return self._out(h, attention(q, k, v), mlp, mod)
+        return self._out(h, attention(q, k, v, ref_kv), mlp, mod)
 
     def reference_kv(self, ref, rope_ref: Rope, mod_ref) -> KV:
         """Only the K/V of a reference-only step (enough for the last layer).
