@@ -23,26 +23,11 @@ from flowgen.engine.vae import load_vae
 from flowgen.engine.vae_config import VAEConfig
 from flowgen.engine.weights import vae_keys
 from flowgen.errors import CheckpointError
+from tests.engine.fixtures_pipeline import sharpen_vae_
 
 TOL = 1e-4
 H, W = 48, 80  # non-square, multiples of 16
 TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=8)
-
-
-def _sharpen(model: AutoencoderKLFlux2, gen: torch.Generator) -> None:
-    """Random weights that make a wrong port fail visibly: affine GroupNorms, biases that matter,
-    peaked (non-uniform) attention, and BatchNorm statistics far from (0, 1)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.5 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-            elif ".to_q." in name or ".to_k." in name:
-                p.mul_(4.0)  # logits of order several units -> peaked softmax
-        c = model.bn.running_mean.shape[0]
-        model.bn.running_mean.copy_(torch.randn(c, generator=gen))
-        model.bn.running_var.copy_(0.5 + 2.5 * torch.rand(c, generator=gen))
 
 
 def _reference_encode(model: AutoencoderKLFlux2, images_nhwc: np.ndarray, normalise: bool = True) -> np.ndarray:
@@ -76,9 +61,8 @@ def _quantise(x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
     model = AutoencoderKLFlux2(**TINY).eval()
-    _sharpen(model, gen)
+    sharpen_vae_(model, seed=1)  # GroupNorms, biases, peaked attention, BN stats far from (0, 1)
     folder = tmp_path_factory.mktemp("vae") / "vae"
     model.save_pretrained(folder)
     rng = np.random.default_rng(2)
