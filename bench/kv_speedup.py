@@ -82,6 +82,34 @@ class Workload:
         self.ref_ids = ids.reference_ids([(GRID, GRID)] * num_refs)
 
 
+# ---- arithmetic (block matmuls + attention; embeddings and norms are < 1 % here) ----------------
+
+
+def block_flops(rows: int, keys: int) -> float:
+    """One double or single block (both 13·H² MACs per token with mlp_hidden = 3H) for `rows` queries over `keys`."""
+    h, m = CONFIG.hidden_size, CONFIG.mlp_hidden
+    linear = 2 * rows * (3 * h * h + h * h + 3 * m * h)  # qkv, out proj, SwiGLU in (2M) and out (M)
+    return linear + 4 * rows * keys * h  # q·k and p·v
+
+
+def workload_gflops(num_refs: int) -> dict[str, float]:
+    """GFLOP per image of each row: what the rows compute, independent of how fast."""
+    layers, h = CONFIG.depth + CONFIG.depth_single_blocks, CONFIG.hidden_size
+    t_n, r = TXT + GRID * GRID, num_refs * GRID * GRID
+    plain = STEPS * layers * block_flops(t_n + r, t_n + r)
+    cached = layers * block_flops(t_n, t_n + r)
+    # flowgen pre-pass: every layer but the last in full, the last only K/V (2H of linear1's columns)
+    prepass = (layers - 1) * block_flops(r, r) + 2 * r * h * 2 * h
+    # diffusers extract step: all tokens in every layer; refs attend to refs, txt+img to all
+    extract = layers * (block_flops(t_n, t_n + r) + block_flops(r, r))
+    return {
+        "plain": plain / 1e9,
+        "flowgen KV": (prepass + STEPS * cached) / 1e9,
+        "flowgen shared": (prepass / SHARED_EDITS + STEPS * cached) / 1e9,
+        "diffusers KV": (extract + (STEPS - 1) * cached) / 1e9,
+    }
+
+
 # ---- flowgen ------------------------------------------------------------------------------------
 
 
@@ -202,6 +230,20 @@ def main():
             compile_s = f"{first - best:.2f}" if name.startswith("flowgen") else "-"
             print(f"{name:<42}{num_refs:>5}{best / images:>10.3f}{compile_s:>11}")
 
+    print()
+    print("GFLOP per image and achieved GFLOP/s (what sets the ceilings of the ratios below):")
+    for num_refs in (1, 4):
+        g = workload_gflops(num_refs)
+        achieved = {
+            "plain": g["plain"] / results["flowgen plain", num_refs],
+            "flowgen KV": g["flowgen KV"] / results["flowgen KV (pre-pass + 4 cached)", num_refs],
+            "flowgen shared": g["flowgen shared"] / results[f"flowgen KV, pre-pass shared by {SHARED_EDITS} edits", num_refs],
+            "diffusers KV": g["diffusers KV"] / results["diffusers KV (extract + 3 cached)", num_refs],
+            "diffusers plain": g["plain"] / results["diffusers plain", num_refs],
+        }
+        print(f"  {num_refs} ref(s): " + ", ".join(f"{k} {g.get(k, g['plain']):.1f} GF @ {v:.0f} GF/s" for k, v in achieved.items()))
+        print(f"    at equal GFLOP/s: flowgen KV / diffusers KV = {g['flowgen KV'] / g['diffusers KV']:.2f}, "
+              f"plain/KV = {g['plain'] / g['flowgen KV']:.2f}x, plain/shared = {g['plain'] / g['flowgen shared']:.2f}x")
     print()
     for num_refs in (1, 4):
         r = {name: results[name, num_refs] for name, n in results if n == num_refs}

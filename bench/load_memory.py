@@ -90,10 +90,10 @@ def child(path: str, trim: bool) -> None:
     import jax
     import psutil
 
-    from flowgen.engine import load_transformer, transformer_loading
+    from flowgen.engine import host_memory, load_transformer
 
     if not trim:  # A/B: glibc's default behaviour, freed temporaries stay resident
-        transformer_loading._MALLOC_TRIM = None
+        host_memory._LIBC = None
 
     jax.devices()
     before = psutil.Process().memory_info().rss

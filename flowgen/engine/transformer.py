@@ -24,6 +24,7 @@ from flax import nnx
 
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.dit import Flux2DiT, ReferenceKV, forward, reference_prepass
+from flowgen.engine.host_memory import keep_freed_buffers
 from flowgen.engine.rope import rope_tables
 from flowgen.engine.transformer_params import convert_bfl_tensors, expected_bfl_shapes
 from flowgen.errors import CheckpointError
@@ -68,6 +69,8 @@ class Transformer:
         self.forward_fn = functools.partial(_forward_jit, graphdef)
         self.prepass_fn = functools.partial(_prepass_jit, graphdef)
         self._rope_cache: dict = {}
+        if jax.default_backend() == "cpu":
+            keep_freed_buffers()  # XLA:CPU re-allocates its temporaries every call (see host_memory)
 
     # ---- construction -------------------------------------------------------------------------
 

@@ -12,8 +12,6 @@ is checked before any tensor is read and reported as a one-line CheckpointError.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import functools
 import re
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flowgen.engine.config import NAMED_CONFIGS, Flux2Config
+from flowgen.engine.host_memory import release_free_heap
 from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
 from flowgen.engine.weights.transformer_keys import (
     DiffusersAsBfl,
@@ -82,7 +81,7 @@ def load_transformer(
     cfg, cfg_origin = resolve_config(config, checkpoint)
     check_tensors(checkpoint, Transformer.expected_bfl_shapes(cfg), cfg_origin)
     transformer = Transformer.from_bfl_tensors(cfg, _GivingBackMemory(checkpoint.bfl), dtype=dtype)
-    _release_free_heap()
+    release_free_heap()
     return transformer
 
 
@@ -155,21 +154,6 @@ def _strip_prefix(lazy: LazyTensors) -> Mapping[str, np.ndarray]:
     return _Renamed(lazy, {k[len(COMFY_PREFIX) :]: k for k in lazy if k.startswith(COMFY_PREFIX)})
 
 
-def _find_malloc_trim():
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        return None
-
-
-_MALLOC_TRIM = _find_malloc_trim()
-
-
-def _release_free_heap() -> None:
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 class _GivingBackMemory(Mapping):
     """Passes tensors through, first handing the previous tensor's freed temporaries back to the OS.
 
@@ -182,7 +166,7 @@ class _GivingBackMemory(Mapping):
         self.source = source
 
     def __getitem__(self, key: str) -> np.ndarray:
-        _release_free_heap()
+        release_free_heap()
         return self.source[key]
 
     def __iter__(self) -> Iterator[str]:
