@@ -111,11 +111,16 @@ def concat_keys(k: jnp.ndarray, v: jnp.ndarray, extra_kv) -> tuple[jnp.ndarray, 
     return jnp.concatenate([k, k_extra], axis=2), jnp.concatenate([v, v_extra], axis=2)
 
 
+def use_gpu_kernels() -> bool:
+    """Whether traced code takes the GPU path (a function, so tests can run that path on CPU)."""
+    return jax.default_backend() == "gpu"
+
+
 def attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, extra_kv=None) -> jnp.ndarray:
     """softmax(q·kᵀ/√d)·v for q (B, H, Nq, D), k/v (B, H, Nk, D) -> (B, H, Nq, D).
 
     extra_kv: optional (k, v), each (B or 1, H, Ne, D), attended as extra keys (order is irrelevant).
     """
-    if jax.default_backend() == "gpu":
+    if use_gpu_kernels():
         return _gpu(q, *concat_keys(k, v, extra_kv))
     return _cpu(q, k, v, extra_kv)
