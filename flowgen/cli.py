@@ -31,6 +31,11 @@ def user_errors(fn):
     return wrapper
 
 
+max_batch_option = click.option(
+    "--max-batch", type=click.IntRange(min=1, max=1024),
+    help="Largest batch per engine call, rounded down to a power of two (default: $FLOWGEN_MAX_BATCH, else 8).")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="flowgen")
 def main():
@@ -53,12 +58,13 @@ def validate(recipe, overrides):
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@max_batch_option
 @user_errors
-def plan(recipe, out_dir, overrides, as_json):
+def plan(recipe, out_dir, overrides, as_json, max_batch):
     """Dry run: items, results, batches, and the diff against the output folder."""
     from flowgen.commands import plan_command
 
-    plan_command(recipe, out_dir, list(overrides), as_json)
+    plan_command(recipe, out_dir, list(overrides), as_json, max_batch)
 
 
 @main.command()
@@ -67,12 +73,13 @@ def plan(recipe, out_dir, overrides, as_json):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
 @click.option("--limit", type=click.IntRange(min=1), help="Run at most N results.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
+@max_batch_option
 @user_errors
-def run(recipe, out_dir, overrides, limit, fail_fast):
+def run(recipe, out_dir, overrides, limit, fail_fast, max_batch):
     """Run RECIPE: render every missing or changed result and update the manifest."""
     from flowgen.commands import run_command
 
-    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast))
+    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch))
 
 
 @main.command()

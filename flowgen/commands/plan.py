@@ -17,9 +17,10 @@ from flowgen.run.manifest import Manifest, manifest_path
 SHOW_ITEMS = 20
 
 
-def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_json: bool) -> None:
+def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_json: bool,
+                 max_batch: int | None = None) -> None:
     """Compile RECIPE and print what a run would do; loads no model, writes nothing."""
-    plan = plan_recipe(recipe, out_dir, overrides)
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch)
     diff = load_diff(plan)
     report = plan_report(plan, diff)
     if as_json:

@@ -13,12 +13,13 @@ from flowgen.run.interrupt import StopRequest
 from flowgen.run.progress import default_progress
 
 
-def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool) -> int:
+def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool,
+                max_batch: int | None = None) -> int:
     """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 130 after Ctrl-C).
 
     User errors before anything runs raise FlowgenError (exit 2 via the CLI).
     """
-    plan = plan_recipe(recipe, out_dir, overrides)
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch)
     engine = PipelineEngine(plan.extra.get("card") or plan.model)  # loads on the first batch only
     progress = default_progress()
     stop = StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))

@@ -7,16 +7,22 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from flowgen.errors import FlowgenError
 from flowgen.plan.compile import compile_plan
 from flowgen.plan.hashing import canonical_json
 from flowgen.plan.model import Plan
 
-DEFAULT_MAX_BATCH = 8  # FLOWGEN_MAX_BATCH overrides it (bigger on large accelerators)
+DEFAULT_MAX_BATCH = 8  # `--max-batch` or FLOWGEN_MAX_BATCH override it (bigger on large accelerators)
 
 
 def max_batch_setting() -> int:
-    value = os.environ.get("FLOWGEN_MAX_BATCH", "")
-    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_BATCH
+    """FLOWGEN_MAX_BATCH when set (a positive integer, else a one-line error), else the default."""
+    value = os.environ.get("FLOWGEN_MAX_BATCH", "").strip()
+    if not value:
+        return DEFAULT_MAX_BATCH
+    if not value.isdigit() or int(value) < 1:
+        raise FlowgenError(f"FLOWGEN_MAX_BATCH={value!r} is not allowed: use a positive integer such as 8 or 16")
+    return int(value)
 
 
 def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
@@ -28,7 +34,12 @@ def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
 
 
 def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (), max_batch: int | None = None) -> Plan:
-    """Load, expand and compile a recipe against an output folder (RecipeError on user errors)."""
+    """Load, expand and compile a recipe against an output folder (RecipeError on user errors).
+
+    max_batch: largest batch per engine call (rounded down to a power of two); None reads
+    FLOWGEN_MAX_BATCH, then DEFAULT_MAX_BATCH. It only groups work: seeds and hashes do not
+    depend on it (and regen replays an image at its recorded batch size).
+    """
     from flowgen.recipe.api import expand_items, load_recipe
 
     recipe = load_recipe(path, list(overrides))
