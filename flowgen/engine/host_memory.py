@@ -8,6 +8,7 @@ Two opposite needs, each applied where it pays:
   XLA:CPU execution allocates its temporaries afresh; glibc serves large ones with mmap and returns
   them on free, so each call page-faults (and the kernel zeroes) hundreds of MB again: 120k minor
   faults and ~35 % of the wall time of a 4-reference pre-pass (bench/kv_speedup.py workload).
+  The cost: the process keeps its high-water mark of host memory (as a caching allocator does).
 
 Both are no-ops without glibc (macOS, musl).
 """
