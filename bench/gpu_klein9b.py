@@ -25,16 +25,10 @@ import numpy as np
 from flowgen.engine import ids
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.transformer import Transformer
+from flops import step_flops  # bench/flops.py (the script's folder is on sys.path)
 
 TINY = Flux2Config(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=4, context_in_dim=384, axes_dim=(16, 16, 16, 16))
 SHARED_EDITS = 8
-
-
-def step_flops(cfg: Flux2Config, n_q: int, n_k: int) -> float:
-    """Matmul + attention FLOPs of one transformer step for n_q query tokens (text included) and n_k keys."""
-    h, m = cfg.hidden_size, cfg.mlp_hidden
-    per_token_layer = 2 * (4 * h * h + 3 * h * m) + 4 * n_k * h  # projections/MLP + (QKᵀ, PV)
-    return (cfg.depth + cfg.depth_single_blocks) * n_q * per_token_layer
 
 
 def timed(fn, repeats: int) -> float:

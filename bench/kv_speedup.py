@@ -27,6 +27,7 @@ from flowgen.engine import ids
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.transformer import Transformer
 from flowgen.engine.weights.transformer_keys import DiffusersAsBfl
+from flops import block_flops, step_flops  # bench/flops.py (the script's folder is on sys.path)
 
 CONFIG = Flux2Config(
     hidden_size=512, num_heads=8, depth=2, depth_single_blocks=4, context_in_dim=512, axes_dim=(16, 16, 16, 16)
@@ -82,26 +83,19 @@ class Workload:
         self.ref_ids = ids.reference_ids([(GRID, GRID)] * num_refs)
 
 
-# ---- arithmetic (block matmuls + attention; embeddings and norms are < 1 % here) ----------------
-
-
-def block_flops(rows: int, keys: int) -> float:
-    """One double or single block (both 13·H² MACs per token with mlp_hidden = 3H) for `rows` queries over `keys`."""
-    h, m = CONFIG.hidden_size, CONFIG.mlp_hidden
-    linear = 2 * rows * (3 * h * h + h * h + 3 * m * h)  # qkv, out proj, SwiGLU in (2M) and out (M)
-    return linear + 4 * rows * keys * h  # q·k and p·v
+# ---- arithmetic (bench/flops.py) -----------------------------------------------------------------
 
 
 def workload_gflops(num_refs: int) -> dict[str, float]:
     """GFLOP per image of each row: what the rows compute, independent of how fast."""
     layers, h = CONFIG.depth + CONFIG.depth_single_blocks, CONFIG.hidden_size
     t_n, r = TXT + GRID * GRID, num_refs * GRID * GRID
-    plain = STEPS * layers * block_flops(t_n + r, t_n + r)
-    cached = layers * block_flops(t_n, t_n + r)
+    plain = STEPS * step_flops(CONFIG, t_n + r, t_n + r)
+    cached = step_flops(CONFIG, t_n, t_n + r)
     # flowgen pre-pass: every layer but the last in full, the last only K/V (2H of linear1's columns)
-    prepass = (layers - 1) * block_flops(r, r) + 2 * r * h * 2 * h
+    prepass = (layers - 1) * block_flops(CONFIG, r, r) + 2 * r * h * 2 * h
     # diffusers extract step: all tokens in every layer; refs attend to refs, txt+img to all
-    extract = layers * (block_flops(t_n, t_n + r) + block_flops(r, r))
+    extract = step_flops(CONFIG, t_n, t_n + r) + step_flops(CONFIG, r, r)
     return {
         "plain": plain / 1e9,
         "flowgen KV": (prepass + STEPS * cached) / 1e9,

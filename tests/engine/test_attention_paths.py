@@ -27,8 +27,12 @@ def test_gpu_and_cpu_attention_agree(ref_batch):
     extra = None if ref_batch is None else tuple(_arrays(rng, (ref_batch, 4, 50, 16), (ref_batch, 4, 50, 16)))
     cpu = attn._cpu(q, k, v, extra)
     gpu = attn._gpu(q, *attn.concat_keys(k, v, extra))
-    dense = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, attn.concat_keys(k, v, extra)[0]) / 4.0, axis=-1)
-    reference = jnp.einsum("bhqk,bhkd->bhqd", dense, attn.concat_keys(k, v, extra)[1])
+    keys, values = k, v  # the reference joins the keys itself (numpy broadcasting, not concat_keys)
+    if extra is not None:
+        keys = jnp.asarray(np.concatenate([k, np.broadcast_to(extra[0], (3, 4, 50, 16))], axis=2))
+        values = jnp.asarray(np.concatenate([v, np.broadcast_to(extra[1], (3, 4, 50, 16))], axis=2))
+    dense = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, keys) / np.sqrt(q.shape[-1]), axis=-1)
+    reference = jnp.einsum("bhqk,bhkd->bhqd", dense, values)
     np.testing.assert_allclose(np.asarray(gpu), np.asarray(reference), atol=2e-6)
     np.testing.assert_allclose(np.asarray(cpu), np.asarray(reference), atol=2e-6)
 
