@@ -3,79 +3,172 @@
 Four ways a step can see its references, all in one loop body:
 
 * none            text-to-image: the transformer sees [txt, img];
-* cached K/V      KV model: a batch-1 reference pre-pass (run once per reference set, outside)
-                  serves every step, step 0 included, and every item of the batch;
-* concatenated    plain Klein: reference tokens are appended after the output tokens every step
-                  (as `Flux2KleinPipeline`), and their velocities dropped;
+* cached K/V      KV model: reference pre-passes (run once per reference set, outside) serve every
+                  step, step 0 included — one batch-1 K/V shared by every row, or one K/V per row
+                  (different reference sets, padded to a length bucket and masked);
+* concatenated    plain Klein: reference tokens (per row, padded and masked) are appended after the
+                  output tokens every step (as `Flux2KleinPipeline`), and their velocities dropped;
 * + CFG           base models: the negative prompt is batched with the positive one and
                   `v = u + w·(c − u)`.
 
-Sigmas and model times are device arrays walked by `lax.fori_loop`, so one compiled program
-serves every call with the same shapes; a new size, batch, step count or mode compiles once.
+The sampler (`sampling.base.Sampler`) is a static argument: it owns the update and its state
+(multistep history); stochastic samplers draw per-row noise from keys derived from each row's
+seed. Sigmas are a device array walked by `lax.fori_loop`, so one compiled program serves every
+call with the same shapes and sampler. After each step the loop reports to the host
+(`jax.debug.callback`, dispatched by a traced listener token: no retrace per listener).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from typing import NamedTuple
+import itertools
+import threading
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine.sampler import euler_step
+from flowgen.engine.sampling.base import Sampler
+from flowgen.engine.sampling.flow_schedule import NUM_TRAIN_TIMESTEPS
 
 # Incremented while tracing: tests check that repeated calls with the same shapes do not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
-
-class Schedule(NamedTuple):
-    """Per-step model times t (N,) and the Euler sigmas (N + 1,), both float32 device arrays."""
-
-    times: jax.Array
-    sigmas: jax.Array
+# Stochastic samplers' per-row keys: fold_in(seed key, NOISE_STREAM) so they never coincide with
+# the initial-noise key of the same seed.
+NOISE_STREAM = 0x5A4D
 
 
 class Conditioning(NamedTuple):
     """What the transformer sees besides the noisy tokens (None where a mode does not use it)."""
 
     txt: jax.Array  # (B, T, D) positive prompts; with CFG (2B, T, D): positives then negatives
-    rope_txt: tuple  # RoPE tables of the text ids
-    rope_img: tuple  # RoPE tables of the output ids (followed by the reference ids when concatenated)
-    ref_kv: object = None  # KV model: the cached reference K/V (batch 1)
-    ref_tokens: jax.Array | None = None  # plain Klein: (1, R, C) reference tokens to append
+    rope_txt: tuple  # RoPE tables of the text ids, (T, d/2) each
+    rope_img: tuple  # RoPE of the output ids (+ reference ids when concatenated): (N', d/2) or per row (B, N', d/2)
+    ref_kv: object = None  # KV model: cached reference K/V, batch 1 (shared) or B (per row)
+    ref_tokens: jax.Array | None = None  # plain Klein: (1 or B, R, C) reference tokens to append
+    key_lengths: jax.Array | None = None  # (B,) int32 valid keys per row over [txt, img, refs]; None: all
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "cfg"))
-def _loop(params, x, cond: Conditioning, schedule: Schedule, guidance, *, forward, cfg: bool):
+def model_time(sigma, quantize_bf16: bool = False):
+    """The flow time handed to the transformer for noise level sigma, as diffusers rounds it:
+    t = (1000·σ)/1000 in float32, or through bf16 when the pipeline runs in bf16 (see
+    `flow_schedule.model_timesteps`, its host twin)."""
+    scale = jnp.float32(NUM_TRAIN_TIMESTEPS)
+    t_train = jnp.asarray(sigma, jnp.float32) * scale
+    if quantize_bf16:
+        bf16 = jnp.bfloat16
+        return (t_train.astype(bf16) / jnp.asarray(scale, bf16)).astype(jnp.float32)
+    return t_train / scale
+
+
+def row_noise(keys: jax.Array, i, k: int, shape: tuple[int, ...]) -> jax.Array:
+    """(B, *shape) standard normal float32, row b from keys[b] folded with (step i, draw k)."""
+
+    def one(key):
+        return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, i), k), shape, jnp.float32)
+
+    return jax.vmap(one)(keys)
+
+
+def sample(sampler: Sampler, model: Callable, x: jax.Array, sigmas: jax.Array, keys: jax.Array,
+           on_step: Callable | None = None) -> jax.Array:
+    """Run `sampler` over `sigmas` (N + 1,) from x (B, N, C); pure and traceable (used inside jit).
+
+    keys: (B,) PRNG keys, one per row (used by stochastic samplers only). on_step(i) is traced
+    code run after step i (the loop's host report).
+    """
+
+    def noise(i, k: int = 0):
+        return row_noise(keys, i, k, x.shape[1:])
+
+    def body(i, carry):
+        x, state = carry
+        x, state = sampler.step(model, i, x, state, sigmas, noise)
+        if on_step is not None:
+            on_step(i)
+        return x, state
+
+    x, _ = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, sampler.init_state(x)))
+    return x
+
+
+# ---- host progress reports --------------------------------------------------------------------
+
+_LISTENERS: dict[int, Callable[[int], None]] = {}
+_LISTENER_IDS = itertools.count(1)
+_LISTENERS_LOCK = threading.Lock()
+
+
+def _report(token, step) -> None:
+    listener = _LISTENERS.get(int(token))
+    if listener is not None:
+        listener(int(step) + 1)
+
+
+class _Listening:
+    """Registers `on_step(steps_done)` for one loop call; the loop sees only an int token."""
+
+    def __init__(self, on_step):
+        self.on_step, self.token = on_step, 0
+
+    def __enter__(self) -> int:
+        if self.on_step is not None:
+            with _LISTENERS_LOCK:
+                self.token = next(_LISTENER_IDS) & 0x7FFFFFFF
+                _LISTENERS[self.token] = self.on_step
+        return self.token
+
+    def __exit__(self, *exc) -> None:
+        _LISTENERS.pop(self.token, None)
+
+
+# ---- the compiled loop -------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t"))
+def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forward, cfg: bool,
+          sampler: Sampler, quantize_t: bool):
     TRACE_COUNTS["denoise"] += 1
     batch, n = x.shape[0], x.shape[1]
     width = 2 * batch if cfg else batch
+    ref_kv, ref_tokens, lengths = cond.ref_kv, cond.ref_tokens, cond.key_lengths
+    rope_img = cond.rope_img
+    if cfg:  # per-row inputs serve both halves of the CFG batch (tiled once, outside the steps)
+        if ref_kv is not None and ref_kv.double_k.shape[1] > 1:
+            ref_kv = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=1), ref_kv)
+        if ref_tokens is not None and ref_tokens.shape[0] > 1:
+            ref_tokens = jnp.concatenate([ref_tokens, ref_tokens], axis=0)
+        if rope_img[0].ndim == 3:
+            rope_img = tuple(jnp.concatenate([a, a], axis=0) for a in rope_img)
+        if lengths is not None:
+            lengths = jnp.concatenate([lengths, lengths], axis=0)
+    if ref_tokens is not None:
+        ref_tokens = jnp.broadcast_to(ref_tokens.astype(x.dtype), (width, *ref_tokens.shape[1:]))
 
-    def velocity(x, t):
+    def model(x, sigma):
         tokens = jnp.concatenate([x, x], axis=0) if cfg else x
-        if cond.ref_tokens is not None:
-            refs = jnp.broadcast_to(cond.ref_tokens.astype(tokens.dtype), (width, *cond.ref_tokens.shape[1:]))
-            tokens = jnp.concatenate([tokens, refs], axis=1)
-        times = jnp.broadcast_to(t, (width,))
-        v = forward(params, tokens, cond.rope_img, times, cond.txt, cond.rope_txt, cond.ref_kv)[:, :n]
+        if ref_tokens is not None:
+            tokens = jnp.concatenate([tokens, ref_tokens], axis=1)
+        times = jnp.broadcast_to(model_time(sigma, quantize_t), (width,))
+        v = forward(params, tokens, rope_img, times, cond.txt, cond.rope_txt, ref_kv, lengths)[:, :n]
         if cfg:
             cond_v, uncond_v = v[:batch], v[batch:]
             v = uncond_v + guidance * (cond_v - uncond_v)
         return v
 
-    def step(i, x):
-        v = velocity(x, schedule.times[i])
-        return euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
+    def on_step(i):
+        jax.debug.callback(_report, token, i)
 
-    return jax.lax.fori_loop(0, schedule.times.shape[0], step, x)
+    return sample(sampler, model, x, sigmas, keys, on_step)
 
 
 class Denoiser:
     """Runs the whole sampling loop for a transformer's jitted pure forward.
 
-    `forward(params, x, rope_img, t, txt, rope_txt, ref_kv)` is `Transformer.forward_fn`.
+    `forward(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` is `Transformer.forward_fn`.
     """
 
     def __init__(self, forward):
@@ -83,14 +176,24 @@ class Denoiser:
         # share compiled loops.
         self.forward = forward
 
-    def __call__(self, params, x: jax.Array, cond: Conditioning, schedule: Schedule,
-                 guidance: float | None = None) -> jax.Array:
-        """Denoise tokens x (B, N, C) from sigma 1 to 0; returns the final tokens in x's dtype."""
+    def __call__(self, params, x: jax.Array, cond: Conditioning, sigmas, sampler: Sampler, keys: jax.Array,
+                 guidance: float | None = None, *, quantize_t: bool = False,
+                 on_step: Callable[[int], None] | None = None) -> jax.Array:
+        """Denoise tokens x (B, N, C) along sigmas (N + 1,); returns the final tokens in x's dtype.
+
+        on_step(steps_done) is called on the host after each step.
+        """
         cfg = guidance is not None
         g = jnp.float32(guidance if cfg else 1.0)
-        return _loop(params, x, cond, schedule, g, forward=self.forward, cfg=cfg)
+        with _Listening(on_step) as token:
+            out = _loop(params, x, cond, jnp.asarray(sigmas, jnp.float32), g, keys, jnp.int32(token),
+                        forward=self.forward, cfg=cfg, sampler=sampler, quantize_t=quantize_t)
+            return jax.block_until_ready(out)
 
 
-def make_schedule(sigmas: np.ndarray, times: np.ndarray) -> Schedule:
-    """Device arrays for `sampler.sigmas()` / `sampler.model_timesteps()` output."""
-    return Schedule(jnp.asarray(times, jnp.float32), jnp.asarray(sigmas, jnp.float32))
+def noise_keys(seeds) -> jax.Array:
+    """(B,) PRNG keys for stochastic samplers, one per seed (64-bit seeds keep their high word)."""
+    data = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], dtype=np.uint32).reshape(-1, 2)
+    keys = jax.random.wrap_key_data(jnp.asarray(data))
+    return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(keys)
+

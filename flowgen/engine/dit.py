@@ -110,8 +110,12 @@ def forward(
     txt: jnp.ndarray,
     rope_txt: Rope,
     ref_kv: ReferenceKV | None = None,
+    key_lengths: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """Velocity for x (B, N, C) at times t (B,) given text (B, T, ctx); cached reference K/V optional."""
+    """Velocity for x (B, N, C) at times t (B,) given text (B, T, ctx); cached reference K/V optional.
+
+    rope_img may be per row ((B, N, d/2) tables: concatenated references that differ per row);
+    key_lengths (B,) masks each row's padded tail of [txt, x, ref_kv] (see `attention`)."""
     x, txt = x.astype(model.dtype), txt.astype(model.dtype)
     vec = model.vec(t)
     mod_img = model.double_stream_modulation_img(vec)
@@ -120,25 +124,30 @@ def forward(
     img, ctx = model.img_in(x), model.txt_in(txt)
 
     def double(block, carry, kv):
-        return block(*carry, rope_img, rope_txt, mod_img, mod_txt, ref_kv=kv), None
+        return block(*carry, rope_img, rope_txt, mod_img, mod_txt, ref_kv=kv, key_lengths=key_lengths), None
 
     kv_double = None if ref_kv is None else (ref_kv.double_k, ref_kv.double_v)
     (img, ctx), _ = scan_layers(model.double_blocks, double, (img, ctx), kv_double)
 
     n_txt = ctx.shape[1]
     h = jnp.concatenate([ctx, img], axis=1)
-    rope = tuple(jnp.concatenate([a, b], axis=0) for a, b in zip(rope_txt, rope_img))
+    if rope_img[0].ndim == 3:  # per-row image tables: the text tables join every row
+        rope_txt = tuple(jnp.broadcast_to(a, (rope_img[0].shape[0], *a.shape)) for a in rope_txt)
+    rope = tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
 
     def single(block, carry, kv):
-        return block(carry, rope, mod_single, ref_kv=kv), None
+        return block(carry, rope, mod_single, ref_kv=kv, key_lengths=key_lengths), None
 
     kv_single = None if ref_kv is None else (ref_kv.single_k, ref_kv.single_v)
     h, _ = scan_layers(model.single_blocks, single, h, kv_single)
     return model.final_layer(h[:, n_txt:], vec).astype(jnp.float32)
 
 
-def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope) -> ReferenceKV:
-    """K/V of reference tokens (B, R, C) in every layer: t = 0 modulation, reference-only attention."""
+def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope, key_lengths=None) -> ReferenceKV:
+    """K/V of reference tokens (B, R, C) in every layer: t = 0 modulation, reference-only attention.
+
+    key_lengths (B,): real tokens per row; the padded tail is masked as keys (its own K/V come out
+    finite and are masked again wherever they are attended)."""
     ref = ref.astype(model.dtype)
     vec0 = model.vec(jnp.zeros((ref.shape[0],), jnp.float32))
     mod_double = model.double_stream_modulation_img(vec0)
@@ -146,7 +155,7 @@ def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope) -> Refe
     h = model.img_in(ref)
 
     def double(block, carry, _):
-        return block.reference(carry, rope_ref, mod_double)
+        return block.reference(carry, rope_ref, mod_double, key_lengths)
 
     h, (double_k, double_v) = scan_layers(model.double_blocks, double, h)
 
@@ -155,7 +164,7 @@ def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope) -> Refe
     def single(block, carry, index):
         # the last layer's residual update is never used: compute only its K/V
         def full(c):
-            return block.reference(c, rope_ref, mod_single)
+            return block.reference(c, rope_ref, mod_single, key_lengths)
 
         def kv_only(c):
             return c, block.reference_kv(c, rope_ref, mod_single)

@@ -4,15 +4,18 @@
     out = pipe.generate(prompts=["a red fox"], seeds=[7], width=1024, height=1024)
     out.images[0]        # (1024, 1024, 3) uint8
     out.timings          # seconds per stage: text, references, denoise, decode
+    out.layouts[0]       # what replays image 0 bit for bit: reference layout, length, batch
 
 Computes what diffusers' `Flux2KleinKVPipeline` (KV models) and `Flux2KleinPipeline` (plain and
-base models) compute, batched so that an item's image never depends on its batch mates:
+base models) compute, batched so that an item's image never depends on its batch mates beyond
+float32 summation order:
 * each distinct prompt is encoded once, at batch 1 (`prompt_cache`);
 * each reference image is VAE-encoded once, at batch 1; the KV model runs one reference pre-pass
   per distinct reference set and every step reads the cached K/V (`reference_cache`);
-* items are grouped by reference set; each group runs one jitted sampling loop (`denoise`),
-  then each image is decoded on its own (uint8 on device);
-* seeds become noise per seed: `normal(key(seed), (128, H/16, W/16))`.
+* the whole batch runs one jitted sampling loop (`denoise`), whatever its rows' reference sets:
+  they are stacked per row, padded and masked (`batch_references`); then it is decoded at once;
+* seeds become noise per seed: `normal(key(seed), (128, H/16, W/16))`; stochastic samplers draw
+  their per-step noise from the same seed (`denoise.noise_keys`).
 """
 
 from __future__ import annotations
@@ -21,31 +24,38 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine import sampler
-from flowgen.engine.denoise import Conditioning, Denoiser, make_schedule
+from flowgen.engine.batch_references import Layout, batch_references
+from flowgen.engine.denoise import Conditioning, Denoiser, noise_keys
 from flowgen.engine.ids import image_ids, pack, text_ids, unpack
 from flowgen.engine.images import default_output_size
 from flowgen.engine.pipeline_request import PIXELS_PER_TOKEN, Request, check_request
 from flowgen.engine.pipeline_source import ModelSource, resolve_source
 from flowgen.engine.prompt_cache import PromptEncoder
 from flowgen.engine.reference_cache import PreparedSet, ReferenceCache, prepare_set
+from flowgen.engine.runtime import RuntimeConfig
+from flowgen.engine.sampling import names
 from flowgen.errors import CheckpointError, RecipeError
 
 log = logging.getLogger(__name__)
 STAGES = ("text", "references", "denoise", "decode")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclass
 class GenerateOutput:
     images: list[np.ndarray]  # (H, W, 3) uint8, one per prompt, in order
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    layouts: list[dict] = field(default_factory=list)  # per image: `Layout.as_dict()` of its loop
+
+    @property
+    def layout(self) -> dict:
+        """The layout shared by every image (one loop), else {}."""
+        return self.layouts[0] if self.layouts and all(x == self.layouts[0] for x in self.layouts) else {}
 
 
 def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
@@ -61,10 +71,12 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
 class Pipeline:
     """A loaded FLUX.2 [klein] model; see the module docstring."""
 
-    def __init__(self, transformer, vae, tokenizer, text_encoder, source: ModelSource, *, dtype: str = "float32",
-                 max_sequence_length: int = 512):
+    def __init__(self, transformer, vae, tokenizer, text_encoder, source: ModelSource, *,
+                 runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, dtype: str | None = None):
         self.transformer, self.vae, self.source = transformer, vae, source
-        self.dtype = jnp.dtype(_DTYPES[dtype])
+        # the transformer was loaded in the runtime's dtype (from_pretrained) or brings its own
+        self.runtime = (runtime or RuntimeConfig(dtype=dtype or transformer.dtype.name)).resolved()
+        self.dtype = jnp.dtype(self.runtime.dtype)
         self.is_kv, self.distilled = source.is_kv, source.distilled
         self.max_sequence_length = int(max_sequence_length)
         self.counters: collections.Counter = collections.Counter()  # work done, for tests and reports
@@ -74,22 +86,30 @@ class Pipeline:
         self._check_compatible(text_encoder)
 
     @classmethod
-    def from_pretrained(cls, source: Any, dtype: str = "float32", max_sequence_length: int = 512) -> "Pipeline":
-        """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object."""
+    def from_pretrained(cls, source: Any, runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, *,
+                        dtype: str | None = None) -> "Pipeline":
+        """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object.
+
+        runtime: dtype and attention kernel (default: per backend, see `RuntimeConfig`); `dtype=`
+        is a shorthand for `RuntimeConfig(dtype=...)`.
+        """
         from flowgen.engine.text_encoder import load_text_encoder
         from flowgen.engine.tokenizer import load_tokenizer
         from flowgen.engine.transformer_loading import load_transformer
         from flowgen.engine.vae import load_vae
 
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"dtype {dtype!r} is not supported (allowed: {', '.join(_DTYPES)})")
+        runtime = runtime or RuntimeConfig(dtype=dtype)
+        settings = runtime.resolved()
         src = resolve_source(source)
+        transformer = load_transformer(src.transformer, dtype=settings.dtype)
+        if runtime.attention != "auto":
+            transformer.use_attention(settings.attention)
         return cls(
-            load_transformer(src.transformer, dtype=dtype),
-            load_vae(src.root / "vae", dtype),
+            transformer,
+            load_vae(src.root / "vae", settings.dtype),
             load_tokenizer(src.root / "tokenizer", max_length=max_sequence_length),
-            load_text_encoder(src.root / "text_encoder", dtype),
-            src, dtype=dtype, max_sequence_length=max_sequence_length,
+            load_text_encoder(src.root / "text_encoder", settings.dtype),
+            src, runtime=runtime, max_sequence_length=max_sequence_length,
         )
 
     # ---- public --------------------------------------------------------------------------------
@@ -104,23 +124,34 @@ class Pipeline:
 
     def generate(self, prompts, references=None, width: int | None = None, height: int | None = None,
                  steps: int | None = None, seeds=None, latents=None, guidance: float | None = None,
-                 negative_prompts=None, max_sequence_length: int | None = None) -> GenerateOutput:
+                 negative_prompts=None, max_sequence_length: int | None = None, *, scheduler: str | None = None,
+                 layout: dict | None = None, on_step: Callable[[int], None] | None = None) -> GenerateOutput:
         """Generate one image per prompt.
 
         references: None, or one list (possibly empty) of up to 4 images per prompt — PIL images,
         paths or uint8 arrays. width/height: multiples of 16; default the first reference's
-        prepared size, else 1024. seeds (one per prompt) or latents (B, 128, H/16, W/16).
-        guidance: CFG weight for base models (default 4.0; ignored by distilled models) with
-        negative_prompts (default ""). Raises FlowgenError subclasses for bad arguments.
+        prepared size, else 1024 (rows of different output sizes run as separate loops).
+        seeds (one per prompt) or latents (B, 128, H/16, W/16). guidance: CFG weight for base
+        models (default 4.0; ignored by distilled models) with negative_prompts (default "").
+        scheduler: a spec scheduler name (`sampling.names`; default Klein's flow Euler).
+        layout: a recorded `GenerateOutput.layouts` entry, to replay its arithmetic exactly.
+        on_step(steps_done) is called on the host after every sampling step.
+        Raises FlowgenError subclasses for bad arguments.
         """
         req = check_request(prompts, references, width, height, steps, seeds, latents, guidance, negative_prompts,
                             distilled=self.distilled, default_steps=self.default_steps,
                             default_guidance=self.default_guidance)
         if guidance is not None and guidance > 1.0 and self.distilled:
             log.warning("guidance %s is ignored: %s is step-distilled", guidance, self.source.name)
+        try:
+            choice = names.resolve(scheduler)
+        except names.SchedulerRefused as err:
+            raise RecipeError(str(err)) from None
+        forced = None if layout is None else Layout.from_dict(layout, len(req.prompts))
         length = int(max_sequence_length or self.max_sequence_length)
         timings = dict.fromkeys(STAGES, 0.0)
         images: list[np.ndarray | None] = [None] * len(req.prompts)
+        layouts: list[dict] = [{}] * len(req.prompts)
 
         start = time.perf_counter()
         txt = jax.block_until_ready(self.prompts.embeddings(req.prompts, length))
@@ -133,13 +164,15 @@ class Pipeline:
         ref_sets = [prepare_set(r, label=f"references[{i}]: ") if r else None for i, r in enumerate(req.references)]
         timings["references"] += time.perf_counter() - start
 
-        for refs, members in _groups(ref_sets).items():
-            idx = np.asarray(members)
+        sizes = [self._output_size(req, refs) for refs in ref_sets]
+        for size in dict.fromkeys(sizes):  # one loop per output size (one, for a plan batch)
+            idx = np.asarray([i for i, s in enumerate(sizes) if s == size])
             group_neg = None if neg is None else neg[idx]
-            out = self._generate_group(req, idx, ref_sets[members[0]], txt[idx], group_neg, timings)
-            for position, item in enumerate(members):
-                images[item] = out[position]
-        return GenerateOutput(images, {k: round(v, 6) for k, v in timings.items()})
+            out, used = self._generate_batch(req, idx, size, [ref_sets[i] for i in idx], txt[idx], group_neg,
+                                             choice, forced, on_step, timings)
+            for position, item in enumerate(idx):
+                images[item], layouts[item] = out[position], used.as_dict()
+        return GenerateOutput(images, {k: round(v, 6) for k, v in timings.items()}, layouts)
 
     def clear_caches(self) -> None:
         """Drop cached prompt embeddings, reference latents and reference K/V (frees device memory)."""
@@ -158,48 +191,51 @@ class Pipeline:
             "flowgen": flowgen.__version__,
             "jax": jax.__version__,
             "dtype": self.dtype.name,
+            "attention": self.transformer.attention or self.runtime.attention,
             "device_kind": jax.devices()[0].device_kind,
             "max_sequence_length": self.max_sequence_length,
         }
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _generate_group(self, req: Request, idx: np.ndarray, refs: PreparedSet | None, txt, neg, timings) -> list:
-        """All items sharing one reference set (or none): one sampling loop, one decode."""
-        height, width = self._output_size(req, refs)
+    def _generate_batch(self, req: Request, idx: np.ndarray, size: tuple[int, int], ref_sets, txt, neg, choice,
+                        forced: Layout | None, on_step, timings) -> tuple[list, Layout]:
+        """Rows of one output size: one sampling loop, one decode."""
+        height, width = size
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         channels = self.transformer.config.in_channels
+        texts = txt if neg is None else jnp.concatenate([txt, neg], axis=0)
 
         start = time.perf_counter()
+        refs = batch_references(ref_sets, self.references, kv_model=self.is_kv, fixed_keys=texts.shape[1] + h * w,
+                                forced=forced)
         x_ids = image_ids(h, w)
-        ref_kv = ref_tokens = None
-        if refs is not None and self.is_kv:
-            ref_kv = self.references.kv(refs)
-        elif refs is not None:
-            ref = self.references.tokens(refs)
-            ref_tokens, x_ids = ref.tokens, np.concatenate([x_ids, ref.ids], axis=0)
-        jax.block_until_ready((ref_kv, ref_tokens))
+        if refs.ref_ids is None:
+            rope_img = self.transformer.rope(x_ids)
+        elif refs.ref_ids.ndim == 2:
+            rope_img = self.transformer.rope(np.concatenate([x_ids, refs.ref_ids]))
+        else:  # per-row reference positions
+            tables = [self.transformer.rope(np.concatenate([x_ids, ids])) for ids in refs.ref_ids]
+            rope_img = tuple(jnp.stack(parts) for parts in zip(*tables))
+        lengths = None if refs.key_lengths is None else jnp.asarray(refs.key_lengths)
+        jax.block_until_ready((refs.ref_kv, refs.ref_tokens))
         timings["references"] += time.perf_counter() - start
 
         start = time.perf_counter()
         x = self._initial_tokens(req, idx, (channels, h, w))
-        schedule_np = sampler.sigmas(req.steps, h * w)
-        times = sampler.model_timesteps(schedule_np, quantize_bf16=self.dtype == jnp.bfloat16)
-        texts = txt if neg is None else jnp.concatenate([txt, neg], axis=0)
-        cond = Conditioning(texts, self.transformer.rope(text_ids(texts.shape[1])), self.transformer.rope(x_ids),
-                            ref_kv, ref_tokens)
+        sigmas = choice.sigmas(req.steps, h * w)
+        cond = Conditioning(texts, self.transformer.rope(text_ids(texts.shape[1])), rope_img, refs.ref_kv,
+                            refs.ref_tokens, lengths)
+        seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
-        tokens = jax.block_until_ready(
-            self.denoiser(self.transformer.params, x, cond, make_schedule(schedule_np, times), req.guidance))
+        tokens = self.denoiser(self.transformer.params, x, cond, sigmas, choice.sampler(), noise_keys(seeds),
+                               req.guidance, quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        # one image at a time: one compiled decoder per size, and no dependence on batch mates
-        latents = unpack(tokens.astype(jnp.float32), h, w)
-        pixels = [self.vae.decode(latents[i : i + 1]) for i in range(latents.shape[0])]
-        pixels = [np.asarray(p[0]) for p in pixels]  # dispatch all, then wait
+        pixels = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
         timings["decode"] += time.perf_counter() - start
-        return pixels
+        return list(pixels), refs.layout
 
     def _output_size(self, req: Request, refs: PreparedSet | None) -> tuple[int, int]:
         """(height, width): as given, else the first reference's prepared size, else the card's default."""
@@ -229,11 +265,3 @@ class Pipeline:
         if self.vae.config.token_channels != cfg.in_channels:
             raise CheckpointError(f"{self.source.root}: the VAE makes {self.vae.config.token_channels}-channel latents "
                                   f"but the transformer expects {cfg.in_channels}")
-
-
-def _groups(ref_sets: list[PreparedSet | None]) -> dict:
-    """Items by reference-set content key (None: no references), in order of first appearance."""
-    groups: dict = {}
-    for index, refs in enumerate(ref_sets):
-        groups.setdefault(None if refs is None else refs.key, []).append(index)
-    return groups

@@ -5,7 +5,11 @@ pixels, so equal images given as different objects (or paths) share work:
 
 * each image is VAE-encoded on its own (batch 1), so its latents never depend on batch mates;
 * the KV model's reference pre-pass runs once per distinct set and is kept for the next batches
-  (the K/V depend on nothing else: not prompt, noise, step or text length).
+  (the K/V depend on nothing else: not prompt, noise, step or text length);
+* token counts are padded up to a length bucket (`length_bucket`) and the padding masked, so the
+  pre-pass and the sampling loop compile once per bucket, not once per reference size, and a set's
+  K/V can be stacked with any other set's in one batch. A set always pre-passes at its own bucket,
+  so its K/V never depend on the batch it meets.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from flowgen.engine.dit import ReferenceKV
 from flowgen.engine.ids import pack, reference_ids
 from flowgen.engine.images import MAX_REFERENCES, prepare_references
 from flowgen.engine.prompt_cache import LRU
@@ -45,10 +50,71 @@ class PreparedSet:
 
 @dataclass
 class ReferenceTokens:
-    """A reference set as the transformer sees it: packed tokens (1, R, C) and their ids (R, 4)."""
+    """A reference set as the transformer sees it: packed tokens (1, R, C) and their ids (R, 4).
+
+    When padded, R is a length bucket and only the first `length` tokens are real (the padding is
+    zero tokens with zero ids, always masked)."""
 
     tokens: jax.Array
     ids: np.ndarray
+    length: int
+
+    def padded_to(self, size: int) -> "ReferenceTokens":
+        extra = size - self.tokens.shape[1]
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.tokens.shape[1]} reference tokens down to {size}")
+        if extra == 0:
+            return self
+        tokens = jnp.pad(self.tokens, ((0, 0), (0, extra), (0, 0)))
+        ids = np.concatenate([self.ids, np.zeros((extra, self.ids.shape[1]), self.ids.dtype)])
+        return ReferenceTokens(tokens, ids, self.length)
+
+
+@dataclass
+class CachedKV:
+    """A set's pre-passed K/V (batch 1), padded along the key axis to a bucket; `length` keys are real."""
+
+    kv: ReferenceKV
+    length: int
+
+    @property
+    def padded_length(self) -> int:
+        return int(self.kv.double_k.shape[3])
+
+    def padded_to(self, size: int) -> ReferenceKV:
+        """The K/V with zero keys appended up to `size` (masked by the caller's key lengths)."""
+        extra = size - self.padded_length
+        if extra < 0:
+            raise ValueError(f"cannot pad {self.padded_length} reference keys down to {size}")
+        if extra == 0:
+            return self.kv
+        pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
+        return ReferenceKV(*(jnp.pad(a, pad) for a in self.kv))
+
+
+# Token counts a reference set is padded to: 64 then four steps per octave (2^k · 1, 1.25, 1.5,
+# 1.75) up to 16384 (four 1024² references), so padding costs at most 25% of the reference tokens
+# and a whole run compiles at most 33 reference lengths; beyond, multiples of 4096.
+_BUCKET_FLOOR, _BUCKET_OCTAVE_TOP = 64, 16384
+_BUCKET_COARSE = 4096
+
+
+def length_bucket(tokens: int) -> int:
+    """The padded token count for a reference set of `tokens` tokens (0 stays 0)."""
+    if tokens <= 0:
+        return 0
+    if tokens <= _BUCKET_FLOOR:
+        return _BUCKET_FLOOR
+    if tokens > _BUCKET_OCTAVE_TOP:
+        return -(-tokens // _BUCKET_COARSE) * _BUCKET_COARSE
+    octave = 1 << (tokens - 1).bit_length() - 1  # largest power of two < tokens
+    quarter = octave // 4
+    return octave + -(-(tokens - octave) // quarter) * quarter
+
+
+def bucket_lengths() -> list[int]:
+    """Every bucket up to 16384 (for docs and tests)."""
+    return sorted({length_bucket(n) for n in range(1, _BUCKET_OCTAVE_TOP + 1)})
 
 
 def prepare_set(images: Sequence, *, label: str = "") -> PreparedSet:
@@ -72,16 +138,20 @@ class ReferenceCache:
         self.counters = counters if counters is not None else collections.Counter()
 
     def tokens(self, refs: PreparedSet) -> ReferenceTokens:
-        """All of a set's reference tokens, concatenated in order, with t = 10·(k+1) ids."""
+        """All of a set's reference tokens, concatenated in order, with t = 10·(k+1) ids, padded to
+        the set's length bucket."""
         packed, sizes = [], []
         for image, key in zip(refs.images, refs.keys):
             latents = self._latents.get_or_make(key, lambda image=image: self._encode(image))
             sizes.append(latents.shape[2:])
             packed.append(pack(latents))
-        return ReferenceTokens(jnp.concatenate(packed, axis=1), reference_ids(sizes))
+        tokens = jnp.concatenate(packed, axis=1)
+        exact = ReferenceTokens(tokens, reference_ids(sizes), int(tokens.shape[1]))
+        return exact.padded_to(length_bucket(exact.length))
 
-    def kv(self, refs: PreparedSet):
-        """The KV model's cached reference K/V for this set (batch 1), pre-pass run once per set."""
+    def kv(self, refs: PreparedSet) -> CachedKV:
+        """The KV model's cached reference K/V for this set (batch 1, padded to its bucket), pre-pass
+        run once per set."""
         return self._kv.get_or_make(refs.key, lambda: self._prepass(refs))
 
     def clear(self) -> None:
@@ -93,10 +163,11 @@ class ReferenceCache:
         self.counters["vae_encode"] += 1
         return self.vae.encode(image[None])
 
-    def _prepass(self, refs: PreparedSet):
+    def _prepass(self, refs: PreparedSet) -> CachedKV:
         self.counters["reference_prepass"] += 1
         ref = self.tokens(refs)
-        return self.transformer.reference_kv(ref.tokens, ref.ids)
+        lengths = None if ref.length == ref.tokens.shape[1] else np.array([ref.length], np.int32)
+        return CachedKV(self.transformer.reference_kv(ref.tokens, ref.ids, lengths), ref.length)
 
 
 def _as_pil(image, index: int, label: str):

@@ -30,7 +30,10 @@ def rope_tables(ids, axes_dim: Sequence[int], theta: float) -> tuple[np.ndarray,
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate interleaved pairs of x (..., N, D) by tables (N, D/2); computed in float32, returned in x.dtype."""
+    """Rotate interleaved pairs of x (B, heads, N, D) by tables (N, D/2), or per row (B, N, D/2);
+    computed in float32, returned in x.dtype."""
+    if cos.ndim == 3:  # per-row tables (rows with different reference layouts): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
     pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1)

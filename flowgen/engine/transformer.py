@@ -5,10 +5,14 @@
     kv = tr.reference_kv(ref, ref_ids)                # KV model: reference pre-pass, once per edit
     v = tr(x, x_ids, t, txt, txt_ids, ref_kv=kv)      # cached step (all steps, step 0 included)
 
-`tr.forward_fn(params, x, rope_img, t, txt, rope_txt, ref_kv)` and
-`tr.prepass_fn(params, ref, rope_ref)` are the jitted pure functions (callable inside another jit;
-the unjitted `dit.forward` / `dit.reference_prepass` take the merged module instead);
-RoPE tables come from `tr.rope(ids)`.
+`tr.forward_fn(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` and
+`tr.prepass_fn(params, ref, rope_ref, key_lengths)` are the jitted pure functions (callable inside
+another jit; the unjitted `dit.forward` / `dit.reference_prepass` take the merged module instead);
+RoPE tables come from `tr.rope(ids)`. `key_lengths` (B,) masks each row's padded tail (rows of
+different reference lengths in one batch); None: every key is valid.
+
+The attention kernel is part of the compiled program: `tr.use_attention("cudnn")` (or the
+`attention=` argument) picks it; None means per backend (`attention.current_path`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgen.engine.attention import PATHS, attention_path
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.dit import Flux2DiT, ReferenceKV, forward, reference_prepass
 from flowgen.engine.host_memory import keep_freed_buffers
@@ -42,32 +47,33 @@ def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(_DTYPES[name])
 
 
-def _forward_pure(graphdef, params, x, rope_img, t, txt, rope_txt, ref_kv=None):
+def _forward_pure(graphdef, path, params, x, rope_img, t, txt, rope_txt, ref_kv=None, key_lengths=None):
     TRACE_COUNTS["forward"] += 1
-    return forward(nnx.merge(graphdef, params), x, rope_img, t, txt, rope_txt, ref_kv)
+    with attention_path(path):
+        return forward(nnx.merge(graphdef, params), x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)
 
 
-def _prepass_pure(graphdef, params, ref, rope_ref):
+def _prepass_pure(graphdef, path, params, ref, rope_ref, key_lengths=None):
     TRACE_COUNTS["reference_prepass"] += 1
-    return reference_prepass(nnx.merge(graphdef, params), ref, rope_ref)
+    with attention_path(path):
+        return reference_prepass(nnx.merge(graphdef, params), ref, rope_ref, key_lengths)
 
 
-# The graphdef (model structure: config and dtype) is static, so models of the same kind share
-# compiled programs; weights are ordinary arguments.
-_forward_jit = jax.jit(_forward_pure, static_argnums=0)
-_prepass_jit = jax.jit(_prepass_pure, static_argnums=0)
+# The graphdef (model structure: config and dtype) and the attention path are static, so models of
+# the same kind share compiled programs; weights are ordinary arguments.
+_forward_jit = jax.jit(_forward_pure, static_argnums=(0, 1))
+_prepass_jit = jax.jit(_prepass_pure, static_argnums=(0, 1))
 
 
 class Transformer:
     """A FLUX.2 [klein] DiT with its weights; call it like the reference transformer (see module doc)."""
 
-    def __init__(self, config: Flux2Config, graphdef, params, dtype):
+    def __init__(self, config: Flux2Config, graphdef, params, dtype, attention: str | None = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.graphdef = graphdef
         self.params = params
-        self.forward_fn = functools.partial(_forward_jit, graphdef)
-        self.prepass_fn = functools.partial(_prepass_jit, graphdef)
+        self.use_attention(attention)
         self._rope_cache: dict = {}
         if jax.default_backend() == "cpu":
             keep_freed_buffers()  # XLA:CPU re-allocates its temporaries every call (see host_memory)
@@ -104,6 +110,14 @@ class Transformer:
 
     # ---- running --------------------------------------------------------------------------------
 
+    def use_attention(self, path: str | None) -> None:
+        """Compile later calls with attention kernel `path` ("cpu", "xla", "cudnn"; None: per backend)."""
+        if path is not None and path not in PATHS:
+            raise CheckpointError(f"attention path {path!r} is not supported; use one of {', '.join(PATHS)}")
+        self.attention = path
+        self.forward_fn = functools.partial(_forward_jit, self.graphdef, path)
+        self.prepass_fn = functools.partial(_prepass_jit, self.graphdef, path)
+
     def rope(self, ids) -> tuple[jax.Array, jax.Array]:
         """Device RoPE tables for position ids (N, 4) (cached per distinct ids)."""
         ids = np.asarray(ids)
@@ -115,12 +129,24 @@ class Transformer:
             self._rope_cache[key] = (jnp.asarray(cos), jnp.asarray(sin))
         return self._rope_cache[key]
 
-    def __call__(self, x, x_ids, t, txt, txt_ids, ref_kv: ReferenceKV | None = None) -> jax.Array:
+    def __call__(self, x, x_ids, t, txt, txt_ids, ref_kv: ReferenceKV | None = None, key_lengths=None) -> jax.Array:
         """Velocity (B, N, 128) for tokens x (B, N, 128) at time t (B,) or scalar; optional cached ref K/V."""
         x = jnp.asarray(x)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-        return self.forward_fn(self.params, x, self.rope(x_ids), t, jnp.asarray(txt), self.rope(txt_ids), ref_kv)
+        lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
+        return self.forward_fn(self.params, x, self.rope(x_ids), t, jnp.asarray(txt), self.rope(txt_ids), ref_kv,
+                               lengths)
 
-    def reference_kv(self, ref, ref_ids) -> ReferenceKV:
-        """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128)."""
-        return self.prepass_fn(self.params, jnp.asarray(ref), self.rope(ref_ids))
+    def kv_shape(self, length: int) -> tuple[tuple[int, ...], ...]:
+        """Shapes of a batch-1 `ReferenceKV` of `length` keys: double K, double V, single K, single V."""
+        c = self.config
+        double = (c.depth, 1, c.num_heads, length, c.head_dim)
+        single = (c.depth_single_blocks, 1, c.num_heads, length, c.head_dim)
+        return double, double, single, single
+
+    def reference_kv(self, ref, ref_ids, key_lengths=None) -> ReferenceKV:
+        """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128).
+
+        key_lengths (B,): real tokens per row when rows are padded to one length."""
+        lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
+        return self.prepass_fn(self.params, jnp.asarray(ref), self.rope(ref_ids), lengths)

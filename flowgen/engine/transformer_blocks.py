@@ -145,25 +145,28 @@ class DoubleStreamBlock(nnx.Module):
         x = x + gate1 * attn.proj(merge_heads(attn_out))
         return x + gate2 * _run_mlp(mlp, modulate(x, shift2, scale2, self.eps))
 
-    def __call__(self, img, txt, rope_img: Rope, rope_txt: Rope, mod_img, mod_txt, ref_kv: KV | None = None):
-        """Joint step over [txt, img] (+ cached reference K/V as extra keys). Returns (img, txt)."""
+    def __call__(self, img, txt, rope_img: Rope, rope_txt: Rope, mod_img, mod_txt, ref_kv: KV | None = None,
+                 key_lengths=None):
+        """Joint step over [txt, img] (+ cached reference K/V as extra keys). Returns (img, txt).
+
+        key_lengths: (B,) valid keys per row over [txt, img, ref_kv] (padding at the tail)."""
         (shift, scale, _), _ = mod_img
         qi, ki, vi = self.img_attn.project(modulate(img, shift, scale, self.eps), rope_img)
         (shift, scale, _), _ = mod_txt
         qt, kt, vt = self.txt_attn.project(modulate(txt, shift, scale, self.eps), rope_txt)
         q = jnp.concatenate([qt, qi], axis=2)
         k, v = jnp.concatenate([kt, ki], axis=2), jnp.concatenate([vt, vi], axis=2)
-        out = attention(q, k, v, ref_kv)  # a batch-1 ref_kv serves the whole batch without a copy
+        out = attention(q, k, v, ref_kv, key_lengths)  # a batch-1 ref_kv serves the whole batch without a copy
         n_txt = txt.shape[1]
         img = self._finish(img, out[:, :, n_txt:], self.img_attn, self.img_mlp, mod_img)
         txt = self._finish(txt, out[:, :, :n_txt], self.txt_attn, self.txt_mlp, mod_txt)
         return img, txt
 
-    def reference(self, ref, rope_ref: Rope, mod_ref) -> tuple[jnp.ndarray, KV]:
+    def reference(self, ref, rope_ref: Rope, mod_ref, key_lengths=None) -> tuple[jnp.ndarray, KV]:
         """Reference-only step: image-stream weights, self-attention among references. Returns (ref, (k, v))."""
         (shift, scale, _), _ = mod_ref
         q, k, v = self.img_attn.project(modulate(ref, shift, scale, self.eps), rope_ref)
-        ref = self._finish(ref, attention(q, k, v), self.img_attn, self.img_mlp, mod_ref)
+        ref = self._finish(ref, attention(q, k, v, None, key_lengths), self.img_attn, self.img_mlp, mod_ref)
         return ref, (k, v)
 
 
@@ -186,10 +189,10 @@ class SingleStreamBlock(nnx.Module):
         gate = mod[2]
         return h + gate * self.linear2(jnp.concatenate([merge_heads(attn_out), swiglu(mlp)], axis=-1))
 
-    def __call__(self, h, rope: Rope, mod, ref_kv: KV | None = None):
+    def __call__(self, h, rope: Rope, mod, ref_kv: KV | None = None, key_lengths=None):
         """Joint step over h = [txt, img] (+ cached reference K/V as extra keys)."""
         q, k, v, mlp = self._qkv_mlp(h, rope, mod)
-        return self._out(h, attention(q, k, v, ref_kv), mlp, mod)
+        return self._out(h, attention(q, k, v, ref_kv, key_lengths), mlp, mod)
 
     def reference_kv(self, ref, rope_ref: Rope, mod_ref) -> KV:
         """Only the K/V of a reference-only step (enough for the last layer).
@@ -202,9 +205,9 @@ class SingleStreamBlock(nnx.Module):
         kv = kv.reshape(b, n, 2, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         return apply_rope(self.norm.key_norm(kv[0]), *rope_ref), kv[1]
 
-    def reference(self, ref, rope_ref: Rope, mod_ref) -> tuple[jnp.ndarray, KV]:
+    def reference(self, ref, rope_ref: Rope, mod_ref, key_lengths=None) -> tuple[jnp.ndarray, KV]:
         q, k, v, mlp = self._qkv_mlp(ref, rope_ref, mod_ref)
-        return self._out(ref, attention(q, k, v), mlp, mod_ref), (k, v)
+        return self._out(ref, attention(q, k, v, None, key_lengths), mlp, mod_ref), (k, v)
 
 
 def scan_layers(stacked: nnx.Module, body: Callable, carry, per_layer=None):

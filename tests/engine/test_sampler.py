@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flowgen.engine import sampler
+from flowgen.engine.sampling import flow_schedule as sampler
+from flowgen.engine.sampling.base import euler_step
 
 # A plausible Klein `scheduler/scheduler_config.json` (flux2_klein.md §11 q2: third-party copies).
 KLEIN_SCHEDULER_CONFIG = {
@@ -114,7 +115,7 @@ def test_euler_step_matches_scheduler_step_and_runs_under_jit():
 
     @jax.jit
     def run(x, vs):
-        body = lambda i, x: sampler.euler_step(x, vs[i], schedule[i], schedule[i + 1])  # noqa: E731
+        body = lambda i, x: euler_step(x, vs[i], schedule[i], schedule[i + 1])  # noqa: E731
         return jax.lax.fori_loop(0, 4, body, x)
 
     ours = np.asarray(run(jnp.asarray(x0), jnp.asarray(velocities)))
@@ -122,7 +123,7 @@ def test_euler_step_matches_scheduler_step_and_runs_under_jit():
     assert np.abs(ours - x0).max() > 1.0  # the update actually moved the sample
 
     # numpy path, and the dtype round trip (bf16 latents come back as bf16)
-    x_np = sampler.euler_step(x0, velocities[0], np.float32(1.0), np.float32(0.5))
+    x_np = euler_step(x0, velocities[0], np.float32(1.0), np.float32(0.5))
     np.testing.assert_allclose(x_np, x0 - 0.5 * velocities[0], atol=1e-6)
-    x_bf16 = sampler.euler_step(jnp.asarray(x0, jnp.bfloat16), jnp.asarray(velocities[0]), schedule[0], schedule[1])
+    x_bf16 = euler_step(jnp.asarray(x0, jnp.bfloat16), jnp.asarray(velocities[0]), schedule[0], schedule[1])
     assert x_bf16.dtype == jnp.bfloat16

@@ -1,4 +1,4 @@
-"""Flow-matching Euler sampler of FLUX.2 [klein]: the resolution-dependent schedule and the update.
+"""FLUX.2 [klein]'s own sigma schedule (the resolution-dependent shift) and the model time fed to the transformer.
 
 The schedule reproduces, value for value, what diffusers' Klein pipelines get from
 `FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=linspace(1, 1/N, N), mu=empirical_mu(L, N))`
@@ -71,16 +71,3 @@ def model_timesteps(schedule: np.ndarray, *, quantize_bf16: bool = False) -> np.
         bf16 = ml_dtypes.bfloat16
         return (t_train.astype(bf16) / np.array(scale, dtype=bf16)).astype(np.float32)
     return (t_train / scale).astype(np.float32)
-
-
-def euler_step(x, v, sigma, sigma_next):
-    """One Euler step x + (sigma_next - sigma) * v, in float32, returned in x's dtype.
-
-    Works on numpy or JAX arrays and inside `jax.jit` / `lax.fori_loop` (sigma, sigma_next may be
-    traced scalars picked from a device array of `sigmas()`). Like diffusers' scheduler, the sample
-    is upcast to float32 for the update and cast back afterwards. (In bf16 mode diffusers rounds
-    dt * v to bf16 before adding it; we keep the product in float32, which is more accurate.)
-    """
-    dtype = x.dtype
-    dt = (sigma_next - sigma).astype(np.float32) if hasattr(sigma, "astype") else np.float32(sigma_next - sigma)
-    return (x.astype(np.float32) + dt * v.astype(np.float32)).astype(dtype)

@@ -1,0 +1,142 @@
+"""How the references of one batch reach its sampling loop: the layout, padding and key lengths.
+
+Every row of a batch may have its own reference set (or none). Three layouts, chosen per batch:
+
+* "none"    no row has references;
+* "shared"  every row has the same set: one batch-1 K/V (KV model) or one batch-1 token block
+            (plain Klein) serves all rows, never copied;
+* "rows"    sets differ: each row's K/V (or tokens, with per-row RoPE) is zero-padded to the batch's
+            reference length L — the largest bucket among its sets — and stacked; a row with no
+            references holds only padding.
+
+Keys are ordered [text, image, references] and a row's padding always sits at its tail, so a row's
+valid keys are a prefix of length T + N + (its real reference tokens): `key_lengths` masks the rest
+and a masked key weighs exactly zero. What a result needs to be replayed bit for bit — the layout,
+L and the batch size — is reported as `Layout` and can be forced back (`regen`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flowgen.engine.dit import ReferenceKV
+from flowgen.engine.reference_cache import PreparedSet, ReferenceCache, ReferenceTokens
+from flowgen.errors import RecipeError
+
+LAYOUTS = ("none", "shared", "rows")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What fixes a batch's compiled program and arithmetic besides shapes the request gives."""
+
+    reference_layout: str  # one of LAYOUTS
+    reference_length: int  # L: padded reference tokens per row (0 for "none")
+    batch: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reference_layout": self.reference_layout, "reference_length": self.reference_length,
+                "batch": self.batch}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], batch: int) -> "Layout":
+        kind = data.get("reference_layout")
+        length = data.get("reference_length", 0)
+        if kind not in LAYOUTS or not isinstance(length, int) or length < 0:
+            raise RecipeError(f"layout: expected reference_layout in {', '.join(LAYOUTS)} and a reference_length "
+                              f">= 0; got {data!r}")
+        return cls(kind, length, batch)
+
+
+@dataclass
+class BatchReferences:
+    """The loop's reference inputs for one batch (see `Conditioning`)."""
+
+    layout: Layout
+    ref_kv: ReferenceKV | None  # KV model: (layers, 1 or B, heads, L, head_dim)
+    ref_tokens: jax.Array | None  # plain Klein: (1 or B, L, C)
+    ref_ids: np.ndarray | None  # plain Klein: (L, 4) shared or (B, L, 4) per row
+    key_lengths: np.ndarray | None  # (B,) int32, or None when nothing is padded
+
+
+def batch_references(ref_sets: list[PreparedSet | None], cache: ReferenceCache, *, kv_model: bool,
+                     fixed_keys: int, forced: Layout | None = None) -> BatchReferences:
+    """Lay out the reference sets of a batch (one entry per row). fixed_keys: T + N, the keys every
+    row has before its references."""
+    batch = len(ref_sets)
+    layout = _choose(ref_sets, cache, kv_model, batch) if forced is None else _check_forced(forced, ref_sets, cache,
+                                                                                               kv_model, batch)
+    if layout.reference_layout == "none":
+        return BatchReferences(layout, None, None, None, None)
+    length = layout.reference_length
+    if layout.reference_layout == "shared":
+        refs = ref_sets[0]
+        if kv_model:
+            cached = cache.kv(refs)
+            real, ref_kv, tokens, ids = cached.length, cached.padded_to(length), None, None
+        else:
+            padded = cache.tokens(refs).padded_to(length)
+            real, ref_kv, tokens, ids = padded.length, None, padded.tokens, padded.ids
+        lengths = np.full((batch,), fixed_keys + real, np.int32)
+        return BatchReferences(layout, ref_kv, tokens, ids, lengths)
+
+    reals = [0 if refs is None else _real_length(refs, cache, kv_model) for refs in ref_sets]
+    lengths = np.asarray([fixed_keys + real for real in reals], np.int32)
+    if kv_model:
+        rows = [_empty_kv(cache, length) if refs is None else cache.kv(refs).padded_to(length) for refs in ref_sets]
+        ref_kv = ReferenceKV(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows)))
+        return BatchReferences(layout, ref_kv, None, None, lengths)
+    rows_tokens = [_empty_tokens(cache, length) if refs is None else cache.tokens(refs).padded_to(length)
+                   for refs in ref_sets]
+    tokens = jnp.concatenate([r.tokens for r in rows_tokens], axis=0)
+    ids = np.stack([r.ids for r in rows_tokens])
+    return BatchReferences(layout, None, tokens, ids, lengths)
+
+
+def _choose(ref_sets, cache, kv_model: bool, batch: int) -> Layout:
+    present = [refs for refs in ref_sets if refs is not None]
+    if not present:
+        return Layout("none", 0, batch)
+    keys = {refs.key for refs in ref_sets if refs is not None}
+    if len(present) == batch and len(keys) == 1:
+        return Layout("shared", _padded_length(present[0], cache, kv_model), batch)
+    return Layout("rows", max(_padded_length(refs, cache, kv_model) for refs in present), batch)
+
+
+def _check_forced(forced: Layout, ref_sets, cache, kv_model: bool, batch: int) -> Layout:
+    """A recorded layout, if it can hold these references."""
+    forced = Layout(forced.reference_layout, forced.reference_length, batch)
+    present = [refs for refs in ref_sets if refs is not None]
+    needed = max((_padded_length(refs, cache, kv_model) for refs in present), default=0)
+    if forced.reference_layout == "none" and present:
+        raise RecipeError("layout: 'none' was asked for a batch with references")
+    if forced.reference_layout == "shared" and (len(present) != batch or len({r.key for r in present}) != 1):
+        raise RecipeError("layout: 'shared' needs the same reference set on every row")
+    if forced.reference_layout != "none" and forced.reference_length < needed:
+        raise RecipeError(f"layout: reference_length {forced.reference_length} is shorter than these references "
+                          f"need ({needed})")
+    return forced
+
+
+def _padded_length(refs: PreparedSet, cache: ReferenceCache, kv_model: bool) -> int:
+    return cache.kv(refs).padded_length if kv_model else int(cache.tokens(refs).tokens.shape[1])
+
+
+def _real_length(refs: PreparedSet, cache: ReferenceCache, kv_model: bool) -> int:
+    return cache.kv(refs).length if kv_model else cache.tokens(refs).length
+
+
+def _empty_kv(cache: ReferenceCache, length: int) -> ReferenceKV:
+    """Zero K/V for a row without references (all masked), shaped like the model's."""
+    shape = cache.transformer.kv_shape(length)
+    return ReferenceKV(*(jnp.zeros(s, cache.transformer.dtype) for s in shape))
+
+
+def _empty_tokens(cache: ReferenceCache, length: int) -> ReferenceTokens:
+    channels = cache.transformer.config.in_channels
+    return ReferenceTokens(jnp.zeros((1, length, channels), jnp.float32), np.zeros((length, 4), np.int64), 0)
