@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from flowgen.engine.sampling import names as scheduler_names  # JAX-free: the spec names -> samplers
+
 NOT_YET = "not supported yet by the local engine"
 
-# Samplers the engine runs: klein's flow-matching Euler (what diffusers' Flux2 pipelines use).
-ENGINE_SCHEDULERS = ("Default", "FlowMatchEulerDiscreteScheduler")
+# Schedulers: every spec name the engine runs is in scheduler_names.SUPPORTED; the few it refuses are
+# scheduler_names.REFUSED (name -> why). Names outside the spec are the spec validation's to report.
 ENGINE_ACCELERATION = "high"  # the spec default; the engine's exact reference-KV cache is always on
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
@@ -43,8 +45,8 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
     if task.get("ultralytics") is not None:
         refuse("ultralytics", "no face refinement pass")
     scheduler = task.get("scheduler")
-    if scheduler is not None and scheduler not in ENGINE_SCHEDULERS and isinstance(scheduler, str):
-        refuse("scheduler", f"the engine samples with {' / '.join(ENGINE_SCHEDULERS)}")
+    if isinstance(scheduler, str) and scheduler in scheduler_names.REFUSED:
+        refuse("scheduler", scheduler_names.REFUSED[scheduler])
     references = (task.get("inputs") or {}).get("referenceImages") if isinstance(task.get("inputs"), dict) else None
     for index, ref in enumerate(references or []):
         if isinstance(ref, str) and _is_remote(ref):

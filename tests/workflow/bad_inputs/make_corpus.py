@@ -107,7 +107,7 @@ case("zip-length-mismatch", ["zip[0]: variables must have the same number of row
 case("exclude-unknown-variable", ["exclude[0].colour: not a matrix variable"], lambda d: d.update(exclude=[{"colour": "red"}]))
 case("include-unknown-row", ["include[0].product: no row matches 'Z-999'"], lambda d: d.update(include=[{"product": "Z-999", "surface": "velvet"}]))
 case("unknown-scheduler", ["task.scheduler: must be one of the 75 scheduler names", "did you mean 'Euler a'"], task(scheduler="Eular a"))
-case("unsupported-scheduler", ["task.scheduler: not supported yet by the local engine"], task(scheduler="DPM++ 2M Karras"))
+case("unsupported-scheduler", ["task.scheduler: not supported yet by the local engine", "use 'DPMSolverMultistepScheduler'"], task(scheduler="DPMSolverMultistepInverse"))
 case("cfg-on-distilled", ["task.CFGScale: runware:400@6 (klein-9b-kv) is guidance-distilled, so CFGScale must be absent or <= 1, got 3.5"], task(CFGScale=3.5))
 case("cfg-out-of-range", ["task.CFGScale: must be a number between 1 and 20 in steps of 0.01, got 25"], task(CFGScale=25))
 case("webhook", ["task.webhookURL: not supported yet by the local engine"], task(webhookURL="https://example.com/hook"))
