@@ -1,10 +1,10 @@
 """Group results into batches that bound the number of compiled programs.
 
-Results with the same shape signature (size, steps, guidance, reference count and sizes) may share
-an engine call. Batch sizes are powers of two up to `max_batch`, so a whole run compiles at most
-log2(max_batch)+1 programs per signature. Inside a signature, results are ordered by reference set
-and prompt so that a reference set (one pre-pass per distinct set per batch) and a prompt (encoded
-once) are shared by as many neighbours as possible.
+Results with the same signature (output size, steps, guidance, scheduler) may share an engine call,
+whatever their references. Batch sizes are powers of two up to `max_batch`, so a whole run compiles at most
+log2(max_batch)+1 batch sizes per signature. Inside a signature, results are ordered by reference
+set (largest groups first) and prompt so that a reference set and a prompt (encoded once) are shared
+by as many neighbours as possible.
 """
 
 from __future__ import annotations
@@ -44,9 +44,19 @@ def chunk_sizes(n: int, max_batch: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _order_key(result: PlannedResult) -> tuple:
-    item = result.item
-    return (item.reference_set, item.task.get("positivePrompt", ""), item.item_id, result.result_index)
+def _ordered(members: list[PlannedResult]) -> list[PlannedResult]:
+    """Largest reference-set groups first, each contiguous, then by prompt: a set that fills a whole
+    batch runs with one shared (copy-free) K/V, and neighbours share prompts."""
+    counts: dict[str, int] = defaultdict(int)
+    for result in members:
+        counts[result.item.reference_set] += 1
+
+    def key(result: PlannedResult) -> tuple:
+        item = result.item
+        return (-counts[item.reference_set], item.reference_set, item.task.get("positivePrompt", ""), item.item_id,
+                result.result_index)
+
+    return sorted(members, key=key)
 
 
 def make_batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
@@ -61,7 +71,7 @@ def _batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
         groups[result.item.signature].append(result)  # dict keeps first-appearance order
     batches: list[Batch] = []
     for signature, members in groups.items():
-        members.sort(key=_order_key)
+        members = _ordered(members)
         start = 0
         for count, size in chunk_sizes(len(members), max_batch):
             batches.append(Batch(signature, members[start : start + count], size))
@@ -70,10 +80,10 @@ def _batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
 
 
 def signature_label(signature: Signature) -> str:
-    """Human-readable signature, e.g. '128x128 4 steps, cfg 3.5, 2 refs'."""
-    width, height, steps, guidance, ref_sizes = signature
+    """Human-readable signature, e.g. '128x128, 4 steps, cfg 3.5' (the scheduler when not Default)."""
+    width, height, steps, guidance, scheduler = signature
     parts = [f"{width}x{height}", f"{steps} steps"]
     parts.append(f"cfg {guidance:g}" if guidance is not None else "no cfg")
-    if ref_sizes:
-        parts.append(f"{len(ref_sizes)} ref{'s' if len(ref_sizes) > 1 else ''} " + ",".join(f"{w}x{h}" for w, h in ref_sizes))
+    if scheduler != "Default":
+        parts.append(scheduler)
     return ", ".join(parts)

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# (width, height, steps, guidance or None, ((ref_w, ref_h), ...)): everything that fixes the
-# shapes (and so the compiled program) of a batch. Results with equal signatures may share a batch.
-Signature = tuple[int, int, int, "float | None", tuple[tuple[int, int], ...]]
+# (width, height, steps, guidance or None, scheduler name): what one sampling loop must share.
+# Reference sets are not part of it: the engine stacks each row's references (padded to a length
+# bucket and masked), so items with any references, or none, may share a batch.
+Signature = tuple[int, int, int, "float | None", str]
 
 
 @dataclass(slots=True)
@@ -29,7 +30,7 @@ class PlannedItem:
     @property
     def signature(self) -> Signature:
         t = self.task
-        return (int(t["width"]), int(t["height"]), int(t["steps"]), self.guidance, self.reference_sizes)
+        return (int(t["width"]), int(t["height"]), int(t["steps"]), self.guidance, str(t.get("scheduler") or "Default"))
 
     @property
     def reference_set(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -27,12 +27,16 @@ class BatchRequest:
     guidance: float | None = None
     negative_prompts: list[str] | None = None
     references: list[list[Any]] | None = None  # one list of PIL images per slot, or None
+    scheduler: str | None = None  # a spec scheduler name; None: Default
+    layout: dict | None = None  # a recorded reference layout to replay (regen), else the engine's choice
+    on_step: Callable[[int], None] | None = None  # called with steps done after every sampling step
 
 
 @dataclass
 class BatchOutput:
     images: list[np.ndarray]  # HxWx3 uint8, one per slot
     timings: dict[str, float] = field(default_factory=dict)
+    layouts: list[dict] = field(default_factory=list)  # per slot: what replays it bit for bit
 
 
 class Engine(Protocol):
@@ -87,8 +91,9 @@ class PipelineEngine:
         )
         if request.guidance is not None and request.negative_prompts is not None:
             kwargs["negative_prompts"] = request.negative_prompts
-        out = self.pipe.generate(**kwargs)
-        return BatchOutput([np.asarray(image, dtype=np.uint8) for image in out.images], dict(out.timings or {}))
+        out = self.pipe.generate(**kwargs, scheduler=request.scheduler, layout=request.layout, on_step=request.on_step)
+        return BatchOutput([np.asarray(image, dtype=np.uint8) for image in out.images], dict(out.timings or {}),
+                           list(out.layouts))
 
     def identity(self) -> dict[str, Any]:
         return dict(self.pipe.identity())
@@ -107,7 +112,12 @@ class FakeEngine:
         images = [self._image(request, slot) for slot in range(len(request.prompts))]
         if self.delay_per_image:
             time.sleep(self.delay_per_image * len(images))
-        return BatchOutput(images, {"fake": time.perf_counter() - start})
+        for step in range(1, request.steps + 1):
+            if request.on_step is not None:
+                request.on_step(step)
+        layout = {"reference_layout": "rows" if request.references else "none", "reference_length": 0,
+                  "batch": len(images)}
+        return BatchOutput(images, {"fake": time.perf_counter() - start}, [layout] * len(images))
 
     def identity(self) -> dict[str, Any]:
         return {"engine": "fake", "version": 1, "dtype": "uint8", "device_kind": "cpu"}
@@ -116,8 +126,10 @@ class FakeEngine:
     def _image(request: BatchRequest, slot: int) -> np.ndarray:
         digest = hashlib.sha256()
         negative = request.negative_prompts[slot] if request.negative_prompts and request.guidance else ""
+        scheduler = None if request.scheduler in (None, "Default") else request.scheduler
         digest.update(repr((request.prompts[slot], negative, request.seeds[slot], request.width,
-                            request.height, request.steps, request.guidance)).encode())
+                            request.height, request.steps, request.guidance)
+                           + ((scheduler,) if scheduler else ())).encode())
         for ref in (request.references[slot] if request.references else None) or []:
             digest.update(np.asarray(ref).tobytes())
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "big"))

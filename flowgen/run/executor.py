@@ -165,12 +165,13 @@ class _BatchRunner:
         self.summary.stage_seconds["engine"] += engine_seconds
         if self.engine_identity is None:
             self.engine_identity = self.engine.identity()
-        padded_sets = [r.item.reference_set for r, _ in slots] + [slots[-1][0].item.reference_set] * (batch.size - len(slots))
         for position, (result, _) in enumerate(slots):
-            # group_size: slots sharing this reference set, padding included — the engine samples
-            # each reference-set group together, so that is the batch its program was built for
-            batch_info = {"size": batch.size, "position": position, "group_size": padded_sets.count(result.item.reference_set),
-                          "guidance": batch.signature[3], "signature": signature_label(batch.signature)}
+            # what regen needs to replay this image bit for bit: the batch size and the engine's
+            # reference layout (layout, padded reference length) of the one loop that made it
+            layout = output.layouts[position] if position < len(output.layouts) else {}
+            batch_info = {"size": batch.size, "position": position, "guidance": batch.signature[3],
+                          "signature": signature_label(batch.signature),
+                          **{k: v for k, v in layout.items() if k != "batch"}}
             timings = {"engine_batch": round(engine_seconds, 4), "engine_per_image": round(engine_seconds / batch.size, 4),
                        "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
             records.append(self._write(result, output.images[position], batch_info, timings))
@@ -205,7 +206,7 @@ def build_request(batch: Batch, slots: list[tuple[PlannedResult, list]]) -> Batc
     """One engine request for `slots`, padded with copies of the last slot up to batch.size, so
     the compiled program depends only on the batch size (regen reproduces it exactly)."""
     padded = slots + [slots[-1]] * (batch.size - len(slots))
-    width, height, steps, guidance, ref_sizes = batch.signature
+    width, height, steps, guidance, scheduler = batch.signature
     tasks = [r.item.task for r, _ in padded]
     return BatchRequest(
         prompts=[str(t.get("positivePrompt", "")) for t in tasks],
@@ -215,5 +216,6 @@ def build_request(batch: Batch, slots: list[tuple[PlannedResult, list]]) -> Batc
         steps=steps,
         guidance=guidance,
         negative_prompts=[str(t.get("negativePrompt") or "") for t in tasks] if guidance is not None else None,
-        references=[refs for _, refs in padded] if ref_sizes else None,
+        references=[refs for _, refs in padded] if any(refs for _, refs in padded) else None,
+        scheduler=None if scheduler == "Default" else scheduler,
     )

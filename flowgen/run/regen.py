@@ -85,7 +85,13 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
         outcome.error = str(err)
         return outcome
     params, batch = record["params"], record["batch"]
-    size, guidance = int(batch.get("group_size") or batch["size"]), batch.get("guidance")
+    guidance = batch.get("guidance")
+    # the recorded batch size and reference layout fix the arithmetic; the row's copies fill the batch
+    # (records from before one-loop batches carry group_size instead, the batch their loop had)
+    size = int(batch.get("group_size") or batch["size"])
+    layout = None
+    if "reference_layout" in batch:
+        layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
     request = BatchRequest(
         prompts=[str(params.get("positivePrompt", ""))] * size,
         seeds=[int(record["seed"])] * size,
@@ -95,6 +101,8 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
         guidance=guidance,
         negative_prompts=[str(params.get("negativePrompt") or "")] * size if guidance is not None else None,
         references=[refs] * size if refs else None,
+        scheduler=params.get("scheduler") if params.get("scheduler") not in (None, "Default") else None,
+        layout=layout,
     )
     try:
         output = engine.generate_batch(request)

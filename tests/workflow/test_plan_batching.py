@@ -47,20 +47,31 @@ def test_batches_never_mix_signatures(tmp_path):
     assert len({b.signature for b in batches}) == 4
 
 
-def test_reference_sets_grouped_and_sizes_in_signature(tmp_path):
+def test_mixed_reference_sizes_batch_together_with_sets_grouped(tmp_path):
+    """A catalogue of packshots of different sizes (and items without references) shares batches:
+    the engine stacks each row's references, so only the output size, steps, guidance and
+    scheduler split batches."""
     refs = []
-    for name, size in [("x", (64, 64)), ("y", (64, 64)), ("z", (96, 64))]:
+    for name, size in [("x", (300, 400)), ("y", (640, 480)), ("z", (96, 64))]:
         path = tmp_path / f"{name}.png"
         Image.fromarray(np.full((size[1], size[0], 3), ord(name), np.uint8)).save(path)
         refs.append(path)
     x, y, z = refs
     items = [item(f"k{i}", refs=((x,) if i % 2 else (y,))) for i in range(8)] + [item("big", refs=(z,))]
+    items += [item(f"t{i}") for i in range(3)]  # text-to-image items of the same size
     plan = plan_of(items, tmp_path, max_batch=4)
     batches = make_batches(plan.results, 4)
-    # 4 x-items and 4 y-items share one signature: each batch of 4 holds one reference set
-    same_size = [b for b in batches if b.signature[4] == ((64, 64),)]
-    assert [len({r.item.reference_set for r in b.results}) for b in same_size] == [1, 1]
-    assert [b.signature[4] for b in batches if b not in same_size] == [((96, 64),)]
+    assert [b.size for b in batches] == [4, 4, 4]
+    assert len({b.signature for b in batches}) == 1
+    # sets stay together: the first two batches each hold one reference set (a copy-free shared K/V)
+    assert [len({r.item.reference_set for r in b.results}) for b in batches[:2]] == [1, 1]
+    assert make_batches(plan_of(items, tmp_path, max_batch=4).results, 4)[0].signature == (64, 64, 2, None, "Default")
+
+
+def test_the_scheduler_splits_batches(tmp_path):
+    items = [item(f"a{i}") for i in range(2)] + [item(f"b{i}", scheduler="DPM++ 2M") for i in range(2)]
+    batches = make_batches(plan_of(items, tmp_path).results, 8)
+    assert sorted(b.signature[4] for b in batches) == ["DPM++ 2M", "Default"]
 
 
 def test_batches_are_deterministic_regardless_of_item_order(tmp_path):

@@ -101,7 +101,7 @@ def test_pinned_plan_of_a_recipe_using_most_features(tmp_path):
     assert first.output_file.endswith("out/P1/front-warm_00.png")
     assert first.item.task["positivePrompt"] == "a white sneaker from the front {studio} #  256"
     assert first.item.task["width"] == 256 and first.item.task["CFGScale"] == 2.5
-    assert digest(lines) == "b3015295db5eb2eb860a6f21dbf69733530650aa337896c5bdf87af775bf5a94", "\n".join(lines)
+    assert digest(lines) == "34f36810bb34099e0d51cbaf0befc81671fdd9c142e3111e90ed1fab401d8a4a", "\n".join(lines)
     assert plan.plan_hash == "d6a9ecf497b348a92ee1e29525ada6309cc7d22e87e79f0232461cfa3337bb9d"
 
 
@@ -110,7 +110,7 @@ def test_pinned_plan_with_explicit_seed_and_default_filename(tmp_path):
     lines, plan = plan_lines(tmp_path, spec, ["task.seed=1000", "task.numberResults=3"])
     assert [r.seed for r in plan.results[:3]] == [1000, 1001, 1002]
     assert plan.results[0].output_file.endswith("out/angle-front_mood-cosy_product-P1_style-warm_0.png")
-    assert digest(lines) == "a8fd216133a9ab18e8dd8028ede14ca9ed17a21fb4a77667593025b79f5bf0bc", "\n".join(lines)
+    assert digest(lines) == "9e469fcb5ef37d51a4a3eff307ee834e04b5449a098b41e595cce40b82c54ecc", "\n".join(lines)
 
 
 def test_pinned_plan_of_a_distilled_model_with_static_task(tmp_path):
@@ -119,7 +119,7 @@ def test_pinned_plan_of_a_distilled_model_with_static_task(tmp_path):
                         "inputs": {"referenceImages": ["refs/P1.ppm", "refs/{product.sku}.ppm"]}})
     lines, plan = plan_lines(tmp_path, spec)
     assert len(lines) == 12 and plan.results[0].item.guidance is None
-    assert digest(lines) == "9bc8b41bcd8f9064cbc8056f2c46480aad50e0a404fb5b670ccbd7ef2d90cd92", "\n".join(lines)
+    assert digest(lines) == "26f06b02d2f2db1a0bfb54fb119750b2d0485e4aa3f8136f0bef59b106124303", "\n".join(lines)
 
 
 def test_pinned_problems_of_bad_templated_values(tmp_path):
