@@ -34,6 +34,12 @@ def user_errors(fn):
 max_batch_option = click.option(
     "--max-batch", type=click.IntRange(min=1, max=1024),
     help="Largest batch per engine call, rounded down to a power of two (default: $FLOWGEN_MAX_BATCH, else 8).")
+# A plain string checked by the command (flowgen.run.dtype): a bad value is one `error:` line.
+DTYPE_METAVAR = "[auto|float32|bfloat16]"
+dtype_option = click.option(
+    "--dtype", metavar=DTYPE_METAVAR,
+    help="Compute dtype; auto is bfloat16 on GPU/TPU, float32 on CPU (default: $FLOWGEN_DTYPE, else auto). "
+         "Part of each result's identity.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,12 +65,13 @@ def validate(recipe, overrides):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @max_batch_option
+@dtype_option
 @user_errors
-def plan(recipe, out_dir, overrides, as_json, max_batch):
+def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     """Dry run: items, results, batches, and the diff against the output folder."""
     from flowgen.commands import plan_command
 
-    plan_command(recipe, out_dir, list(overrides), as_json, max_batch)
+    plan_command(recipe, out_dir, list(overrides), as_json, max_batch, dtype)
 
 
 @main.command()
@@ -74,12 +81,13 @@ def plan(recipe, out_dir, overrides, as_json, max_batch):
 @click.option("--limit", type=click.IntRange(min=1), help="Run at most N results.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
 @max_batch_option
+@dtype_option
 @user_errors
-def run(recipe, out_dir, overrides, limit, fail_fast, max_batch):
+def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype):
     """Run RECIPE: render every missing or changed result and update the manifest."""
     from flowgen.commands import run_command
 
-    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch))
+    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype))
 
 
 @main.command()
@@ -98,12 +106,14 @@ def status(out_dir, as_json):
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Compare sha256 with the recorded output.")
 @click.option("--to", "to_dir", type=click.Path(file_okay=False), help="Write regenerated files here (default: OUT_DIR/regen).")
+@click.option("--dtype", metavar=DTYPE_METAVAR,
+              help="Render in this dtype instead of the one recorded for each result (--verify then compares across dtypes).")
 @user_errors
-def regen(out_dir, targets, verify, to_dir):
+def regen(out_dir, targets, verify, to_dir, dtype):
     """Regenerate items (by id, or from image files carrying flowgen metadata)."""
     from flowgen.commands import regen_command
 
-    sys.exit(regen_command(out_dir, list(targets), verify, to_dir))
+    sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype))
 
 
 if __name__ == "__main__":

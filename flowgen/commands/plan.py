@@ -12,15 +12,19 @@ from flowgen.plan.batching import make_batches, signature_label
 from flowgen.plan.diff import PlanDiff, diff_plan
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
+from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
 from flowgen.run.manifest import Manifest, manifest_path
 
 SHOW_ITEMS = 20
 
 
 def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_json: bool,
-                 max_batch: int | None = None) -> None:
-    """Compile RECIPE and print what a run would do; loads no model, writes nothing."""
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch)
+                 max_batch: int | None = None, dtype: str | None = None) -> None:
+    """Compile RECIPE and print what a run would do; loads no model (nor JAX), writes nothing.
+
+    dtype: --dtype (None: $FLOWGEN_DTYPE, else auto, for the backend JAX would pick).
+    """
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch, resolve_dtype(dtype_setting(dtype), guess_backend()))
     diff = load_diff(plan)
     report = plan_report(plan, diff)
     if as_json:
@@ -45,6 +49,7 @@ def plan_report(plan: Plan, diff: PlanDiff) -> dict[str, Any]:
     return {
         "recipe": plan.recipe_name,
         "model": plan.model,
+        "dtype": plan.dtype,
         "out_dir": str(plan.out_dir),
         "plan_hash": plan.plan_hash,
         "counts": {
@@ -80,7 +85,7 @@ def plan_report(plan: Plan, diff: PlanDiff) -> dict[str, Any]:
 
 def print_plan(report: dict[str, Any]) -> None:
     counts = report["counts"]
-    click.echo(f"recipe {report['recipe']} -> {report['out_dir']}  (model {report['model']})")
+    click.echo(f"recipe {report['recipe']} -> {report['out_dir']}  (model {report['model']}, {report['dtype']})")
     click.echo(f"{counts['items']} item(s), {counts['results']} result(s): {counts['new']} new, "
                f"{counts['unchanged']} unchanged, {counts['changed']} changed, {counts['removed']} removed in the manifest")
     for item in report["items"][:SHOW_ITEMS]:

@@ -7,29 +7,36 @@ from typing import Sequence
 
 import click
 
+from flowgen.run.dtype import checked_dtype, resolve_dtype
 from flowgen.run.manifest import Manifest
 from flowgen.run.regen import regenerate, resolve_targets
 
 
-def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None) -> int:
+def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None, dtype: str | None = None) -> int:
     """Regenerate TARGETS (item ids, ID#N, or image files) of OUT_DIR into TO_DIR (default OUT_DIR/regen).
 
-    Returns 0, or 1 when a result could not be regenerated or (with verify) its sha256 differs.
+    dtype: --dtype for every result (None: the dtype recorded for each; $FLOWGEN_DTYPE is not read,
+    so a replay is faithful by default). Returns 0, or 1 when a result could not be regenerated or
+    (with verify) its sha256 differs.
     """
+    compute_dtype = resolve_dtype(checked_dtype(dtype, f"--dtype {dtype!r}")) if dtype is not None else None
     with Manifest(out_dir, create=False) as manifest:
         records = resolve_targets(manifest, list(targets))
     destination = Path(to_dir) if to_dir else Path(out_dir) / "regen"
-    outcomes = regenerate(records, destination)
+    outcomes = regenerate(records, destination, dtype=compute_dtype)
     code = 0
     for outcome in outcomes:
         name = f"{outcome.item_id}#{outcome.result_index}"
+        # another dtype than recorded cannot reproduce the recorded bytes: say so on the line
+        other = f" at {outcome.dtype}, recorded at {outcome.recorded_dtype}" if outcome.dtype != outcome.recorded_dtype else ""
         if outcome.error:
             click.echo(f"failed    {name}: {outcome.error}")
             code = 1
         elif verify:
             verdict = "identical" if outcome.matches else "DIFFERS "
-            click.echo(f"{verdict} {name} {outcome.path} sha256 {outcome.sha256[:16]} (recorded {str(outcome.recorded_sha256)[:16]})")
+            click.echo(f"{verdict} {name} {outcome.path} sha256 {outcome.sha256[:16]} "
+                       f"(recorded {str(outcome.recorded_sha256)[:16]}{other})")
             code = code or (0 if outcome.matches else 1)
         else:
-            click.echo(f"wrote     {name} {outcome.path}")
+            click.echo(f"wrote     {name} {outcome.path}{other}")
     return code

@@ -7,6 +7,7 @@ from typing import Sequence
 import click
 
 from flowgen.plan.from_recipe import plan_recipe
+from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.engine import PipelineEngine
 from flowgen.run.executor import RunSummary, execute
 from flowgen.run.interrupt import StopRequest
@@ -14,13 +15,15 @@ from flowgen.run.progress import default_progress
 
 
 def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool,
-                max_batch: int | None = None) -> int:
+                max_batch: int | None = None, dtype: str | None = None) -> int:
     """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 130 after Ctrl-C).
 
-    User errors before anything runs raise FlowgenError (exit 2 via the CLI).
+    dtype: --dtype (None: $FLOWGEN_DTYPE, else auto). User errors before anything runs raise
+    FlowgenError (exit 2 via the CLI).
     """
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch)
-    engine = PipelineEngine(plan.extra.get("card") or plan.model)  # loads on the first batch only
+    compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch, compute_dtype)
+    engine = PipelineEngine(plan.extra.get("card") or plan.model, plan.dtype)  # loads on the first batch only
     progress = default_progress()
     stop = StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))
     with stop:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 
 from flowgen.errors import RecipeError
 from flowgen.gc_pause import paused_gc
-from flowgen.plan.hashing import ItemHasher, model_key, result_hash
+from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
@@ -54,17 +54,19 @@ def compile_plan(
     distilled: bool,
     recipe_hash: str,
     max_batch: int = 8,
+    dtype: str = BASE_DTYPE,
     inspector: ReferenceInspector | None = None,
     reference_check: Callable[[Item], list[str]] | None = None,
 ) -> Plan:
     """Plan every result of every item. Per-item problems (unreadable references) are recorded on
     the item, not raised; plan-wide problems (two results writing one file) raise RecipeError.
-    reference_check(item) -> problems runs once per distinct reference set (sizes, count rules)."""
+    reference_check(item) -> problems runs once per distinct reference set (sizes, count rules).
+    dtype: the resolved compute dtype ('float32' or 'bfloat16'), part of every content hash."""
     with paused_gc():
         out = Path(out_dir).resolve()
         out_text = str(out)
         out_prefix = out_text + "/" if os.sep == "/" and out_text != "/" else None
-        hash_item = ItemHasher(model_key(model_identity))  # the model identity is serialised and hashed once
+        hash_item = ItemHasher(model_key(model_identity, dtype))  # the model identity is serialised and hashed once
         inspector = inspector or ReferenceInspector()
         planned_items: list[PlannedItem] = []
         results: list[PlannedResult] = []
@@ -101,7 +103,7 @@ def compile_plan(
                     path = os.path.normpath(os.path.join(out_text, name))
                 results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
         _check_unique_paths(results)
-        plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch)
+        plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch, dtype=dtype)
         plan.plan_hash = _plan_hash(plan)
         return plan
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from flowgen.plan.hashing import image_params, sha256_file
+from flowgen.plan.hashing import BASE_DTYPE, image_params, sha256_file
 from flowgen.plan.model import Plan, PlannedResult
 
 # (item_id, result_index) -> (status, content_hash, output_path, output_sha256)
@@ -108,6 +108,8 @@ def changed_fields(old: dict[str, Any], plan: Plan, result: PlannedResult) -> li
         fields.append("seed")
     if (old.get("model") or {}).get("identity") != plan.model_identity:
         fields.append("model")
+    if (old.get("dtype") or BASE_DTYPE) != plan.dtype:
+        fields.append("dtype")
     return fields or ["parameters"]
 
 

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from flowgen.errors import FlowgenError
 from flowgen.plan.compile import compile_plan
-from flowgen.plan.hashing import canonical_json
+from flowgen.plan.hashing import BASE_DTYPE, canonical_json
 from flowgen.plan.model import Plan
 
 DEFAULT_MAX_BATCH = 8  # `--max-batch` or FLOWGEN_MAX_BATCH override it (bigger on large accelerators)
@@ -33,12 +33,14 @@ def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
     return name, identity, bool(recipe.distilled)
 
 
-def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (), max_batch: int | None = None) -> Plan:
+def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (), max_batch: int | None = None,
+                dtype: str = BASE_DTYPE) -> Plan:
     """Load, expand and compile a recipe against an output folder (RecipeError on user errors).
 
     max_batch: largest batch per engine call (rounded down to a power of two); None reads
     FLOWGEN_MAX_BATCH, then DEFAULT_MAX_BATCH. It only groups work: seeds and hashes do not
     depend on it (and regen replays an image at its recorded batch size).
+    dtype: the resolved compute dtype (see flowgen.run.dtype); it is part of every content hash.
     """
     from flowgen.recipe.api import expand_items, load_recipe
 
@@ -56,6 +58,7 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
         distilled=distilled,
         recipe_hash=hashlib.sha256(canonical_json(recipe.raw).encode()).hexdigest(),
         max_batch=max_batch or max_batch_setting(),
+        dtype=dtype,
         reference_check=_reference_check(),
     )
     plan.extra["recipe_path"] = str(Path(path).resolve())

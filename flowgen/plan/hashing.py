@@ -1,10 +1,10 @@
 """Content hashes: what a result's image depends on, reduced to one sha256.
 
-A result's hash covers the model identity (card + weights), every resolved task parameter that
-can change the file's bytes, the reference images' *content* (sha256 of file bytes, so moving a
-file changes nothing), the seed and the result index. Delivery-only fields (webhooks, upload
-targets, taskUUID, ...) are left out: changing them must not re-render anything. numberResults is
-left out too, so raising it from 2 to 3 only adds result 2.
+A result's hash covers the model identity (card + weights), the compute dtype (unless float32),
+every resolved task parameter that can change the file's bytes, the reference images' *content*
+(sha256 of file bytes, so moving a file changes nothing), the seed and the result index.
+Delivery-only fields (webhooks, upload targets, taskUUID, ...) are left out: changing them must not
+re-render anything. numberResults is left out too, so raising it from 2 to 3 only adds result 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 HASH_SCHEMA = 1  # bump when the hashed material changes shape: every result then re-renders
+# Every result was float32 before the dtype became a setting: that dtype is left out of the hash (and
+# is what a record without a dtype was rendered in), so those results stay up to date.
+BASE_DTYPE = "float32"
 
 # Fields that never change an output file's bytes.
 NON_IMAGE_FIELDS = frozenset(
@@ -77,9 +80,10 @@ class FileHashCache:
         return self._cache[key]
 
 
-def model_key(model_identity: Mapping[str, Any]) -> str:
-    """The model identity as hashed (serialised once per plan, not once per item)."""
-    return canonical_json(model_identity)
+def model_key(model_identity: Mapping[str, Any], dtype: str = BASE_DTYPE) -> str:
+    """The model identity and compute dtype as hashed (serialised once per plan, not once per item)."""
+    key = canonical_json(model_identity)
+    return key if dtype == BASE_DTYPE else f"{key}\0dtype={dtype}"  # canonical JSON never holds a raw NUL
 
 
 def item_hash(model: str, task: Mapping[str, Any], reference_hashes: list[str]) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flowgen.plan.hashing import BASE_DTYPE
+
 # (width, height, steps, guidance or None, scheduler name): what one sampling loop must share.
 # Reference sets are not part of it: the engine stacks each row's references (padded to a length
 # bucket and masked), so items with any references, or none, may share a batch.
@@ -84,3 +86,4 @@ class Plan:
     max_batch: int
     plan_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    dtype: str = BASE_DTYPE  # the resolved compute dtype every result is rendered (and hashed) in

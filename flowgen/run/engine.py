@@ -2,7 +2,7 @@
 
 `PipelineEngine` adapts flowgen.engine.Pipeline (loaded lazily, once per run, so `plan` never
 imports JAX); `FakeEngine` is a deterministic stand-in for fast unit tests whose images are a pure
-function of (prompt, negative prompt, seed, reference pixels, size, steps, guidance).
+function of (prompt, negative prompt, seed, reference pixels, size, steps, guidance, dtype).
 """
 
 from __future__ import annotations
@@ -54,27 +54,33 @@ class PipelineEngine:
     """flowgen.engine.Pipeline behind the Engine protocol; weights load on first use."""
 
     def __init__(self, model: Any, dtype: str = "float32"):
+        from flowgen.engine.runtime import RuntimeConfig
+
         self.model = model  # a card, a card name / AIR id, or a pipeline folder
+        self.runtime = RuntimeConfig(dtype=dtype)  # a resolved dtype: the one the plan hashed
         self.dtype = dtype
         self._pipe = None
         self.load_seconds = 0.0
 
     @property
+    def _key(self) -> tuple[str, str]:
+        return (str(getattr(self.model, "name", self.model)), self.dtype)
+
+    @property
     def pipe(self):
         if self._pipe is None:
-            key = (str(getattr(self.model, "name", self.model)), self.dtype)
-            if key not in _LOADED:
+            if self._key not in _LOADED:
                 from flowgen.engine import Pipeline
 
                 start = time.perf_counter()
-                _LOADED[key] = Pipeline.from_pretrained(self.model, dtype=self.dtype)
+                _LOADED[self._key] = Pipeline.from_pretrained(self.model, runtime=self.runtime)
                 self.load_seconds = time.perf_counter() - start
-            self._pipe = _LOADED[key]
+            self._pipe = _LOADED[self._key]
         return self._pipe
 
     def preflight(self) -> None:
         """Raise CheckpointError now if the weights are not on this machine (nothing is loaded)."""
-        if self._pipe is None and (str(getattr(self.model, "name", self.model)), self.dtype) not in _LOADED:
+        if self._pipe is None and self._key not in _LOADED:
             from flowgen.engine.pipeline_source import resolve_source
 
             resolve_source(self.model)
@@ -102,9 +108,10 @@ class PipelineEngine:
 class FakeEngine:
     """Deterministic images from a hash of everything that should change them; counts its calls."""
 
-    def __init__(self, delay_per_image: float = 0.0):
+    def __init__(self, delay_per_image: float = 0.0, dtype: str = "float32"):
         self.calls: list[BatchRequest] = []
         self.delay_per_image = delay_per_image
+        self.dtype = dtype
 
     def generate_batch(self, request: BatchRequest) -> BatchOutput:
         self.calls.append(request)
@@ -120,16 +127,16 @@ class FakeEngine:
         return BatchOutput(images, {"fake": time.perf_counter() - start}, [layout] * len(images))
 
     def identity(self) -> dict[str, Any]:
-        return {"engine": "fake", "version": 1, "dtype": "uint8", "device_kind": "cpu"}
+        return {"engine": "fake", "version": 1, "dtype": self.dtype, "device_kind": "cpu"}
 
-    @staticmethod
-    def _image(request: BatchRequest, slot: int) -> np.ndarray:
+    def _image(self, request: BatchRequest, slot: int) -> np.ndarray:
         digest = hashlib.sha256()
         negative = request.negative_prompts[slot] if request.negative_prompts and request.guidance else ""
         scheduler = None if request.scheduler in (None, "Default") else request.scheduler
         digest.update(repr((request.prompts[slot], negative, request.seeds[slot], request.width,
                             request.height, request.steps, request.guidance)
-                           + ((scheduler,) if scheduler else ())).encode())
+                           + ((scheduler,) if scheduler else ())
+                           + ((self.dtype,) if self.dtype != "float32" else ())).encode())  # float32 images as before the dtype setting
         for ref in (request.references[slot] if request.references else None) or []:
             digest.update(np.asarray(ref).tobytes())
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "big"))

@@ -1,13 +1,15 @@
 """Execute a plan: render what is new or changed, batch by batch, and record every result.
 
 Per batch: decode references (a bad one fails only its item), one engine call padded to the batch
-size, encode + atomically write each image, then commit the batch's records in one transaction.
+size (its sampling steps reported to the progress), encode + atomically write each image, then
+commit the batch's records in one transaction.
 A crash at any moment leaves a consistent manifest; a rerun skips what is recorded and verified.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from flowgen.run.outputs import encode_image
 from flowgen.run.progress import NullProgress, Progress
 from flowgen.run.records import embedded_metadata, result_record
 from flowgen.run.references import ReferenceLoader
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,10 +83,12 @@ def execute(
         if limit is not None:
             summary.not_run += max(0, len(runnable) - limit)
             runnable = runnable[:limit]
+        if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
+            raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
         if runnable and hasattr(engine, "preflight"):
             engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
-        runner = _BatchRunner(plan, engine, summary)
+        runner = _BatchRunner(plan, engine, summary, progress)
         if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
             _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
             summary.failed += len(blocked)
@@ -133,8 +139,9 @@ def _summary_dict(summary: RunSummary) -> dict:
 class _BatchRunner:
     """Turns one Batch into records: references, engine call, encode, write."""
 
-    def __init__(self, plan: Plan, engine: Engine, summary: RunSummary):
+    def __init__(self, plan: Plan, engine: Engine, summary: RunSummary, progress: Progress):
         self.plan, self.engine, self.summary = plan, engine, summary
+        self.progress: Progress | None = progress  # None once a step report failed
         self.references = ReferenceLoader()
         self.engine_identity: dict | None = None
 
@@ -155,6 +162,7 @@ class _BatchRunner:
         if not slots:
             return records
         request = build_request(batch, slots)
+        request.on_step = lambda done: self._step(done, request.steps)
         t0 = time.perf_counter()
         try:
             output = self.engine.generate_batch(request)
@@ -176,6 +184,16 @@ class _BatchRunner:
                        "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
             records.append(self._write(result, output.images[position], batch_info, timings))
         return records
+
+    def _step(self, done: int, steps: int) -> None:
+        """Report a sampling step (called from inside the engine's loop, maybe on another thread)."""
+        if self.progress is None:
+            return
+        try:
+            self.progress.step(done, steps)
+        except Exception as err:  # raising here would fail the batch: drop step reports instead
+            self.progress = None
+            log.warning("step progress disabled: %s: %s", type(err).__name__, err)
 
     def _fail(self, result: PlannedResult, error: str) -> dict:
         self.summary.failed += 1

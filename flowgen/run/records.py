@@ -2,7 +2,8 @@
 
 A record is a plain JSON dict (schema `MANIFEST_SCHEMA`) that holds everything needed to explain
 and regenerate one image: identity, seed, every resolved parameter, reference paths + content
-hashes, output path + sha256, batch size/position, timings, model and engine identity, status.
+hashes, output path + sha256, batch size/position, timings, model, dtype and engine identity,
+status.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def result_record(
         "batch": batch,
         "timings": timings or {},
         "model": {"name": plan.model, "identity": jsonable(plan.model_identity)},
+        "dtype": plan.dtype,  # the compute dtype: part of the content hash, and what regen renders in
         "engine": engine,
         "recipe": {"name": plan.recipe_name, "hash": plan.recipe_hash},
         "plan_hash": plan.plan_hash,

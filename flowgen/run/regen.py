@@ -4,6 +4,7 @@ Each result is re-rendered in a batch filled with copies of itself, as large as 
 sampled in (the engine samples each reference-set group of a batch together; without references
 that is the whole padded batch), so the engine runs the same compiled program; with identical
 software and hardware the file is byte-identical to the original (`--verify` checks the sha256).
+It renders in the dtype recorded for the result unless another one is asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flowgen.errors import FlowgenError
-from flowgen.plan.hashing import sha256_file
+from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.engine import BatchRequest, Engine, PipelineEngine
 from flowgen.run.manifest import Manifest
@@ -30,6 +31,8 @@ class RegenOutcome:
     path: Path | None
     sha256: str | None
     recorded_sha256: str | None
+    dtype: str = BASE_DTYPE  # the dtype of this render
+    recorded_dtype: str = BASE_DTYPE
     error: str | None = None
 
     @property
@@ -55,22 +58,30 @@ def resolve_targets(manifest: Manifest, targets: list[str]) -> list[dict[str, An
     return records
 
 
-def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable[[str], Engine] | None = None) -> list[RegenOutcome]:
-    """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record."""
-    engines: dict[str, Engine] = {}
+def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable[[str, str], Engine] | None = None,
+               dtype: str | None = None) -> list[RegenOutcome]:
+    """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record.
+
+    dtype: a resolved dtype for every record; None renders each in the dtype recorded for it.
+    engine_for(model, dtype) makes the engine (default: a PipelineEngine).
+    """
+    engines: dict[tuple[str, str], Engine] = {}
     engine_for = engine_for or _pipeline_engine
     loader = ReferenceLoader()
     outcomes = []
     for record in records:
-        model = record["model"]["name"]
-        if model not in engines:
-            engines[model] = engine_for(model)
-        outcomes.append(_regen_one(record, to_dir, engines[model], loader))
+        recorded = record.get("dtype") or BASE_DTYPE
+        key = (record["model"]["name"], dtype or recorded)
+        if key not in engines:
+            engines[key] = engine_for(*key)
+        outcome = RegenOutcome(record["item_id"], record["result_index"], None, None, record["output"]["sha256"],
+                               dtype=key[1], recorded_dtype=recorded)
+        outcomes.append(_regen_one(record, to_dir, engines[key], loader, outcome))
     return outcomes
 
 
-def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: ReferenceLoader) -> RegenOutcome:
-    outcome = RegenOutcome(record["item_id"], record["result_index"], None, None, record["output"]["sha256"])
+def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: ReferenceLoader,
+               outcome: RegenOutcome) -> RegenOutcome:
     if record["status"] != "ok" or not record.get("batch"):
         outcome.error = f"never rendered (status {record['status']})"
         return outcome
@@ -118,10 +129,10 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
     return outcome
 
 
-def _pipeline_engine(model: str) -> Engine:
+def _pipeline_engine(model: str, dtype: str) -> Engine:
     try:
         from flowgen.engine.cards import resolve_model
 
-        return PipelineEngine(resolve_model(model))
+        return PipelineEngine(resolve_model(model), dtype)
     except ImportError:  # pragma: no cover - engine without cards
-        return PipelineEngine(model)
+        return PipelineEngine(model, dtype)

@@ -152,7 +152,7 @@ def test_regen_matches_recorded_sha_by_id_and_by_file(tmp_path):
         target = plan.results[3]
         records = resolve_targets(manifest, [target.item.item_id, str(plan.results[0].output_path)])
     assert [(r["item_id"], r["result_index"]) for r in records] == [target.rid, plan.results[0].rid]
-    outcomes = regenerate(records, tmp_path / "regen", engine_for=lambda model: FakeEngine())
+    outcomes = regenerate(records, tmp_path / "regen", engine_for=lambda model, dtype: FakeEngine(dtype=dtype))
     assert all(o.matches for o in outcomes), outcomes
     assert outcomes[0].path == tmp_path / "regen" / "img" / "k3_0.jpg"
 
