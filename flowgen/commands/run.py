@@ -40,6 +40,8 @@ def print_summary(summary: RunSummary, out_dir: str, load_seconds: float = 0.0) 
     rate = f", {summary.images_per_second:.2f} img/s" if summary.rendered else ""
     load = f" (model load {load_seconds:.1f}s)" if load_seconds else ""
     click.echo(f"{out_dir}: {', '.join(parts)} in {summary.seconds:.1f}s{rate}{load}")
+    for run_id in summary.died_runs:
+        click.echo(f"  run {run_id} had died without finishing (killed?); this run completed its work")
     for key, index, error in summary.failures[:20]:
         click.echo(f"  failed {key}#{index}: {error}")
     if len(summary.failures) > 20:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from flowgen.run.lock import folder_state
 from flowgen.run.manifest import Manifest
 
 
@@ -25,6 +26,8 @@ def status_command(out_dir: str, as_json: bool) -> None:
     if report["last_run"]:
         run = report["last_run"]
         click.echo(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
+    if report["state"] == "stale":
+        click.echo(f"  {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
     for failure in report["failed"][:20]:
         click.echo(f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}")
     if report["missing_outputs"]:
@@ -41,7 +44,12 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
         elif record["status"] == "ok" and not (Path(manifest.out_dir) / record["output"]["path"]).exists():
             missing.append(record["output"]["path"])
     runs = manifest.runs()
+    state, holder = folder_state(manifest.out_dir)
+    if runs and runs[-1]["status"] == "running" and state == "idle":
+        runs[-1]["status"] = "died"  # marked running, but no process holds the folder: killed
     return {
+        "state": state,  # running | stale | idle: whether a run holds the folder now
+        "holder": holder.describe() if holder and state != "idle" else None,
         "out_dir": str(manifest.out_dir),
         "results": total,
         "counts": manifest.counts(),

@@ -20,6 +20,7 @@ from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.engine import BatchRequest, Engine
 from flowgen.run.interrupt import StopRequest
+from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest
 from flowgen.run.outputs import encode_image
 from flowgen.run.progress import NullProgress, Progress
@@ -43,6 +44,7 @@ class RunSummary:
     seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"engine": 0.0, "encode": 0.0, "write": 0.0, "manifest": 0.0})
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # (item_key, index, error)
+    died_runs: list[str] = field(default_factory=list)  # earlier runs found dead (killed) at start
 
     @property
     def exit_code(self) -> int:
@@ -74,7 +76,8 @@ def execute(
     stop = stop or StopRequest()
     start = time.perf_counter()
     summary = RunSummary(new_run_id(), planned=len(plan.results))
-    with Manifest(plan.out_dir) as manifest:
+    with RunLock(plan.out_dir, summary.run_id), Manifest(plan.out_dir) as manifest:
+        summary.died_runs = manifest.mark_died_runs()
         diff = diff_plan(plan, manifest.index(), manifest.get)
         summary.unchanged = len(diff.unchanged)
         todo = diff.to_run

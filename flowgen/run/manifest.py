@@ -141,6 +141,13 @@ class Manifest:
             (run_id, time.time(), recipe_name, recipe_hash, plan_hash),
         )
 
+    def mark_died_runs(self) -> list[str]:
+        """Runs still marked "running": called by the holder of the folder's run lock, so none of
+        them is alive (killed with -9, or the machine went down). Returns their ids."""
+        ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs WHERE status='running'")]
+        self.conn.execute("UPDATE runs SET status='died' WHERE status='running'")
+        return ids
+
     def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
         self.conn.execute(
             "UPDATE runs SET finished_at=?, status=?, summary=? WHERE run_id=?",

@@ -1,0 +1,146 @@
+"""One run per output folder: an OS file lock plus a heartbeat that tells running from dead.
+
+`OUT/.flowgen/run.lock` is held with `fcntl.flock` for the whole run. The kernel drops the lock
+when the process dies — kill -9 included — so a stale lock never blocks the next run: it simply
+acquires the lock and marks the dead run's manifest row "died". While the lock is held, a thread
+rewrites the lock file's JSON (pid, host, run id, heartbeat time) every few seconds, so `status`
+can say "running" (lock held, recent heartbeat) or "died" (lock free, or a heartbeat that stopped
+on a filesystem where flock is not shared between hosts).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flowgen.errors import FlowgenError
+
+LOCK_NAME = "run.lock"
+HEARTBEAT_SECONDS = 5.0
+STALE_AFTER_SECONDS = 60.0  # a heartbeat this old means the run is gone, whatever the lock says
+
+
+class FolderBusy(FlowgenError):
+    """Another run holds this output folder."""
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or last held) a folder's lock, as its lock file says."""
+
+    pid: int
+    host: str
+    run_id: str
+    started_at: float
+    heartbeat_at: float
+
+    def describe(self) -> str:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
+        return f"run {self.run_id} (pid {self.pid} on {self.host}, since {since})"
+
+
+def lock_path(out_dir: str | Path) -> Path:
+    from flowgen.run.manifest import STATE_DIR
+
+    return Path(out_dir) / STATE_DIR / LOCK_NAME
+
+
+class RunLock:
+    """Context manager: hold `out_dir` for `run_id`, or raise FolderBusy naming the holder."""
+
+    def __init__(self, out_dir: str | Path, run_id: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS):
+        self.path = lock_path(out_dir)
+        self.run_id = run_id
+        self.heartbeat_seconds = heartbeat_seconds
+        self.started_at = time.time()
+        self._fd: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not _try_lock(fd, fcntl.LOCK_EX, attempts=3):  # a `status` probe holds it for an instant
+            os.close(fd)
+            holder = read_holder(self.path)
+            who = holder.describe() if holder else "another run"
+            raise FolderBusy(f"{self.path.parent.parent}: {who} is using this output folder; "
+                             "wait for it to finish or stop it (Ctrl-C), then run again") from None
+        self._fd = fd
+        self._beat()
+        self._thread = threading.Thread(target=self._beat_loop, name="flowgen-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def _beat(self) -> None:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
+                  "started_at": self.started_at, "heartbeat_at": time.time()}
+        data = json.dumps(record).encode()
+        # rewritten in place (not renamed): the lock belongs to this inode
+        os.pwrite(self._fd, data.ljust(512), 0)
+
+    def _beat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_seconds):
+            try:
+                self._beat()
+            except OSError:  # a full disk must not kill the run; status will call it stale
+                pass
+
+
+def _try_lock(fd: int, kind: int, attempts: int = 1) -> bool:
+    for attempt in range(attempts):
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if attempt + 1 < attempts:
+                time.sleep(0.1)
+    return False
+
+
+def read_holder(path: Path) -> Holder | None:
+    try:
+        record = json.loads(path.read_bytes().strip() or b"null")
+        return Holder(int(record["pid"]), str(record["host"]), str(record["run_id"]),
+                      float(record["started_at"]), float(record["heartbeat_at"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def folder_state(out_dir: str | Path, now: float | None = None) -> tuple[str, Holder | None]:
+    """("running", holder) while a live run holds the folder; ("stale", holder) when the lock is
+    held but its heartbeat stopped (a hung process, or a lock not shared across hosts); ("idle",
+    last holder or None) when no run holds it.
+
+    Probing holds a shared lock for an instant when the lock is free; a run starting in that
+    instant retries (RunLock tries three times, 0.1 s apart)."""
+    path = lock_path(out_dir)
+    holder = read_holder(path)
+    if not path.exists():
+        return "idle", None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _try_lock(fd, fcntl.LOCK_SH):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return "idle", holder
+    finally:
+        os.close(fd)
+    now = time.time() if now is None else now
+    if holder is not None and now - holder.heartbeat_at > STALE_AFTER_SECONDS:
+        return "stale", holder
+    return "running", holder

@@ -1,0 +1,78 @@
+"""One run per output folder: a second run is refused, a run killed with -9 is detected and taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from flowgen.commands.status import status_report
+from flowgen.run.engine import FakeEngine
+from flowgen.run.executor import execute
+from flowgen.run.lock import FolderBusy, RunLock, folder_state, lock_path
+from flowgen.run.manifest import Manifest
+from tests.workflow.test_run_executor import item, plan_of
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "out"
+    with RunLock(out, "run-A"):
+        assert folder_state(out)[0] == "running"
+        with pytest.raises(FolderBusy) as err:
+            execute(plan_of([item("k0")], out), FakeEngine())
+        message = str(err.value)
+        assert "run-A" in message and f"pid {os.getpid()}" in message and "\n" not in message
+        assert not (out / "img").exists()  # nothing rendered by the refused run
+    assert folder_state(out)[0] == "idle"
+    summary = execute(plan_of([item("k0")], out), FakeEngine())  # free again
+    assert summary.rendered == 1
+
+
+def test_the_heartbeat_moves_while_held_and_a_stopped_one_reads_stale(tmp_path):
+    out = tmp_path / "out"
+    with RunLock(out, "run-B", heartbeat_seconds=0.05):
+        first = json.loads(lock_path(out).read_bytes())["heartbeat_at"]
+        time.sleep(0.3)
+        state, holder = folder_state(out)
+        assert state == "running" and holder.heartbeat_at > first and holder.run_id == "run-B"
+        assert folder_state(out, now=holder.heartbeat_at + 3600)[0] == "stale"
+
+
+HOLD_AND_HANG = textwrap.dedent("""
+    import sys, time
+    from flowgen.run.lock import RunLock
+    from flowgen.run.manifest import Manifest
+    out = sys.argv[1]
+    with RunLock(out, "run-killed"), Manifest(out) as manifest:
+        manifest.start_run("run-killed", "r", "h", "p")
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_run_killed_with_minus_9_reads_died_and_the_next_run_takes_over(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        assert folder_state(out)[0] == "running"
+        with pytest.raises(FolderBusy):
+            execute(plan_of([item("k0")], out), FakeEngine())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    with Manifest(out) as manifest:
+        report = status_report(manifest)
+    assert report["state"] == "idle" and report["last_run"]["status"] == "died"
+    summary = execute(plan_of([item("k0")], out), FakeEngine())
+    assert summary.rendered == 1 and summary.died_runs == ["run-killed"]
+    with Manifest(out) as manifest:
+        statuses = {run["run_id"]: run["status"] for run in manifest.runs()}
+    assert statuses["run-killed"] == "died" and statuses[summary.run_id] == "ok"
