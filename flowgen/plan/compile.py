@@ -14,9 +14,10 @@ from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
+from flowgen.recipe.spec import OUTPUT_EXTENSIONS
 
-EXTENSIONS = {"JPG": "jpg", "JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+EXTENSIONS = OUTPUT_EXTENSIONS  # outputFormat -> file extension, the spec's three formats
 # Relative names that os.path.normpath leaves as they are ('/'-separated, no '.', '..' or empty
 # segments): joined to the (normalised) output folder with a plain '/'.
 _PLAIN_RELATIVE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 
-SEED_MAX = 2**63 - 1  # spec: seed min 0, max 9223372036854775807
+from flowgen.recipe.spec import SEED_MAX  # spec: seed min 0, max 9223372036854775807 (2**63 - 1)
 
 
 def item_id_for(recipe_name: str, key: str) -> str:

@@ -1,7 +1,7 @@
 """The recipe layer's public surface: load, expand, validate. Everything else in flowgen/recipe is private.
 
     recipe = load_recipe("recipes/product-photos.yaml", ["task.steps=8"])
-    items = expand_items(recipe)                 # list[Item], see flowgen/recipe/item.py
+    items = expand_items(recipe)                 # list[Item], see flowgen/recipe/schema.py
     problems = check_references(items)           # [] when every reference image is usable
     out = recipe.output_dir(None)                # <recipe folder>/out/<name>, or the --out folder
     name = recipe.render_filename(items[0], 0, "webp")   # relative to `out`, never escapes it
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from flowgen.errors import RecipeError
-from flowgen.recipe.item import Item
-from flowgen.recipe.schema import Recipe
+from flowgen.recipe.schema import Item, Recipe
 
 __all__ = ["Recipe", "Item", "RecipeError", "load_recipe", "expand_items", "validate_task", "check_references", "extension_for"]
 
@@ -41,7 +40,7 @@ def expand_items(recipe: Recipe) -> list[Item]:
     ``model`` set and ``inputs.referenceImages`` as absolute paths (also in Item.references).
     Items are sorted by key. Raises RecipeError for unknown template fields or invalid tasks.
     """
-    from flowgen.recipe.expand import expand
+    from flowgen.recipe.expansion import expand
 
     return expand(recipe)
 
@@ -51,7 +50,7 @@ def validate_task(task: dict, where: str = "task") -> list[str]:
 
     Fields still holding a template (``"{product.w}"``) are skipped; ``where`` prefixes each path.
     """
-    from flowgen.recipe.task_rules import task_problems
+    from flowgen.recipe.validation import task_problems
 
     return task_problems(task, where)
 
@@ -61,13 +60,13 @@ def check_references(items: Sequence[Item]) -> list[str]:
 
     Reads image headers only (PIL, no full decode); each problem names the file and the item key.
     """
-    from flowgen.recipe.references import reference_problems
+    from flowgen.recipe.validation import reference_problems
 
     return reference_problems(items)
 
 
 def extension_for(task: dict) -> str:
     """File extension for a task's outputFormat (JPG -> "jpg", PNG -> "png", WEBP -> "webp")."""
-    from flowgen.recipe.spec_values import OUTPUT_EXTENSIONS
+    from flowgen.recipe.spec import OUTPUT_EXTENSIONS
 
     return OUTPUT_EXTENSIONS[task.get("outputFormat", "JPG")]

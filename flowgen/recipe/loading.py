@@ -1,7 +1,18 @@
-"""load(): YAML -> --set overrides -> structure -> tasks -> model card -> datasets -> matrix checks.
+"""Loading a recipe file: safe YAML, `--set` overrides, then validation stage by stage.
 
+load(): YAML -> --set overrides -> structure -> tasks -> model card -> datasets -> matrix checks.
 Each stage adds to one list of problems so a user sees everything wrong in one go; stages that
 depend on an earlier one (datasets need a valid structure) are skipped when it failed.
+
+Safe YAML: data only, with file:line:col in every syntax error. yaml.safe_load already refuses
+`!!python/...` tags; on top of that this loader keeps dates as strings (so the resolved recipe stays
+JSON-hashable) and treats duplicate keys as errors (PyYAML would silently keep the last one, hiding
+typos like two `width:` lines).
+
+`--set a.b.c=value` overrides are applied to the raw recipe dict before validation. The value is a
+YAML scalar or flow collection parsed with the same safe loader as recipes (`task.steps=8` -> 8,
+`task.outputFormat=PNG` -> "PNG", `task.inputs.referenceImages=[a.jpg]`). A numeric path segment
+indexes an existing list (`task.inputs.referenceImages.0=b.jpg`).
 """
 
 from __future__ import annotations
@@ -12,18 +23,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
 from flowgen.errors import RecipeError
 from flowgen.recipe.datasets import load_dataset
-from flowgen.recipe.matrix import RESERVED
-from flowgen.recipe.models import card_defaults, find_card, is_distilled
-from flowgen.recipe.overrides import apply_overrides
-from flowgen.recipe.problems import format_errors
+from flowgen.recipe.expansion import RESERVED
 from flowgen.recipe.schema import Recipe
-from flowgen.recipe.task_rules import merge_tasks, merged_problems, task_problems
 from flowgen.recipe.templates import TemplateProblem, is_template, template_fields
-from flowgen.recipe.yaml_io import read_yaml_file
+from flowgen.recipe.validation import card_defaults, find_card, format_errors, merge_tasks, merged_problems, task_problems
+
+# --- load(): the stages ------------------------------------------------------------------------
+
 
 _TOP_KEYS = ", ".join(Recipe.model_fields)
 
@@ -174,3 +185,136 @@ def _static_path_problem(template: str) -> str | None:
     if ".." in re.split(r"[\\/]", template):
         return "contains '..', which escapes the output folder"
     return None
+
+
+# --- Safe YAML reading --------------------------------------------------------------------------
+
+
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader without implicit timestamps and with duplicate-key detection."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be plain scalars", key_node.start_mark)
+            if key in seen:
+                first = seen[key].start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first defined at line {first.line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _describe(err: yaml.YAMLError) -> str:
+    """One-line description of a YAML error, without PyYAML's multi-line context dump."""
+    if isinstance(err, yaml.constructor.ConstructorError) and "could not determine a constructor" in str(err.problem):
+        tag = str(err.problem).split("tag ", 1)[-1].strip("'\"")
+        tag = tag.replace("tag:yaml.org,2002:", "!!")
+        return f"YAML tag {tag!r} is not allowed: recipes are data only"
+    if isinstance(err, yaml.MarkedYAMLError):
+        parts = [p for p in (err.context, err.problem) if p]
+        return "YAML syntax error: " + "; ".join(" ".join(str(p).split()) for p in parts)
+    return "YAML error: " + " ".join(str(err).split())
+
+
+def parse_yaml(text: str, shown_name: str) -> Any:
+    """Parse one YAML document; raise RecipeError('<file>:<line>:<col>: ...') on any YAML problem."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - _RecipeLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f"{shown_name}:{mark.line + 1}:{mark.column + 1}" if mark else shown_name
+        raise RecipeError(f"{where}: {_describe(err)}") from None
+
+
+def read_yaml_file(path: Path, shown_name: str | None = None) -> Any:
+    """Read and parse a YAML file, naming it in errors (missing file, not UTF-8, bad YAML)."""
+    shown = shown_name or str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{shown}: recipe file not found") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{shown}: is a folder, expected a recipe file") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{shown}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise RecipeError(f"{shown}: cannot read ({err.strerror})") from None
+    return parse_yaml(text, shown)
+
+
+# --- --set overrides ----------------------------------------------------------------------------
+
+
+_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$|^[0-9]+$")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split 'a.b=value' into (["a", "b"], parsed value); raise RecipeError naming the override."""
+    key, sep, value_text = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. task.steps=8")
+    path = key.split(".")
+    bad = [segment for segment in path if not _SEGMENT.match(segment)]
+    if bad:
+        raise RecipeError(f"--set {text!r}: bad key segment {bad[0]!r} in {key!r}; use names and list indexes joined by dots")
+    try:
+        value = parse_yaml(value_text, f"--set {key}")
+    except RecipeError as err:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({err.problems[0].split(': ', 1)[-1]})") from None
+    return path, value
+
+
+def apply_override(data: dict, path: list[str], value: Any, text: str) -> None:
+    """Set data[path] = value, creating missing mappings; raise RecipeError when a step is not a container."""
+    node: Any = data
+    for depth, segment in enumerate(path[:-1]):
+        node = _step(node, segment, path[: depth + 1], text, create=True)
+    last = path[-1]
+    if isinstance(node, list):
+        index = _index(node, last, path, text)
+        node[index] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise RecipeError(f"--set {text!r}: {'.'.join(path[:-1])} holds {node!r}, not a mapping")
+
+
+def _step(node: Any, segment: str, so_far: list[str], text: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, segment, so_far, text)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {text!r}: {'.'.join(so_far[:-1])} holds {node!r}, not a mapping")
+    if segment not in node or node[segment] is None:
+        node[segment] = {}
+    return node[segment]
+
+
+def _index(node: list, segment: str, so_far: list[str], text: str) -> int:
+    if not segment.isdigit() or int(segment) >= len(node):
+        raise RecipeError(f"--set {text!r}: {'.'.join(so_far)} must be an index below {len(node)} of an existing list")
+    return int(segment)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> list[str]:
+    """Apply every override in order; return the problems (one per bad override) instead of stopping."""
+    problems: list[str] = []
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+            apply_override(data, path, value, text)
+        except RecipeError as err:
+            problems.extend(err.problems)
+    return problems

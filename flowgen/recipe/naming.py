@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowgen.errors import RecipeError
-from flowgen.recipe.item import Item
 from flowgen.recipe.templates import TemplateProblem, available_fields, compile_template, render
+
+if TYPE_CHECKING:  # schema.py imports this module (Recipe.filename_renderer)
+    from flowgen.recipe.schema import Item
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")

@@ -1,20 +1,302 @@
-"""The recipe document as pydantic models (extra="forbid" everywhere).
+"""The shapes of the recipe layer's data: pydantic models of a recipe and of a task, and the Item.
 
-The top level is structural only: `defaults` and `task` stay plain dicts here because they may hold
-templates (`"{product.name}"`) that only become values per item; their imageInference rules live in
-task_model.py / task_rules.py and run on every resolved item.
+- Field types (`integer`, `number`, `text`, `one_of`, ...): annotated types whose error messages say
+  what is allowed and what was given. Values coming from CSV cells arrive as strings, so numbers and
+  booleans also accept their plain string spelling ("8", "0.5", "true"); everything else is strict
+  (no bools as numbers, no floats with fractions as integers).
+- TaskFields: the imageInference request for FLUX.2 [klein] as pydantic models, names exactly as the
+  spec. Every field is optional here: which ones are required is checked on the merged task
+  (defaults + task + top-level model) in validation.py, so `defaults:` can be validated alone.
+  Ranges: shared/spec/000_b07fdd4e16f4303e.txt. Enumerations and shared limits: spec.py.
+- Recipe (with DatasetSpec and OutputSpec): the recipe document (extra="forbid" everywhere). The top
+  level is structural only: `defaults` and `task` stay plain dicts here because they may hold
+  templates (`"{product.name}"`) that only become values per item; their imageInference rules
+  (TaskFields and validation.py) run on every resolved item.
+- Item: the contract between the recipe layer and the planner. The recipe layer loads and validates
+  a recipe and expands it into Items; the planner (flowgen/plan) turns Items into Results (one per
+  numberResults index) with seeds, content hashes, output paths and batches. It is the only thing
+  both sides share (the planner imports it through flowgen.recipe.api).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+import re
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Iterable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from flowgen.recipe.item import Item
+from flowgen.recipe import spec
 from flowgen.recipe.naming import FilenameRenderer
-from flowgen.recipe.spec_values import SEED_MAX
+
+# --- Field types --------------------------------------------------------------------------------
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A short repr of a user value for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    return None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def integer(lo: int, hi: int | None = None, step: int | None = None):
+    """An integer in [lo, hi] (hi None: no upper bound), optionally a multiple of `step`."""
+    if step:
+        allowed = f"a multiple of {step} between {lo} and {hi}"
+    elif hi is None:
+        allowed = f"an integer >= {lo}"
+    else:
+        allowed = f"an integer between {lo} and {hi}"
+
+    def check(value: Any) -> int:
+        number = _as_int(value)
+        if number is None or number < lo or (hi is not None and number > hi) or (step and number % step):
+            raise ValueError(f"must be {allowed}, got {shown(value)}")
+        return number
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def number(lo: float | None, hi: float | None, step: float | None = None):
+    """A float in [lo, hi] (either bound may be None), optionally on a grid of `step`."""
+    if lo is not None and hi is not None:
+        bounds = f"between {lo:g} and {hi:g}"
+    else:
+        bounds = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
+    grid = f" in steps of {step:g}" if step else ""
+
+    def check(value: Any) -> float:
+        x = _as_float(value)
+        bad = x is None or not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi)
+        if not bad and step:
+            bad = abs(x / step - round(x / step)) > 1e-6
+        if bad:
+            raise ValueError(f"must be a number {bounds}{grid}, got {shown(value)}")
+        return x
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def text(min_len: int = 0, max_len: int | None = None):
+    """A string of min_len..max_len characters."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {shown(value)}")
+        if len(value) < min_len or (max_len is not None and len(value) > max_len):
+            limit = f"{min_len} to {max_len}" if max_len is not None else f"at least {min_len}"
+            raise ValueError(f"must have {limit} characters, got {len(value)}")
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def boolean():
+    """true/false (also the strings "true"/"false" from CSV cells)."""
+
+    def check(value: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise ValueError(f"must be true or false, got {shown(value)}")
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def one_of(values: Iterable[str], what: str | None = None):
+    """One of a fixed set of strings; long sets are named by `what` and get a did-you-mean hint."""
+    allowed = tuple(values)
+
+    def check(value: Any) -> str:
+        if isinstance(value, str) and value in allowed:
+            return value
+        if what:
+            close = difflib.get_close_matches(str(value), allowed, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"must be one of the {len(allowed)} {what}{hint}, got {shown(value)}")
+        raise ValueError(f"must be one of {', '.join(allowed)}, got {shown(value)}")
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def uri():
+    """An absolute http(s) URL."""
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/?#]+[^\s]*", value):
+            raise ValueError(f"must be an http(s) URL, got {shown(value)}")
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def uuid_v4():
+    """A UUID version 4 string."""
+
+    def check(value: Any) -> str:
+        try:
+            parsed = uuid.UUID(str(value)) if isinstance(value, str) else None
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.version != 4:
+            raise ValueError(f"must be a UUID v4, got {shown(value)}")
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def sized_list(lo: int, hi: int | None, noun: str):
+    """Post-check on a list's length, with a message in the user's terms."""
+
+    def check(value: list) -> list:
+        if len(value) < lo or (hi is not None and len(value) > hi):
+            limit = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"must have {limit} {noun}, got {len(value)}")
+        return value
+
+    return AfterValidator(check)
+
+
+# --- The imageInference task --------------------------------------------------------------------
+
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Safety(_Fields):
+    checkContent: Optional[boolean()] = None
+
+
+class Inputs(_Fields):
+    referenceImages: Optional[Annotated[list[text(1)], sized_list(1, spec.MAX_REFERENCES, "reference images")]] = None
+
+
+class AcceleratorOptions(_Fields):
+    cacheEndStep: Optional[integer(1)] = None
+    cacheEndStepPercentage: Optional[integer(1, 100)] = None
+    cacheMaxConsecutiveSteps: Optional[integer(1, 5)] = None
+    cacheStartStep: Optional[integer(0)] = None
+    cacheStartStepPercentage: Optional[integer(0, 99)] = None
+    fbCache: Optional[boolean()] = None
+    fbCacheThreshold: Optional[number(0, 1, 0.01)] = None
+    teaCache: Optional[boolean()] = None
+    teaCacheDistance: Optional[number(0, 1, 0.01)] = None
+    dbCache: Optional[boolean()] = None
+    dbCacheThreshold: Optional[number(0, 1, 0.01)] = None
+    dbCacheSkipInterval: Optional[integer(1)] = None
+
+
+class Lora(_Fields):
+    model: text(1)
+    weight: Optional[number(-4, 4, 0.01)] = None
+    transformer: Optional[one_of(spec.LORA_TRANSFORMERS)] = None
+
+
+class Ultralytics(_Fields):
+    CFGScale: Optional[number(0, 50, 0.1)] = None
+    confidence: Optional[number(0, 1, 0.01)] = None
+    inpaintSize: Optional[integer(128, 2048)] = None
+    maskBlur: Optional[integer(0, 100)] = None
+    maskPadding: Optional[integer(0, 20)] = None
+    negativePrompt: Optional[text()] = None
+    positivePrompt: Optional[text()] = None
+    steps: Optional[integer(1, 100)] = None
+    strength: Optional[number(None, 1, 0.01)] = None
+
+
+class TaskFields(_Fields):
+    """One imageInference request. Dump with `model_dump(exclude_none=True)` for the resolved task."""
+
+    taskType: Optional[one_of(["imageInference"])] = None
+    taskUUID: Optional[uuid_v4()] = None
+    model: Optional[text(1)] = None
+    positivePrompt: Optional[text(1, 10000)] = None
+    negativePrompt: Optional[text(2, 3000)] = None
+    width: Optional[integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] = None
+    height: Optional[integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] = None
+    steps: Optional[integer(1, 50)] = None
+    seed: Optional[integer(0, spec.SEED_MAX)] = None
+    numberResults: Optional[integer(1, 20)] = None
+    scheduler: Optional[one_of(spec.SCHEDULERS, "scheduler names listed in docs/recipes.md")] = None
+    CFGScale: Optional[number(1, 20, 0.01)] = None
+    outputType: Optional[one_of(spec.OUTPUT_TYPES)] = None
+    outputFormat: Optional[one_of(spec.OUTPUT_FORMATS)] = None
+    outputQuality: Optional[integer(20, 99)] = None
+    webhookURL: Optional[uri()] = None
+    uploadEndpoint: Optional[uri()] = None
+    deliveryMethod: Optional[one_of(spec.DELIVERY_METHODS)] = None
+    ttl: Optional[integer(60)] = None
+    includeCost: Optional[boolean()] = None
+    safety: Optional[Safety] = None
+    acceleration: Optional[one_of(spec.ACCELERATIONS)] = None
+    acceleratorOptions: Optional[AcceleratorOptions] = None
+    lora: Optional[Annotated[list[Lora], sized_list(1, None, "entries")]] = None
+    ultralytics: Optional[Ultralytics] = None
+    inputs: Optional[Inputs] = None
+
+
+def field_names(model: type[BaseModel]) -> list[str]:
+    """The field names of a model, for 'unknown field' hints."""
+    return list(model.model_fields)
+
+
+def submodel_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the last element of `loc` (walking nested models and lists)."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
+        if field is None:
+            continue  # a list index or a dict key (datasets.<name>): stay on the same model
+        current = _inner_model(field.annotation)
+        if current is None:
+            return None
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    """Find a BaseModel class inside Optional[...] / list[...] / Annotated[...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    origin = getattr(annotation, "__origin__", None)
+    return _inner_model(origin) if origin is not None and origin is not annotation else None
+
+
+# --- The recipe document ------------------------------------------------------------------------
+
 
 class Strict(BaseModel):
     """Base for every recipe model: unknown keys are errors, nothing is coerced silently."""
@@ -76,7 +358,7 @@ class Recipe(Strict):
     name: str
     description: str | None = None
     model: str | None = None
-    seed: int = Field(default=0, ge=0, le=SEED_MAX)
+    seed: int = Field(default=0, ge=0, le=spec.SEED_MAX)
     defaults: dict[str, Any] = Field(default_factory=dict)
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict)
     matrix: dict[str, Any] = Field(default_factory=dict)  # variable -> dataset name | inline list (checked in loading)
@@ -102,8 +384,6 @@ class Recipe(Strict):
     @field_validator("name", mode="before")
     @classmethod
     def _safe_name(cls, value: Any) -> Any:
-        import re
-
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
             raise ValueError(f"must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit (it names the output folder), got {value!r}")
         return value
@@ -112,7 +392,7 @@ class Recipe(Strict):
     @classmethod
     def _no_bool_seed(cls, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"must be an integer between 0 and {SEED_MAX}, got {value!r}")
+            raise ValueError(f"must be an integer between 0 and {spec.SEED_MAX}, got {value!r}")
         return value
 
     @property
@@ -138,7 +418,7 @@ class Recipe(Strict):
     @property
     def distilled(self) -> bool | None:
         """Whether the model is guidance-distilled (CFG off, 4 steps); None when unknown."""
-        from flowgen.recipe.models import is_distilled
+        from flowgen.recipe.validation import is_distilled
 
         return is_distilled(self.model, self._card)
 
@@ -159,3 +439,26 @@ class Recipe(Strict):
         if renderer is None or not renderer.fits(self):
             renderer = self._filename_renderer = FilenameRenderer(self)
         return renderer
+
+
+# --- The planner's contract ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """One cell of the recipe's matrix, fully resolved.
+
+    key:        stable identity built from dataset keys and matrix values only (never a row
+                position), e.g. "product=A-100|surface=marble". Seeds and ids derive from it.
+    values:     matrix variable -> its value (a dataset row as a dict, or a scalar), for templating
+                the output filename.
+    task:       every imageInference field after defaults, templating and --set overrides, spelled
+                as in the Runware spec (positivePrompt, width, height, steps, seed, numberResults,
+                CFGScale, outputFormat, outputQuality, ...). referenceImages are absolute paths.
+    references: the reference image paths (absolute), in order; also in task["referenceImages"].
+    """
+
+    key: str
+    values: dict[str, Any]
+    task: dict[str, Any]
+    references: tuple[Path, ...] = field(default_factory=tuple)

@@ -14,7 +14,7 @@ import yaml
 from flowgen.engine.sampling import names, schedules
 from flowgen.engine.sampling.base import Sampler
 from flowgen.errors import RecipeError
-from flowgen.recipe import spec_values
+from flowgen.recipe import spec as spec_values
 from flowgen.recipe.api import expand_items, load_recipe
 
 ROOT = Path(__file__).parents[2]

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from flowgen.plan import chunk_sizes, compile_plan, make_batches
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
 
 
 def item(key, prompt="p", refs=(), **task):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowgen.plan import compile_plan, diff_plan
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest

@@ -1,9 +1,9 @@
 """The fast paths of a big plan give exactly what the straightforward code gives.
 
 - templates: compiled templates vs the original regex renderer (kept here as the reference);
-- ItemBuilder (per-recipe validation) vs expand._item (full pydantic validation per item);
+- ItemBuilder (per-recipe validation) vs expansion._item (full pydantic validation per item);
 - ParamsJson / ItemHasher vs canonical_json(image_params(task)) / item_hash;
-- rule_reads.constant_result: a rule is run once only when it cannot see the varying fields.
+- validation.constant_result: a rule is run once only when it cannot see the varying fields.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ import yaml
 from flowgen.plan.hashing import ItemHasher, canonical_json, image_params, item_hash
 from flowgen.plan.params_json import ParamsJson
 from flowgen.recipe.api import load_recipe
-from flowgen.recipe.expand import _base_defaults, _dataset_of_variables, _item
-from flowgen.recipe.item_builder import ItemBuilder
-from flowgen.recipe.matrix import expand_keyed_combos
-from flowgen.recipe.rule_reads import constant_result
+from flowgen.recipe.expansion import ItemBuilder, _base_defaults, _dataset_of_variables, _item, expand_keyed_combos
+from flowgen.recipe.validation import constant_result
 from flowgen.recipe.templates import TemplateProblem, render
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from flowgen.plan import compile_plan, derive_seed, item_id_for, result_seed
 from flowgen.plan.seeds import SEED_MAX
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
 
 MODEL = {"card": "tiny", "weights": "abc"}
 

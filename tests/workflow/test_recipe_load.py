@@ -12,9 +12,8 @@ from PIL import Image
 
 from flowgen.commands.validate import validate_command
 from flowgen.errors import CheckpointError, RecipeError
-from flowgen.recipe.api import check_references, expand_items, load_recipe, validate_task
-from flowgen.recipe.item import Item
-from flowgen.recipe.overrides import apply_override, parse_override
+from flowgen.recipe.api import Item, check_references, expand_items, load_recipe, validate_task
+from flowgen.recipe.loading import apply_override, parse_override
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -208,6 +207,31 @@ def test_check_references_reads_headers_and_names_file_and_item(tmp_path):
     assert any("gone.jpg does not exist (item 'a=2')" in p for p in problems)
     assert "task.inputs.referenceImages: item 'a=3' has 5 reference images; at most 4" in problems
     assert not any("good.png" in p for p in problems)
+
+
+def header_only_png(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height (no real pixel data: only the header is read)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_reference_pixel_limit_is_the_engines(tmp_path):
+    """At most 150 MP, as the engine decodes (flowgen/engine/images.py), whatever PIL's own 89 MP warning says."""
+    phone = header_only_png(tmp_path / "phone.png", 8064, 6048)  # a 48 MP phone photo
+    large = header_only_png(tmp_path / "large.png", 12000, 12000)  # 144 MP: over PIL's warning, under the limit
+    over = header_only_png(tmp_path / "over.png", 13000, 13000)  # 169 MP: over the limit, under PIL's error
+    bomb = header_only_png(tmp_path / "bomb.png", 20000, 20000)  # 400 MP: PIL refuses it outright
+    problems = check_references([Item(f"a={i}", {}, {}, (path,)) for i, path in enumerate([phone, large, over, bomb])])
+    assert not any("phone.png" in p or "large.png" in p for p in problems), problems
+    assert any("over.png is 13000x13000 (169,000,000 pixels); the limit is 150,000,000 pixels" in p for p in problems), problems
+    assert any("bomb.png is too large (400,000,000 pixels); the limit is 150,000,000 pixels" in p for p in problems), problems
 
 
 # --- the command and the shipped recipes -----------------------------------------------------------

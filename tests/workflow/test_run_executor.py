@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from flowgen.plan import compile_plan
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.interrupt import StopRequest

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from flowgen.cli import main
 from flowgen.plan import compile_plan
-from flowgen.recipe.item import Item
+from flowgen.recipe.api import Item
 from flowgen.run import engine as run_engine
 from flowgen.run import regen as run_regen
 from flowgen.run.engine import FakeEngine, PipelineEngine

@@ -1,0 +1,448 @@
+"""Whether a task is valid and supported: every rule, in the order a task meets them.
+
+Used three times: on `defaults:` and `task:` as written (template placeholders skipped), and on
+every expanded item's resolved task (where templates have become values). A task goes through:
+
+1. the spec (task_problems): TaskFields in schema.py, its pydantic errors turned into one-line
+   problems that name the field path (format_errors);
+2. the local engine's support table (support_problems): what flowgen executes, accepts as a record
+   only, or refuses (for now);
+3. the rules that need the whole merged task (merged_problems): required fields, model-card rules
+   (guidance on distilled models), cache-step consistency. The model card comes from find_card;
+4. its reference images (reference_problems, behind api.check_references): each file exists and
+   its header is sane, without decoding any pixel.
+
+constant_result lets the item builder run rules 2 and 3 once per recipe instead of once per item
+when they never read a field that varies per item.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from pydantic import BaseModel, ValidationError
+
+from flowgen.engine.sampling import names as scheduler_names  # JAX-free: the spec names -> samplers
+from flowgen.errors import FlowgenError
+from flowgen.recipe.schema import Item, TaskFields, shown, submodel_at
+from flowgen.recipe.spec import DISTILLED_AIRS, MAX_REFERENCES, REFERENCE_MAX_ASPECT, REFERENCE_MAX_PIXELS, REFERENCE_MIN_SIDE
+from flowgen.recipe.templates import is_template
+
+# --- The spec: imageInference task dicts ----------------------------------------------------------
+
+
+REQUIRED = ("positivePrompt", "width", "height")
+
+
+def task_problems(task: Any, where: str = "task") -> list[str]:
+    """Spec and engine-support problems of one task dict; templated values are not judged."""
+    if not isinstance(task, dict):
+        return [f"{where}: must be a mapping of imageInference fields, got {type(task).__name__}"]
+    templated = set(_templated_paths(task))
+    try:
+        TaskFields.model_validate(task)
+        spec_errors: list[tuple] = []
+    except ValidationError as err:
+        spec_errors = [tuple(e["loc"]) for e in err.errors()]
+        kept = [e for e in err.errors() if not any(tuple(e["loc"])[: len(t)] == t for t in templated)]
+        problems = format_errors(kept, where, TaskFields)
+    else:
+        problems = []
+    invalid = {str(loc[0]) for loc in spec_errors if loc}  # an invalid value needs no second complaint
+    problems += [p for p in support_problems(task, where) if _top_field(p, where) not in invalid]
+    return problems
+
+
+def _top_field(problem: str, where: str) -> str:
+    """'task.inputs.referenceImages[0]: ...' -> 'inputs'."""
+    path = problem.split(":", 1)[0].removeprefix(where + ".")
+    return path.split(".", 1)[0].split("[", 1)[0]
+
+
+def merge_tasks(*layers: dict) -> dict:
+    """Merge task dicts, later layers winning; nested mappings merge, lists are replaced."""
+    merged: dict = {}
+    for layer in layers:
+        for field, value in layer.items():
+            below = merged.get(field)
+            merged[field] = merge_tasks(below, value) if isinstance(value, dict) and isinstance(below, dict) else value
+    return merged
+
+
+def clean_task(task: dict) -> dict:
+    """The validated task with values normalised (CSV strings -> numbers); call after task_problems is empty."""
+    return TaskFields.model_validate(task).model_dump(exclude_none=True)
+
+
+def merged_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
+    """Rules that need the whole merged task: required fields, model-card rules, cache steps."""
+    return required_problems(task, where, model) + model_rule_problems(task, where, model, distilled, card)
+
+
+def required_problems(task: dict, where: str, model: str | None) -> list[str]:
+    """The required fields (and a model) are present and not empty."""
+    problems = [f"{where}.{name}: required" for name in REQUIRED if is_missing(task.get(name))]
+    if not model:
+        problems.append("model: required (set the top-level `model:` or task.model)")
+    return problems
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a required field's value counts as not given."""
+    return value in (None, "")
+
+
+def model_rule_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
+    """Model-card rules (guidance on distilled models) and cache-step consistency."""
+    problems = []
+    cfg = _float(task.get("CFGScale"))
+    limits = getattr(card, "limits", None)
+    cfg_allowed = getattr(limits, "cfg", None) if limits is not None else None
+    if cfg is not None and cfg > 1 and (distilled or cfg_allowed is False):
+        why = "is guidance-distilled" if distilled else "takes no guidance"
+        problems.append(f"{where}.CFGScale: {model_label(model, card)} {why}, so CFGScale must be absent or <= 1, got {task['CFGScale']!r}")
+    problems += _cache_step_problems(task, where)
+    return problems
+
+
+def _cache_step_problems(task: dict, where: str) -> list[str]:
+    options = task.get("acceleratorOptions")
+    if not isinstance(options, dict):
+        return []
+    start, end = _float(options.get("cacheStartStep")), _float(options.get("cacheEndStep"))
+    steps = _float(task.get("steps"))
+    problems = []
+    if start is not None and end is not None and not start < end:
+        problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be greater than cacheStartStep ({start:g}), got {end:g}")
+    if end is not None and steps is not None and end > steps:
+        problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be <= steps ({steps:g}), got {end:g}")
+    low, high = _float(options.get("cacheStartStepPercentage")), _float(options.get("cacheEndStepPercentage"))
+    if low is not None and high is not None and not low < high:
+        problems.append(f"{where}.acceleratorOptions.cacheEndStepPercentage: must be greater than cacheStartStepPercentage ({low:g}), got {high:g}")
+    return problems
+
+
+def _templated_paths(value: Any, path: tuple = ()) -> list[tuple]:
+    if is_template(value):
+        return [path]
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _templated_paths(item, path + (key,))]
+    if isinstance(value, list):
+        return [p for index, item in enumerate(value) for p in _templated_paths(item, path + (index,))]
+    return []
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# --- pydantic errors as one-line problems that name the field path --------------------------------
+
+
+_KINDS = {
+    "model_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+    "string_type": "must be a string",
+    "int_type": "must be an integer",
+    "int_parsing": "must be an integer",
+    "bool_type": "must be true or false",
+    "literal_error": None,  # pydantic's own message names the allowed values
+}
+
+
+def join_path(prefix: str, loc: tuple[Any, ...]) -> str:
+    """('inputs', 'referenceImages', 0) under 'task' -> 'task.inputs.referenceImages[0]'."""
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else str(part)
+    return path
+
+
+def format_errors(err: ValidationError | list[dict], prefix: str, model: type[BaseModel]) -> list[str]:
+    """One line per pydantic error: '<path>: <what is allowed>, got <value>'."""
+    lines = []
+    for error in err.errors() if isinstance(err, ValidationError) else err:
+        loc = tuple(error["loc"])
+        lines.append(f"{join_path(prefix, loc) or prefix or 'recipe'}: {_message(error, loc, model)}")
+    return list(dict.fromkeys(lines))
+
+
+def _message(error: dict, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = submodel_at(model, loc)
+        allowed = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"unknown field; {hint}allowed: {', '.join(allowed)}" if allowed else "unknown field"
+    if kind == "missing":
+        return "required"
+    message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if _KINDS.get(kind):
+        message = _KINDS[kind]
+    if "got " not in message and kind != "value_error":
+        message += f", got {shown(error.get('input'))}"
+    return message
+
+
+# --- What the local engine executes, accepts as a record only, or refuses (for now) ----------------
+#
+# Every field is first validated against the API spec (TaskFields); this table then decides what
+# flowgen does with a valid value. Refusing beats silently ignoring: a recipe that asks for a
+# webhook or a LoRA must not "succeed" without one. docs/recipes.md mirrors this table.
+
+
+NOT_YET = "not supported yet by the local engine"
+
+# Schedulers: every spec name the engine runs is in scheduler_names.SUPPORTED; the few it refuses are
+# scheduler_names.REFUSED (name -> why). Names outside the spec are the spec validation's to report.
+ENGINE_ACCELERATION = "high"  # the spec default; the engine's exact reference-KV cache is always on
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+
+
+def support_problems(task: dict[str, Any], where: str) -> list[str]:
+    """Problems for valid-per-spec values that the local engine cannot honour yet."""
+    problems = []
+
+    def refuse(field: str, why: str) -> None:
+        problems.append(f"{where}.{field}: {NOT_YET} ({why}); remove it")
+
+    if task.get("webhookURL") is not None:
+        refuse("webhookURL", "results are written to the output folder and manifest")
+    if task.get("uploadEndpoint") is not None:
+        refuse("uploadEndpoint", "results are written to the output folder")
+    if task.get("deliveryMethod") == "async":
+        refuse("deliveryMethod", "only 'sync' is available")
+    if isinstance(task.get("safety"), dict) and task["safety"].get("checkContent") in (True, "true"):
+        refuse("safety.checkContent", "there is no local content checker; only false is accepted")
+    if task.get("acceleration") not in (None, ENGINE_ACCELERATION):
+        refuse("acceleration", f"only {ENGINE_ACCELERATION!r}, the default: the exact reference KV cache is always on")
+    if task.get("acceleratorOptions") is not None:
+        refuse("acceleratorOptions", "no step caching besides the exact reference KV cache")
+    if task.get("lora") is not None:
+        refuse("lora", "LoRA adapters are not loaded")
+    if task.get("ultralytics") is not None:
+        refuse("ultralytics", "no face refinement pass")
+    scheduler = task.get("scheduler")
+    if isinstance(scheduler, str) and scheduler in scheduler_names.REFUSED:
+        refuse("scheduler", scheduler_names.REFUSED[scheduler])
+    references = (task.get("inputs") or {}).get("referenceImages") if isinstance(task.get("inputs"), dict) else None
+    for index, ref in enumerate(references or []):
+        if isinstance(ref, str) and _is_remote(ref):
+            refuse(f"inputs.referenceImages[{index}]", "reference images must be local files, not URLs, data URIs or UUIDs")
+    return problems
+
+
+def _is_remote(ref: str) -> bool:
+    return ref.startswith(("http://", "https://", "data:")) or bool(_UUID.match(ref))
+
+
+# --- Model cards: which model a recipe names and whether it is distilled --------------------------
+#
+# Cards come from flowgen.engine.cards (`resolve_model(name) -> card` with .name, .distilled,
+# .defaults, .kv). When that module is not importable the recipe layer still works: the curated
+# Runware AIR ids fall back to a small table (spec.DISTILLED_AIRS) and every other model gets no
+# model-specific rules.
+
+
+# Names some cards may use for the two defaults that matter; the request spells them as on the right.
+_DEFAULT_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "CFGScale", "cfg_scale": "CFGScale"}
+DISTILLED_STEPS = 4
+
+
+def find_card(model: str) -> tuple[Any, str | None]:
+    """(card, None) when found; (None, problem) when the card module rejects the name; (None, None) without cards."""
+    try:
+        from flowgen.engine.cards import resolve_model
+    except ImportError:
+        return None, None
+    try:
+        return resolve_model(model), None
+    except (FlowgenError, LookupError, ValueError, OSError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        return None, f"model: {message}"
+
+
+def is_distilled(model: str | None, card: Any) -> bool | None:
+    """True/False from the card (or the AIR table); None when nothing is known."""
+    if card is not None and getattr(card, "distilled", None) is not None:
+        return bool(card.distilled)
+    return DISTILLED_AIRS.get(model or "")
+
+
+def card_defaults(card: Any, distilled: bool | None) -> dict:
+    """imageInference defaults from the card (steps, CFGScale, ...), lowest precedence in a task."""
+    raw = getattr(card, "defaults", None) or {}
+    if hasattr(raw, "model_dump"):  # flowgen.engine.cards.Defaults (pydantic, aliases = request names)
+        raw = raw.model_dump(by_alias=True)
+    if not isinstance(raw, dict):
+        raw = {}
+    defaults = {_DEFAULT_ALIASES.get(k, k): v for k, v in raw.items()}
+    defaults = {k: v for k, v in defaults.items() if k in TaskFields.model_fields and v is not None}
+    if distilled:
+        defaults.setdefault("steps", DISTILLED_STEPS)
+        if float(defaults.get("CFGScale", 1)) > 1:  # a distilled model runs without guidance
+            defaults.pop("CFGScale")
+    return defaults
+
+
+def model_label(model: str | None, card: Any) -> str:
+    """How messages name the model: 'runware:400@6 (klein-9b-kv)' when a card is known."""
+    name = getattr(card, "name", None)
+    return f"{model} ({name})" if name and name != model else str(model)
+
+
+# --- Which task fields a rule looks at: lets the item builder run a rule once per recipe ----------
+#
+# A rule is a deterministic function of the task. Run on a recipe's static fields, if it never reads
+# a field that varies per item, it takes the same path for every item and returns the same problems.
+
+
+class ReadRecorder(dict):
+    """A task dict that notes the fields read through it; iterating or measuring it reads them all."""
+
+    def __init__(self, task: dict[str, Any]):
+        super().__init__(task)
+        self.fields_read: set[Any] = set()
+        self.read_all = False
+
+    def __getitem__(self, field: Any) -> Any:
+        self.fields_read.add(field)
+        return super().__getitem__(field)
+
+    def get(self, field: Any, default: Any = None) -> Any:
+        self.fields_read.add(field)
+        return super().get(field, default)
+
+    def __contains__(self, field: Any) -> bool:
+        self.fields_read.add(field)
+        return super().__contains__(field)
+
+    def _everything(self) -> None:
+        self.read_all = True
+
+    def __iter__(self):
+        self._everything()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._everything()
+        return super().__len__()
+
+    def __eq__(self, other: object) -> bool:
+        self._everything()
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def keys(self):
+        self._everything()
+        return super().keys()
+
+    def values(self):
+        self._everything()
+        return super().values()
+
+    def items(self):
+        self._everything()
+        return super().items()
+
+    def copy(self) -> dict:
+        self._everything()
+        return dict(super().items())
+
+
+def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, Any], varying: Iterable[str]) -> list[str] | None:
+    """rule(task) for every task that shares `static_task`'s other fields, when that does not depend
+    on the `varying` fields (the rule never reads them); None when it may (or when the rule fails)."""
+    recorder = ReadRecorder(static_task)
+    try:
+        result = rule(recorder)
+    except Exception:  # noqa: BLE001 - let the per-item path run (and report) it
+        return None
+    if recorder.read_all or recorder.fields_read & set(varying):
+        return None
+    return result
+
+
+# --- Reference images: every file exists and its header is sane (no full decode) ------------------
+#
+# Limits (spec.py): at most 4 references per item, each side >= 64 px, aspect ratio <= 8, at most
+# 150 MP. A file whose header claims 20000x20000 is rejected before any pixel is decoded.
+
+
+REFERENCES_WHERE = "task.inputs.referenceImages"
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` is not a usable reference image (from its header only), or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        return "does not exist"
+    if not path.is_file():
+        return "is not a file"
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own threshold (89 MP); REFERENCE_MAX_PIXELS below is the limit, as
+            # in the engine. PIL still raises DecompressionBombError above twice its threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                width, height = image.size
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        claimed = f" ({int(pixels.group(1)):,} pixels)" if pixels else ""
+        return f"is too large{claimed}; the limit is {REFERENCE_MAX_PIXELS:,} pixels"
+    except UnidentifiedImageError:
+        return "is not a readable image (unknown or corrupt format)"
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for damaged headers
+        return f"is not a readable image (corrupt header: {err})"
+    if min(width, height) < REFERENCE_MIN_SIDE:
+        return f"is {width}x{height}; each side must be at least {REFERENCE_MIN_SIDE} px"
+    if max(width, height) > REFERENCE_MAX_ASPECT * min(width, height):
+        return f"is {width}x{height}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1"
+    if width * height > REFERENCE_MAX_PIXELS:
+        return f"is {width}x{height} ({width * height:,} pixels); the limit is {REFERENCE_MAX_PIXELS:,} pixels"
+    return None
+
+
+def reference_problems(items: Sequence[Item]) -> list[str]:
+    """One problem per bad file (naming the first item using it) and per item with too many references."""
+    users: dict[Path, list[str]] = {}
+    problems = []
+    for item in items:
+        if len(item.references) > MAX_REFERENCES:
+            problems.append(f"{REFERENCES_WHERE}: item {item.key!r} has {len(item.references)} reference images; at most {MAX_REFERENCES}")
+        for path in item.references:
+            users.setdefault(Path(path), []).append(item.key)
+    for path, keys in users.items():
+        problem = image_problem(path)
+        if problem:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            problems.append(f"{REFERENCES_WHERE}: {_shown_path(path)} {problem} (item {keys[0]!r}{more})")
+    return problems
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working folder when inside it (shorter), else absolute."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return str(path) if relative.startswith("..") else relative
