@@ -58,10 +58,15 @@ def model_time(sigma, quantize_bf16: bool = False):
     `flow_schedule.model_timesteps`, its host twin)."""
     scale = jnp.float32(NUM_TRAIN_TIMESTEPS)
     t_train = jnp.asarray(sigma, jnp.float32) * scale
-    if quantize_bf16:
-        bf16 = jnp.bfloat16
-        return (t_train.astype(bf16) / jnp.asarray(scale, bf16)).astype(jnp.float32)
+    if quantize_bf16:  # reduce_precision, not astype round trips: XLA drops those under jit
+        return round_to_bf16(round_to_bf16(t_train) / scale)
     return t_train / scale
+
+
+def round_to_bf16(x: jax.Array) -> jax.Array:
+    """float32 x rounded to bfloat16's precision, kept in float32."""
+    info = jnp.finfo(jnp.bfloat16)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def row_noise(keys: jax.Array, i, k: int, shape: tuple[int, ...]) -> jax.Array:

@@ -11,14 +11,13 @@ tables from `rope.rope_tables` (host float64 angles, so the jitted code sees flo
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from flowgen.engine import time_embedding
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.transformer_blocks import (
     DoubleStreamBlock,
@@ -40,13 +39,24 @@ class ReferenceKV(NamedTuple):
     single_v: jnp.ndarray
 
 
-def timestep_embedding(t: jnp.ndarray, dim: int) -> jnp.ndarray:
-    """Sinusoidal embedding of 1000·t, [cos | sin], in float32 (t is the flow time in [0, 1])."""
-    half = dim // 2
-    # frequencies as diffusers computes them in float32 (host constant)
-    exponent = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half)
-    freqs = jnp.asarray(np.exp(exponent))
-    args = (t.astype(jnp.float32) * 1000.0)[:, None] * freqs[None, :]
+def _round_to(x: jnp.ndarray, dtype) -> jnp.ndarray:
+    """float32 x rounded to `dtype`'s precision, still float32. Not `astype(dtype).astype(float32)`:
+    under jit XLA drops such convert pairs (excess precision allowed), so nothing would round."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return x
+    info = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, dtype=jnp.float32) -> jnp.ndarray:
+    """Sinusoidal embedding of 1000·t, [cos | sin], in float32 (t is the flow time in [0, 1]).
+
+    As diffusers (`timestep.to(hidden_states.dtype) * 1000`, then `.float()` times its float32 table)
+    and BFL, t and 1000·t are rounded to the model dtype: a no-op in float32, 4 apart near 1000 in
+    bf16. (The float32 product of two bf16 values is exact, so rounding it once is bf16's multiply.)"""
+    freqs = jnp.asarray(time_embedding.frequencies(dim // 2))
+    scaled = _round_to(_round_to(t.astype(jnp.float32), dtype) * 1000, dtype)
+    args = scaled[:, None] * freqs[None, :]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -99,7 +109,7 @@ class Flux2DiT(nnx.Module):
         self.final_layer = LastLayer(h, c.in_channels, c.eps, rngs=rngs, dtype=dtype)
 
     def vec(self, t: jnp.ndarray) -> jnp.ndarray:
-        return self.time_in(timestep_embedding(t, self.timestep_dim).astype(self.dtype))
+        return self.time_in(timestep_embedding(t, self.timestep_dim, self.dtype).astype(self.dtype))
 
 
 def forward(

@@ -220,10 +220,37 @@ def _rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * normed.astype(x.dtype)
 
 
+# transformers' float32 RoPE inverse frequencies for head_dim 128, rope_theta 1e6 (Qwen3-4B and -8B,
+# the released Klein text encoders): float32 bit patterns (big-endian hex) of torch 2.13 (CPU) evaluating
+#   1.0 / (1e6 ** (torch.arange(0, 128, 2, dtype=torch.int64).float() / 128))
+# torch's float32 pow is not always correctly rounded: the formula in `_inv_freq` misses entry 37 by
+# 1 ulp (3e-11), as XLA's float32 pow did (1.5e-8 rad of angle at position 511).
+_QWEN3_INV_FREQ_128_HEX = (
+    "3f8000003f4e4bad3f263de03f05f6ef3ed7e89b3eadfcff3e8c35043e61f8353e3618873e12bd913dec7fd63dbe94c6"
+    "3d99940d3d7785133d47763f3d20bc1d3d0186e33cd0c1a83ca8398b3c8790083c5a7bf23c3010523c0de12d3be4aa46"
+    "3bb8449c3b947dae3b6f520e3b40dac53b1b690d3afa78f03ac9d75c3aa2a6f73a83126f3a533f283a2a3b443a092e02"
+    "39dd172539b229fb398f927239676492393a77533916432438f22ce238c327b5389d43a4387d75d4384c3fbe382497ab"
+    "3804a2b237d5c44137ac431d378ad0ed375fba4f37344a0e371148e336ea273236bcb0c136980e023675107036457bab"
+    "361f23e436003dec35ceaf7935a68e4c"
+)
+
+
+def _inv_freq(config: Qwen3EncoderConfig) -> np.ndarray:
+    """transformers' float32 `1 / theta**(arange(0, hd, 2) / hd)`, then `/= factor` ("linear" scaling).
+
+    Other sizes (tiny test models) round the power once from float64 and take the reciprocal in
+    float32: torch's bits on all but 10 of 2040 entries over head_dim 8-256 and theta 2e3-1e7."""
+    if (config.head_dim, config.rope_theta) == (128, 1e6):
+        inv_freq = np.frombuffer(bytes.fromhex(_QWEN3_INV_FREQ_128_HEX), ">u4").astype(np.uint32).view(np.float32)
+    else:
+        exponents = np.arange(0, config.head_dim, 2, dtype=np.float32) / np.float32(config.head_dim)
+        inv_freq = np.float32(1.0) / (config.rope_theta ** exponents.astype(np.float64)).astype(np.float32)
+    return inv_freq / np.float32(config.rope_linear_factor)
+
+
 def _rope_tables(config: Qwen3EncoderConfig, length: int, dtype) -> tuple[jax.Array, jax.Array]:
     """cos, sin of shape (T, head_dim): frequencies repeated for both halves (rotate_half layout)."""
-    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**exponents) / config.rope_linear_factor
+    inv_freq = jnp.asarray(_inv_freq(config))
     angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [T, hd]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)

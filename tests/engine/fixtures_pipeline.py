@@ -58,23 +58,6 @@ def sharpen_transformer_(model, seed: int = 0) -> None:
                 continue
             gain = 1.5 if ("modulation" in name or "norm_out" in name) else 2.0 if name.startswith("proj_out") else 1.4
             p.copy_(torch.randn(p.shape, generator=gen) * gain / p.shape[1] ** 0.5)
-        smooth_in_time_(model)
-
-
-def smooth_in_time_(model, fastest_kept: float = 0.02) -> None:
-    """Silence the sinusoidal timestep features that turn faster than `fastest_kept` rad per unit of
-    1000·t. A trained model is smooth in t; random weights on the fast features make the output
-    jump when t moves by one bf16 ulp (bf16 pipelines quantise t), which no bf16 run could match."""
-    import math
-
-    import torch
-
-    linear = model.time_guidance_embed.timestep_embedder.linear_1
-    half = linear.weight.shape[1] // 2
-    freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
-    keep = (freqs <= fastest_kept).to(linear.weight.dtype)
-    with torch.no_grad():
-        linear.weight.mul_(torch.cat([keep, keep])[None, :])
 
 
 def write_tiny_pipelines(root: str | Path, seed: int = 0) -> tuple[dict[str, Path], dict]:

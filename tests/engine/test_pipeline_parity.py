@@ -9,6 +9,7 @@ ignored them could not pass.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -25,8 +26,8 @@ from tests.engine.fixtures_pipeline import (
 )
 
 torch.set_grad_enabled(False)
-PSNR_F32 = 45.0
-PSNR_BF16 = 30.0
+PSNR_F32 = 45.0  # every item
+BF16_ERROR_RATIO = 1.5  # flowgen bf16's distance to float64, relative to diffusers bf16's
 SENSITIVE = 30.0  # the reference must move below this when the tested input changes
 H, W = 32, 48  # output, non-square
 PROMPTS = ["a red fox in the snow", "blue"]
@@ -134,10 +135,26 @@ def test_base_pipeline_cfg_matches_diffusers(ours, theirs, latents, refs):
     compare(run_ours(ours["base"], latents, refs[:1], guidance=4.0), reference, PSNR_F32, "base CFG 4.0, 1 ref")
 
 
-def test_bfloat16_pipeline_is_close_to_diffusers_float32(folders, kv_reference, latents, refs):
+def rms(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
+
+
+def test_bfloat16_pipeline_error_is_diffusers_own(folders, theirs, latents, refs):
+    """flowgen in bf16 is about as far from an exact (float64) diffusers run as diffusers' own bf16 run.
+
+    Not a PSNR floor against float32: with every timestep feature live, a bf16 pipeline rounds 1000·t
+    to a bf16 step (4 apart near 1000), which turns the fastest sinusoids (1 rad per unit) by
+    radians, so any bf16 run, diffusers' included, lands ~25 dB from the float32 images."""
     pipe = Pipeline.from_pretrained(folders["kv"], dtype="bfloat16", max_sequence_length=MAX_SEQUENCE_LENGTH)
     assert pipe.dtype == np.dtype("bfloat16") and pipe.transformer.dtype == np.dtype("bfloat16")
-    compare(run_ours(pipe, latents, refs[:1]), kv_reference[1], PSNR_BF16, "kv bf16 vs f32, 1 ref")
+    exact = run_reference(copy.deepcopy(theirs["kv"]).to(torch.float64), latents, refs[:1])
+    reference = run_reference(copy.deepcopy(theirs["kv"]).to(torch.bfloat16), latents, refs[:1])
+    ours = run_ours(pipe, latents, refs[:1])
+    for i, (o, r, e) in enumerate(zip(ours, reference, exact)):
+        print(f"kv bf16, 1 ref, item {i}: RMS vs float64 flowgen {rms(o, e):.2f} diffusers {rms(r, e):.2f} "
+              f"({rms(o, e) / rms(r, e):.2f}x); PSNR vs float64 {psnr(o, e):.1f} / {psnr(r, e):.1f} dB, "
+              f"flowgen vs diffusers bf16 {psnr(o, r):.1f} dB")
+        assert rms(o, e) <= BF16_ERROR_RATIO * rms(r, e), f"item {i}"
 
 
 def test_identity_names_the_model(ours, folders):
