@@ -82,12 +82,19 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
 @max_batch_option
 @dtype_option
+@click.option("--budget", type=float, metavar="USD",
+              help="Stop before a batch would take the run's engine-time cost past USD "
+                   "(rate: $FLOWGEN_COST_PER_DEVICE_SECOND, default 0.0007).")
+@click.option("--deliver-flagged", is_flag=True, help="Deliver results the content check flagged too (default: withhold them).")
+@click.option("--detach", is_flag=True, help="Run in the background; print the run id at once (as deliveryMethod: async).")
+@click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
 @user_errors
-def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype):
-    """Run RECIPE: render every missing or changed result and update the manifest."""
+def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach, run_id):
+    """Run RECIPE: render every missing or changed result, deliver it, and update the manifest."""
     from flowgen.commands import run_command
 
-    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype))
+    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype, budget=budget,
+                         deliver_flagged=deliver_flagged, detach=detach, run_id=run_id))
 
 
 @main.command()
@@ -114,6 +121,28 @@ def regen(out_dir, targets, verify, to_dir, dtype):
     from flowgen.commands import regen_command
 
     sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--flagged", is_flag=True, help="Also send results the content check withheld.")
+@user_errors
+def redeliver(out_dir, flagged):
+    """Send again every upload and webhook of OUT_DIR that failed (exit 1 if some fail again)."""
+    from flowgen.commands import redeliver_command
+
+    sys.exit(redeliver_command(out_dir, flagged))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="List what would be removed.")
+@user_errors
+def gc(out_dir, dry_run):
+    """Remove URL results of OUT_DIR whose ttl has run out (recorded; a rerun leaves them gone)."""
+    from flowgen.commands import gc_command
+
+    gc_command(out_dir, dry_run)
 
 
 if __name__ == "__main__":

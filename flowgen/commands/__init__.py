@@ -13,6 +13,8 @@ _COMMANDS = {
     "run_command": "flowgen.commands.run",
     "status_command": "flowgen.commands.status",
     "regen_command": "flowgen.commands.regen",
+    "redeliver_command": "flowgen.commands.deliveries",
+    "gc_command": "flowgen.commands.deliveries",
 }
 
 __all__ = list(_COMMANDS)

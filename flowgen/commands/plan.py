@@ -12,6 +12,7 @@ from flowgen.plan.batching import make_batches, signature_label
 from flowgen.plan.diff import PlanDiff, diff_plan
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
+from flowgen.run import cost
 from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
 from flowgen.run.manifest import Manifest, manifest_path
 
@@ -25,23 +26,39 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto, for the backend JAX would pick).
     """
     plan = plan_recipe(recipe, out_dir, overrides, max_batch, resolve_dtype(dtype_setting(dtype), guess_backend()))
-    diff = load_diff(plan)
-    report = plan_report(plan, diff)
+    diff, history = load_diff(plan)
+    report = plan_report(plan, diff, history)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         print_plan(report)
 
 
-def load_diff(plan: Plan) -> PlanDiff:
-    """Diff against the output folder's manifest (everything is new when there is none)."""
+def load_diff(plan: Plan) -> tuple[PlanDiff, list[dict]]:
+    """Diff against the output folder's manifest (everything is new when there is none), and the
+    manifest's records (what earlier runs measured, for the cost estimate)."""
     if not manifest_path(plan.out_dir).exists():
-        return diff_plan(plan, {})
+        return diff_plan(plan, {}), []
     with Manifest(plan.out_dir, create=False) as manifest:
-        return diff_plan(plan, manifest.index(), manifest.get)
+        return diff_plan(plan, manifest.index(), manifest.get), list(manifest.records())
 
 
-def plan_report(plan: Plan, diff: PlanDiff) -> dict[str, Any]:
+def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
+    """Engine seconds and USD for `batches`, from the median seconds per image that earlier results
+    of the same signature took (flowgen.run.cost); signatures never run here have no estimate."""
+    per_second = cost.rate()
+    seconds, unknown = 0.0, 0
+    for batch in batches:
+        per_image = cost.seconds_per_image(history, signature_label(batch.signature))
+        if per_image is None:
+            unknown += len(batch.results)
+        else:
+            seconds += per_image * batch.size
+    return {"rate_per_second": per_second, "engine_seconds": round(seconds, 3), "usd": cost.cost_of(seconds, per_second),
+            "results_without_estimate": unknown}
+
+
+def plan_report(plan: Plan, diff: PlanDiff, history: list[dict] = ()) -> dict[str, Any]:
     """The plan as JSON-able data (what `plan --json` prints)."""
     runnable = [r for r in diff.to_run if not r.item.error]
     batches = make_batches(runnable, plan.max_batch)
@@ -80,6 +97,7 @@ def plan_report(plan: Plan, diff: PlanDiff) -> dict[str, Any]:
              "results": [rid(r) for r in b.results]}
             for b in batches
         ],
+        "cost": cost_estimate(batches, list(history)),
     }
 
 
@@ -106,3 +124,9 @@ def print_plan(report: dict[str, Any]) -> None:
     click.echo(f"to run: {counts['to_run']} result(s) in {counts['batches']} batch(es)")
     for signature, count in groups.items():
         click.echo(f"  {signature}: {count} result(s), batch sizes {' '.join(map(str, sizes[signature]))}")
+    estimate = report["cost"]
+    if counts["to_run"]:
+        unknown = estimate["results_without_estimate"]
+        known = (f"≈ {estimate['engine_seconds']:.1f} engine-s, ${estimate['usd']:.4f} at ${estimate['rate_per_second']}/s"
+                 if unknown < counts["to_run"] else "no estimate yet")
+        click.echo(f"estimated cost: {known}" + (f" ({unknown} result(s) of shapes not yet run here not counted)" if unknown else ""))

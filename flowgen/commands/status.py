@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,15 @@ def status_command(out_dir: str, as_json: bool) -> None:
     if report["last_run"]:
         run = report["last_run"]
         click.echo(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
+    if report["state"] == "running" and report["progress"]:
+        p = report["progress"]
+        click.echo(f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
+                   f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}")
+    if report["deliveries"]:
+        click.echo("  deliveries: " + ", ".join(f"{n} {state}" for state, n in sorted(report["deliveries"].items()))
+                   + (f" (flowgen redeliver {report['out_dir']})" if report["deliveries"].get("failed") else ""))
+    if report["expired"]:
+        click.echo(f"  {report['expired']} result(s) expired (ttl) and removed by flowgen gc")
     if report["state"] == "stale":
         click.echo(f"  {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
     for failure in report["failed"][:20]:
@@ -37,11 +47,13 @@ def status_command(out_dir: str, as_json: bool) -> None:
 def status_report(manifest: Manifest) -> dict[str, Any]:
     failed, missing = [], []
     total = 0
+    expired = manifest.expired()
     for record in manifest.records():
         total += 1
         if record["status"] == "failed":
             failed.append({k: record[k] for k in ("item_id", "result_index", "item_key", "error")})
-        elif record["status"] == "ok" and not (Path(manifest.out_dir) / record["output"]["path"]).exists():
+        elif (record["status"] == "ok" and (record["item_id"], record["result_index"]) not in expired
+              and not (Path(manifest.out_dir) / record["output"]["path"]).exists()):
             missing.append(record["output"]["path"])
     runs = manifest.runs()
     state, holder = folder_state(manifest.out_dir)
@@ -50,6 +62,9 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
     return {
         "state": state,  # running | stale | idle: whether a run holds the folder now
         "holder": holder.describe() if holder and state != "idle" else None,
+        "progress": holder.progress if holder and state != "idle" else None,
+        "deliveries": dict(Counter(d["state"] for d in manifest.deliveries())),
+        "expired": len(expired),
         "out_dir": str(manifest.out_dir),
         "results": total,
         "counts": manifest.counts(),

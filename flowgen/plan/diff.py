@@ -1,7 +1,8 @@
 """Compare a plan with the output folder's manifest: new / unchanged / changed / removed.
 
 A result is unchanged only when its manifest row is `ok`, has the same content hash and output
-path, and the file on disk still has the recorded sha256. Everything else runs again.
+path, and the file on disk still has the recorded sha256 — or when its ttl expired (`flowgen gc`
+removed the file) and its content hash is the same. Everything else runs again.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def diff_plan(
 
 def _reasons(plan, result, row, load_record, verify_files) -> list[str]:
     status, content_hash, output_path, output_sha = row
+    if status == "expired" and content_hash == result.content_hash:
+        return []  # its ttl ran out and `flowgen gc` removed it: done, unless the result changes
     reasons: list[str] = []
     if content_hash != result.content_hash:
         old = load_record(*result.rid) if load_record else None

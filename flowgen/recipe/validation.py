@@ -213,6 +213,9 @@ NOT_YET = "not supported yet by the local engine"
 # scheduler_names.REFUSED (name -> why). Names outside the spec are the spec validation's to report.
 ENGINE_ACCELERATION = "high"  # the spec default; the engine's exact reference-KV cache is always on
 
+# per-result placeholders the deliver step fills in uploadEndpoint (flowgen.run.deliver)
+UPLOAD_PLACEHOLDERS = ("{result}", "{filename}", "{imageUUID}")
+
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
 
 
@@ -223,14 +226,15 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
     def refuse(field: str, why: str) -> None:
         problems.append(f"{where}.{field}: {NOT_YET} ({why}); remove it")
 
-    if task.get("webhookURL") is not None:
-        refuse("webhookURL", "results are written to the output folder and manifest")
-    if task.get("uploadEndpoint") is not None:
-        refuse("uploadEndpoint", "results are written to the output folder")
-    if task.get("deliveryMethod") == "async":
-        refuse("deliveryMethod", "only 'sync' is available")
-    if isinstance(task.get("safety"), dict) and task["safety"].get("checkContent") in (True, "true"):
-        refuse("safety.checkContent", "there is no local content checker; only false is accepted")
+    endpoint = task.get("uploadEndpoint")
+    results = task.get("numberResults") or 1
+    if (isinstance(endpoint, str) and isinstance(results, int) and results > 1 and not endpoint.endswith("/")
+            and not any(p in endpoint for p in UPLOAD_PLACEHOLDERS)):
+        problems.append(f"{where}.uploadEndpoint: numberResults is {results}, so every result would be uploaded to "
+                        "the same URL; end it with '/' (the file name is appended) or use "
+                        + ", ".join("{" + p + "}" for p in UPLOAD_PLACEHOLDERS) + " (written with doubled braces)")
+    if task.get("ttl") is not None and (task.get("outputType") or "URL") != "URL":
+        problems.append(f"{where}.ttl: applies only to outputType 'URL', not {task.get('outputType')!r}; remove it")
     if task.get("acceleration") not in (None, ENGINE_ACCELERATION):
         refuse("acceleration", f"only {ENGINE_ACCELERATION!r}, the default: the exact reference KV cache is always on")
     if task.get("acceleratorOptions") is not None:

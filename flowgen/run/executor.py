@@ -1,9 +1,12 @@
 """Execute a plan: render what is new or changed, batch by batch, and record every result.
 
-Per batch: decode references (a bad one fails only its item), one engine call padded to the batch
-size (its sampling steps reported to the progress), encode + atomically write each image, then
-commit the batch's records in one transaction.
-A crash at any moment leaves a consistent manifest; a rerun skips what is recorded and verified.
+Per batch, as separate steps: decode references (a bad one fails only its item); one engine call
+padded to the batch size (its sampling steps reported to the progress); per image: content check
+(when asked), encode, store (atomic write of the file); record: the batch's records and their
+deliveries' first states committed in one transaction; deliver: uploads and webhooks sent in the
+background (flowgen.run.deliver) while the next batch renders.
+A crash at any moment leaves a consistent manifest; a rerun skips what is recorded and verified,
+and sends again the deliveries a killed run left pending.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from flowgen.plan.batching import make_batches, signature_label
 from flowgen.plan.diff import diff_plan
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.run.atomic import atomic_write_bytes
+from flowgen.run.cost import Budget, cost_of, seconds_per_image
+from flowgen.run.deliver import Dispatcher, Finished, resend
 from flowgen.run.engine import BatchRequest, Engine
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import RunLock
@@ -45,6 +50,10 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=lambda: {"engine": 0.0, "encode": 0.0, "write": 0.0, "manifest": 0.0})
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # (item_key, index, error)
     died_runs: list[str] = field(default_factory=list)  # earlier runs found dead (killed) at start
+    budget_stopped: bool = False  # --budget would have been exceeded by the next batch
+    spent: float = 0.0  # USD of engine time this run (flowgen.run.cost)
+    flagged: int = 0  # results the content check flagged
+    deliveries: dict[str, int] = field(default_factory=dict)  # delivery outcomes: ok / failed / withheld
 
     @property
     def exit_code(self) -> int:
@@ -70,13 +79,22 @@ def execute(
     fail_fast: bool = False,
     progress: Progress | None = None,
     stop: StopRequest | None = None,
+    budget: float | None = None,
+    deliver_flagged: bool = False,
+    delivery_options: dict | None = None,
+    run_id: str | None = None,
 ) -> RunSummary:
-    """Render every result of `plan` that the manifest does not already hold (see module doc)."""
+    """Render every result of `plan` that the manifest does not already hold (see module doc).
+
+    budget: USD of engine time this run may spend (flowgen.run.cost); the run stops before a batch
+    that would exceed it. deliver_flagged: deliver results the content check flagged too.
+    delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits)."""
+    spending = Budget(budget)
     progress = progress or NullProgress()
     stop = stop or StopRequest()
     start = time.perf_counter()
-    summary = RunSummary(new_run_id(), planned=len(plan.results))
-    with RunLock(plan.out_dir, summary.run_id), Manifest(plan.out_dir) as manifest:
+    summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
+    with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
         summary.died_runs = manifest.mark_died_runs()
         diff = diff_plan(plan, manifest.index(), manifest.get)
         summary.unchanged = len(diff.unchanged)
@@ -90,8 +108,14 @@ def execute(
             raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
         if runnable and hasattr(engine, "preflight"):
             engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
+        checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
-        runner = _BatchRunner(plan, engine, summary, progress)
+        options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
+        # a killed run's deliveries that never finished: sent again, once
+        summary.deliveries = resend(manifest, summary.run_id, plan.out_dir, ("pending",), **options)
+        dispatcher = Dispatcher(manifest, summary.run_id, **options)
+        runner = _BatchRunner(plan, engine, summary, progress, checker)
+        history = list(manifest.records()) if budget is not None else []
         if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
             _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
             summary.failed += len(blocked)
@@ -99,17 +123,32 @@ def execute(
         batches = make_batches(runnable, plan.max_batch) if not (fail_fast and blocked) else []
         summary.stopped_early = bool(fail_fast and blocked)
         progress.start(len(runnable), len(batches))
+        lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
+                         "failed": summary.failed}  # every key set now: the heartbeat thread reads it
+        lock.beat()
         try:
             for number, batch in enumerate(batches):
                 if stop.requested:
                     summary.interrupted = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
-                records = runner.run(batch)
-                _commit(manifest, summary, records)
+                if not spending.allows(batch.size, seconds_per_image(history, signature_label(batch.signature))):
+                    summary.budget_stopped = True
+                    summary.not_run += sum(len(b.results) for b in batches[number:])
+                    break
+                records, finished = runner.run(batch)
+                spending.spend(runner.last_engine_seconds, batch.size)
+                _commit(manifest, summary, records, [
+                    (f.item_id, f.result_index, sink, "withheld" if dispatcher.withholds(f) else "pending",
+                     "flagged by the content check" if dispatcher.withholds(f) else None)
+                    for f in finished for sink in f.sinks()])
+                for done in finished:
+                    dispatcher.submit(done)
                 failed = sum(r["status"] == "failed" for r in records)
                 summary.batches += 1
                 progress.advance(len(records), failed)
+                lock.progress.update(rendered=summary.rendered, failed=summary.failed, batches_done=summary.batches)
+                lock.beat()
                 if fail_fast and failed:
                     summary.stopped_early = True
                     rest = [r for b in batches[number + 1 :] for r in b.results]
@@ -118,6 +157,10 @@ def execute(
                     break
         finally:
             progress.finish()
+            dispatcher.close()  # waits for the deliveries in flight (each bounded by its retry policy)
+            for state, count in dispatcher.counts.items():
+                summary.deliveries[state] = summary.deliveries.get(state, 0) + count
+            summary.spent = round(spending.spent, 6)
             summary.seconds = time.perf_counter() - start
             status = "interrupted" if summary.interrupted else ("failed" if summary.failed else "ok")
             manifest.finish_run(summary.run_id, status, _summary_dict(summary))
@@ -125,9 +168,20 @@ def execute(
     return summary
 
 
-def _commit(manifest: Manifest, summary: RunSummary, records: list[dict]) -> None:
+def _content_checker(results: list[PlannedResult]):
+    """A loaded ContentChecker when any result asks safety.checkContent, else None."""
+    if not any((r.item.task.get("safety") or {}).get("checkContent") is True for r in results):
+        return None
+    from flowgen.safety import ContentChecker
+
+    checker = ContentChecker()
+    checker.load()
+    return checker
+
+
+def _commit(manifest: Manifest, summary: RunSummary, records: list[dict], deliveries: list[tuple] = ()) -> None:
     t0 = time.perf_counter()
-    manifest.upsert(records)
+    manifest.upsert(records, deliveries)
     summary.stage_seconds["manifest"] += time.perf_counter() - t0
 
 
@@ -136,14 +190,18 @@ def _summary_dict(summary: RunSummary) -> dict:
         "planned": summary.planned, "unchanged": summary.unchanged, "rendered": summary.rendered,
         "failed": summary.failed, "not_run": summary.not_run, "batches": summary.batches,
         "seconds": round(summary.seconds, 3), "stage_seconds": {k: round(v, 4) for k, v in summary.stage_seconds.items()},
+        "spent": summary.spent, "budget_stopped": summary.budget_stopped, "flagged": summary.flagged,
+        "deliveries": summary.deliveries,
     }
 
 
 class _BatchRunner:
-    """Turns one Batch into records: references, engine call, encode, write."""
+    """Turns one Batch into records and finished results: references, engine call, then per image
+    check, encode, store and record."""
 
-    def __init__(self, plan: Plan, engine: Engine, summary: RunSummary, progress: Progress):
-        self.plan, self.engine, self.summary = plan, engine, summary
+    def __init__(self, plan: Plan, engine: Engine, summary: RunSummary, progress: Progress, checker=None):
+        self.plan, self.engine, self.summary, self.checker = plan, engine, summary, checker
+        self.last_engine_seconds = 0.0
         self.progress: Progress | None = progress  # None once a step report failed
         self.references = ReferenceLoader()
         self.engine_identity: dict | None = None
@@ -154,8 +212,10 @@ class _BatchRunner:
     def skipped(self, result: PlannedResult, reason: str) -> dict:
         return result_record(self.plan, result, status="skipped", error=reason, run_id=self.summary.run_id)
 
-    def run(self, batch: Batch) -> list[dict]:
+    def run(self, batch: Batch) -> tuple[list[dict], list[Finished]]:
+        """The batch's records, and its stored results that have deliveries to make."""
         records: list[dict] = []
+        finished: list[Finished] = []
         slots: list[tuple[PlannedResult, list]] = []
         for result in batch.results:
             try:
@@ -163,7 +223,7 @@ class _BatchRunner:
             except ValueError as err:
                 records.append(self._fail(result, str(err)))
         if not slots:
-            return records
+            return records, finished
         request = build_request(batch, slots)
         request.on_step = lambda done: self._step(done, request.steps)
         t0 = time.perf_counter()
@@ -171,8 +231,8 @@ class _BatchRunner:
             output = self.engine.generate_batch(request)
         except Exception as err:  # the engine failing one batch must not end the run
             reason = f"engine error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            return records + [self._fail(r, reason) for r, _ in slots]
-        engine_seconds = time.perf_counter() - t0
+            return records + [self._fail(r, reason) for r, _ in slots], finished
+        engine_seconds = self.last_engine_seconds = time.perf_counter() - t0
         self.summary.stage_seconds["engine"] += engine_seconds
         if self.engine_identity is None:
             self.engine_identity = self.engine.identity()
@@ -185,8 +245,11 @@ class _BatchRunner:
                           **{k: v for k, v in layout.items() if k != "batch"}}
             timings = {"engine_batch": round(engine_seconds, 4), "engine_per_image": round(engine_seconds / batch.size, 4),
                        "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
-            records.append(self._write(result, output.images[position], batch_info, timings))
-        return records
+            record, done = self._finish(result, output.images[position], batch_info, timings)
+            records.append(record)
+            if done is not None and done.sinks():
+                finished.append(done)
+        return records, finished
 
     def _step(self, done: int, steps: int) -> None:
         """Report a sampling step (called from inside the engine's loop, maybe on another thread)."""
@@ -203,24 +266,36 @@ class _BatchRunner:
         self.summary.failures.append((result.item.key, result.result_index, error))
         return self.failed(result, error)
 
-    def _write(self, result: PlannedResult, pixels, batch_info: dict, timings: dict) -> dict:
+    def _finish(self, result: PlannedResult, pixels, batch_info: dict, timings: dict) -> tuple[dict, Finished | None]:
+        """Check, encode, store and record one image."""
         task = result.item.task
+        t0 = time.perf_counter()
+        verdict = self.checker.check(pixels) if self.checker and (task.get("safety") or {}).get("checkContent") is True else None
+        self.summary.flagged += bool(verdict and verdict.nsfw)
+        t1 = time.perf_counter()
+        data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), task.get("outputQuality"),
+                            embedded_metadata(self.plan, result))
+        t2 = time.perf_counter()
         try:
-            t0 = time.perf_counter()
-            data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), task.get("outputQuality"),
-                                embedded_metadata(self.plan, result))
-            t1 = time.perf_counter()
-            atomic_write_bytes(result.output_path, data)
-            t2 = time.perf_counter()
+            atomic_write_bytes(result.output_path, data)  # the file sink: always, flagged or not
         except OSError as err:
-            return self._fail(result, f"cannot write {result.output_path}: {err}")
-        self.summary.stage_seconds["encode"] += t1 - t0
-        self.summary.stage_seconds["write"] += t2 - t1
+            return self._fail(result, f"cannot write {result.output_path}: {err}"), None
+        t3 = time.perf_counter()
+        self.summary.stage_seconds["encode"] += t2 - t1
+        self.summary.stage_seconds["write"] += t3 - t2
         self.summary.rendered += 1
-        timings = {**timings, "encode": round(t1 - t0, 4), "write": round(t2 - t1, 4)}
-        return result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
-                             output_sha256=hashlib.sha256(data).hexdigest(), output_bytes=len(data),
-                             timings=timings, engine=self.engine_identity, batch=batch_info)
+        timings = {**timings, "check": round(t1 - t0, 4), "encode": round(t2 - t1, 4), "write": round(t3 - t2, 4)}
+        cost = cost_of(timings["engine_per_image"]) if task.get("includeCost") is True else None
+        record = result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
+                               output_sha256=hashlib.sha256(data).hexdigest(), output_bytes=len(data),
+                               timings=timings, engine=self.engine_identity, batch=batch_info, cost=cost,
+                               safety=verdict.as_record() if verdict else None)
+        done = Finished(item_id=record["item_id"], result_index=record["result_index"], path=result.output_path,
+                        filename=record["output"]["path"], seed=result.seed, task_uuid=record["taskUUID"],
+                        image_uuid=record["imageUUID"], output_type=task.get("outputType") or "URL",
+                        upload_endpoint=task.get("uploadEndpoint"), webhook_url=task.get("webhookURL"),
+                        cost=cost, nsfw=verdict.nsfw if verdict else None)
+        return record, done
 
 
 def build_request(batch: Batch, slots: list[tuple[PlannedResult, list]]) -> BatchRequest:

@@ -39,6 +39,7 @@ class Holder:
     run_id: str
     started_at: float
     heartbeat_at: float
+    progress: dict
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
@@ -59,6 +60,7 @@ class RunLock:
         self.run_id = run_id
         self.heartbeat_seconds = heartbeat_seconds
         self.started_at = time.time()
+        self.progress: dict = {}  # what the run has done so far, for `status` while it runs
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -73,7 +75,7 @@ class RunLock:
             raise FolderBusy(f"{self.path.parent.parent}: {who} is using this output folder; "
                              "wait for it to finish or stop it (Ctrl-C), then run again") from None
         self._fd = fd
-        self._beat()
+        self.beat()
         self._thread = threading.Thread(target=self._beat_loop, name="flowgen-heartbeat", daemon=True)
         self._thread.start()
         return self
@@ -87,19 +89,29 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
-    def _beat(self) -> None:
+    def beat(self) -> None:
+        """Write the heartbeat (and progress) now; the thread also does every few seconds."""
         record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                  "started_at": self.started_at, "heartbeat_at": time.time()}
+                  "started_at": self.started_at, "heartbeat_at": time.time(), "progress": self.progress}
         data = json.dumps(record).encode()
-        # rewritten in place (not renamed): the lock belongs to this inode
-        os.pwrite(self._fd, data.ljust(512), 0)
+        # rewritten in place (not renamed): the lock belongs to this inode; padded so that a
+        # shorter record leaves no tail of the longer one
+        os.pwrite(self._fd, data.ljust(max(1024, len(data))), 0)
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
             try:
-                self._beat()
+                self.beat()
             except OSError:  # a full disk must not kill the run; status will call it stale
                 pass
+
+
+def folder_busy_check(out_dir: str | Path) -> None:
+    """Raise FolderBusy now if a run holds `out_dir` (before starting one in the background)."""
+    state, holder = folder_state(out_dir)
+    if state != "idle":
+        who = holder.describe() if holder else "another run"
+        raise FolderBusy(f"{out_dir}: {who} is using this output folder; wait for it to finish or stop it, then run again")
 
 
 def _try_lock(fd: int, kind: int, attempts: int = 1) -> bool:
@@ -117,7 +129,7 @@ def read_holder(path: Path) -> Holder | None:
     try:
         record = json.loads(path.read_bytes().strip() or b"null")
         return Holder(int(record["pid"]), str(record["host"]), str(record["run_id"]),
-                      float(record["started_at"]), float(record["heartbeat_at"]))
+                      float(record["started_at"]), float(record["heartbeat_at"]), dict(record.get("progress") or {}))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -38,6 +38,38 @@ CREATE TABLE IF NOT EXISTS results (
     record        TEXT    NOT NULL,
     PRIMARY KEY (item_id, result_index)
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+    item_id      TEXT    NOT NULL,
+    result_index INTEGER NOT NULL,
+    sink         TEXT    NOT NULL,  -- upload | webhook
+    state        TEXT    NOT NULL CHECK (state IN ('pending', 'ok', 'failed', 'withheld')),
+    target       TEXT,              -- scheme://host/path (query strings such as signatures removed)
+    url          TEXT,              -- upload: where the file now is (no query string)
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    error        TEXT,
+    updated_at   REAL    NOT NULL,
+    PRIMARY KEY (item_id, result_index, sink)
+);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id      TEXT    NOT NULL,
+    result_index INTEGER NOT NULL,
+    sink         TEXT    NOT NULL,
+    run_id       TEXT    NOT NULL,
+    attempt      INTEGER NOT NULL,
+    started_at   TEXT    NOT NULL,
+    seconds      REAL,
+    status_code  INTEGER,
+    error        TEXT,
+    outcome      TEXT    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS expirations (  -- results whose file `flowgen gc` removed when their ttl ran out
+    item_id      TEXT    NOT NULL,
+    result_index INTEGER NOT NULL,
+    content_hash TEXT    NOT NULL,  -- what expired: a changed result renders again
+    expired_at   REAL    NOT NULL,
+    PRIMARY KEY (item_id, result_index)
+);
 CREATE TABLE IF NOT EXISTS runs (
     run_id      TEXT PRIMARY KEY,
     started_at  REAL NOT NULL,
@@ -98,14 +130,22 @@ class Manifest:
         self.close()
 
     # --- results -------------------------------------------------------------------------
-    def upsert(self, records: Iterable[dict[str, Any]]) -> None:
-        """Insert or replace records in one transaction (all of a batch, or none of it)."""
+    def upsert(self, records: Iterable[dict[str, Any]], deliveries: Iterable[tuple] = ()) -> None:
+        """Insert or replace records in one transaction (all of a batch, or none of it), together
+        with their deliveries' first states: (item_id, result_index, sink, state, error) tuples."""
         rows = [_row(r) for r in records]
-        if not rows:
+        deliveries = [(*d, time.time()) for d in deliveries]
+        if not rows and not deliveries:
             return
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self.conn.executemany(_UPSERT, rows)
+            self.conn.executemany("DELETE FROM expirations WHERE item_id=? AND result_index=?",
+                                  [(r["item_id"], r["result_index"]) for r in rows])
+            self.conn.executemany(
+                """INSERT INTO deliveries (item_id, result_index, sink, state, error, updated_at) VALUES (?,?,?,?,?,?)
+                   ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
+                       error = excluded.error, updated_at = excluded.updated_at""", deliveries)
         except BaseException:
             self.conn.execute("ROLLBACK")
             raise
@@ -127,12 +167,68 @@ class Manifest:
             yield json.loads(text)
 
     def index(self) -> dict[tuple[str, int], tuple[str, str, str | None, str | None]]:
-        """(item_id, result_index) -> (status, content_hash, output_path, output_sha256), cheap."""
-        cursor = self.conn.execute("SELECT item_id, result_index, status, content_hash, output_path, output_sha256 FROM results")
+        """(item_id, result_index) -> (status, content_hash, output_path, output_sha256), cheap.
+        A result `flowgen gc` expired reads status "expired"."""
+        cursor = self.conn.execute(
+            """SELECT r.item_id, r.result_index, CASE WHEN e.content_hash = r.content_hash THEN 'expired' ELSE r.status END,
+                      r.content_hash, r.output_path, r.output_sha256
+               FROM results r LEFT JOIN expirations e USING (item_id, result_index)""")
         return {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in cursor}
+
+    def expire(self, item_id: str, result_index: int, content_hash: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO expirations VALUES (?,?,?,?)",
+                          (item_id, result_index, content_hash, time.time()))
+
+    def expired(self) -> dict[tuple[str, int], float]:
+        """(item_id, result_index) -> when its file was removed, for results still as they expired."""
+        cursor = self.conn.execute(
+            "SELECT e.item_id, e.result_index, e.expired_at FROM expirations e JOIN results r USING (item_id, result_index) "
+            "WHERE e.content_hash = r.content_hash")
+        return {(r[0], r[1]): r[2] for r in cursor}
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
+
+    # --- deliveries ----------------------------------------------------------------------
+    def set_delivery(self, item_id: str, result_index: int, sink: str, state: str, *, target: str | None = None,
+                     url: str | None = None, error: str | None = None, attempts: int = 0) -> None:
+        """Upsert one (result, sink) delivery state; `attempts` is added to the count so far."""
+        self.conn.execute(
+            """INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at)
+               VALUES (?,?,?,?,?,?,?,?,?)
+               ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
+                   target = COALESCE(excluded.target, target), url = COALESCE(excluded.url, url),
+                   attempts = attempts + excluded.attempts, error = excluded.error, updated_at = excluded.updated_at""",
+            (item_id, result_index, sink, state, target, url, attempts, error, time.time()),
+        )
+
+    def add_attempts(self, item_id: str, result_index: int, sink: str, run_id: str, attempts: Iterable[dict]) -> None:
+        """Append delivery attempts (dicts with attempt, started_at, seconds, status_code, error, outcome)."""
+        self.conn.executemany(
+            """INSERT INTO delivery_attempts (item_id, result_index, sink, run_id, attempt, started_at, seconds,
+                                              status_code, error, outcome) VALUES (?,?,?,?,?,?,?,?,?,?)""",
+            [(item_id, result_index, sink, run_id, a["attempt"], a["started_at"], a.get("seconds"), a.get("status_code"),
+              a.get("error"), a["outcome"]) for a in attempts],
+        )
+
+    def deliveries(self, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Delivery states, optionally only those in `states`, ordered by result then sink."""
+        query = "SELECT item_id, result_index, sink, state, target, url, attempts, error, updated_at FROM deliveries"
+        args: tuple = ()
+        if states is not None:
+            states = tuple(states)
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            args = states
+        cursor = self.conn.execute(query + " ORDER BY item_id, result_index, sink", args)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    def attempts(self, item_id: str, result_index: int) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT sink, run_id, attempt, started_at, seconds, status_code, error, outcome FROM delivery_attempts "
+            "WHERE item_id=? AND result_index=? ORDER BY id", (item_id, result_index))
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     # --- runs ----------------------------------------------------------------------------
     def start_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str) -> None:
@@ -167,7 +263,16 @@ class Manifest:
     # --- export --------------------------------------------------------------------------
     def export_jsonl(self) -> Path:
         """Rewrite <out>/manifest.jsonl atomically from the database; returns its path."""
-        lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in self.records()]
+        delivered: dict[tuple[str, int], dict[str, Any]] = {}
+        for d in self.deliveries():
+            delivered.setdefault((d["item_id"], d["result_index"]), {})[d["sink"]] = {
+                k: d[k] for k in ("state", "target", "url", "attempts", "error") if d[k] is not None}
+        lines = []
+        for record in self.records():
+            state = delivered.get((record["item_id"], record["result_index"]))
+            if state:
+                record["delivery"] = state
+            lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
         target = self.out_dir / JSONL_NAME
         atomic_write_bytes(target, ("\n".join(lines) + ("\n" if lines else "")).encode())
         return target

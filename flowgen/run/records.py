@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from flowgen.delivery.payload import uuid_from_key
 from flowgen.plan.diff import relative_output
 from flowgen.plan.hashing import image_params
 from flowgen.plan.model import Plan, PlannedResult
@@ -36,6 +37,8 @@ def result_record(
     timings: dict[str, Any] | None = None,
     engine: dict[str, Any] | None = None,
     batch: dict[str, Any] | None = None,
+    cost: float | None = None,
+    safety: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest record of one result (see module doc)."""
     item = result.item
@@ -43,7 +46,8 @@ def result_record(
     return {
         "schema": SCHEMA_VERSION,
         "taskType": "imageInference",
-        "taskUUID": str(uuid.uuid4()),  # one per attempt, as the API does
+        # the recipe's taskUUID, else one derived from the item: the same on every rerun
+        "taskUUID": str(task.get("taskUUID") or uuid_from_key(f"task:{item.item_id}")),
         "imageUUID": _image_uuid(result.content_hash, output_sha256) if output_sha256 else None,
         "item_id": item.item_id,
         "item_key": item.key,
@@ -65,6 +69,9 @@ def result_record(
             "format": str(task.get("outputFormat") or "JPG").upper(),
         },
         "batch": batch,
+        "outputType": str(task.get("outputType") or "URL"),
+        **({"cost": cost} if cost is not None else {}),
+        **({"safety": safety, "NSFWContent": safety["NSFWContent"]} if safety is not None else {}),
         "timings": timings or {},
         "model": {"name": plan.model, "identity": jsonable(plan.model_identity)},
         "dtype": plan.dtype,  # the compute dtype: part of the content hash, and what regen renders in

@@ -82,20 +82,27 @@ def test_boundaries_of_the_spec_ranges():
 
 
 def test_accepted_and_recorded_fields_pass_through(tmp_path):
-    recipe = simple(includeCost=True, ttl=120, outputType="base64Data", deliveryMethod="sync", scheduler="Default",
+    recipe = simple(includeCost=True, outputType="base64Data", deliveryMethod="sync", scheduler="Default",
                     acceleration="high", safety={"checkContent": False}, taskType="imageInference",
                     taskUUID="8f1b2f4e-3c5a-4d2e-9b7a-1c2d3e4f5a6b", negativePrompt="blurry")
     task = expand_items(load_recipe(write(tmp_path, recipe)))[0].task
-    for field in ("includeCost", "ttl", "outputType", "deliveryMethod", "scheduler", "acceleration", "safety", "taskUUID", "negativePrompt"):
+    for field in ("includeCost", "outputType", "deliveryMethod", "scheduler", "acceleration", "safety", "taskUUID", "negativePrompt"):
         assert task[field] == recipe["task"][field]
 
 
 def test_fields_the_engine_cannot_honour_are_refused_by_name(tmp_path):
-    recipe = simple(uploadEndpoint="https://bucket.example.com/x?sig=1", lora=[{"model": "civitai:1@1"}],
-                    ultralytics={"steps": 10}, acceleratorOptions={"teaCache": True})
+    recipe = simple(lora=[{"model": "civitai:1@1"}], ultralytics={"steps": 10}, acceleratorOptions={"teaCache": True})
     problems = problems_of(tmp_path, recipe)
-    assert [p.split(":")[0] for p in problems] == ["task.uploadEndpoint", "task.acceleratorOptions", "task.lora", "task.ultralytics"]
+    assert [p.split(":")[0] for p in problems] == ["task.acceleratorOptions", "task.lora", "task.ultralytics"]
     assert all("not supported yet by the local engine" in p for p in problems)
+
+
+def test_delivery_fields_are_accepted(tmp_path):
+    recipe = simple(uploadEndpoint="https://bucket.example.com/x?sig=1", webhookURL="https://hooks.example.com/in",
+                    deliveryMethod="async", safety={"checkContent": True}, includeCost=True, ttl=600)
+    task = expand_items(load_recipe(write(tmp_path, recipe)))[0].task
+    for field in ("uploadEndpoint", "webhookURL", "deliveryMethod", "safety", "includeCost", "ttl"):
+        assert task[field] == recipe["task"][field]
 
 
 def test_cache_step_rules_need_the_whole_task(tmp_path):
