@@ -68,6 +68,7 @@ def batch_references(ref_sets: list[PreparedSet | None], cache: ReferenceCache, 
                      fixed_keys: int, forced: Layout | None = None) -> BatchReferences:
     """Lay out the reference sets of a batch (one entry per row). fixed_keys: T + N, the keys every
     row has before its references."""
+    cache = _OncePerCall(cache)
     batch = len(ref_sets)
     layout = _choose(ref_sets, cache, kv_model, batch) if forced is None else _check_forced(forced, ref_sets, cache,
                                                                                                kv_model, batch)
@@ -96,6 +97,26 @@ def batch_references(ref_sets: list[PreparedSet | None], cache: ReferenceCache, 
     tokens = jnp.concatenate([r.tokens for r in rows_tokens], axis=0)
     ids = np.stack([r.ids for r in rows_tokens])
     return BatchReferences(layout, None, tokens, ids, lengths)
+
+
+class _OncePerCall:
+    """The reference cache, with each set's K/V and tokens fetched once per batch: the cache itself
+    keeps only a couple of K/V sets (a 9B set is ~2 GB), so a batch of 8 distinct sets would
+    otherwise evict and re-run its own pre-passes while measuring and stacking them."""
+
+    def __init__(self, cache: ReferenceCache):
+        self.transformer = cache.transformer
+        self._cache, self._kv, self._tokens = cache, {}, {}
+
+    def kv(self, refs: PreparedSet):
+        if refs.key not in self._kv:
+            self._kv[refs.key] = self._cache.kv(refs)
+        return self._kv[refs.key]
+
+    def tokens(self, refs: PreparedSet):
+        if refs.key not in self._tokens:
+            self._tokens[refs.key] = self._cache.tokens(refs)
+        return self._tokens[refs.key]
 
 
 def _choose(ref_sets, cache, kv_model: bool, batch: int) -> Layout:

@@ -112,9 +112,12 @@ def _edits(count: int = 8):
 def test_batch_of_distinct_references_is_one_loop_within_float32_noise(which, kv_pipe, plain_pipe):
     pipe = kv_pipe if which == "kv" else plain_pipe
     prompts, refs, seeds = _edits()
+    pipe.clear_caches()
     pipe.counters.clear()
     batch = pipe.generate(prompts, references=refs, seeds=seeds, steps=STEPS, **SIZE)
     assert pipe.counters["denoise"] == 1
+    # each set's pre-pass once, though the K/V cache keeps only two sets between batches
+    assert pipe.counters["reference_prepass"] == (8 if which == "kv" else 0)
     layout = batch.layout
     assert layout == {"reference_layout": "rows", "reference_length": 112, "batch": 8}
     for i in range(8):
