@@ -8,6 +8,15 @@ text encoder and VAE still come from the card's repo).
 
 Real weights are never downloaded implicitly and a missing checkpoint is never replaced by the tiny
 model: `weights_path()` raises CheckpointError saying how to get them.
+
+`ModelCard` is the one typed form of a card, wherever it travels (recipe validation, the planner,
+the engine): a frozen pydantic model, validated when read (`load_card`) or derived from a local
+path (`ModelCard.replace` re-validates). This module is a bottom layer: it imports no JAX, and the
+recipe layer imports it directly.
+
+Identity: `identity()` (what plan content hashes cover) is made of card facts only, so it is the
+same with or without the weights on this machine; `weights_identity()` (file digests, HF revision)
+is recorded apart, in the engine identity every result's manifest record keeps under "engine".
 """
 
 from __future__ import annotations
@@ -120,17 +129,14 @@ class ModelCard(_Strict):
                                                 hint="pass a complete diffusers pipeline folder")
         return locate.hf_snapshot(self.weights.hf_repo, gated=self.weights.gated, label=label, download=download)
 
-    def identity(self, *, weights: bool = True) -> dict:
-        """What identifies this model, for manifests and plan hashes; cheap (never hashes gigabytes).
+    def identity(self) -> dict:
+        """What identifies this model in plan content hashes and manifests: facts of the card only.
 
-        Always: name, AIR, architecture, kv, distilled and where the weights come from (HF repo, local
-        folder, single file; the tiny model's seed and a hash of its spec). With `weights=True` and the
-        weights present locally, also `files`: per file of the weights folder, files up to 16 MiB
-        (configs, tokenizer) are hashed whole; a larger file gets the SHA-256 the Hugging Face cache
-        already names its blob by, or — outside the cache — a SHA-256 of its size, its safetensors
-        header and two 64 KiB samples of its data (`sampled-sha256`), which still tells apart
-        fine-tunes with identical tensor layouts. Never raises for missing weights: `files` is then
-        None (so `flowgen plan` works on a machine without the weights).
+        Name, AIR, architecture, kv, distilled and where the weights come from (HF repo, local
+        folder, single file); for the tiny card its seed and a hash of its spec (which determine
+        its bytes). Never looks at the weights, so it is the same before and after a download (a
+        plan made on a machine without the weights matches the one made after `hf download`); the
+        weight files' digests, when present, are `weights_identity()`, recorded apart.
         """
         out = {"name": self.name, "air": self.air, "architecture": self.architecture, "kv": self.kv,
                "distilled": self.distilled}
@@ -142,18 +148,35 @@ class ModelCard(_Strict):
         out["source"] = str(self.weights.path) if self.weights.path is not None else self.weights.hf_repo
         if self.weights.transformer_file is not None:
             out["transformer_file"] = str(self.weights.transformer_file)
-        if not weights:
-            return out
+        return out
+
+    def weights_identity(self) -> dict | None:
+        """Digests of the weight files on this machine, for the engine's record; None when absent.
+
+        Cheap (never hashes gigabytes): per file of the weights folder, files up to 16 MiB (configs,
+        tokenizer) are hashed whole; a larger file gets the SHA-256 the Hugging Face cache already
+        names its blob by, or — outside the cache — a SHA-256 of its size, its safetensors header
+        and two 64 KiB samples of its data (`sampled-sha256`), which still tells apart fine-tunes
+        with identical tensor layouts. `revision`: the HF snapshot (commit) the files come from.
+        None for the tiny card (its files are a function of `identity()`) and when the weights are
+        not on this machine; never raises for missing weights. Not part of any content hash.
+        """
+        if self.tiny is not None:
+            return None
         try:
             folder = self.weights_path()
         except CheckpointError:
-            out["files"] = None
-            return out
-        out["files"] = {str(f.relative_to(folder)): locate.file_digest(f) for f in sorted(folder.rglob("*"))
-                        if f.is_file() and not f.name.startswith(".")}
+            return None
+        files = {str(f.relative_to(folder)): locate.file_digest(f) for f in sorted(folder.rglob("*"))
+                 if f.is_file() and not f.name.startswith(".")}
         if self.weights.transformer_file is not None:
-            out["files"]["<transformer_file>"] = locate.file_digest(Path(self.weights.transformer_file))
-        return out
+            files["<transformer_file>"] = locate.file_digest(Path(self.weights.transformer_file))
+        revision = folder.name if self.weights.path is None and folder.parent.name == "snapshots" else None
+        return {"revision": revision, "files": files}
+
+    def replace(self, **changes) -> "ModelCard":
+        """A copy with `changes`, validated like a card read from YAML (model_copy would skip that)."""
+        return ModelCard.model_validate({**self.model_dump(), **changes})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,8 +281,8 @@ def _card_from_folder(folder: Path) -> ModelCard:
                         "tiny" if config == TINY else "custom")
     for card in list_cards():  # a local copy of a known model keeps its name, AIR and defaults
         if (card.architecture, card.kv, card.distilled) == (architecture, kv, distilled):
-            return card.model_copy(update={"weights": Weights(path=folder), "tiny": None,
-                                           "architecture": "custom" if architecture == "tiny" else architecture})
+            return card.replace(weights=Weights(path=folder), tiny=None,
+                                architecture="custom" if architecture == "tiny" else architecture)
     defaults = Defaults(steps=4 if distilled else 50, cfg_scale=1.0 if distilled else 4.0, width=1024, height=1024)
     return ModelCard(name=folder.name, description=f"local pipeline folder {folder}",
                      architecture=architecture if architecture != "tiny" else "custom", kv=kv,
@@ -284,7 +307,7 @@ def _card_from_single_file(file: Path, variant: str | None) -> ModelCard:
         card = matches[0]
         if card.architecture != architecture:
             raise CheckpointError(f"{file}: named like {card.name} but holds a {architecture} transformer")
-    return card.model_copy(update={"weights": card.weights.model_copy(update={"transformer_file": file})})
+    return card.replace(weights=Weights.model_validate({**card.weights.model_dump(), "transformer_file": file}))
 
 
 def _single_file_architecture(file: Path) -> str:

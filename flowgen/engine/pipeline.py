@@ -24,6 +24,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.engine.batch_references import Layout, batch_references
+from flowgen.engine.cards import ModelCard
 from flowgen.engine.denoise import Conditioning, Denoiser, noise_keys
 from flowgen.engine.ids import image_ids, pack, text_ids, unpack
 from flowgen.engine.images import default_output_size
@@ -86,7 +88,7 @@ class Pipeline:
         self._check_compatible(text_encoder)
 
     @classmethod
-    def from_pretrained(cls, source: Any, runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, *,
+    def from_pretrained(cls, source: str | Path | ModelCard, runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, *,
                         dtype: str | None = None) -> "Pipeline":
         """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object.
 
@@ -185,7 +187,8 @@ class Pipeline:
 
         return {
             "model": self.source.name,
-            "card": self.source.identity,
+            "card": self.source.identity,  # what the plan hashed (card facts only)
+            "weights": self.source.weights,  # digests of the files loaded (recorded, not hashed)
             "kv": self.is_kv,
             "distilled": self.distilled,
             "flowgen": flowgen.__version__,

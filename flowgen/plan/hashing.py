@@ -1,6 +1,6 @@
 """Content hashes: what a result's image depends on, reduced to one sha256.
 
-A result's hash covers the model identity (card + weights), the compute dtype (unless float32),
+A result's hash covers the model identity (the card's: never its weight files), the dtype (unless float32),
 every resolved task parameter that can change the file's bytes, the reference images' *content*
 (sha256 of file bytes, so moving a file changes nothing), the seed and the result index.
 Delivery-only fields (webhooks, upload targets, taskUUID, ...) are left out: changing them must not

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from flowgen.engine.cards import ModelCard  # the typed model card (a JAX-free bottom layer)
 from flowgen.recipe import spec
 from flowgen.recipe.naming import FilenameRenderer
 
@@ -371,7 +372,7 @@ class Recipe(Strict):
     _source_path: Path = PrivateAttr(default=Path("recipe.yaml"))
     _raw: dict = PrivateAttr(default_factory=dict)
     _rows: dict = PrivateAttr(default_factory=dict)  # dataset name -> list[Row], filled by loading
-    _card: Any = PrivateAttr(default=None)
+    _card: ModelCard | None = PrivateAttr(default=None)
     _filename_renderer: Any = PrivateAttr(default=None)
 
     @field_validator("version", mode="before")
@@ -411,8 +412,8 @@ class Recipe(Strict):
         return self._raw
 
     @property
-    def card(self) -> Any:
-        """The model card from flowgen.engine.cards, or None when no card module/card was available."""
+    def card(self) -> ModelCard | None:
+        """The recipe's model card (flowgen.engine.cards), or None when its model resolves to none."""
         return self._card
 
     @property

@@ -6,7 +6,7 @@ every expanded item's resolved task (where templates have become values). A task
 1. the spec (task_problems): TaskFields in schema.py, its pydantic errors turned into one-line
    problems that name the field path (format_errors);
 2. the local engine's support table (support_problems): what flowgen executes, accepts as a record
-   only, or refuses (for now);
+   only, or refuses (for now), read from the engine's `capabilities()`;
 3. the rules that need the whole merged task (merged_problems): required fields, model-card rules
    (guidance on distilled models), cache-step consistency. The model card comes from find_card;
 4. its reference images (reference_problems, behind api.check_references): each file exists and
@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from flowgen.engine.sampling import names as scheduler_names  # JAX-free: the spec names -> samplers
+from flowgen.engine import cards as model_cards  # JAX-free bottom layer: the typed model cards
+from flowgen.engine.capabilities import capabilities  # JAX-free: what the local engine supports
+from flowgen.engine.cards import ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.recipe.schema import Item, TaskFields, shown, submodel_at
 from flowgen.recipe.spec import DISTILLED_AIRS, MAX_REFERENCES, REFERENCE_MAX_ASPECT, REFERENCE_MAX_PIXELS, REFERENCE_MIN_SIDE
@@ -79,7 +81,8 @@ def clean_task(task: dict) -> dict:
     return TaskFields.model_validate(task).model_dump(exclude_none=True)
 
 
-def merged_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
+def merged_problems(task: dict, where: str, model: str | None, distilled: bool | None,
+                    card: ModelCard | None = None) -> list[str]:
     """Rules that need the whole merged task: required fields, model-card rules, cache steps."""
     return required_problems(task, where, model) + model_rule_problems(task, where, model, distilled, card)
 
@@ -97,12 +100,12 @@ def is_missing(value: Any) -> bool:
     return value in (None, "")
 
 
-def model_rule_problems(task: dict, where: str, model: str | None, distilled: bool | None, card: Any = None) -> list[str]:
+def model_rule_problems(task: dict, where: str, model: str | None, distilled: bool | None,
+                        card: ModelCard | None = None) -> list[str]:
     """Model-card rules (guidance on distilled models) and cache-step consistency."""
     problems = []
     cfg = _float(task.get("CFGScale"))
-    limits = getattr(card, "limits", None)
-    cfg_allowed = getattr(limits, "cfg", None) if limits is not None else None
+    cfg_allowed = card.limits.cfg if card is not None else None
     if cfg is not None and cfg > 1 and (distilled or cfg_allowed is False):
         why = "is guidance-distilled" if distilled else "takes no guidance"
         problems.append(f"{where}.CFGScale: {model_label(model, card)} {why}, so CFGScale must be absent or <= 1, got {task['CFGScale']!r}")
@@ -203,15 +206,14 @@ def _message(error: dict, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
 # --- What the local engine executes, accepts as a record only, or refuses (for now) ----------------
 #
 # Every field is first validated against the API spec (TaskFields); this table then decides what
-# flowgen does with a valid value. Refusing beats silently ignoring: a recipe that asks for a
-# webhook or a LoRA must not "succeed" without one. docs/recipes.md mirrors this table.
+# flowgen does with a valid value, from what the engine says it supports
+# (flowgen.engine.capabilities: schedulers run / refused, acceleration values, lora,
+# acceleratorOptions, ultralytics, reference inputs). Refusing beats silently ignoring: a recipe that
+# asks for a webhook or a LoRA must not "succeed" without one. docs/recipes.md mirrors this table.
+# Scheduler names outside the spec are the spec validation's to report.
 
 
 NOT_YET = "not supported yet by the local engine"
-
-# Schedulers: every spec name the engine runs is in scheduler_names.SUPPORTED; the few it refuses are
-# scheduler_names.REFUSED (name -> why). Names outside the spec are the spec validation's to report.
-ENGINE_ACCELERATION = "high"  # the spec default; the engine's exact reference-KV cache is always on
 
 # per-result placeholders the deliver step fills in uploadEndpoint (flowgen.run.deliver)
 UPLOAD_PLACEHOLDERS = ("{result}", "{filename}", "{imageUUID}")
@@ -235,70 +237,62 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
                         + ", ".join("{" + p + "}" for p in UPLOAD_PLACEHOLDERS) + " (written with doubled braces)")
     if task.get("ttl") is not None and (task.get("outputType") or "URL") != "URL":
         problems.append(f"{where}.ttl: applies only to outputType 'URL', not {task.get('outputType')!r}; remove it")
-    if task.get("acceleration") not in (None, ENGINE_ACCELERATION):
-        refuse("acceleration", f"only {ENGINE_ACCELERATION!r}, the default: the exact reference KV cache is always on")
-    if task.get("acceleratorOptions") is not None:
-        refuse("acceleratorOptions", "no step caching besides the exact reference KV cache")
-    if task.get("lora") is not None:
-        refuse("lora", "LoRA adapters are not loaded")
-    if task.get("ultralytics") is not None:
-        refuse("ultralytics", "no face refinement pass")
+    caps = capabilities()
+    if task.get("acceleration") not in (None, *caps.acceleration):
+        refuse("acceleration", caps.why_not["acceleration"])
+    for field, supported in (("acceleratorOptions", caps.accelerator_options), ("lora", caps.lora),
+                             ("ultralytics", caps.ultralytics)):
+        if task.get(field) is not None and not supported:
+            refuse(field, caps.why_not[field])
     scheduler = task.get("scheduler")
-    if isinstance(scheduler, str) and scheduler in scheduler_names.REFUSED:
-        refuse("scheduler", scheduler_names.REFUSED[scheduler])
+    if isinstance(scheduler, str) and scheduler in caps.refused_schedulers:
+        refuse("scheduler", caps.refused_schedulers[scheduler])
     references = (task.get("inputs") or {}).get("referenceImages") if isinstance(task.get("inputs"), dict) else None
     for index, ref in enumerate(references or []):
-        if isinstance(ref, str) and _is_remote(ref):
-            refuse(f"inputs.referenceImages[{index}]", "reference images must be local files, not URLs, data URIs or UUIDs")
+        if isinstance(ref, str) and reference_kind(ref) not in caps.reference_inputs:
+            refuse(f"inputs.referenceImages[{index}]", caps.why_not["inputs.referenceImages"])
     return problems
 
 
-def _is_remote(ref: str) -> bool:
-    return ref.startswith(("http://", "https://", "data:")) or bool(_UUID.match(ref))
+def reference_kind(ref: str) -> str:
+    """Which of flowgen.engine.capabilities.REFERENCE_KINDS a reference string is."""
+    if ref.startswith(("http://", "https://")):
+        return "url"
+    if ref.startswith("data:"):
+        return "data_uri"
+    return "uuid" if _UUID.match(ref) else "file"
 
 
 # --- Model cards: which model a recipe names and whether it is distilled --------------------------
 #
-# Cards come from flowgen.engine.cards (`resolve_model(name) -> card` with .name, .distilled,
-# .defaults, .kv). When that module is not importable the recipe layer still works: the curated
-# Runware AIR ids fall back to a small table (spec.DISTILLED_AIRS) and every other model gets no
-# model-specific rules.
+# Cards are flowgen.engine.cards.ModelCard (typed, JAX-free): `resolve_model(name) -> ModelCard`.
+# A model no card resolves is a recipe problem; only then (card None) do the curated Runware AIR ids
+# fall back to a small table (spec.DISTILLED_AIRS) and other models get no model-specific rules.
 
 
-# Names some cards may use for the two defaults that matter; the request spells them as on the right.
-_DEFAULT_ALIASES = {"num_inference_steps": "steps", "guidance_scale": "CFGScale", "cfg_scale": "CFGScale"}
 DISTILLED_STEPS = 4
 
 
-def find_card(model: str) -> tuple[Any, str | None]:
-    """(card, None) when found; (None, problem) when the card module rejects the name; (None, None) without cards."""
+def find_card(model: str) -> tuple[ModelCard | None, str | None]:
+    """(card, None) when found; (None, problem) when no card resolves the name."""
     try:
-        from flowgen.engine.cards import resolve_model
-    except ImportError:
-        return None, None
-    try:
-        return resolve_model(model), None
+        return model_cards.resolve_model(model), None
     except (FlowgenError, LookupError, ValueError, OSError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         return None, f"model: {message}"
 
 
-def is_distilled(model: str | None, card: Any) -> bool | None:
+def is_distilled(model: str | None, card: ModelCard | None) -> bool | None:
     """True/False from the card (or the AIR table); None when nothing is known."""
-    if card is not None and getattr(card, "distilled", None) is not None:
-        return bool(card.distilled)
+    if card is not None:
+        return card.distilled
     return DISTILLED_AIRS.get(model or "")
 
 
-def card_defaults(card: Any, distilled: bool | None) -> dict:
-    """imageInference defaults from the card (steps, CFGScale, ...), lowest precedence in a task."""
-    raw = getattr(card, "defaults", None) or {}
-    if hasattr(raw, "model_dump"):  # flowgen.engine.cards.Defaults (pydantic, aliases = request names)
-        raw = raw.model_dump(by_alias=True)
-    if not isinstance(raw, dict):
-        raw = {}
-    defaults = {_DEFAULT_ALIASES.get(k, k): v for k, v in raw.items()}
-    defaults = {k: v for k, v in defaults.items() if k in TaskFields.model_fields and v is not None}
+def card_defaults(card: ModelCard | None, distilled: bool | None) -> dict:
+    """imageInference defaults from the card (steps, CFGScale, width, height), lowest precedence in a task."""
+    raw = card.defaults.model_dump(by_alias=True) if card is not None else {}  # aliases = request names
+    defaults = {k: v for k, v in raw.items() if k in TaskFields.model_fields and v is not None}
     if distilled:
         defaults.setdefault("steps", DISTILLED_STEPS)
         if float(defaults.get("CFGScale", 1)) > 1:  # a distilled model runs without guidance
@@ -306,9 +300,9 @@ def card_defaults(card: Any, distilled: bool | None) -> dict:
     return defaults
 
 
-def model_label(model: str | None, card: Any) -> str:
+def model_label(model: str | None, card: ModelCard | None) -> str:
     """How messages name the model: 'runware:400@6 (klein-9b-kv)' when a card is known."""
-    name = getattr(card, "name", None)
+    name = card.name if card is not None else None
     return f"{model} ({name})" if name and name != model else str(model)
 
 
@@ -387,8 +381,9 @@ def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, An
 
 # --- Reference images: every file exists and its header is sane (no full decode) ------------------
 #
-# Limits (spec.py): at most 4 references per item, each side >= 64 px, aspect ratio <= 8, at most
-# 150 MP. A file whose header claims 20000x20000 is rejected before any pixel is decoded.
+# Limits (spec.py): at most 4 references per item (the spec's and the engine's capabilities().max_references),
+# each side >= 64 px, aspect ratio <= 8, at most 150 MP. A file whose header claims 20000x20000 is
+# rejected before any pixel is decoded.
 
 
 REFERENCES_WHERE = "task.inputs.referenceImages"
@@ -430,9 +425,10 @@ def reference_problems(items: Sequence[Item]) -> list[str]:
     """One problem per bad file (naming the first item using it) and per item with too many references."""
     users: dict[Path, list[str]] = {}
     problems = []
+    limit = min(MAX_REFERENCES, capabilities().max_references)
     for item in items:
-        if len(item.references) > MAX_REFERENCES:
-            problems.append(f"{REFERENCES_WHERE}: item {item.key!r} has {len(item.references)} reference images; at most {MAX_REFERENCES}")
+        if len(item.references) > limit:
+            problems.append(f"{REFERENCES_WHERE}: item {item.key!r} has {len(item.references)} reference images; at most {limit}")
         for path in item.references:
             users.setdefault(Path(path), []).append(item.key)
     for path, keys in users.items():

@@ -102,19 +102,22 @@ def test_missing_real_weights_explain_how_to_download_and_never_use_tiny(hf_cach
         cards.resolve_model("klein-4b").weights_path()
     assert "HF_TOKEN" not in str(err.value)  # not gated
     assert not (tmp_path / "flowgen").exists()  # the tiny model was not written as a fallback
-    identity = cards.resolve_model("runware:400@6").identity()  # plans work without the weights
-    assert identity["files"] is None and identity["source"] == "black-forest-labs/FLUX.2-klein-9b-kv"
+    card = cards.resolve_model("runware:400@6")  # plans work without the weights
+    assert card.identity()["source"] == "black-forest-labs/FLUX.2-klein-9b-kv" and "files" not in card.identity()
+    assert card.weights_identity() is None
 
 
 def test_weights_found_in_hf_cache(hf_cache, tiny_folder):
     snapshot = _fake_snapshot(hf_cache, "black-forest-labs/FLUX.2-klein-9b-kv", tiny_folder)
     card = cards.resolve_model("runware:400@6")
     assert card.weights_path() == snapshot
-    identity = card.identity()
+    weights = card.weights_identity()
     blob_hash = Path(os.path.realpath(snapshot / "transformer/diffusion_pytorch_model.safetensors")).name
-    assert identity["files"]["transformer/diffusion_pytorch_model.safetensors"] == "sha256:" + blob_hash
-    assert identity["air"] == "runware:400@6" and identity["source"] == "black-forest-labs/FLUX.2-klein-9b-kv"
-    assert "files" not in card.identity(weights=False)
+    assert weights["files"]["transformer/diffusion_pytorch_model.safetensors"] == "sha256:" + blob_hash
+    assert weights["revision"] == snapshot.name
+    identity = card.identity()  # card facts only: the same as without the weights
+    assert identity == {"name": "klein-9b-kv", "air": "runware:400@6", "architecture": "klein-9b", "kv": True,
+                        "distilled": True, "source": "black-forest-labs/FLUX.2-klein-9b-kv"}
 
 
 def test_weights_found_when_downloaded_with_other_case(hf_cache, tiny_folder):
@@ -150,14 +153,15 @@ def test_tiny_model_is_written_once_atomically(tmp_path, monkeypatch):
     assert folder.parent == tmp_path / "models" and folder.name.startswith("flux2-klein-tiny-")
     assert [p.name for p in (tmp_path / "models").iterdir()] == [folder.name]  # no temp folders left behind
     assert cards.resolve_model(str(folder)).kv  # a complete pipeline folder
-    assert card.identity()["tiny"] == tiny_model.identity(0)
+    assert card.identity()["tiny"] == tiny_model.identity(0) and card.weights_identity() is None
 
 
 def test_card_from_local_folder(tiny_folder, tmp_path):
     card = cards.resolve_model(str(tiny_folder))
     assert card.weights_path() == tiny_folder and card.kv and card.distilled
     assert card.transformer_config() == tiny_model.TRANSFORMER
-    assert set(card.identity()["files"]) >= {"model_index.json", "transformer/diffusion_pytorch_model.safetensors"}
+    assert set(card.weights_identity()["files"]) >= {"model_index.json", "transformer/diffusion_pytorch_model.safetensors"}
+    assert card.weights_identity()["revision"] is None and card.identity()["source"] == str(tiny_folder)
 
     custom = tmp_path / "custom"
     shutil.copytree(tiny_folder, custom)
@@ -271,3 +275,22 @@ def test_non_editable_wheel_contains_and_finds_the_cards(tmp_path):
                          cwd=tmp_path).stdout.split("\n")
     assert out[0] == str(tmp_path / "site" / "flowgen" / "models")
     assert set(out[1].split()) == set(EXPECTED)
+
+
+def test_cards_are_typed_frozen_and_every_copy_is_validated():
+    import pydantic
+
+    card = cards.resolve_model("klein-base-4b")
+    assert isinstance(card, cards.ModelCard) and isinstance(card.defaults, cards.Defaults)
+    with pytest.raises(pydantic.ValidationError):
+        card.distilled = True  # frozen
+    with pytest.raises(pydantic.ValidationError, match="a distilled model takes no CFG"):
+        card.replace(distilled=True)  # CFGScale 4.0 on a distilled card: rejected as in a YAML file
+    assert card.replace(name="mine").defaults == card.defaults
+
+
+def test_identity_never_depends_on_the_weights(hf_cache, tiny_folder):
+    card = cards.resolve_model("klein-9b-kv")
+    before = card.identity()
+    _fake_snapshot(hf_cache, "black-forest-labs/FLUX.2-klein-9b-kv", tiny_folder)
+    assert card.identity() == before and card.weights_identity() is not None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -11,9 +9,12 @@ import yaml
 from PIL import Image
 
 from flowgen.commands.validate import validate_command
+from flowgen.engine import cards as model_cards
+from flowgen.engine.cards import ModelCard
 from flowgen.errors import CheckpointError, RecipeError
 from flowgen.recipe.api import Item, check_references, expand_items, load_recipe, validate_task
 from flowgen.recipe.loading import apply_override, parse_override
+from flowgen.recipe.spec import DISTILLED_AIRS
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 
@@ -149,25 +150,26 @@ def test_structural_and_task_problems_are_reported_together(tmp_path):
 # --- model cards ---------------------------------------------------------------------------------
 
 
-class FakeCard:
-    def __init__(self, name, distilled, defaults):
-        self.name, self.distilled, self.defaults, self.kv = name, distilled, defaults, distilled
+def make_card(name: str, distilled: bool, defaults: dict) -> ModelCard:
+    """A typed card as the card layer validates it (not a built-in one)."""
+    return ModelCard.model_validate({
+        "name": name, "architecture": "klein-4b", "kv": False, "distilled": distilled,
+        "defaults": {"width": 1024, "height": 1024, **defaults}, "limits": {"cfg": not distilled},
+        "weights": {"hf_repo": f"example/{name}"}})
 
 
 @pytest.fixture
 def fake_cards(monkeypatch):
-    """A stand-in flowgen.engine.cards so these tests pin the recipe layer's side of the contract."""
-    module = types.ModuleType("flowgen.engine.cards")
-    cards = {"my-distilled": FakeCard("my-distilled", True, {"steps": 6, "guidance_scale": 1.0}),
-             "my-base": FakeCard("my-base", False, {"steps": 30, "CFGScale": 5.0, "width": 768, "height": 768})}
+    """Cards other than the built-in ones, so these tests pin the recipe layer's side of the contract."""
+    cards = {"my-distilled": make_card("my-distilled", True, {"steps": 6, "CFGScale": 1.0}),
+             "my-base": make_card("my-base", False, {"steps": 30, "CFGScale": 5.0, "width": 768, "height": 768})}
 
     def resolve_model(name):
         if name not in cards:
             raise CheckpointError(f"unknown model {name!r}; known models: {', '.join(cards)}")
         return cards[name]
 
-    module.resolve_model = resolve_model
-    monkeypatch.setitem(sys.modules, "flowgen.engine.cards", module)
+    monkeypatch.setattr(model_cards, "resolve_model", resolve_model)
     return cards
 
 
@@ -191,10 +193,11 @@ def test_unknown_model_is_reported_as_a_model_problem(tmp_path, fake_cards):
     assert problems_of(tmp_path, recipe) == ["model: unknown model 'nope'; known models: my-distilled, my-base"]
 
 
-def test_without_a_card_module_the_air_table_still_knows_distilled_models(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flowgen.engine.cards", None)  # import fails
+def test_the_air_table_agrees_with_the_cards(tmp_path):
+    """spec.DISTILLED_AIRS (used only when no card resolves a model) says what the cards say."""
+    assert {air: model_cards.resolve_model(air).distilled for air in DISTILLED_AIRS} == DISTILLED_AIRS
     problems = problems_of(tmp_path, simple(CFGScale=3))
-    assert problems == ["task.CFGScale: runware:400@6 is guidance-distilled, so CFGScale must be absent or <= 1, got 3"]
+    assert problems == ["task.CFGScale: runware:400@6 (klein-9b-kv) is guidance-distilled, so CFGScale must be absent or <= 1, got 3"]
 
 
 # --- references ----------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def check_pipeline_folder(folder: Path, *, label: str, hint: str) -> Path:
 
 
 def file_digest(file: Path) -> str:
-    """A cheap, content-sensitive digest of one weights-folder file (see ModelCard.identity)."""
+    """A cheap, content-sensitive digest of one weights-folder file (see ModelCard.weights_identity)."""
     size = file.stat().st_size
     if size <= _FULL_HASH_LIMIT:
         return "sha256:" + hashlib.sha256(file.read_bytes()).hexdigest()
