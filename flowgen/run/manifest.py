@@ -9,6 +9,7 @@ and by `flowgen status`.
 
 from __future__ import annotations
 
+import base64
 import json
 import sqlite3
 import time
@@ -268,14 +269,39 @@ class Manifest:
             delivered.setdefault((d["item_id"], d["result_index"]), {})[d["sink"]] = {
                 k: d[k] for k in ("state", "target", "url", "attempts", "error") if d[k] is not None}
         lines = []
+        expired = self.expired()
         for record in self.records():
-            state = delivered.get((record["item_id"], record["result_index"]))
+            rid = (record["item_id"], record["result_index"])
+            state = delivered.get(rid)
             if state:
                 record["delivery"] = state
+            if record["status"] == "ok" and rid not in expired:
+                record.update(_image_field(record, self.out_dir, state or {}))
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
         target = self.out_dir / JSONL_NAME
         atomic_write_bytes(target, ("\n".join(lines) + ("\n" if lines else "")).encode())
         return target
+
+
+def _image_field(record: dict[str, Any], out_dir: Path, delivery: dict[str, Any]) -> dict[str, str]:
+    """The image in the form the task's outputType asks, as the spec's result carries it: imageURL
+    (the uploaded URL when the upload worked, else the file's file:// URL), or the file's bytes as
+    imageDataURI / imageBase64Data (read from the file at export: the database stays small)."""
+    from flowgen.delivery.payload import IMAGE_KEYS, content_type_for, data_uri
+
+    output_type = record.get("outputType") or "URL"
+    path = out_dir / record["output"]["path"]
+    if output_type == "URL":
+        upload = delivery.get("upload") or {}
+        url = upload.get("url") if upload.get("state") == "ok" else None
+        return {"imageURL": url or path.resolve().as_uri()}
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return {}
+    if output_type == "dataURI":
+        return {IMAGE_KEYS[output_type]: data_uri(data, content_type_for(path.suffix))}
+    return {IMAGE_KEYS[output_type]: base64.b64encode(data).decode("ascii")}
 
 
 def _row(record: dict[str, Any]) -> dict[str, Any]:

@@ -96,6 +96,11 @@ def test_base64_and_data_uri_payloads_carry_the_file_bytes(tmp_path, httpserver)
             head, data = body["imageDataURI"].split(",", 1)
             assert head == "data:image/webp;base64" and base64.b64decode(data) == files[uuid]
     assert kinds == {"b64", "uri"}
+    # the manifest export carries the same forms
+    rows = {json.loads(line)["imageUUID"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    for uuid, body in bodies.items():
+        key = "imageBase64Data" if "imageBase64Data" in body else "imageDataURI"
+        assert rows[uuid][key] == body[key]
 
 
 def test_a_failing_webhook_is_retried_given_up_recorded_and_redelivered(tmp_path, httpserver):
@@ -171,6 +176,8 @@ def test_upload_to_an_s3_emulator_through_a_presigned_url_reads_back_identical(t
         assert upload["url"] == f"http://{host}:{port}/shop/sku/a.png" and "Signature" not in (upload["target"] or "")
         (body,) = received(httpserver)
         assert body["imageURL"] == upload["url"]  # the webhook names the uploaded file, not the local one
+        (row,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        assert row["imageURL"] == upload["url"] and row["delivery"]["upload"]["state"] == "ok"
     finally:
         server.stop()
 
