@@ -5,7 +5,7 @@
 Defaults follow the backend: bfloat16 weights and activations on GPU/TPU (the 9B is 36 GB in
 float32), float32 on CPU (exact parity with the float32 reference, and XLA:CPU has no fast bf16
 matmul). `attention` picks the kernel: "auto" is per backend (cuDNN-capable
-`dot_product_attention` on GPU and TPU, blocked matmuls on CPU), or force one of "xla", "cudnn",
+`dot_product_attention` on NVIDIA GPUs, XLA's on TPU and ROCm, blocked matmuls on CPU), or force one of "xla", "cudnn",
 "cpu". (The device mesh for sharding will join these settings.)
 """
 
@@ -40,7 +40,8 @@ class RuntimeConfig:
         dtype = self.dtype or ("bfloat16" if accelerator else "float32")
         attention = self.attention
         if attention == "auto":
-            attention = "cpu" if not accelerator else ("cudnn" if backend != "tpu" else "xla")
+            # cuDNN only where NVIDIA's stack is; TPU and ROCm get XLA's fused attention, never the CPU path
+            attention = "cpu" if not accelerator else ("cudnn" if backend in ("gpu", "cuda") else "xla")
         return replace(self, dtype=dtype, attention=attention)
 
 
