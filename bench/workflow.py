@@ -67,10 +67,10 @@ def bench_compile(products: int, surfaces: int, model: str) -> dict:
     process's CPU time in `cpu_s`, which other jobs on a shared machine inflate less)."""
     import hashlib
 
-    from flowgen.commands.plan import load_diff
-    from flowgen.plan.batching import make_batches
+    from flowgen.commands.plan import load_run_plan
     from flowgen.plan.compile import compile_plan
-    from flowgen.plan.from_recipe import _reference_check, max_batch_setting, model_facts
+    from flowgen.plan.from_recipe import _reference_check, model_facts
+    from flowgen.run.settings import max_batch_setting
     from flowgen.plan.hashing import canonical_json
     from flowgen.recipe.api import expand_items, load_recipe
 
@@ -88,8 +88,8 @@ def bench_compile(products: int, surfaces: int, model: str) -> dict:
                             recipe_hash=hashlib.sha256(canonical_json(recipe.raw).encode()).hexdigest(),
                             max_batch=max_batch_setting(), reference_check=_reference_check())
         t3 = time.perf_counter()
-        diff = load_diff(plan)
-        batches = make_batches(diff.to_run, plan.max_batch)
+        run_plan, _ = load_run_plan(plan)
+        batches = run_plan.batches()
         t4 = time.perf_counter()
         cpu = time.process_time() - cpu0
     return {"items": len(plan.items), "results": len(plan.results), "batches": len(batches),
@@ -116,13 +116,15 @@ def bench_run(results: int, model: str, size: int, steps: int) -> dict:
     from flowgen.plan.from_recipe import plan_recipe
     from flowgen.run.engine import PipelineEngine
     from flowgen.run.executor import execute
+    from flowgen.run.settings import max_batch_setting
 
     with tempfile.TemporaryDirectory() as tmp:
         products = max(1, results // 10)
         path = write_recipe(Path(tmp), products, results // products, model, size, steps)
-        plan = plan_recipe(path, Path(tmp) / "out", [])
+        plan = plan_recipe(path, Path(tmp) / "out", [], max_batch_setting())
         engine = PipelineEngine(plan.extra.get("card") or plan.model)
-        warm = plan_recipe(write_recipe(Path(tmp), 1, plan.max_batch, model, size, steps), Path(tmp) / "warm", [])
+        warm = plan_recipe(write_recipe(Path(tmp), 1, plan.max_batch, model, size, steps), Path(tmp) / "warm", [],
+                           plan.max_batch)
         execute(warm, engine)  # load + compile outside the timed run
         summary = execute(plan, engine)
     stages = summary.stage_seconds

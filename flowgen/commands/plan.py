@@ -8,13 +8,14 @@ from typing import Any, Sequence
 
 import click
 
-from flowgen.plan.batching import make_batches, signature_label
-from flowgen.plan.diff import PlanDiff, diff_plan
+from flowgen.plan.batching import signature_label
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
+from flowgen.plan.run_plan import RunPlan
 from flowgen.run import cost
 from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
 from flowgen.run.manifest import Manifest, manifest_path
+from flowgen.run.settings import max_batch_setting
 
 SHOW_ITEMS = 20
 
@@ -23,24 +24,26 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
                  max_batch: int | None = None, dtype: str | None = None) -> None:
     """Compile RECIPE and print what a run would do; loads no model (nor JAX), writes nothing.
 
+    max_batch: --max-batch (None: $FLOWGEN_MAX_BATCH, else 8).
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto, for the backend JAX would pick).
     """
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch, resolve_dtype(dtype_setting(dtype), guess_backend()))
-    diff, history = load_diff(plan)
-    report = plan_report(plan, diff, history)
+    compute_dtype = resolve_dtype(dtype_setting(dtype), guess_backend())
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype)
+    run_plan, history = load_run_plan(plan)
+    report = plan_report(run_plan, history)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         print_plan(report)
 
 
-def load_diff(plan: Plan) -> tuple[PlanDiff, list[dict]]:
-    """Diff against the output folder's manifest (everything is new when there is none), and the
-    manifest's records (what earlier runs measured, for the cost estimate)."""
+def load_run_plan(plan: Plan) -> tuple[RunPlan, list[dict]]:
+    """The plan against the output folder's manifest (everything is new when there is none), and
+    the manifest's records (what earlier runs measured, for the cost estimate)."""
     if not manifest_path(plan.out_dir).exists():
-        return diff_plan(plan, {}), []
+        return plan.against({}), []
     with Manifest(plan.out_dir, create=False) as manifest:
-        return diff_plan(plan, manifest.index(), manifest.get), list(manifest.records())
+        return plan.against(manifest.index(), manifest.get), list(manifest.records())
 
 
 def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
@@ -58,10 +61,10 @@ def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
             "results_without_estimate": unknown}
 
 
-def plan_report(plan: Plan, diff: PlanDiff, history: list[dict] = ()) -> dict[str, Any]:
-    """The plan as JSON-able data (what `plan --json` prints)."""
-    runnable = [r for r in diff.to_run if not r.item.error]
-    batches = make_batches(runnable, plan.max_batch)
+def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
+    """The plan against its output folder as JSON-able data (what `plan --json` prints)."""
+    plan, diff = run_plan.plan, run_plan.diff
+    runnable, batches = run_plan.runnable, run_plan.batches()
     rid = lambda r: f"{r.item.item_id}#{r.result_index}"  # noqa: E731
     return {
         "recipe": plan.recipe_name,
@@ -92,8 +95,8 @@ def plan_report(plan: Plan, diff: PlanDiff, history: list[dict] = ()) -> dict[st
         },
         "batches": [
             {"signature": signature_label(b.signature), "size": b.size, "padding": b.padding,
-             "reference_sets": len({r.item.reference_set for r in b.results}),
-             "prompts": len({r.item.task.get("positivePrompt") for r in b.results}),
+             "reference_sets": len({r.job.reference_set for r in b.results}),
+             "prompts": len({r.job.prompt for r in b.results}),
              "results": [rid(r) for r in b.results]}
             for b in batches
         ],

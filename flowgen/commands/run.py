@@ -18,6 +18,7 @@ from flowgen.run.lock import folder_busy_check
 from flowgen.run.manifest import STATE_DIR
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.progress import default_progress
+from flowgen.run.settings import max_batch_setting
 
 
 def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool,
@@ -25,12 +26,13 @@ def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limi
                 deliver_flagged: bool = False, detach: bool = False, run_id: str | None = None) -> int:
     """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 130 after Ctrl-C).
 
+    max_batch: --max-batch (None: $FLOWGEN_MAX_BATCH, else 8).
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto). detach (or deliveryMethod async on every
     task): validate and plan here, then run in a background process and return its run id at once.
     User errors before anything runs raise FlowgenError (exit 2 via the CLI).
     """
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch, compute_dtype)
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype)
     if run_id is None and (detach or _all_async(plan)):
         return _detach(plan, recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged)
     engine = PipelineEngine(plan.extra.get("card") or plan.model, plan.dtype)  # loads on the first batch only

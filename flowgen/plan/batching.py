@@ -10,6 +10,7 @@ by as many neighbours as possible.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Sequence
 
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.model import Batch, PlannedResult, Signature
@@ -49,32 +50,33 @@ def _ordered(members: list[PlannedResult]) -> list[PlannedResult]:
     batch runs with one shared (copy-free) K/V, and neighbours share prompts."""
     counts: dict[str, int] = defaultdict(int)
     for result in members:
-        counts[result.item.reference_set] += 1
+        counts[result.item.job.reference_set] += 1
 
     def key(result: PlannedResult) -> tuple:
         item = result.item
-        return (-counts[item.reference_set], item.reference_set, item.task.get("positivePrompt", ""), item.item_id,
-                result.result_index)
+        job = item.job
+        return (-counts[job.reference_set], job.reference_set, job.prompt, item.item_id, result.result_index)
 
     return sorted(members, key=key)
 
 
-def make_batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
-    """Batches for `results` (only runnable ones should be passed), in a deterministic order."""
+def make_batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
+    """Batches for `results` (only runnable ones should be passed), in a deterministic order.
+    (A run gets them from its RunPlan, flowgen.plan.run_plan, which calls this once.)"""
     with paused_gc():
         return _batches(results, max_batch)
 
 
-def _batches(results: list[PlannedResult], max_batch: int) -> list[Batch]:
+def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
     groups: dict[Signature, list[PlannedResult]] = defaultdict(list)
     for result in results:
-        groups[result.item.signature].append(result)  # dict keeps first-appearance order
+        groups[result.item.job.signature].append(result)  # dict keeps first-appearance order
     batches: list[Batch] = []
     for signature, members in groups.items():
         members = _ordered(members)
         start = 0
         for count, size in chunk_sizes(len(members), max_batch):
-            batches.append(Batch(signature, members[start : start + count], size))
+            batches.append(Batch(signature, tuple(members[start : start + count]), size))
             start += count
     return batches
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterable
 from flowgen.errors import RecipeError
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash
+from flowgen.plan.job import Job
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
@@ -122,16 +123,16 @@ def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: b
             digest, size = "unreadable", (0, 0)
         hashes.append(digest)
         sizes.append(size)
+    task = item.task
     return PlannedItem(
         item_id=item_id_for(recipe_name, item.key),
         key=item.key,
         values=item.values,
-        task=item.task,
-        references=tuple(map(str, item.references)) if item.references else (),
-        reference_hashes=tuple(hashes),
+        task=task,
+        job=Job.from_task(task, guidance=guidance_for(task, distilled), references=item.references,
+                          reference_hashes=hashes),
         reference_sizes=tuple(sizes),
-        item_hash=hash_item(item.task, hashes),
-        guidance=guidance_for(item.task, distilled),
+        item_hash=hash_item(task, hashes),
         error=error,
     )
 

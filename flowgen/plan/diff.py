@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable
 
 from flowgen.plan.hashing import BASE_DTYPE, image_params, sha256_file
@@ -18,21 +19,25 @@ from flowgen.plan.model import Plan, PlannedResult
 ManifestIndex = dict[tuple[str, int], tuple[str, str, "str | None", "str | None"]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class PlanDiff:
-    order: list[PlannedResult] = field(default_factory=list, repr=False)  # every planned result
-    new: list[PlannedResult] = field(default_factory=list)
-    unchanged: list[PlannedResult] = field(default_factory=list)
-    changed: list[tuple[PlannedResult, list[str]]] = field(default_factory=list)  # (result, reasons)
-    removed: list[tuple[str, int]] = field(default_factory=list)
+    """A plan classified against one manifest state (immutable; see the module doc)."""
 
-    @property
-    def to_run(self) -> list[PlannedResult]:
-        """Results that need rendering, in plan order."""
+    order: tuple[PlannedResult, ...] = field(default=(), repr=False)  # every planned result
+    new: tuple[PlannedResult, ...] = ()
+    unchanged: tuple[PlannedResult, ...] = ()
+    changed: tuple[tuple[PlannedResult, list[str]], ...] = ()  # (result, reasons)
+    removed: tuple[tuple[str, int], ...] = ()
+
+    @cached_property
+    def to_run(self) -> tuple[PlannedResult, ...]:
+        """Results that need rendering, in plan order (computed once)."""
+        if self.new is self.order:
+            return self.order  # everything is new (no manifest yet): no set of 100k ids
         if not self.changed and len(self.new) == len(self.order) and all(a is b for a, b in zip(self.new, self.order)):
-            return list(self.order)  # everything is new (no manifest yet): no set of 100k ids
+            return self.order  # everything is new (no manifest yet): no set of 100k ids
         pending = {id(r) for r in self.new} | {id(r) for r, _ in self.changed}
-        return [r for r in self.order if id(r) in pending]
+        return tuple(r for r in self.order if id(r) in pending)
 
 
 def relative_output(plan: Plan, result: PlannedResult) -> str:
@@ -54,24 +59,27 @@ def diff_plan(
     load_record, when given, is used to name the fields that changed (plan diff output);
     verify_files re-hashes unchanged outputs (a run must; a quick look may skip it).
     """
-    diff = PlanDiff(order=list(plan.results))
+    order = tuple(plan.results)
     if not index:  # no manifest yet: everything is new, nothing removed
-        diff.new = list(plan.results)
-        return diff
+        return PlanDiff(order=order, new=order)
+    new: list[PlannedResult] = []
+    unchanged: list[PlannedResult] = []
+    changed: list[tuple[PlannedResult, list[str]]] = []
     planned_ids = set()
-    for result in plan.results:
+    for result in order:
         planned_ids.add(result.rid)
         row = index.get(result.rid)
         if row is None:
-            diff.new.append(result)
+            new.append(result)
             continue
         reasons = _reasons(plan, result, row, load_record, verify_files)
         if reasons:
-            diff.changed.append((result, reasons))
+            changed.append((result, reasons))
         else:
-            diff.unchanged.append(result)
-    diff.removed = sorted(rid for rid in index if rid not in planned_ids)
-    return diff
+            unchanged.append(result)
+    removed = sorted(rid for rid in index if rid not in planned_ids)
+    return PlanDiff(order=order, new=tuple(new), unchanged=tuple(unchanged), changed=tuple(changed),
+                    removed=tuple(removed))
 
 
 def _reasons(plan, result, row, load_record, verify_files) -> list[str]:

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from flowgen.errors import FlowgenError
 from flowgen.plan.compile import compile_plan
 from flowgen.plan.hashing import BASE_DTYPE, canonical_json
 from flowgen.plan.model import Plan
 
 DEFAULT_MAX_BATCH = 8  # `--max-batch` or FLOWGEN_MAX_BATCH override it (bigger on large accelerators)
-
-
-def max_batch_setting() -> int:
-    """FLOWGEN_MAX_BATCH when set (a positive integer, else a one-line error), else the default."""
-    value = os.environ.get("FLOWGEN_MAX_BATCH", "").strip()
-    if not value:
-        return DEFAULT_MAX_BATCH
-    if not value.isdigit() or int(value) < 1:
-        raise FlowgenError(f"FLOWGEN_MAX_BATCH={value!r} is not allowed: use a positive integer such as 8 or 16")
-    return int(value)
 
 
 def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
@@ -33,13 +21,14 @@ def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
     return name, identity, bool(recipe.distilled)
 
 
-def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (), max_batch: int | None = None,
-                dtype: str = BASE_DTYPE) -> Plan:
+def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (),
+                max_batch: int | None = DEFAULT_MAX_BATCH, dtype: str = BASE_DTYPE) -> Plan:
     """Load, expand and compile a recipe against an output folder (RecipeError on user errors).
 
-    max_batch: largest batch per engine call (rounded down to a power of two); None reads
-    FLOWGEN_MAX_BATCH, then DEFAULT_MAX_BATCH. It only groups work: seeds and hashes do not
-    depend on it (and regen replays an image at its recorded batch size).
+    max_batch: largest batch per engine call (rounded down to a power of two; None: DEFAULT_MAX_BATCH).
+    The environment is not read here: the commands resolve --max-batch / FLOWGEN_MAX_BATCH with
+    flowgen.run.settings.max_batch_setting. It only groups work: seeds and hashes do not depend on
+    it (and regen replays an image at its recorded batch size).
     dtype: the resolved compute dtype (see flowgen.run.dtype); it is part of every content hash.
     """
     from flowgen.recipe.api import expand_items, load_recipe
@@ -57,7 +46,7 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
         model_identity=identity,
         distilled=distilled,
         recipe_hash=hashlib.sha256(canonical_json(recipe.raw).encode()).hexdigest(),
-        max_batch=max_batch or max_batch_setting(),
+        max_batch=max_batch or DEFAULT_MAX_BATCH,
         dtype=dtype,
         reference_check=_reference_check(),
     )

@@ -1,43 +1,61 @@
-"""The compiled plan as data: items, their results, and the batches that will render them."""
+"""The compiled plan as data: items (each with its job), their results, and the batches that render them.
+
+`Plan.against(manifest_index)` gives the plan's immutable run value (flowgen.plan.run_plan.RunPlan):
+the diff against an output folder's manifest, what runs, and its batches, computed once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from flowgen.plan.hashing import BASE_DTYPE
+from flowgen.plan.job import Job, Signature
 
-# (width, height, steps, guidance or None, scheduler name): what one sampling loop must share.
-# Reference sets are not part of it: the engine stacks each row's references (padded to a length
-# bucket and masked), so items with any references, or none, may share a batch.
-Signature = tuple[int, int, int, "float | None", str]
+if TYPE_CHECKING:  # pragma: no cover
+    from flowgen.plan.run_plan import ManifestIndex, RunPlan
+
+__all__ = ["Batch", "Job", "Plan", "PlannedItem", "PlannedResult", "Signature"]
 
 
 @dataclass(slots=True)
 class PlannedItem:
-    """One recipe item after planning: identity, resolved task, reference contents, item hash."""
+    """One recipe item after planning: identity, resolved task, its job, reference sizes, item hash.
+
+    `task` is the resolved task as the recipe gave it (records, metadata, deliveries); `job` is what
+    the engine needs from it (prompt, size, steps, guidance, scheduler, references + content hashes,
+    output format and quality), read once at plan time."""
 
     item_id: str
     key: str
     values: dict[str, Any]
     task: dict[str, Any]
-    references: tuple[str, ...]
-    reference_hashes: tuple[str, ...]
+    job: Job
     reference_sizes: tuple[tuple[int, int], ...]
     item_hash: str
-    guidance: float | None
     error: str | None = None  # set when the item cannot run (e.g. an unreadable reference)
 
     @property
+    def references(self) -> tuple[str, ...]:
+        return self.job.references
+
+    @property
+    def reference_hashes(self) -> tuple[str, ...]:
+        return self.job.reference_hashes
+
+    @property
+    def guidance(self) -> float | None:
+        return self.job.guidance
+
+    @property
     def signature(self) -> Signature:
-        t = self.task
-        return (int(t["width"]), int(t["height"]), int(t["steps"]), self.guidance, str(t.get("scheduler") or "Default"))
+        return self.job.signature
 
     @property
     def reference_set(self) -> str:
         """Identity of the reference set by content: results sharing it share a pre-pass."""
-        return "|".join(self.reference_hashes)
+        return self.job.reference_set
 
 
 @dataclass(slots=True)
@@ -58,13 +76,18 @@ class PlannedResult:
     def rid(self) -> tuple[str, int]:
         return (self.item.item_id, self.result_index)
 
+    @property
+    def job(self) -> Job:
+        """The item's job (the engine renders it with this result's seed)."""
+        return self.item.job
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
 class Batch:
     """Results rendered together in one engine call; `size` is a power of two ≥ len(results)."""
 
     signature: Signature
-    results: list[PlannedResult]
+    results: tuple[PlannedResult, ...]
     size: int
 
     @property
@@ -87,3 +110,11 @@ class Plan:
     plan_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     dtype: str = BASE_DTYPE  # the resolved compute dtype every result is rendered (and hashed) in
+
+    def against(self, index: "ManifestIndex", load_record: "Callable[[str, int], dict | None] | None" = None,
+                verify_files: bool = True) -> "RunPlan":
+        """This plan against a manifest index ({} for a folder without one): the immutable run value
+        with the diff, the results to run and their batches (see flowgen.plan.run_plan)."""
+        from flowgen.plan.run_plan import RunPlan
+
+        return RunPlan.build(self, index, load_record, verify_files)

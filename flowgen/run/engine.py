@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
+
+from flowgen.plan.job import Job
 
 
 @dataclass
@@ -30,6 +32,32 @@ class BatchRequest:
     scheduler: str | None = None  # a spec scheduler name; None: Default
     layout: dict | None = None  # a recorded reference layout to replay (regen), else the engine's choice
     on_step: Callable[[int], None] | None = None  # called with steps done after every sampling step
+
+    @classmethod
+    def for_jobs(cls, rows: Sequence[tuple[Job, int, list[Any]]], size: int | None = None,
+                 layout: dict | None = None) -> "BatchRequest":
+        """One engine call for `rows` of (job, seed, decoded references), padded with copies of the
+        last row up to `size`, so the compiled program depends only on the batch size (regen
+        reproduces it exactly). Every job must share one signature (size, steps, guidance, scheduler)."""
+        if not rows:
+            raise ValueError("a batch request needs at least one job")
+        padded = list(rows) + [rows[-1]] * max(0, (size or len(rows)) - len(rows))
+        first = padded[0][0]
+        if any(job.signature != first.signature for job, _, _ in padded):
+            raise ValueError("the jobs of one engine call must share their signature")
+        guidance = first.guidance
+        return cls(
+            prompts=[job.prompt for job, _, _ in padded],
+            seeds=[int(seed) for _, seed, _ in padded],
+            width=first.width,
+            height=first.height,
+            steps=first.steps,
+            guidance=guidance,
+            negative_prompts=[job.negative_prompt for job, _, _ in padded] if guidance is not None else None,
+            references=[refs for _, _, refs in padded] if any(refs for _, _, refs in padded) else None,
+            scheduler=first.engine_scheduler,
+            layout=layout,
+        )
 
 
 @dataclass

@@ -16,10 +16,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
-from flowgen.plan.batching import make_batches, signature_label
-from flowgen.plan.diff import diff_plan
+from flowgen.plan.batching import signature_label
 from flowgen.plan.model import Batch, Plan, PlannedResult
+from flowgen.plan.run_plan import RunPlan
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.cost import Budget, cost_of, seconds_per_image
 from flowgen.run.deliver import Dispatcher, Finished, resend
@@ -72,7 +73,7 @@ def new_run_id() -> str:
 
 
 def execute(
-    plan: Plan,
+    plan: Plan | RunPlan,
     engine: Engine,
     *,
     limit: int | None = None,
@@ -86,9 +87,14 @@ def execute(
 ) -> RunSummary:
     """Render every result of `plan` that the manifest does not already hold (see module doc).
 
+    plan: a Plan, or a RunPlan (Plan.against): the run value is taken as given when it was built,
+    outputs verified, against the manifest state found under the folder's lock, else built again
+    from its plan there. Either way the diff and the batches come from that one value.
     budget: USD of engine time this run may spend (flowgen.run.cost); the run stops before a batch
     that would exceed it. deliver_flagged: deliver results the content check flagged too.
     delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits)."""
+    given = plan if isinstance(plan, RunPlan) else None
+    plan = given.plan if given is not None else plan
     spending = Budget(budget)
     progress = progress or NullProgress()
     stop = stop or StopRequest()
@@ -96,14 +102,12 @@ def execute(
     summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
     with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
         summary.died_runs = manifest.mark_died_runs()
-        diff = diff_plan(plan, manifest.index(), manifest.get)
-        summary.unchanged = len(diff.unchanged)
-        todo = diff.to_run
-        blocked = [r for r in todo if r.item.error]
-        runnable = [r for r in todo if not r.item.error]
-        if limit is not None:
-            summary.not_run += max(0, len(runnable) - limit)
-            runnable = runnable[:limit]
+        index = manifest.index()
+        run_plan = given if given is not None and given.is_current(index) else plan.against(index, manifest.get)
+        run_plan = run_plan.limited(limit)
+        summary.unchanged = len(run_plan.diff.unchanged)
+        blocked, runnable = run_plan.blocked, run_plan.runnable
+        summary.not_run += run_plan.held_back
         if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
             raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
         if runnable and hasattr(engine, "preflight"):
@@ -120,7 +124,7 @@ def execute(
             _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
             summary.failed += len(blocked)
             summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
-        batches = make_batches(runnable, plan.max_batch) if not (fail_fast and blocked) else []
+        batches = run_plan.batches() if not (fail_fast and blocked) else ()
         summary.stopped_early = bool(fail_fast and blocked)
         progress.start(len(runnable), len(batches))
         lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
@@ -168,7 +172,7 @@ def execute(
     return summary
 
 
-def _content_checker(results: list[PlannedResult]):
+def _content_checker(results: Sequence[PlannedResult]):
     """A loaded ContentChecker when any result asks safety.checkContent, else None."""
     if not any((r.item.task.get("safety") or {}).get("checkContent") is True for r in results):
         return None
@@ -219,7 +223,7 @@ class _BatchRunner:
         slots: list[tuple[PlannedResult, list]] = []
         for result in batch.results:
             try:
-                slots.append((result, [self.references.load(p) for p in result.item.references]))
+                slots.append((result, self.references.load_all(result.job.references)))
             except ValueError as err:
                 records.append(self._fail(result, str(err)))
         if not slots:
@@ -273,7 +277,8 @@ class _BatchRunner:
         verdict = self.checker.check(pixels) if self.checker and (task.get("safety") or {}).get("checkContent") is True else None
         self.summary.flagged += bool(verdict and verdict.nsfw)
         t1 = time.perf_counter()
-        data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), task.get("outputQuality"),
+        # the file's extension (output.filename's {ext}, from outputFormat) picks the encoder
+        data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), result.job.output_quality,
                             embedded_metadata(self.plan, result))
         t2 = time.perf_counter()
         try:
@@ -299,19 +304,6 @@ class _BatchRunner:
 
 
 def build_request(batch: Batch, slots: list[tuple[PlannedResult, list]]) -> BatchRequest:
-    """One engine request for `slots`, padded with copies of the last slot up to batch.size, so
-    the compiled program depends only on the batch size (regen reproduces it exactly)."""
-    padded = slots + [slots[-1]] * (batch.size - len(slots))
-    width, height, steps, guidance, scheduler = batch.signature
-    tasks = [r.item.task for r, _ in padded]
-    return BatchRequest(
-        prompts=[str(t.get("positivePrompt", "")) for t in tasks],
-        seeds=[r.seed for r, _ in padded],
-        width=width,
-        height=height,
-        steps=steps,
-        guidance=guidance,
-        negative_prompts=[str(t.get("negativePrompt") or "") for t in tasks] if guidance is not None else None,
-        references=[refs for _, refs in padded] if any(refs for _, refs in padded) else None,
-        scheduler=None if scheduler == "Default" else scheduler,
-    )
+    """One engine request for `slots` (result, decoded references) from their jobs, padded up to
+    batch.size (BatchRequest.for_jobs)."""
+    return BatchRequest.for_jobs([(result.job, result.seed, refs) for result, refs in slots], batch.size)

@@ -66,7 +66,7 @@ def result_record(
             "path": relative_output(plan, result),
             "sha256": output_sha256,
             "bytes": output_bytes,
-            "format": str(task.get("outputFormat") or "JPG").upper(),
+            "format": result.job.output_format,
         },
         "batch": batch,
         "outputType": str(task.get("outputType") or "URL"),

@@ -1,10 +1,19 @@
-"""Reference images at run time: decoded once, upright (EXIF orientation), RGB."""
+"""Reference images at run time: the one place a run (and regen) opens them.
+
+Decoding is flowgen.engine.images.load_image's (JAX-free: PIL + numpy), with its limits: a file
+whose header claims more than MAX_DECODE_PIXELS is refused before any pixel is decoded, and the
+EXIF orientation is applied. The loader then converts to RGB, as runs always have (the engine
+prepares the RGB image: resize, crop, scale).
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from flowgen.engine.images import load_image
+from flowgen.errors import ImageInputError
 
 
 class ReferenceLoader:
@@ -15,17 +24,24 @@ class ReferenceLoader:
         self._cache: OrderedDict[str, Image.Image] = OrderedDict()
 
     def load(self, path: str) -> Image.Image:
-        """The decoded image; raises ValueError with a one-line reason when it cannot be read."""
+        """The decoded image, upright and RGB; raises ValueError with a one-line reason naming the file."""
         if path in self._cache:
             self._cache.move_to_end(path)
             return self._cache[path]
         try:
-            with Image.open(path) as raw:
-                image = ImageOps.exif_transpose(raw).convert("RGB")
-                image.load()
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError) as err:
-            raise ValueError(f"unreadable reference image {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
-        self._cache[path] = image
+            image = load_image(path)
+            rgb = image.convert("RGB")
+            rgb.load()
+        except ImageInputError as err:
+            raise ValueError(str(err)) from None
+        except (OSError, ValueError, SyntaxError) as err:  # a conversion of damaged data
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise ValueError(f"reference image {path}: cannot decode ({reason})") from None
+        self._cache[path] = rgb
         if len(self._cache) > self.capacity:
             self._cache.popitem(last=False)
-        return image
+        return rgb
+
+    def load_all(self, paths) -> list[Image.Image]:
+        """Every reference of one job, in order (ValueError for the first unreadable one)."""
+        return [self.load(path) for path in paths]

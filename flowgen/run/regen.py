@@ -4,7 +4,9 @@ Each result is re-rendered in a batch filled with copies of itself, as large as 
 sampled in (the engine samples each reference-set group of a batch together; without references
 that is the whole padded batch), so the engine runs the same compiled program; with identical
 software and hardware the file is byte-identical to the original (`--verify` checks the sha256).
-It renders in the dtype recorded for the result unless another one is asked for.
+It renders in the dtype recorded for the result unless another one is asked for. The engine
+request is built as a run builds it: from the record's Job (job_of) by BatchRequest.for_jobs, with
+the references opened by the run's ReferenceLoader.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any, Callable
 
 from flowgen.errors import FlowgenError
 from flowgen.plan.hashing import BASE_DTYPE, sha256_file
+from flowgen.plan.job import Job
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.engine import BatchRequest, Engine, PipelineEngine
 from flowgen.run.manifest import Manifest
@@ -85,36 +88,25 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
     if record["status"] != "ok" or not record.get("batch"):
         outcome.error = f"never rendered (status {record['status']})"
         return outcome
+    job = job_of(record)
     try:
         refs = []
-        for ref in record["references"]:
-            if sha256_file(ref["path"]) != ref["sha256"]:
-                outcome.error = f"reference {ref['path']} changed since the run"
+        for path, digest in zip(job.references, job.reference_hashes):
+            if sha256_file(path) != digest:
+                outcome.error = f"reference {path} changed since the run"
                 return outcome
-            refs.append(loader.load(ref["path"]))
+            refs.append(loader.load(path))
     except (OSError, ValueError) as err:
         outcome.error = str(err)
         return outcome
-    params, batch = record["params"], record["batch"]
-    guidance = batch.get("guidance")
+    batch = record["batch"]
     # the recorded batch size and reference layout fix the arithmetic; the row's copies fill the batch
     # (records from before one-loop batches carry group_size instead, the batch their loop had)
     size = int(batch.get("group_size") or batch["size"])
     layout = None
     if "reference_layout" in batch:
         layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
-    request = BatchRequest(
-        prompts=[str(params.get("positivePrompt", ""))] * size,
-        seeds=[int(record["seed"])] * size,
-        width=int(params["width"]),
-        height=int(params["height"]),
-        steps=int(params["steps"]),
-        guidance=guidance,
-        negative_prompts=[str(params.get("negativePrompt") or "")] * size if guidance is not None else None,
-        references=[refs] * size if refs else None,
-        scheduler=params.get("scheduler") if params.get("scheduler") not in (None, "Default") else None,
-        layout=layout,
-    )
+    request = BatchRequest.for_jobs([(job, int(record["seed"]), refs)], size, layout=layout)
     try:
         output = engine.generate_batch(request)
     except Exception as err:  # one result failing must not hide the others' verdicts
@@ -122,11 +114,19 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
         return outcome
     rel = Path(record["output"]["path"])
     target = to_dir / (rel if not rel.is_absolute() else rel.name)
-    data = encode_image(output.images[0], target.suffix.lstrip(".").lower(),
-                        params.get("outputQuality"), metadata_from_record(record))
+    data = encode_image(output.images[0], target.suffix.lstrip(".").lower(), job.output_quality,
+                        metadata_from_record(record))
     atomic_write_bytes(target, data)
     outcome.path, outcome.sha256 = target, hashlib.sha256(data).hexdigest()
     return outcome
+
+
+def job_of(record: dict[str, Any]) -> Job:
+    """The job a manifest record was rendered from: its resolved parameters, the guidance its batch
+    ran with (the planner's decision, recorded), its references and their content hashes."""
+    refs = record.get("references") or []
+    return Job.from_task(record["params"], guidance=(record.get("batch") or {}).get("guidance"),
+                         references=[r["path"] for r in refs], reference_hashes=[r["sha256"] for r in refs])
 
 
 def _pipeline_engine(model: str, dtype: str) -> Engine:

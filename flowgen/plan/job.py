@@ -1,0 +1,72 @@
+"""A job: what the engine needs to render an item's results, read once from its resolved task.
+
+The planner builds one `Job` per item (every result of an item shares it; a result adds its seed),
+and regen builds one from a manifest record. The executor and regen make engine requests from
+jobs only (`flowgen.run.engine.BatchRequest.for_jobs`); the task dict stays on the item for records,
+metadata and deliveries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple, Sequence
+
+# (width, height, steps, guidance or None, scheduler name): what one sampling loop must share.
+# Reference sets are not part of it: the engine stacks each row's references (padded to a length
+# bucket and masked), so items with any references, or none, may share a batch.
+Signature = tuple[int, int, int, "float | None", str]
+
+DEFAULT_SCHEDULER = "Default"
+
+
+class Job(NamedTuple):
+    """The engine-facing parameters of one item (immutable).
+
+    A named tuple rather than a frozen dataclass: a plan builds one per item (100k+ in a big
+    plan) and a tuple is several times cheaper to build, with the same immutability."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float | None  # CFG scale when guidance is on, else None (see compile.guidance_for)
+    scheduler: str  # a spec scheduler name, DEFAULT_SCHEDULER for the model's own
+    references: tuple[str, ...] = ()  # reference image paths, in order
+    reference_hashes: tuple[str, ...] = ()  # their sha256 ("unreadable" for a file that could not be read)
+    output_format: str = "JPG"  # JPG / PNG / WEBP
+    output_quality: int | None = None  # JPG / WEBP quality; None: the encoder's default
+
+    @classmethod
+    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str] = (),
+                  reference_hashes: Sequence[str] = ()) -> "Job":
+        """The job of a resolved task; `guidance` is decided by the caller (the planner's rule, or
+        the value recorded for the batch when replaying)."""
+        get = task.get
+        quality = get("outputQuality")
+        return tuple.__new__(cls, (  # positional, in field order: the fast path of a big plan
+            str(get("positivePrompt", "")),
+            str(get("negativePrompt") or ""),
+            int(task["width"]),
+            int(task["height"]),
+            int(task["steps"]),
+            guidance,
+            str(get("scheduler") or DEFAULT_SCHEDULER),
+            tuple(map(str, references)) if references else (),
+            tuple(reference_hashes) if reference_hashes else (),
+            str(get("outputFormat") or "JPG").upper(),
+            None if quality is None else int(quality),
+        ))
+
+    @property
+    def signature(self) -> Signature:
+        return (self.width, self.height, self.steps, self.guidance, self.scheduler)
+
+    @property
+    def reference_set(self) -> str:
+        """Identity of the reference set by content: results sharing it share a pre-pass."""
+        return "|".join(self.reference_hashes)
+
+    @property
+    def engine_scheduler(self) -> str | None:
+        """The scheduler as the engine takes it: None for the model's default."""
+        return None if self.scheduler == DEFAULT_SCHEDULER else self.scheduler
