@@ -145,5 +145,62 @@ def gc(out_dir, dry_run):
     gc_command(out_dir, dry_run)
 
 
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report here (default: OUT_DIR/report.html).")
+@user_errors
+def report(out_dir, output):
+    """Write a self-contained HTML report of OUT_DIR's results and print its path."""
+    from flowgen.commands import report_command
+
+    report_command(out_dir, output)
+
+
+@main.command()
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--once", is_flag=True, help="Run the recipes that are due now, then exit (for system cron or a systemd timer).")
+@max_batch_option
+@dtype_option
+@user_errors
+def schedule(recipes, once, max_batch, dtype):
+    """Run each RECIPE whenever its `schedule` is due, and wait for the next."""
+    from flowgen.commands import schedule_command
+
+    sys.exit(schedule_command(list(recipes), once, max_batch, dtype))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Compare with this recipe (default: the one the last run used).")
+@click.option("--yes", is_flag=True, help="Remove them (without it, only list what would be removed).")
+@user_errors
+def prune(out_dir, recipe, yes):
+    """Remove results of OUT_DIR that its recipe no longer holds: their files and manifest rows."""
+    from flowgen.commands import prune_command
+
+    prune_command(out_dir, recipe, yes)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@user_errors
+def models(as_json):
+    """List the model cards: AIR ids, whether their weights are on this machine, how to fetch them."""
+    from flowgen.commands import models_command
+
+    models_command(as_json)
+
+
+@main.command()
+@click.argument("directory", default=".", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite files that already exist.")
+@user_errors
+def init(directory, force):
+    """Write a starter recipe with sample data into DIRECTORY."""
+    from flowgen.commands import init_command
+
+    init_command(directory, force)
+
+
 if __name__ == "__main__":
     main()

@@ -15,6 +15,11 @@ _COMMANDS = {
     "regen_command": "flowgen.commands.regen",
     "redeliver_command": "flowgen.commands.deliveries",
     "gc_command": "flowgen.commands.deliveries",
+    "report_command": "flowgen.commands.report",
+    "schedule_command": "flowgen.commands.schedule",
+    "prune_command": "flowgen.commands.prune",
+    "models_command": "flowgen.commands.models",
+    "init_command": "flowgen.commands.init",
 }
 
 __all__ = list(_COMMANDS)
