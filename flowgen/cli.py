@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import Sequence
 
 import click
 
@@ -31,6 +32,17 @@ def user_errors(fn):
     return wrapper
 
 
+def help_epilog(examples: Sequence[str], exit_codes: Sequence[tuple[int, str]]) -> str:
+    """The tail of a command's --help: examples and exit codes, as `\\b` blocks (click prints them as written)."""
+    lines = ["\b", "Examples:", *(f"  {example}" for example in examples), "", "\b", "Exit codes:"]
+    return "\n".join(lines + [f"  {code:<4} {meaning}" for code, meaning in exit_codes])
+
+
+BAD_INPUT = (2, "bad input: one `error:` line per problem on stderr; nothing changed")
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
+    help="Override a recipe field (repeatable), e.g. --set task.steps=8 --set seed=3.")
 max_batch_option = click.option(
     "--max-batch", type=click.IntRange(min=1, max=1024),
     help="Largest batch per engine call, rounded down to a power of two (default: $FLOWGEN_MAX_BATCH, else 8).")
@@ -42,15 +54,29 @@ dtype_option = click.option(
          "Part of each result's identity.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="`flowgen COMMAND --help` shows a command's options, examples and exit codes; "
+                    "docs/cli.md describes every command and environment variable.")
 @click.version_option(__version__, prog_name="flowgen")
 def main():
-    """flowgen — declarative batch image generation and editing with FLUX.2 [klein]."""
+    """flowgen — declarative batch image generation and editing with FLUX.2 [klein].
+
+    \b
+    Start here:
+      flowgen init starter && cd starter     # a starter recipe with sample data
+      flowgen validate recipe.yaml           # every problem at once
+      flowgen plan recipe.yaml               # what a run would do
+      flowgen run recipe.yaml                # render it
+    """
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen validate recipes/product-photos.yaml",
+     "flowgen validate recipe.yaml --set task.steps=8 --set seed=3"],
+    [(0, "valid (a `note:` line says if the model's weights are not on this machine)"),
+     (2, "problems found: one `error:` line each, naming the field or file")]))
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field, e.g. task.steps=8.")
+@set_option
 @user_errors
 def validate(recipe, overrides):
     """Check RECIPE and report every problem at once."""
@@ -59,10 +85,14 @@ def validate(recipe, overrides):
     validate_command(recipe, list(overrides))
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen plan recipes/product-photos.yaml",
+     "flowgen plan recipe.yaml --set task.numberResults=1 --json | jq .counts"],
+    [(0, "plan printed (writes nothing, loads no weights; a `note:` says if they are missing here)"),
+     BAD_INPUT]))
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @max_batch_option
 @dtype_option
@@ -74,10 +104,17 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     plan_command(recipe, out_dir, list(overrides), as_json, max_batch, dtype)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen run recipes/quickstart.yaml",
+     "flowgen run recipe.yaml --set task.numberResults=1 --limit 10",
+     "flowgen run recipe.yaml --detach      # prints the run id at once"],
+    [(0, "every result rendered or unchanged (or left for later by --limit / --budget)"),
+     (1, "some results failed (the others were rendered; `flowgen status` lists the failures)"),
+     (2, "bad input, missing weights or a busy output folder: nothing was run"),
+     (130, "interrupted (Ctrl-C): the manifest is consistent; run again to continue")]))
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe field.")
+@set_option
 @click.option("--limit", type=click.IntRange(min=1), help="Run at most N results.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
 @max_batch_option
@@ -97,7 +134,10 @@ def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, 
                          deliver_flagged=deliver_flagged, detach=detach, run_id=run_id))
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen status out/quickstart",
+     "flowgen status out/quickstart --json"],
+    [(0, "summary printed"), (2, "OUT_DIR holds no flowgen manifest")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
@@ -108,7 +148,13 @@ def status(out_dir, as_json):
     status_command(out_dir, as_json)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen regen out/shoes 35f25bbdf15c --verify      # every result of an item",
+     "flowgen regen out/shoes 35f25bbdf15c#1 --to /tmp/again",
+     "flowgen regen out/shoes out/shoes/A-100_linen_0.webp"],
+    [(0, "every target regenerated (with --verify: byte-identical to its record)"),
+     (1, "a result could not be regenerated, or (--verify) its sha256 differs"),
+     (2, "bad input: no manifest in OUT_DIR, or a target it does not hold")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Compare sha256 with the recorded output.")
@@ -117,13 +163,25 @@ def status(out_dir, as_json):
               help="Render in this dtype instead of the one recorded for each result (--verify then compares across dtypes).")
 @user_errors
 def regen(out_dir, targets, verify, to_dir, dtype):
-    """Regenerate items (by id, or from image files carrying flowgen metadata)."""
+    """Regenerate results of OUT_DIR from their manifest records.
+
+    \b
+    Each TARGET is one of:
+      ID      an item id (as `plan` and `status` print it): all its results
+      ID#N    one result of the item, N its result index (from 0)
+      FILE    an image flowgen wrote (it carries the item id and result index)
+    """
     from flowgen.commands import regen_command
 
     sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype))
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen redeliver out/shoes",
+     "flowgen redeliver out/shoes --flagged"],
+    [(0, "everything sent now arrived (or nothing was left to send)"),
+     (1, "some deliveries failed again (recorded; run it again later)"),
+     (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--flagged", is_flag=True, help="Also send results the content check withheld.")
 @user_errors
@@ -134,7 +192,9 @@ def redeliver(out_dir, flagged):
     sys.exit(redeliver_command(out_dir, flagged))
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen gc out/shoes --dry-run", "flowgen gc out/shoes"],
+    [(0, "done (or listed, with --dry-run)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
 @user_errors
@@ -145,7 +205,10 @@ def gc(out_dir, dry_run):
     gc_command(out_dir, dry_run)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen report out/shoes           # writes out/shoes/report.html",
+     "flowgen report out/shoes -o /tmp/shoes.html"],
+    [(0, "report written; its path printed"), (2, "bad input: no manifest in OUT_DIR, or the file cannot be written")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report here (default: OUT_DIR/report.html).")
 @user_errors
@@ -156,7 +219,13 @@ def report(out_dir, output):
     report_command(out_dir, output)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen schedule recipes/nightly.yaml         # runs when due, waits for the next",
+     "flowgen schedule --once recipes/*.yaml        # from system cron or a systemd timer"],
+    [(0, "every run that was due succeeded"),
+     (1, "a run failed (or its canary found the renders changed)"),
+     (2, "bad input: a recipe without a valid schedule, or another run holds its folder"),
+     (130, "interrupted (Ctrl-C)")]))
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--once", is_flag=True, help="Run the recipes that are due now, then exit (for system cron or a systemd timer).")
 @max_batch_option
@@ -169,7 +238,10 @@ def schedule(recipes, once, max_batch, dtype):
     sys.exit(schedule_command(list(recipes), once, max_batch, dtype))
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen prune out/shoes              # lists what would be removed",
+     "flowgen prune out/shoes --yes"],
+    [(0, "listed (or removed, with --yes)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Compare with this recipe (default: the one the last run used).")
 @click.option("--yes", is_flag=True, help="Remove them (without it, only list what would be removed).")
@@ -181,7 +253,10 @@ def prune(out_dir, recipe, yes):
     prune_command(out_dir, recipe, yes)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen models",
+     "flowgen models --json | jq '.[] | {name, present: .weights.present}'"],
+    [(0, "listed (whether or not the weights are here)"), (2, "a model card file is invalid")]))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
 def models(as_json):
@@ -191,7 +266,11 @@ def models(as_json):
     models_command(as_json)
 
 
-@main.command()
+@main.command(epilog=help_epilog(
+    ["flowgen init starter && cd starter && flowgen run recipe.yaml",
+     "flowgen init . --force"],
+    [(0, "starter files written; what to run next printed"),
+     (2, "a file already exists (nothing written; --force overwrites) or cannot be written")]))
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite files that already exist.")
 @user_errors

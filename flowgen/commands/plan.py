@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import click
 
+from flowgen.commands.models import weights_note
 from flowgen.plan.batching import signature_label
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
@@ -31,10 +32,14 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
     plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype)
     run_plan, history = load_run_plan(plan)
     report = plan_report(run_plan, history)
+    # a note, not an error: the plan is sound, but `run` stops until this machine has the weights
+    report["weights_note"] = weights_note(plan.extra.get("card"))
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
         print_plan(report)
+        if report["weights_note"]:
+            click.echo(f"note: {report['weights_note']}")
 
 
 def load_run_plan(plan: Plan) -> tuple[RunPlan, list[dict]]:

@@ -8,8 +8,10 @@ from flowgen.errors import RecipeError
 
 
 def validate_command(recipe_path: str, overrides: list[str]) -> None:
-    """Validate a recipe end to end; raise RecipeError with every problem, else print a one-line summary."""
+    """Validate a recipe end to end; raise RecipeError with every problem, else print a one-line summary
+    (and a note when the model's weights are not on this machine: `run` would stop there)."""
     from flowgen.recipe.api import check_references, expand_items, load_recipe
+    from flowgen.commands.models import weights_note
 
     recipe = load_recipe(recipe_path, overrides)
     items = expand_items(recipe)
@@ -23,3 +25,6 @@ def validate_command(recipe_path: str, overrides: list[str]) -> None:
         f"ok: {recipe_path}: {len(items)} items, {results} results, {references} reference images, "
         f"model {recipe.model}{card}, output {recipe.output_dir(None)}"
     )
+    note = weights_note(recipe.card)  # not an error: the recipe is fine, this machine lacks the weights
+    if note:
+        click.echo(f"note: {note}")

@@ -129,6 +129,21 @@ class ModelCard(_Strict):
                                                 hint="pass a complete diffusers pipeline folder")
         return locate.hf_snapshot(self.weights.hf_repo, gated=self.weights.gated, label=label, download=download)
 
+    def missing_weights(self) -> str | None:
+        """None when this card's weights are on this machine, else why not and how to fetch them.
+
+        The text is the CheckpointError `weights_path()` raises, so `run` (which stops with it) and
+        `validate` / `plan` / `models` (which only mention it) say the same thing. Offline lookup;
+        the tiny card counts as present without being written (it is, on first use).
+        """
+        if self.tiny is not None:
+            return None
+        try:
+            self.weights_path()
+        except CheckpointError as err:
+            return str(err)
+        return None
+
     def identity(self) -> dict:
         """What identifies this model in plan content hashes and manifests: facts of the card only.
 
