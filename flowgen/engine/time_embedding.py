@@ -3,8 +3,16 @@
 diffusers' `get_timestep_embedding` (flip_sin_to_cos=True, downscale_freq_shift=0, scale 1,
 max_period 10000) builds the table in torch float32 on every call. numpy's and XLA's float32 `exp`
 round 54 and 14 of its 128 entries differently (1-2 ulp); times 1000·t that moves the sinusoid
-arguments by up to 5.6e-5 rad, which a model with live fast features turns into a velocity error
-20x diffusers' own float32 error. So the 256-dim model uses torch's values, stored bit for bit.
+arguments by up to 5.6e-5 rad, and a model with live fast features moves its velocity away from
+diffusers' by ~20x diffusers' own float32 error (measured against a float64 diffusers that keeps the
+float32 table; against a fully float64 embedding the stored table measures 0.8-1.1x).
+Real weights were trained with torch's table, so the 256-dim model uses torch's values, stored bit
+for bit.
+
+torch's own table is not the same on every CPU either: its float32 exp is not correctly rounded and
+its vector kernels differ (AVX-512 vs AVX2: 5 of the 128 entries differ by 1 ulp). The stored table
+is fixed, so flowgen's images do not depend on the host's CPU; each entry is within 1 ulp of the
+correctly rounded value (tests/engine/test_constants.py).
 """
 
 from __future__ import annotations

@@ -35,12 +35,38 @@ def bits(a) -> np.ndarray:
 # ---- the DiT's timestep embedding --------------------------------------------------------------
 
 
-def test_frequency_table_is_torchs_to_the_bit():
-    half = 128
-    theirs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half)
-    np.testing.assert_array_equal(bits(time_embedding.frequencies(half)), bits(theirs))
-    numpy_exp = np.exp(np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half))
-    assert np.count_nonzero(bits(numpy_exp) != bits(theirs)) > 0  # why the table is stored
+def _torch_table_here(half: int = 128) -> np.ndarray:
+    """The frequency table diffusers builds on this machine (torch float32 exp)."""
+    return torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half).numpy()
+
+
+def _argument_shift(scaled_t: np.ndarray) -> float:
+    """max |Δ| of the sinusoid arguments 1000·t·f between this machine's torch table and the stored one.
+
+    torch's float32 exp is not correctly rounded, and its vector kernels differ by CPU (AVX2 vs
+    AVX-512): the stored table is torch's on the machine that made it, and torch here may differ
+    from it by 1 ulp in a few entries. 0 where they agree; a sin/cos then moves by at most this."""
+    here = _torch_table_here()
+    stored = time_embedding.frequencies(128)
+    args_here = scaled_t.astype(np.float32)[:, None] * here[None, :]
+    args_stored = scaled_t.astype(np.float32)[:, None] * stored[None, :]
+    return float(np.max(np.abs(args_here.astype(np.float64) - args_stored)))
+
+
+def test_frequency_table_is_torchs():
+    """Stored bit for bit from torch; torch on this CPU is within 1 ulp of it, and so is the correctly
+    rounded exp of torch's float32 exponent; numpy's float32 exp differs in more entries."""
+    stored = time_embedding.frequencies(128)
+    here = _torch_table_here()
+    np.testing.assert_array_max_ulp(stored, here, maxulp=1)
+    exponent = np.float32(-math.log(10000)) * np.arange(128, dtype=np.float32) / np.float32(128)  # as torch rounds it
+    correctly_rounded = np.exp(exponent.astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_max_ulp(stored, correctly_rounded, maxulp=1)
+    differ_here = np.count_nonzero(bits(stored) != bits(here))
+    numpy_exp = np.exp(exponent)
+    differ_numpy = np.count_nonzero(bits(numpy_exp) != bits(stored))
+    print(f"stored table vs torch on this CPU: {differ_here} of 128 entries differ by 1 ulp; numpy's: {differ_numpy}")
+    assert differ_numpy > differ_here
 
 
 def test_other_table_sizes_are_within_one_ulp_of_torch():
@@ -81,8 +107,10 @@ def test_float32_timestep_embedding_matches_diffusers(tiny_diffusers):
     theirs = _diffusers_time_features(tiny_diffusers, t, torch.float32)
     ours = np.asarray(jax.jit(timestep_embedding, static_argnums=1)(jnp.asarray(t), 256))
     err = float(np.max(np.abs(ours - theirs)))
-    print(f"float32 time features: max|Δ| = {err:.2e}, {np.count_nonzero(ours != theirs)} of {ours.size} differ")
-    assert ours.shape == theirs.shape and err <= SIN_COS_ULP
+    shift = _argument_shift(1000 * t)
+    print(f"float32 time features: max|Δ| = {err:.2e} (table shift here {shift:.1e}), "
+          f"{np.count_nonzero(ours != theirs)} of {ours.size} differ")
+    assert ours.shape == theirs.shape and err <= SIN_COS_ULP + shift
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -93,7 +121,8 @@ def test_bfloat16_timestep_embedding_rounds_1000t_like_diffusers(tiny_diffusers,
     theirs = _diffusers_time_features(tiny_diffusers, t, torch.bfloat16)
     embed = functools.partial(timestep_embedding, dim=256, dtype=jnp.bfloat16)
     ours = np.asarray((jax.jit(embed) if jit else embed)(jnp.asarray(t)))
-    assert float(np.max(np.abs(ours - theirs))) <= SIN_COS_ULP
+    scaled = (torch.from_numpy(t).to(torch.bfloat16) * 1000).float().numpy()
+    assert float(np.max(np.abs(ours - theirs))) <= SIN_COS_ULP + _argument_shift(scaled)
 
 
 def test_bfloat16_pipeline_time_features_match_diffusers(tiny_diffusers):
@@ -107,7 +136,8 @@ def test_bfloat16_pipeline_time_features_match_diffusers(tiny_diffusers):
     fed = (torch.from_numpy(sigma) * 1000).to(torch.bfloat16) / 1000
     theirs = _diffusers_time_features(tiny_diffusers, fed.float().numpy(), torch.bfloat16)
     embed = jax.jit(lambda s: timestep_embedding(model_time(s, True), 256, jnp.bfloat16))
-    assert float(np.max(np.abs(np.asarray(embed(jnp.asarray(sigma))) - theirs))) <= SIN_COS_ULP
+    scaled = (fed.to(torch.bfloat16) * 1000).float().numpy()
+    assert float(np.max(np.abs(np.asarray(embed(jnp.asarray(sigma))) - theirs))) <= SIN_COS_ULP + _argument_shift(scaled)
 
 
 # ---- the text encoder's RoPE ---------------------------------------------------------------------
