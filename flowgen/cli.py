@@ -142,7 +142,7 @@ def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, 
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
 def status(out_dir, as_json):
-    """Summarise the manifest of OUT_DIR."""
+    """What OUT_DIR holds against what its recipe planned: ok, failed, not rendered yet, removed."""
     from flowgen.commands import status_command
 
     status_command(out_dir, as_json)

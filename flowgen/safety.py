@@ -179,6 +179,12 @@ def _detector() -> Any:
     return detector
 
 
+def shared_detector() -> Any:
+    """The process's one NudeNet detector (the face refinement pass uses its face classes too).
+    Raises SafetyUnavailable."""
+    return _detector()
+
+
 # ---- the checker -----------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -15,7 +16,7 @@ from flowgen.plan.model import Plan
 from flowgen.plan.run_plan import RunPlan
 from flowgen.run import cost
 from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
-from flowgen.run.manifest import Manifest, manifest_path
+from flowgen.run.manifest import Manifest, load_watermarks, manifest_path
 from flowgen.run.settings import max_batch_setting
 
 SHOW_ITEMS = 20
@@ -29,7 +30,7 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto, for the backend JAX would pick).
     """
     compute_dtype = resolve_dtype(dtype_setting(dtype), guess_backend())
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype)
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
     run_plan, history = load_run_plan(plan)
     report = plan_report(run_plan, history)
     # a note, not an error: the plan is sound, but `run` stops until this machine has the weights
@@ -71,12 +72,17 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
     plan, diff = run_plan.plan, run_plan.diff
     runnable, batches = run_plan.runnable, run_plan.batches()
     rid = lambda r: f"{r.item.item_id}#{r.result_index}"  # noqa: E731
+    shown_removed = set(diff.removed[:SHOW_ITEMS])
+    recorded = {(r["item_id"], r["result_index"]): r for r in history if (r["item_id"], r["result_index"]) in shown_removed}
     return {
         "recipe": plan.recipe_name,
         "model": plan.model,
         "dtype": plan.dtype,
         "out_dir": str(plan.out_dir),
         "plan_hash": plan.plan_hash,
+        # incremental datasets: each watermark (when recorded, entries) and the rows it selects now
+        "incremental": plan.extra.get("incremental", []),
+        "retained_items": len(plan.extra.get("retained_item_ids") or ()),
         "counts": {
             "items": len(plan.items),
             "results": len(plan.results),
@@ -97,6 +103,11 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
             "new": [rid(r) for r in diff.new],
             "changed": [{"result": rid(r), "key": r.item.key, "fields": reasons} for r, reasons in diff.changed],
             "removed": [f"{item_id}#{index}" for item_id, index in diff.removed],
+            # results the recipe no longer holds (`flowgen prune OUT_DIR` removes them), with their keys and files
+            "removed_results": [
+                {"result": f"{item_id}#{index}", "key": (recorded.get((item_id, index)) or {}).get("item_key"),
+                 "path": ((recorded.get((item_id, index)) or {}).get("output") or {}).get("path")}
+                for item_id, index in diff.removed[:SHOW_ITEMS]],
         },
         "batches": [
             {"signature": signature_label(b.signature), "size": b.size, "padding": b.padding,
@@ -109,11 +120,22 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
     }
 
 
+def incremental_line(watermark: dict[str, Any], retained: int) -> str:
+    """'incremental products: watermark of 2026-12-03 03:00 UTC holds 40 rows; 3 of 43 rows new (planned), ...'."""
+    unit = "files" if watermark["kind"] == "files" else "rows"
+    when = (f"watermark of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(watermark['recorded_at']))} "
+            f"holds {watermark['watermark_rows']} {unit}" if watermark["recorded_at"] else "no watermark recorded yet")
+    return (f"incremental {watermark['dataset']}: {when}; {watermark['new_rows']} of {watermark['rows']} {unit} new "
+            f"(planned), {retained} item(s) left to earlier runs")
+
+
 def print_plan(report: dict[str, Any]) -> None:
     counts = report["counts"]
     click.echo(f"recipe {report['recipe']} -> {report['out_dir']}  (model {report['model']}, {report['dtype']})")
     click.echo(f"{counts['items']} item(s), {counts['results']} result(s): {counts['new']} new, "
                f"{counts['unchanged']} unchanged, {counts['changed']} changed, {counts['removed']} removed in the manifest")
+    for watermark in report.get("incremental", []):
+        click.echo(incremental_line(watermark, report.get("retained_items", 0)))
     for item in report["items"][:SHOW_ITEMS]:
         refs = f", {item['references']} ref(s)" if item["references"] else ""
         click.echo(f"  {item['item_id']}  {item['key']}  ({item['results']} result(s){refs})")
@@ -121,6 +143,13 @@ def print_plan(report: dict[str, Any]) -> None:
         click.echo(f"  ... {len(report['items']) - SHOW_ITEMS} more")
     for change in report["diff"]["changed"][:SHOW_ITEMS]:
         click.echo(f"  changed {change['result']} {change['key']}: {', '.join(change['fields'])}")
+    if counts["removed"]:
+        click.echo(f"{counts['removed']} result(s) in the manifest no longer in the recipe "
+                   f"(flowgen prune {report['out_dir']} removes their files and rows):")
+        for gone in report["diff"]["removed_results"]:
+            click.echo(f"  removed {gone['result']} {gone['key'] or ''}" + (f" ({gone['path']})" if gone["path"] else ""))
+        if counts["removed"] > len(report["diff"]["removed_results"]):
+            click.echo(f"  ... {counts['removed'] - len(report['diff']['removed_results'])} more")
     for item in report["items"]:
         if item["error"]:
             click.echo(f"  error   {item['item_id']} {item['key']}: {item['error']}")

@@ -1,7 +1,81 @@
-"""`flowgen prune` (being built)."""
+"""`flowgen prune OUT_DIR [--recipe RECIPE] [--yes]`: remove the results the recipe no longer holds.
+
+A result is removed from the recipe when its item is gone (a dataset row deleted, a matrix value
+dropped, numberResults lowered): the plan's diff calls it `removed` (flowgen.plan.diff). Items an
+incremental dataset's watermark leaves to earlier runs are still the recipe's and stay.
+Without --yes it only lists them. With --yes it deletes their files first, then their manifest rows
+(results, deliveries, delivery attempts, expirations) in one transaction together with a record of
+the prune, so a crash in between leaves rows whose files are gone: a second prune finishes the job.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
 
 from flowgen.errors import FlowgenError
+from flowgen.plan.from_recipe import plan_recipe
+from flowgen.run.executor import new_run_id
+from flowgen.run.lock import RunLock
+from flowgen.run.manifest import Manifest, load_watermarks
+
+SHOW = 50  # results listed one per line; beyond that, a count
 
 
-def prune_command(*args, **kwargs):
-    raise FlowgenError("flowgen prune is not built yet")
+def prune_command(out_dir: str, recipe: str | None, yes: bool) -> None:
+    """List (or with `yes` remove) the results of OUT_DIR that RECIPE (default: the last run's) no longer holds."""
+    with Manifest(out_dir, create=False) as manifest:  # no manifest here: a user error
+        path, overrides = _recipe_to_compare(out_dir, recipe, manifest.last_recipe())
+    plan = plan_recipe(path, out_dir, overrides, watermarks=load_watermarks)
+    with RunLock(out_dir, "prune-" + new_run_id()), Manifest(out_dir, create=False) as manifest:
+        removed = plan.against(manifest.index(), verify_files=False).diff.removed
+        records = [manifest.get(*rid) or {"item_id": rid[0], "result_index": rid[1]} for rid in removed]
+        verb = "removed" if yes else "would remove"
+        for record in records[:SHOW]:
+            click.echo(f"{verb} {_describe(record)}")
+        if len(records) > SHOW:
+            click.echo(f"... and {len(records) - SHOW} more")
+        if yes and records:
+            for record in records:
+                _remove_file(manifest.out_dir, record)
+            manifest.remove_results(removed, str(path), [
+                [r["item_id"], r["result_index"], r.get("item_key"), (r.get("output") or {}).get("path")] for r in records])
+            manifest.export_jsonl()
+    shown = f"recipe {plan.recipe_name} ({path})"
+    if not records:
+        click.echo(f"{out_dir}: nothing to prune: every result in the manifest is in {shown}")
+    elif yes:
+        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown} removed: their files and manifest rows")
+    else:
+        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown}; "
+                   f"`flowgen prune {out_dir} --yes` removes their files and manifest rows")
+
+
+def _recipe_to_compare(out_dir: str, given: str | None, last: dict[str, Any] | None) -> tuple[str, list[str]]:
+    """(recipe path, --set overrides): --recipe as given, else what the last run used."""
+    if given is not None:
+        return given, []
+    if not last or not last.get("path"):
+        raise FlowgenError(f"{out_dir}: no run here recorded its recipe; name it with --recipe RECIPE")
+    if not Path(last["path"]).is_file():
+        raise FlowgenError(f"{out_dir}: the last run's recipe {last['path']} is not there any more; "
+                           "name the recipe with --recipe RECIPE")
+    return last["path"], list(last.get("overrides") or ())
+
+
+def _describe(record: dict[str, Any]) -> str:
+    path = (record.get("output") or {}).get("path")
+    return (f"{record['item_id']}#{record['result_index']} {record.get('item_key') or ''}"
+            + (f" ({path})" if path else "")).rstrip()
+
+
+def _remove_file(out_dir: Path, record: dict[str, Any]) -> None:
+    """Delete a result's file, only ever inside the output folder."""
+    path = (record.get("output") or {}).get("path")
+    if not path:
+        return
+    target = (out_dir / path).resolve()
+    if target.is_relative_to(out_dir.resolve()) and target.is_file():
+        target.unlink()

@@ -15,7 +15,7 @@ from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.engine import PipelineEngine
 from flowgen.run.executor import RunSummary, execute, new_run_id
 from flowgen.run.lock import folder_busy_check
-from flowgen.run.manifest import STATE_DIR
+from flowgen.run.manifest import STATE_DIR, load_watermarks
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.progress import default_progress
 from flowgen.run.settings import max_batch_setting
@@ -32,7 +32,8 @@ def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limi
     User errors before anything runs raise FlowgenError (exit 2 via the CLI).
     """
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype)
+    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
+    plan.extra["recipe_overrides"] = list(overrides)  # recorded with the run: `prune` replans the same way
     if run_id is None and (detach or _all_async(plan)):
         return _detach(plan, recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged)
     engine = PipelineEngine(plan.extra.get("card") or plan.model, plan.dtype)  # loads on the first batch only
@@ -89,12 +90,22 @@ def print_summary(summary: RunSummary, out_dir: str, load_seconds: float = 0.0) 
         click.echo(f"  deliveries: {delivered.get('ok', 0)} ok, {delivered.get('failed', 0)} failed"
                    + (f" (flowgen redeliver {out_dir})" if delivered.get("failed") else "")
                    + (f", {delivered['withheld']} withheld" if delivered.get("withheld") else ""))
+    if summary.removed:
+        click.echo(f"  {summary.removed} result(s) no longer in the recipe: flowgen prune {out_dir} removes them")
     for run_id in summary.died_runs:
         click.echo(f"  run {run_id} had died without finishing (killed?); this run completed its work")
     for key, index, error in summary.failures[:20]:
         click.echo(f"  failed {key}#{index}: {error}")
     if len(summary.failures) > 20:
         click.echo(f"  ... {len(summary.failures) - 20} more failures (flowgen status {out_dir})")
+    passed = [v for v in summary.canary if v["passed"]]
+    if passed:
+        click.echo(f"  canary: {len(passed)} fixed item(s) render as their first renders did "
+                   f"(>= {passed[0]['threshold_db']:g} dB PSNR)")
+    for line in summary.canary_failures:  # loud: stderr, one line per drifted item
+        click.echo(f"error: {line}", err=True)
+    if summary.canary_failures:
+        click.echo("error: the canary failed, so nothing was rendered; see docs/recipes.md (Golden-seed canary)", err=True)
     if summary.stopped_early:
         click.echo("stopped early (--fail-fast)")
     if summary.interrupted:

@@ -1,8 +1,17 @@
-"""`flowgen status OUT_DIR`: what the manifest of an output folder holds."""
+"""`flowgen status OUT_DIR`: what the manifest of an output folder holds, and what is still to do.
+
+It counts the results the recipe held when the latest run started (the manifest's planned set,
+flowgen.run.manifest.Manifest.record_plan): rendered, failed, skipped, expired, and those not
+rendered yet (a run stopped by Ctrl-C, --limit, --budget or a crash). Results the manifest still
+holds but the recipe no longer does are counted apart (`flowgen prune` removes them). Every word
+it prints is explained in a legend at the end.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -11,6 +20,35 @@ import click
 
 from flowgen.run.lock import folder_state
 from flowgen.run.manifest import Manifest
+
+SHOW_FAILURES = 20
+
+# What each word `status` prints means, by what it describes.
+LEGEND: dict[str, dict[str, str]] = {
+    "result": {
+        "ok": "rendered and recorded; its file is in the output folder",
+        "failed": "tried and failed (reason listed); the next run tries it again",
+        "skipped": "not tried: --fail-fast stopped the run first; the next run renders it",
+        "not rendered yet": "planned but not rendered (Ctrl-C, --limit, --budget, a crash, or still running); "
+                            "the next run renders it",
+        "expired": "its ttl ran out and `flowgen gc` removed the file; rendered again only if it changes",
+        "no longer in the recipe": "in the manifest, but the recipe no longer holds its item; `flowgen prune` removes it",
+    },
+    "run": {
+        "ok": "the last run finished and every result it tried succeeded",
+        "failed": "the last run finished, but some results failed (listed)",
+        "interrupted": "the last run was stopped by Ctrl-C after a batch; the manifest is consistent",
+        "died": "the last run was killed (or its machine went down) mid-run; the next run completes its work",
+        "running": "a run holds the folder now and its heartbeat is recent",
+        "stale": "a process holds the folder's lock but its heartbeat stopped: it may be hung",
+    },
+    "delivery": {
+        "pending": "not sent yet (or a killed run left it); the next run or `flowgen redeliver` sends it",
+        "ok": "uploaded / webhook delivered",
+        "failed": "gave up after its retries; `flowgen redeliver` sends it again",
+        "withheld": "flagged by the content check and not sent; `flowgen redeliver --flagged` sends it",
+    },
+}
 
 
 def status_command(out_dir: str, as_json: bool) -> None:
@@ -21,35 +59,22 @@ def status_command(out_dir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    counts = report["counts"]
-    click.echo(f"{report['out_dir']}: {report['results']} result(s) — "
-               + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("ok", "failed", "skipped")))
-    if report["last_run"]:
-        run = report["last_run"]
-        click.echo(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
-    if report["state"] == "running" and report["progress"]:
-        p = report["progress"]
-        click.echo(f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
-                   f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}")
-    if report["deliveries"]:
-        click.echo("  deliveries: " + ", ".join(f"{n} {state}" for state, n in sorted(report["deliveries"].items()))
-                   + (f" (flowgen redeliver {report['out_dir']})" if report["deliveries"].get("failed") else ""))
-    if report["expired"]:
-        click.echo(f"  {report['expired']} result(s) expired (ttl) and removed by flowgen gc")
-    if report["state"] == "stale":
-        click.echo(f"  {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
-    for failure in report["failed"][:20]:
-        click.echo(f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}")
-    if report["missing_outputs"]:
-        click.echo(f"  {len(report['missing_outputs'])} ok result(s) whose file is missing (a run will render them again)")
+    for line in status_lines(report):
+        click.echo(line)
 
 
 def status_report(manifest: Manifest) -> dict[str, Any]:
-    failed, missing = [], []
-    total = 0
+    """The folder's state as JSON-able data (what `status --json` prints); `legend` explains the words used."""
+    planned = manifest.planned()  # None: no run recorded its plan (a manifest from an older flowgen)
     expired = manifest.expired()
+    held: list[dict] = []
+    removed: list[dict] = []
     for record in manifest.records():
-        total += 1
+        rid = (record["item_id"], record["result_index"])
+        (held if planned is None or rid in planned else removed).append(record)
+    held_ids = {(r["item_id"], r["result_index"]) for r in held}
+    failed, missing = [], []
+    for record in held:
         if record["status"] == "failed":
             failed.append({k: record[k] for k in ("item_id", "result_index", "item_key", "error")})
         elif (record["status"] == "ok" and (record["item_id"], record["result_index"]) not in expired
@@ -59,17 +84,102 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
     state, holder = folder_state(manifest.out_dir)
     if runs and runs[-1]["status"] == "running" and state == "idle":
         runs[-1]["status"] = "died"  # marked running, but no process holds the folder: killed
-    return {
+    counts = dict(Counter(r["status"] for r in held))
+    held_expired = sum(1 for rid in expired if rid in held_ids)
+    not_rendered = None if planned is None else len(planned - held_ids)
+    deliveries = dict(Counter(d["state"] for d in manifest.deliveries()
+                              if planned is None or (d["item_id"], d["result_index"]) in held_ids))
+    recipe = manifest.last_recipe()
+    report = {
         "state": state,  # running | stale | idle: whether a run holds the folder now
         "holder": holder.describe() if holder and state != "idle" else None,
         "progress": holder.progress if holder and state != "idle" else None,
-        "deliveries": dict(Counter(d["state"] for d in manifest.deliveries())),
-        "expired": len(expired),
+        "deliveries": deliveries,
+        "expired": held_expired,
         "out_dir": str(manifest.out_dir),
-        "results": total,
-        "counts": manifest.counts(),
+        "recipe": recipe,
+        "planned": None if planned is None else len(planned),  # None: not recorded (older manifest)
+        "results": len(held),  # the recipe's results the manifest holds a row for
+        "counts": counts,  # of those, by status (ok includes expired ones)
+        "not_rendered": not_rendered,
+        "removed": {"count": len(removed),
+                    "results": [f"{r['item_id']}#{r['result_index']}" for r in removed[:SHOW_FAILURES]]},
         "failed": failed,
         "missing_outputs": missing,
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
     }
+    report["legend"] = _legend(report)
+    return report
+
+
+def status_lines(report: dict[str, Any]) -> list[str]:
+    """The text `status` prints for a report."""
+    out, counts = report["out_dir"], report["counts"]
+    parts = [f"{counts.get('ok', 0)} ok", f"{counts.get('failed', 0)} failed"]
+    parts += [f"{counts[s]} {s}" for s in ("skipped",) if counts.get(s)]
+    if report["expired"]:
+        parts.append(f"{report['expired']} expired")
+    if report["planned"] is None:
+        lines = [f"{out}: {report['results']} result(s): {', '.join(parts)} "
+                 "(what the recipe plans is recorded from the next run on)"]
+    else:
+        todo = report["not_rendered"]
+        parts.append(f"{todo} not rendered yet" + (f" (flowgen run {_recipe_shown(report)} renders them)" if todo else ""))
+        lines = [f"{out}: {report['planned']} planned: {', '.join(parts)}"]
+    removed = report["removed"]["count"]
+    if removed:
+        lines.append(f"  {removed} result(s) no longer in the recipe, not counted above "
+                     f"(flowgen prune {out} removes them)")
+    run = report["last_run"]
+    if run:
+        lines.append(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
+    if report["state"] == "running" and report["progress"]:
+        p = report["progress"]
+        lines.append(f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
+                     f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}")
+    if report["state"] == "stale":
+        lines.append(f"  stale: {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
+    if report["deliveries"]:
+        lines.append("  deliveries: " + ", ".join(f"{n} {s}" for s, n in sorted(report["deliveries"].items()))
+                     + (f" (flowgen redeliver {out})" if report["deliveries"].get("failed") else ""))
+    for failure in report["failed"][:SHOW_FAILURES]:
+        lines.append(f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}")
+    if len(report["failed"]) > SHOW_FAILURES:
+        lines.append(f"  ... {len(report['failed']) - SHOW_FAILURES} more failed (status --json lists them all)")
+    if report["missing_outputs"]:
+        lines.append(f"  {len(report['missing_outputs'])} ok result(s) whose file is missing (a run will render them again)")
+    if report["legend"]:
+        lines.append("what the words mean:")
+        lines += [f"  {word} ({kind}): {meaning}" for kind, words in report["legend"].items() for word, meaning in words.items()]
+    return lines
+
+
+def _legend(report: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """The LEGEND entries of the words this report's text shows."""
+    counts = report["counts"]
+    shown = {
+        "result": ["ok", "failed"] + [w for w in ("skipped",) if counts.get(w)]
+                  + (["expired"] if report["expired"] else [])
+                  + (["not rendered yet"] if report["planned"] is not None else [])
+                  + (["no longer in the recipe"] if report["removed"]["count"] else []),
+        "run": ([report["last_run"]["status"]] if report["last_run"] else [])
+               + ([report["state"]] if report["state"] != "idle" else []),
+        "delivery": sorted(report["deliveries"]),
+    }
+    return {kind: {w: LEGEND[kind][w] for w in dict.fromkeys(words) if w in LEGEND[kind]}
+            for kind, words in shown.items() if any(w in LEGEND[kind] for w in words)}
+
+
+def _recipe_shown(report: dict[str, Any]) -> str:
+    """The recipe the last run used, relative to here when it is below (what to type to run it again)."""
+    recipe = report.get("recipe") or {}
+    path = recipe.get("path")
+    if not path:
+        return "RECIPE"
+    try:
+        shown = os.path.relpath(path)
+    except ValueError:
+        shown = path
+    shown = path if shown.startswith("..") else shown
+    return " ".join(shlex.quote(part) for part in [shown] + [a for o in recipe.get("overrides") or () for a in ("--set", o)])

@@ -10,12 +10,10 @@ from flowgen.errors import RecipeError
 def validate_command(recipe_path: str, overrides: list[str]) -> None:
     """Validate a recipe end to end; raise RecipeError with every problem, else print a one-line summary
     (and a note when the model's weights are not on this machine: `run` would stop there)."""
-    from flowgen.recipe.api import check_references, expand_items, load_recipe
+    from flowgen.recipe.api import recipe_problems
     from flowgen.commands.models import weights_note
 
-    recipe = load_recipe(recipe_path, overrides)
-    items = expand_items(recipe)
-    problems = check_references(items)
+    recipe, items, problems = recipe_problems(recipe_path, overrides)  # every stage's problems at once
     if problems:
         raise RecipeError(problems)
     results = sum(item.task.get("numberResults", 1) for item in items)

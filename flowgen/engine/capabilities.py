@@ -1,7 +1,7 @@
 """What the local engine supports, as data: the recipe layer's support table reads it.
 
     caps = capabilities()
-    caps.lora                        # False: LoRA adapters are not loaded
+    caps.lora                        # True: LoRA adapters are merged per batch
     caps.refused_schedulers["..."]   # why a spec scheduler name is refused
     caps.why_not["lora"]             # the one-line reason a refusal names
 
@@ -44,24 +44,25 @@ def capabilities() -> Capabilities:
     from flowgen.engine.runtime import DTYPES
     from flowgen.engine.sampling import names
 
-    acceleration = ("high",)  # the spec default; the engine's exact reference-KV cache is always on
+    from flowgen.engine.step_cache_settings import ACCELERATIONS
+
+    acceleration = ACCELERATIONS  # presets of step caches (step_cache_settings.PRESETS)
     return Capabilities(
         schedulers=names.SUPPORTED,
         refused_schedulers=MappingProxyType(dict(names.REFUSED)),
         acceleration=acceleration,
-        lora=False,
-        accelerator_options=False,
-        ultralytics=False,
+        lora=True,
+        accelerator_options=True,
+        ultralytics=True,
         max_references=MAX_REFERENCES,
         max_reference_pixels=MAX_DECODE_PIXELS,
         reference_inputs=("file",),
         dtypes=DTYPES,
         why_not=MappingProxyType({
-            "acceleration": f"only {' or '.join(map(repr, acceleration))}, the default: the exact reference KV "
-                            "cache is always on",
-            "acceleratorOptions": "no step caching besides the exact reference KV cache",
-            "lora": "LoRA adapters are not loaded",
-            "ultralytics": "no face refinement pass",
+            "acceleration": f"only {', '.join(map(repr, acceleration))}",
+            "acceleratorOptions": "step caches (teaCache, fbCache, dbCache) run in the compiled sampling loop",
+            "lora": "LoRA adapters (ai-toolkit/BFL, kohya, diffusers/PEFT, LoKr) are merged into the weights per batch",
+            "ultralytics": "faces found by NudeNet (or a YOLOv8 .onnx) are refined by Klein img2img",
             "inputs.referenceImages": "reference images must be local files, not URLs, data URIs or UUIDs",
         }),
     )

@@ -16,6 +16,9 @@ The sampler (`sampling.base.Sampler`) is a static argument: it owns the update a
 seed. Sigmas are a device array walked by `lax.fori_loop`, so one compiled program serves every
 call with the same shapes and sampler. After each step the loop reports to the host
 (`jax.debug.callback`, dispatched by a traced listener token: no retrace per listener).
+
+A step cache (`step_cache_settings.StepCache`, static) runs the same loop through the staged DiT
+of `step_cache.py` and also returns its per-step record; without one the loop is the plain one.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowgen.engine import step_cache as step_caches
 from flowgen.engine.sampling.base import Sampler
 from flowgen.engine.sampling.flow_schedule import NUM_TRAIN_TIMESTEPS
 
@@ -133,9 +137,9 @@ class _Listening:
 # ---- the compiled loop -------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t"))
+@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t", "step_cache", "stages"))
 def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forward, cfg: bool,
-          sampler: Sampler, quantize_t: bool):
+          sampler: Sampler, quantize_t: bool, step_cache=None, stages=None):
     TRACE_COUNTS["denoise"] += 1
     batch, n = x.shape[0], x.shape[1]
     width = 2 * batch if cfg else batch
@@ -153,21 +157,41 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
     if ref_tokens is not None:
         ref_tokens = jnp.broadcast_to(ref_tokens.astype(x.dtype), (width, *ref_tokens.shape[1:]))
 
-    def model(x, sigma):
-        tokens = jnp.concatenate([x, x], axis=0) if cfg else x
-        if ref_tokens is not None:
-            tokens = jnp.concatenate([tokens, ref_tokens], axis=1)
-        times = jnp.broadcast_to(model_time(sigma, quantize_t), (width,))
-        v = forward(params, tokens, rope_img, times, cond.txt, cond.rope_txt, ref_kv, lengths)[:, :n]
-        if cfg:
-            cond_v, uncond_v = v[:batch], v[batch:]
-            v = uncond_v + guidance * (cond_v - uncond_v)
-        return v
+    def model_using(transformer):  # the sampler's model(x, sigma) around transformer(tokens, times)
+        def model(x, sigma):
+            tokens = jnp.concatenate([x, x], axis=0) if cfg else x
+            if ref_tokens is not None:
+                tokens = jnp.concatenate([tokens, ref_tokens], axis=1)
+            times = jnp.broadcast_to(model_time(sigma, quantize_t), (width,))
+            v = transformer(tokens, times)[:, :n]
+            if cfg:
+                cond_v, uncond_v = v[:batch], v[batch:]
+                v = uncond_v + guidance * (cond_v - uncond_v)
+            return v
+
+        return model
 
     def on_step(i):
         jax.debug.callback(_report, token, i)
 
-    return sample(sampler, model, x, sigmas, keys, on_step)
+    if step_cache is None:
+        plain = lambda tokens, times: forward(params, tokens, rope_img, times, cond.txt, cond.rope_txt, ref_kv, lengths)  # noqa: E731
+        return sample(sampler, model_using(plain), x, sigmas, keys, on_step)
+    # step caches (step_cache.py): the loop also returns the cache's per-step record
+    steps = sigmas.shape[0] - 1
+    n_tokens = n + (0 if ref_tokens is None else ref_tokens.shape[1])
+    state = step_caches.initial_state(stages, params, step_cache, (width, n_tokens), cond.txt.shape[1], steps, x.dtype)
+
+    segs = step_caches.segments(stages, params, step_cache, ref_kv)  # weights sliced once, outside the steps
+
+    def run(tokens, times, cache_state, i, decided):
+        return step_caches.cached_forward(stages, step_cache, segs, params, tokens, rope_img, times, cond.txt,
+                                          cond.rope_txt, ref_kv, lengths, cache_state, i, steps, decided)
+
+    shape = x.shape[1:]
+    x, state = step_caches.sample_cached(sampler, model_using, run, state, x, sigmas,
+                                         lambda i, k=0: row_noise(keys, i, k, shape), on_step)
+    return x, {"distances": state.distances, "computed": state.computed}
 
 
 class Denoiser:
@@ -176,24 +200,34 @@ class Denoiser:
     `forward(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` is `Transformer.forward_fn`.
     """
 
-    def __init__(self, forward):
+    def __init__(self, forward, stages=None):
         # `forward` is a static argument of one module-level jit: pipelines sharing a transformer
-        # share compiled loops.
+        # share compiled loops. `stages` (`Transformer.stages`) lets the loop run step caches.
         self.forward = forward
+        self.stages = stages
 
     def __call__(self, params, x: jax.Array, cond: Conditioning, sigmas, sampler: Sampler, keys: jax.Array,
                  guidance: float | None = None, *, quantize_t: bool = False,
-                 on_step: Callable[[int], None] | None = None) -> jax.Array:
+                 on_step: Callable[[int], None] | None = None, step_cache=None):
         """Denoise tokens x (B, N, C) along sigmas (N + 1,); returns the final tokens in x's dtype.
 
-        on_step(steps_done) is called on the host after each step.
+        on_step(steps_done) is called on the host after each step. With `step_cache` (a
+        `step_cache_settings.StepCache`) returns (tokens, record): record["distances"] and
+        record["computed"] are numpy arrays with one entry per step.
         """
+        if step_cache is not None and self.stages is None:
+            raise ValueError("step caches need the transformer's stages: Denoiser(forward, transformer.stages)")
         cfg = guidance is not None
         g = jnp.float32(guidance if cfg else 1.0)
+        extra = {} if step_cache is None else {"step_cache": step_cache, "stages": self.stages}
         with _Listening(on_step) as token:
             out = _loop(params, x, cond, jnp.asarray(sigmas, jnp.float32), g, keys, jnp.int32(token),
-                        forward=self.forward, cfg=cfg, sampler=sampler, quantize_t=quantize_t)
-            return jax.block_until_ready(out)
+                        forward=self.forward, cfg=cfg, sampler=sampler, quantize_t=quantize_t, **extra)
+            out = jax.block_until_ready(out)
+        if step_cache is None:
+            return out
+        tokens, record = out
+        return tokens, {name: np.asarray(value) for name, value in record.items()}
 
 
 def noise_keys(seeds) -> jax.Array:

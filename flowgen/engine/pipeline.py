@@ -5,6 +5,7 @@
     out.images[0]        # (1024, 1024, 3) uint8
     out.timings          # seconds per stage: text, references, denoise, decode
     out.layouts[0]       # what replays image 0 bit for bit: reference layout, length, batch
+    pipe.img2img([pixels], ["a face"], strength=0.3, steps=20, seeds=[7])   # refine (face_refine)
 
 Computes what diffusers' `Flux2KleinKVPipeline` (KV models) and `Flux2KleinPipeline` (plain and
 base models) compute, batched so that an item's image never depends on its batch mates beyond
@@ -15,12 +16,15 @@ float32 summation order:
 * the whole batch runs one jitted sampling loop (`denoise`), whatever its rows' reference sets:
   they are stacked per row, padded and masked (`batch_references`); then it is decoded at once;
 * seeds become noise per seed: `normal(key(seed), (128, H/16, W/16))`; stochastic samplers draw
-  their per-step noise from the same seed (`denoise.noise_keys`).
+  their per-step noise from the same seed (`denoise.noise_keys`);
+* `loras=` are merged into the transformer's weights for the call (`lora_merge`), from the kept
+  base weights whenever the set changes; the reference K/V cache is keyed by the weights.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,13 +40,15 @@ from flowgen.engine.cards import ModelCard
 from flowgen.engine.denoise import Conditioning, Denoiser, noise_keys
 from flowgen.engine.ids import image_ids, pack, text_ids, unpack
 from flowgen.engine.images import default_output_size
+from flowgen.engine.lora_merge import LoraWeights
 from flowgen.engine.pipeline_request import PIXELS_PER_TOKEN, Request, check_request
 from flowgen.engine.pipeline_source import ModelSource, resolve_source
 from flowgen.engine.prompt_cache import PromptEncoder
 from flowgen.engine.reference_cache import PreparedSet, ReferenceCache, prepare_set
+from flowgen.engine import step_cache_settings
 from flowgen.engine.runtime import RuntimeConfig
 from flowgen.engine.sampling import names
-from flowgen.errors import CheckpointError, RecipeError
+from flowgen.errors import CheckpointError, ImageInputError, RecipeError
 
 log = logging.getLogger(__name__)
 STAGES = ("text", "references", "denoise", "decode")
@@ -53,6 +59,8 @@ class GenerateOutput:
     images: list[np.ndarray]  # (H, W, 3) uint8, one per prompt, in order
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     layouts: list[dict] = field(default_factory=list)  # per image: `Layout.as_dict()` of its loop
+    # per image, with a step cache: its settings, and per step the distance and whether it was computed
+    step_caches: list[dict] = field(default_factory=list)
 
     @property
     def layout(self) -> dict:
@@ -70,6 +78,29 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(key, shape, jnp.float32)
 
 
+def img2img_start(strength: float, steps: int) -> int:
+    """The schedule index an img2img loop starts at: diffusers' `get_timesteps` (the Klein inpaint
+    and Flux img2img pipelines), t_start = int(steps − min(steps·strength, steps)); `steps` means
+    no step is left."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def _img2img_images(images, count: int) -> np.ndarray:
+    """`img2img` images as one (B, H, W, 3) uint8 array; one-line errors naming the argument."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        images = list(images)
+    if not isinstance(images, (list, tuple)) or len(images) != count:
+        raise ImageInputError(f"images: give one (H, W, 3) uint8 array per prompt ({count})")
+    arrays = [np.asarray(image) for image in images]
+    shape = arrays[0].shape
+    if any(a.shape != shape or a.dtype != np.uint8 for a in arrays) or len(shape) != 3 or shape[2] != 3:
+        raise ImageInputError("images: every image must be an (H, W, 3) uint8 array of one size")
+    if shape[0] % PIXELS_PER_TOKEN or shape[1] % PIXELS_PER_TOKEN or not shape[0] or not shape[1]:
+        raise ImageInputError(f"images: {shape[1]}x{shape[0]} is not allowed; both sides must be multiples of "
+                              f"{PIXELS_PER_TOKEN}")
+    return np.stack(arrays)
+
+
 class Pipeline:
     """A loaded FLUX.2 [klein] model; see the module docstring."""
 
@@ -84,7 +115,9 @@ class Pipeline:
         self.counters: collections.Counter = collections.Counter()  # work done, for tests and reports
         self.prompts = PromptEncoder(tokenizer, text_encoder, self.dtype, counters=self.counters)
         self.references = ReferenceCache(vae, transformer, counters=self.counters)
-        self.denoiser = Denoiser(transformer.forward_fn)
+        self.loras = LoraWeights(transformer, counters=self.counters)  # the weights under this batch's LoRAs
+        self.params = transformer.params
+        self.denoiser = Denoiser(transformer.forward_fn, transformer.stages)
         self._check_compatible(text_encoder)
 
     @classmethod
@@ -127,7 +160,9 @@ class Pipeline:
     def generate(self, prompts, references=None, width: int | None = None, height: int | None = None,
                  steps: int | None = None, seeds=None, latents=None, guidance: float | None = None,
                  negative_prompts=None, max_sequence_length: int | None = None, *, scheduler: str | None = None,
-                 layout: dict | None = None, on_step: Callable[[int], None] | None = None) -> GenerateOutput:
+                 layout: dict | None = None, on_step: Callable[[int], None] | None = None,
+                 acceleration: str | None = None, accelerator_options: dict | None = None,
+                 loras=None) -> GenerateOutput:
         """Generate one image per prompt.
 
         references: None, or one list (possibly empty) of up to 4 images per prompt — PIL images,
@@ -138,6 +173,10 @@ class Pipeline:
         scheduler: a spec scheduler name (`sampling.names`; default Klein's flow Euler).
         layout: a recorded `GenerateOutput.layouts` entry, to replay its arithmetic exactly.
         on_step(steps_done) is called on the host after every sampling step.
+        acceleration (spec preset, default "high") and accelerator_options (the spec's
+        acceleratorOptions dict): step caches (`step_cache_settings.resolve`).
+        loras: [(.safetensors path, weight −4..4)] merged into the transformer for this call (every
+        prompt shares them; `lora_merge`); None or [] = the base weights.
         Raises FlowgenError subclasses for bad arguments.
         """
         req = check_request(prompts, references, width, height, steps, seeds, latents, guidance, negative_prompts,
@@ -150,10 +189,21 @@ class Pipeline:
         except names.SchedulerRefused as err:
             raise RecipeError(str(err)) from None
         forced = None if layout is None else Layout.from_dict(layout, len(req.prompts))
+        self.params, weights_key = self.loras.use(loras)
+        self.references.use_weights(weights_key, self.params)  # cached reference K/V are per weights
+        step_cache = step_cache_settings.resolve(acceleration, accelerator_options, steps=req.steps,
+                                                 distilled=self.distilled,
+                                                 coefficients=self.source.defaults.get("teacache_coefficients"))
+        replay = (layout or {}).get("step_cache_computed")
+        if step_cache is not None and replay is not None:
+            if len(replay) != req.steps or set(replay) - {"0", "1"}:
+                raise RecipeError(f"layout: step_cache_computed must be {req.steps} characters 0/1; got {replay!r}")
+            step_cache = dataclasses.replace(step_cache, replay=replay)
         length = int(max_sequence_length or self.max_sequence_length)
         timings = dict.fromkeys(STAGES, 0.0)
         images: list[np.ndarray | None] = [None] * len(req.prompts)
         layouts: list[dict] = [{}] * len(req.prompts)
+        cache_records: list[dict] = [{}] * len(req.prompts)
 
         start = time.perf_counter()
         txt = jax.block_until_ready(self.prompts.embeddings(req.prompts, length))
@@ -170,11 +220,75 @@ class Pipeline:
         for size in dict.fromkeys(sizes):  # one loop per output size (one, for a plan batch)
             idx = np.asarray([i for i, s in enumerate(sizes) if s == size])
             group_neg = None if neg is None else neg[idx]
-            out, used = self._generate_batch(req, idx, size, [ref_sets[i] for i in idx], txt[idx], group_neg,
-                                             choice, forced, on_step, timings)
+            out, used, record = self._generate_batch(req, idx, size, [ref_sets[i] for i in idx], txt[idx], group_neg,
+                                                     choice, forced, on_step, timings, step_cache)
             for position, item in enumerate(idx):
-                images[item], layouts[item] = out[position], used.as_dict()
-        return GenerateOutput(images, {k: round(v, 6) for k, v in timings.items()}, layouts)
+                images[item], layouts[item], cache_records[item] = out[position], used.as_dict(), record
+                if record:  # what regen replays (the decisions depend on the batch mates)
+                    layouts[item]["step_cache_computed"] = "".join("1" if c else "0" for c in record["computed"])
+        return GenerateOutput(images, {k: round(v, 6) for k, v in timings.items()}, layouts,
+                              cache_records if step_cache is not None else [])
+
+    def img2img(self, images, prompts, strength: float, steps: int | None = None, seeds=None,
+                guidance: float | None = None, negative_prompts=None, max_sequence_length: int | None = None, *,
+                scheduler: str | None = None, loras=None,
+                on_step: Callable[[int], None] | None = None) -> GenerateOutput:
+        """Refine images (SDEdit, as diffusers' Flux2KleinInpaintPipeline starts its loop): encode
+        each image, noise its latents from its seed to the schedule's sigma at index
+        `img2img_start(strength, steps)`, sample the remaining steps, decode.
+
+        images: one (H, W, 3) uint8 array per prompt, all one size, H and W multiples of 16.
+        strength in [0, 1]: 1 starts from pure noise; when no step remains (strength 0) the images
+        come back unchanged. The other arguments are as in `generate` (no references, no step caches).
+        """
+        pixels = _img2img_images(images, len(prompts) if isinstance(prompts, (list, tuple)) else 1)
+        height, width = pixels.shape[1:3]
+        req = check_request(prompts, None, width, height, steps, seeds, None, guidance, negative_prompts,
+                            distilled=self.distilled, default_steps=self.default_steps,
+                            default_guidance=self.default_guidance)
+        if req.seeds is None:
+            raise RecipeError("img2img: give seeds (one per prompt): they draw the noise added to each image")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise RecipeError(f"strength: {strength!r} is not allowed; use a number from 0 to 1")
+        try:
+            choice = names.resolve(scheduler)
+        except names.SchedulerRefused as err:
+            raise RecipeError(str(err)) from None
+        timings = dict.fromkeys(("text", "encode", "denoise", "decode"), 0.0)
+        start_index = img2img_start(strength, req.steps)
+        if start_index >= req.steps:  # nothing to sample: the images are the answer
+            return GenerateOutput([image.copy() for image in pixels], timings, [{}] * len(pixels))
+        h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
+        sigmas = choice.sigmas(req.steps, h * w)[start_index:]
+        self.params, _ = self.loras.use(loras)
+        length = int(max_sequence_length or self.max_sequence_length)
+
+        start = time.perf_counter()
+        texts = self.prompts.embeddings(req.prompts, length)
+        if req.guidance is not None:
+            texts = jnp.concatenate([texts, self.prompts.embeddings(req.negative_prompts, length)], axis=0)
+        texts = jax.block_until_ready(texts)
+        timings["text"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        latents = self.vae.encode(2.0 * (pixels.astype(np.float32) / 255.0) - 1.0)  # as images.prepare_reference
+        noise = jnp.stack([seed_noise(seed, latents.shape[1:]) for seed in req.seeds])
+        sigma = jnp.float32(sigmas[0])
+        x = pack((sigma * noise + (1.0 - sigma) * latents).astype(self.dtype))  # diffusers' scale_noise
+        jax.block_until_ready(x)
+        timings["encode"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        cond = Conditioning(texts, self.transformer.rope(text_ids(texts.shape[1])), self.transformer.rope(image_ids(h, w)))
+        self.counters["img2img"] += 1
+        tokens = self.denoiser(self.params, x, cond, sigmas, choice.sampler(), noise_keys(req.seeds), req.guidance,
+                               quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
+        timings["denoise"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        out = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
+        timings["decode"] += time.perf_counter() - start
+        return GenerateOutput(list(out), {k: round(v, 6) for k, v in timings.items()}, [{}] * len(out))
 
     def clear_caches(self) -> None:
         """Drop cached prompt embeddings, reference latents and reference K/V (frees device memory)."""
@@ -202,8 +316,8 @@ class Pipeline:
     # ---- internals -----------------------------------------------------------------------------
 
     def _generate_batch(self, req: Request, idx: np.ndarray, size: tuple[int, int], ref_sets, txt, neg, choice,
-                        forced: Layout | None, on_step, timings) -> tuple[list, Layout]:
-        """Rows of one output size: one sampling loop, one decode."""
+                        forced: Layout | None, on_step, timings, step_cache=None) -> tuple[list, Layout, dict]:
+        """Rows of one output size: one sampling loop, one decode (and the step cache's record)."""
         height, width = size
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         channels = self.transformer.config.in_channels
@@ -231,14 +345,22 @@ class Pipeline:
                             refs.ref_tokens, lengths)
         seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
-        tokens = self.denoiser(self.transformer.params, x, cond, sigmas, choice.sampler(), noise_keys(seeds),
-                               req.guidance, quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
+        record = {}
+        if step_cache is None:
+            tokens = self.denoiser(self.params, x, cond, sigmas, choice.sampler(), noise_keys(seeds),
+                                   req.guidance, quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
+        else:
+            tokens, trace = self.denoiser(self.params, x, cond, sigmas, choice.sampler(),
+                                          noise_keys(seeds), req.guidance, quantize_t=self.dtype == jnp.bfloat16,
+                                          on_step=on_step, step_cache=step_cache)
+            record = {**step_cache.as_dict(), "distances": trace["distances"].tolist(),
+                      "computed": trace["computed"].tolist()}
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
         pixels = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
         timings["decode"] += time.perf_counter() - start
-        return list(pixels), refs.layout
+        return list(pixels), refs.layout, record
 
     def _output_size(self, req: Request, refs: PreparedSet | None) -> tuple[int, int]:
         """(height, width): as given, else the first reference's prepared size, else the card's default."""

@@ -4,8 +4,9 @@ A reference *set* (an item's ordered list of images) is keyed by the content of 
 pixels, so equal images given as different objects (or paths) share work:
 
 * each image is VAE-encoded on its own (batch 1), so its latents never depend on batch mates;
-* the KV model's reference pre-pass runs once per distinct set and is kept for the next batches
-  (the K/V depend on nothing else: not prompt, noise, step or text length);
+* the KV model's reference pre-pass runs once per distinct set and weights (a LoRA set changes
+  the K/V; `use_weights`) and is kept for the next batches (the K/V depend on nothing else: not
+  prompt, noise, step or text length);
 * token counts are padded up to a length bucket (`length_bucket`) and the padding masked, so the
   pre-pass and the sampling loop compile once per bucket, not once per reference size, and a set's
   K/V can be stacked with any other set's in one batch. A set always pre-passes at its own bucket,
@@ -136,6 +137,12 @@ class ReferenceCache:
         self._latents = LRU(latent_capacity)
         self._kv = LRU(kv_capacity)
         self.counters = counters if counters is not None else collections.Counter()
+        self._weights_key: tuple = ()  # identifies the transformer weights in use: () = as loaded
+        self._params = None  # those weights (None: the transformer's own)
+
+    def use_weights(self, key: tuple, params) -> None:
+        """Pre-pass with `params` from now on; `key` identifies them (e.g. the merged LoRA set)."""
+        self._weights_key, self._params = tuple(key), params
 
     def tokens(self, refs: PreparedSet) -> ReferenceTokens:
         """All of a set's reference tokens, concatenated in order, with t = 10·(k+1) ids, padded to
@@ -152,7 +159,7 @@ class ReferenceCache:
     def kv(self, refs: PreparedSet) -> CachedKV:
         """The KV model's cached reference K/V for this set (batch 1, padded to its bucket), pre-pass
         run once per set."""
-        return self._kv.get_or_make(refs.key, lambda: self._prepass(refs))
+        return self._kv.get_or_make((self._weights_key, refs.key), lambda: self._prepass(refs))
 
     def clear(self) -> None:
         """Forget cached latents and K/V."""
@@ -167,7 +174,7 @@ class ReferenceCache:
         self.counters["reference_prepass"] += 1
         ref = self.tokens(refs)
         lengths = None if ref.length == ref.tokens.shape[1] else np.array([ref.length], np.int32)
-        return CachedKV(self.transformer.reference_kv(ref.tokens, ref.ids, lengths), ref.length)
+        return CachedKV(self.transformer.reference_kv(ref.tokens, ref.ids, lengths, params=self._params), ref.length)
 
 
 def _as_pil(image, index: int, label: str):

@@ -31,6 +31,7 @@ from flowgen.engine.config import Flux2Config
 from flowgen.engine.dit import Flux2DiT, ReferenceKV, forward, reference_prepass
 from flowgen.engine.host_memory import keep_freed_buffers
 from flowgen.engine.rope import rope_tables
+from flowgen.engine.step_cache import DiTStages
 from flowgen.engine.transformer_params import convert_bfl_tensors, expected_bfl_shapes
 from flowgen.errors import CheckpointError
 
@@ -117,6 +118,7 @@ class Transformer:
         self.attention = path
         self.forward_fn = functools.partial(_forward_jit, self.graphdef, path)
         self.prepass_fn = functools.partial(_prepass_jit, self.graphdef, path)
+        self.stages = DiTStages(self.graphdef, path)  # what the step-cached loop runs (step_cache.py)
 
     def rope(self, ids) -> tuple[jax.Array, jax.Array]:
         """Device RoPE tables for position ids (N, 4) (cached per distinct ids)."""
@@ -144,9 +146,11 @@ class Transformer:
         single = (c.depth_single_blocks, 1, c.num_heads, length, c.head_dim)
         return double, double, single, single
 
-    def reference_kv(self, ref, ref_ids, key_lengths=None) -> ReferenceKV:
+    def reference_kv(self, ref, ref_ids, key_lengths=None, params=None) -> ReferenceKV:
         """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128).
 
-        key_lengths (B,): real tokens per row when rows are padded to one length."""
+        key_lengths (B,): real tokens per row when rows are padded to one length. params: weights
+        to use instead of the loaded ones (LoRA-merged, see lora_merge)."""
         lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
-        return self.prepass_fn(self.params, jnp.asarray(ref), self.rope(ref_ids), lengths)
+        return self.prepass_fn(self.params if params is None else params, jnp.asarray(ref), self.rope(ref_ids),
+                               lengths)

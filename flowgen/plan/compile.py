@@ -1,4 +1,4 @@
-"""Compile recipe items into a Plan: ids, seeds, reference hashes, content hashes, output paths."""
+"""Compile recipe items into a Plan: ids, seeds, reference and LoRA file hashes, content hashes, output paths."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from flowgen.errors import RecipeError
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash
 from flowgen.plan.job import Job
+from flowgen.plan.loras import LoraResolver
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
@@ -70,13 +71,14 @@ def compile_plan(
         out_prefix = out_text + "/" if os.sep == "/" and out_text != "/" else None
         hash_item = ItemHasher(model_key(model_identity, dtype))  # the model identity is serialised and hashed once
         inspector = inspector or ReferenceInspector()
+        loras_of = LoraResolver()  # task.lora -> files and content hashes, once per distinct list
         planned_items: list[PlannedItem] = []
         results: list[PlannedResult] = []
         seen_ids: dict[str, str] = {}
         checked: dict[tuple, str | None] = {}
         ext_of: dict[str, str] = {}  # outputFormat -> extension, for the usual string formats
         for item in items:
-            planned = _plan_item(item, recipe_name, hash_item, distilled, inspector)
+            planned = _plan_item(item, recipe_name, hash_item, distilled, inspector, loras_of)
             if planned.error is None and item.references and reference_check is not None:
                 if item.references not in checked:
                     problems = reference_check(item)
@@ -111,7 +113,7 @@ def compile_plan(
 
 
 def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: bool,
-               inspector: ReferenceInspector) -> PlannedItem:
+               inspector: ReferenceInspector, loras_of: LoraResolver) -> PlannedItem:
     hashes: list[str] = []
     sizes: list[tuple[int, int]] = []
     error = None
@@ -124,17 +126,31 @@ def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: b
         hashes.append(digest)
         sizes.append(size)
     task = item.task
+    loras = loras_of(task, item.key)
     return PlannedItem(
         item_id=item_id_for(recipe_name, item.key),
         key=item.key,
         values=item.values,
         task=task,
         job=Job.from_task(task, guidance=guidance_for(task, distilled), references=item.references,
-                          reference_hashes=hashes),
+                          reference_hashes=hashes, loras=loras),
         reference_sizes=tuple(sizes),
-        item_hash=hash_item(task, hashes),
+        item_hash=hash_item(_hashed_task(task, distilled), hashes, tuple((digest, weight) for _, digest, weight in loras)),
         error=error,
     )
+
+
+def _hashed_task(task: dict, distilled: bool) -> dict:
+    """The task as its item hash sees it: with the step cache it resolves to, when one may skip steps.
+
+    The `acceleration` default (`high`) caches base-model loops of more than a few steps, so a task
+    that never names it renders differently from before step caches existed; hashing the resolved
+    cache keeps such results from reading as up to date. Uncached tasks hash as they always have."""
+    from flowgen.engine.step_cache_settings import resolve
+
+    cache = resolve(task.get("acceleration"), task.get("acceleratorOptions"), steps=int(task["steps"]),
+                    distilled=distilled)
+    return task if cache is None else {**task, "_stepCache": cache.as_dict()}
 
 
 def _check_unique_paths(results: list[PlannedResult]) -> None:

@@ -77,7 +77,9 @@ def diff_plan(
             changed.append((result, reasons))
         else:
             unchanged.append(result)
-    removed = sorted(rid for rid in index if rid not in planned_ids)
+    # results an incremental watermark leaves out are still the recipe's (flowgen.plan.incremental)
+    retained = plan.extra.get("retained_item_ids") or set()
+    removed = sorted(rid for rid in index if rid not in planned_ids and rid[0] not in retained)
     return PlanDiff(order=order, new=tuple(new), unchanged=tuple(unchanged), changed=tuple(changed),
                     removed=tuple(removed))
 
@@ -121,7 +123,8 @@ def changed_fields(old: dict[str, Any], plan: Plan, result: PlannedResult) -> li
         fields.append("model")
     if (old.get("dtype") or BASE_DTYPE) != plan.dtype:
         fields.append("dtype")
-    return fields or ["parameters"]
+    # `model` is both a task parameter and the model identity: name each field once
+    return list(dict.fromkeys(fields)) or ["parameters"]
 
 
 def _norm(value: Any) -> Any:

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from flowgen.plan.compile import compile_plan
 from flowgen.plan.hashing import BASE_DTYPE, canonical_json
+from flowgen.plan.incremental import WatermarkReader, incremental_datasets, select_new
 from flowgen.plan.model import Plan
 
 DEFAULT_MAX_BATCH = 8  # `--max-batch` or FLOWGEN_MAX_BATCH override it (bigger on large accelerators)
@@ -22,7 +23,8 @@ def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
 
 
 def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (),
-                max_batch: int | None = DEFAULT_MAX_BATCH, dtype: str = BASE_DTYPE) -> Plan:
+                max_batch: int | None = DEFAULT_MAX_BATCH, dtype: str = BASE_DTYPE,
+                watermarks: WatermarkReader | None = None) -> Plan:
     """Load, expand and compile a recipe against an output folder (RecipeError on user errors).
 
     max_batch: largest batch per engine call (rounded down to a power of two; None: DEFAULT_MAX_BATCH).
@@ -30,11 +32,21 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
     flowgen.run.settings.max_batch_setting. It only groups work: seeds and hashes do not depend on
     it (and regen replays an image at its recorded batch size).
     dtype: the resolved compute dtype (see flowgen.run.dtype); it is part of every content hash.
+    watermarks(out_dir) -> the incremental datasets' watermarks of that folder (the commands pass
+    flowgen.run.manifest.load_watermarks); None plans every row, as if none were recorded. With
+    `incremental: true` datasets, plan.extra holds "incremental" (what each watermark selects),
+    "retained_item_ids" (items the watermark leaves out: still the recipe's, not removed) and
+    "next_watermarks" (what a successful run records).
     """
     from flowgen.recipe.api import expand_items, load_recipe
 
     recipe = load_recipe(path, list(overrides))
     items = expand_items(recipe)
+    selection = None
+    if incremental_datasets(recipe):
+        recorded = watermarks(recipe.output_dir(out_dir)) if watermarks is not None else {}
+        selection = select_new(recipe, items, recorded)
+        items = selection.items
     model, identity, distilled = model_facts(recipe)
     plan = compile_plan(
         recipe_name=recipe.name,
@@ -52,6 +64,12 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
     )
     plan.extra["recipe_path"] = str(Path(path).resolve())
     plan.extra["card"] = recipe.card
+    if selection is not None:
+        plan.extra["incremental"] = [d.as_dict() for d in selection.datasets]
+        plan.extra["retained_item_ids"] = selection.retained_item_ids
+        plan.extra["next_watermarks"] = selection.next_watermarks
+    if recipe.canary is not None:
+        plan.extra["canary"] = {"items": int(recipe.canary.items), "threshold_db": float(recipe.canary.threshold_db)}
     return plan
 
 

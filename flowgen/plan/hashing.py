@@ -1,8 +1,9 @@
 """Content hashes: what a result's image depends on, reduced to one sha256.
 
 A result's hash covers the model identity (the card's: never its weight files), the dtype (unless float32),
-every resolved task parameter that can change the file's bytes, the reference images' *content*
-(sha256 of file bytes, so moving a file changes nothing), the seed and the result index.
+every resolved task parameter that can change the file's bytes, the reference images' and LoRA
+files' *content* (sha256 of file bytes, so moving a file changes nothing; editing one re-renders),
+the seed and the result index.
 Delivery-only fields (webhooks, upload targets, taskUUID, ...) are left out: changing them must not
 re-render anything. numberResults is left out too, so raising it from 2 to 3 only adds result 2.
 """
@@ -35,6 +36,7 @@ NON_IMAGE_FIELDS = frozenset(
         "seed",  # hashed as the per-result seed instead
         "referenceImages",  # hashed by content instead of by path
         "inputs",  # likewise (its other fields, if any, are kept: see image_params)
+        "lora",  # hashed as (file content, weight) pairs instead (see lora_material)
         "safety",
     }
 )
@@ -86,11 +88,17 @@ def model_key(model_identity: Mapping[str, Any], dtype: str = BASE_DTYPE) -> str
     return key if dtype == BASE_DTYPE else f"{key}\0dtype={dtype}"  # canonical JSON never holds a raw NUL
 
 
-def item_hash(model: str, task: Mapping[str, Any], reference_hashes: list[str]) -> str:
+def lora_material(lora_set) -> str:
+    """The LoRA part of an item hash: '' without LoRAs (so those hashes stay as they were), else
+    the ((sha256, weight), ...) set in the task's order."""
+    return f"\0lora={canonical_json([[digest, weight] for digest, weight in lora_set])}" if lora_set else ""
+
+
+def item_hash(model: str, task: Mapping[str, Any], reference_hashes: list[str], lora_set=()) -> str:
     """Hash of everything an item's results share: model (see model_key), parameters, reference
-    contents, and the hash schema."""
+    contents, LoRA contents and weights, and the hash schema."""
     material = f"flowgen-item-hash/{HASH_SCHEMA}\0{model}\0{canonical_json(image_params(task))}\0{','.join(reference_hashes)}"
-    return hashlib.sha256(material.encode()).hexdigest()
+    return hashlib.sha256((material + lora_material(lora_set)).encode()).hexdigest()
 
 
 def result_hash(item_digest: str, seed: int, result_index: int) -> str:
@@ -108,7 +116,7 @@ class ItemHasher:
         self._prefix = hashlib.sha256(f"flowgen-item-hash/{HASH_SCHEMA}\0{model}\0".encode())
         self._params_json = ParamsJson()
 
-    def __call__(self, task: Mapping[str, Any], reference_hashes: list[str] | tuple[str, ...]) -> str:
+    def __call__(self, task: Mapping[str, Any], reference_hashes: list[str] | tuple[str, ...], lora_set=()) -> str:
         digest = self._prefix.copy()
-        digest.update(f"{self._params_json(task)}\0{','.join(reference_hashes)}".encode())
+        digest.update(f"{self._params_json(task)}\0{','.join(reference_hashes)}{lora_material(lora_set)}".encode())
         return digest.hexdigest()

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
 
-# (width, height, steps, guidance or None, scheduler name): what one sampling loop must share.
+# (width, height, steps, guidance or None, scheduler name, acceleration, acceleratorOptions, LoRA set):
+# what one sampling loop must share (step caches decide once per batch; LoRAs are merged into the
+# weights once per batch, so the LoRA set is ((sha256, weight), ...) by content).
 # Reference sets are not part of it: the engine stacks each row's references (padded to a length
 # bucket and masked), so items with any references, or none, may share a batch.
-Signature = tuple[int, int, int, "float | None", str]
+Signature = tuple[int, int, int, "float | None", str, str, tuple, tuple]
+
+DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.step_cache_settings.PRESETS)
 
 DEFAULT_SCHEDULER = "Default"
 
@@ -35,12 +39,16 @@ class Job(NamedTuple):
     reference_hashes: tuple[str, ...] = ()  # their sha256 ("unreadable" for a file that could not be read)
     output_format: str = "JPG"  # JPG / PNG / WEBP
     output_quality: int | None = None  # JPG / WEBP quality; None: the encoder's default
+    acceleration: str = DEFAULT_ACCELERATION  # step-cache preset
+    accelerator_options: tuple = ()  # acceleratorOptions as sorted (name, value) pairs, None values dropped
+    loras: tuple = ()  # ((file path, its sha256, weight), ...) in the task's order (compile.resolve_loras)
 
     @classmethod
     def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str] = (),
-                  reference_hashes: Sequence[str] = ()) -> "Job":
+                  reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> "Job":
         """The job of a resolved task; `guidance` is decided by the caller (the planner's rule, or
-        the value recorded for the batch when replaying)."""
+        the value recorded for the batch when replaying); `loras` are the task's LoRA files as resolved
+        and hashed by the planner."""
         get = task.get
         quality = get("outputQuality")
         return tuple.__new__(cls, (  # positional, in field order: the fast path of a big plan
@@ -55,11 +63,30 @@ class Job(NamedTuple):
             tuple(reference_hashes) if reference_hashes else (),
             str(get("outputFormat") or "JPG").upper(),
             None if quality is None else int(quality),
+            str(get("acceleration") or DEFAULT_ACCELERATION),
+            _options(get("acceleratorOptions")),
+            tuple((str(path), str(digest), float(weight)) for path, digest, weight in loras) if loras else (),
         ))
 
     @property
     def signature(self) -> Signature:
-        return (self.width, self.height, self.steps, self.guidance, self.scheduler)
+        return (self.width, self.height, self.steps, self.guidance, self.scheduler, self.acceleration,
+                self.accelerator_options, self.lora_set)
+
+    @property
+    def lora_set(self) -> tuple:
+        """The LoRAs by content: ((sha256, weight), ...); equal sets share merged weights."""
+        return tuple((digest, weight) for _, digest, weight in self.loras)
+
+    @property
+    def engine_loras(self) -> list[tuple[str, float]] | None:
+        """The LoRAs as the engine takes them: [(path, weight)], None when there are none."""
+        return [(path, weight) for path, _, weight in self.loras] or None
+
+    @property
+    def accelerator_dict(self) -> dict | None:
+        """acceleratorOptions as the engine takes them (None when absent)."""
+        return dict(self.accelerator_options) or None
 
     @property
     def reference_set(self) -> str:
@@ -70,3 +97,10 @@ class Job(NamedTuple):
     def engine_scheduler(self) -> str | None:
         """The scheduler as the engine takes it: None for the model's default."""
         return None if self.scheduler == DEFAULT_SCHEDULER else self.scheduler
+
+
+def _options(options) -> tuple:
+    """acceleratorOptions as a hashable, order-free tuple of (name, value) pairs."""
+    if not options:
+        return ()
+    return tuple(sorted((str(k), v) for k, v in dict(options).items() if v is not None))

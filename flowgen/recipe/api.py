@@ -18,7 +18,8 @@ from typing import Sequence
 from flowgen.errors import RecipeError
 from flowgen.recipe.schema import Item, Recipe
 
-__all__ = ["Recipe", "Item", "RecipeError", "load_recipe", "expand_items", "validate_task", "check_references", "extension_for"]
+__all__ = ["Recipe", "Item", "RecipeError", "load_recipe", "expand_items", "validate_task", "check_references",
+           "recipe_problems", "extension_for"]
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -43,6 +44,29 @@ def expand_items(recipe: Recipe) -> list[Item]:
     from flowgen.recipe.expansion import expand
 
     return expand(recipe)
+
+
+def recipe_problems(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Recipe, list[Item], list[str]]:
+    """Everything wrong with a recipe at once (what `flowgen validate` reports): the loading stages,
+    then — unless its model, datasets or matrix are broken — the expansion (templates, per-item
+    tasks) and the references of the items that expanded. Returns (recipe, those items, problems);
+    raises RecipeError only when the file is not a recipe at all (YAML, structure)."""
+    from flowgen.recipe.expansion import expand_with_problems
+    from flowgen.recipe.loading import load_with_problems
+
+    recipe, problems, expandable = load_with_problems(Path(path), list(overrides))
+    if not expandable:
+        return recipe, [], problems
+    judged = {problem.split(":", 1)[0] for problem in problems}  # a field reported once, not again per item
+    # a task field already found wrong is left out of the expansion (its default stands in), so that
+    # every item still expands and the templates and references of all of them are checked
+    wrong = {path.split(".")[1] for path in judged if path.count(".") == 1 and path.split(".")[0] in ("task", "defaults")}
+    expanded = recipe if not wrong else recipe.model_copy(update={
+        "task": {k: v for k, v in recipe.task.items() if k not in wrong},
+        "defaults": {k: v for k, v in recipe.defaults.items() if k not in wrong}})
+    items, found = expand_with_problems(expanded)
+    problems = problems + [p for p in found if p.split(":", 1)[0] not in judged]
+    return recipe, items, problems + check_references(items)
 
 
 def validate_task(task: dict, where: str = "task") -> list[str]:

@@ -221,14 +221,23 @@ MAX_REPORTED = 25  # beyond this many problems, say how many more instead of flo
 
 def expand(recipe: Any) -> list[Item]:
     """See flowgen.recipe.api.expand_items."""
+    items, problems = expand_with_problems(recipe)
+    if problems:
+        raise RecipeError(problems)
+    return items
+
+
+def expand_with_problems(recipe: Any) -> tuple[list[Item], list[str]]:
+    """(the items that expanded cleanly, every problem) — `validate` goes on to check those items'
+    references, so that every problem shows at once."""
     with paused_gc():
         return _expand(recipe)
 
 
-def _expand(recipe: Any) -> list[Item]:
+def _expand(recipe: Any) -> tuple[list[Item], list[str]]:
     keyed, problems = expand_keyed_combos(recipe)
     if problems:
-        raise RecipeError(problems)
+        return [], problems
     dataset_of = _dataset_of_variables(recipe)
     builder = _item_builder(recipe) if keyed else None
     items, problems, repeats = [], [], {}
@@ -250,8 +259,8 @@ def _expand(recipe: Any) -> list[Item]:
         problems = _unique_task_uuids(items) + _filename_problems(recipe, items)
     if problems:
         extra = len(problems) - MAX_REPORTED
-        raise RecipeError(problems[:MAX_REPORTED] + ([f"... and {extra} more problems"] if extra > 0 else []))
-    return items
+        problems = problems[:MAX_REPORTED] + ([f"... and {extra} more problems"] if extra > 0 else [])
+    return items, problems
 
 
 def _item_builder(recipe: Any) -> ItemBuilder | None:
@@ -294,7 +303,7 @@ def _gist(problem: str) -> str:
 
 def _with_repeats(problem: str, repeats: dict[str, int]) -> str:
     more = repeats[_gist(problem)] - 1
-    return f"{problem} [and {more} more item{'s' if more > 1 else ''}]" if more else problem
+    return f"{problem} [and {more} more item{'s' if more > 1 else ''} with this problem]" if more else problem
 
 
 def _base_defaults(recipe: Any) -> dict:

@@ -41,23 +41,33 @@ _TOP_KEYS = ", ".join(Recipe.model_fields)
 
 def load(path: Path, overrides: list[str]) -> Recipe:
     """See flowgen.recipe.api.load_recipe."""
+    recipe, problems, _ = load_with_problems(path, overrides)
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def load_with_problems(path: Path, overrides: list[str]) -> tuple[Recipe, list[str], bool]:
+    """(recipe, its problems, whether it can still be expanded) — for `validate`, which goes on to
+    the templates and references so that every problem shows at once. Raises RecipeError only when
+    there is no recipe to go on with (YAML, structure). Expandable: model, datasets and matrix are
+    sound (task and output problems do not stop the expansion; it reports other fields)."""
     shown = str(path)
     data = read_yaml_file(path, shown)
     if not isinstance(data, dict):
         raise RecipeError(f"{shown}: a recipe must be a YAML mapping with keys such as {_TOP_KEYS}; got {'an empty file' if data is None else type(data).__name__}")
     problems = apply_overrides(data, overrides)
-    problems += _plain_data_problems(data)
-    recipe = _structure(data, problems)
+    blocking = _plain_data_problems(data)
+    recipe = _structure(data, problems + blocking)
     recipe._source_path = path.resolve()
     recipe._raw = copy.deepcopy(data)
-    problems += _model_problems(recipe)
+    blocking += _model_problems(recipe)
+    problems += blocking
     problems += _task_problems(recipe, problems)
-    problems += _dataset_problems(recipe)
-    problems += _matrix_problems(recipe)
-    problems += _output_problems(recipe)
-    if problems:
-        raise RecipeError(list(dict.fromkeys(problems)))
-    return recipe
+    found = _dataset_problems(recipe) + _matrix_problems(recipe)
+    blocking += found
+    problems += found + _output_problems(recipe)
+    return recipe, list(dict.fromkeys(problems)), not blocking
 
 
 def _structure(data: dict, problems: list[str]) -> Recipe:

@@ -8,10 +8,10 @@
   spec. Every field is optional here: which ones are required is checked on the merged task
   (defaults + task + top-level model) in validation.py, so `defaults:` can be validated alone.
   Ranges: shared/spec/000_b07fdd4e16f4303e.txt. Enumerations and shared limits: spec.py.
-- Recipe (with DatasetSpec and OutputSpec): the recipe document (extra="forbid" everywhere). The top
-  level is structural only: `defaults` and `task` stay plain dicts here because they may hold
-  templates (`"{product.name}"`) that only become values per item; their imageInference rules
-  (TaskFields and validation.py) run on every resolved item.
+- Recipe (with DatasetSpec, OutputSpec, ScheduleSpec and CanarySpec): the recipe document
+  (extra="forbid" everywhere). The top level is structural only: `defaults` and `task` stay plain
+  dicts here because they may hold templates (`"{product.name}"`) that only become values per
+  item; their imageInference rules (TaskFields and validation.py) run on every resolved item.
 - Item: the contract between the recipe layer and the planner. The recipe layer loads and validates
   a recipe and expands it into Items; the planner (flowgen/plan) turns Items into Results (one per
   numberResults index) with seeds, content hashes, output paths and batches. It is the only thing
@@ -232,7 +232,7 @@ class Ultralytics(_Fields):
     negativePrompt: Optional[text()] = None
     positivePrompt: Optional[text()] = None
     steps: Optional[integer(1, 100)] = None
-    strength: Optional[number(None, 1, 0.01)] = None
+    strength: Optional[number(0, 1, 0.01)] = None  # spec: max 1; below 0 no schedule exists
 
 
 class TaskFields(_Fields):
@@ -314,6 +314,7 @@ class DatasetSpec(Strict):
     values: list[Any] | None = None
     key: str | None = None
     filter: dict[str, Any] | None = None
+    incremental: boolean() = False  # plan only rows (files) new since the last successful run
 
     @field_validator("values")
     @classmethod
@@ -352,6 +353,49 @@ class OutputSpec(Strict):
     filename: str = "{slug}_{result}.{ext}"
 
 
+def cron_expression():
+    """A 5-field cron expression or an @alias (checked with croniter, see validation.cron_problem)."""
+
+    def check(value: Any) -> str:
+        from flowgen.recipe.validation import cron_problem
+
+        problem = cron_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+def time_zone():
+    """An IANA time zone name that zoneinfo knows (see validation.timezone_problem)."""
+
+    def check(value: Any) -> str:
+        from flowgen.recipe.validation import timezone_problem
+
+        problem = timezone_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    return Annotated[Any, BeforeValidator(check)]
+
+
+class ScheduleSpec(Strict):
+    """When `flowgen schedule` runs the recipe: `schedule: "0 3 * * *"` is short for `{cron: ...}`."""
+
+    cron: cron_expression()
+    timezone: time_zone() = "UTC"
+    missed: one_of(("run", "skip")) = "run"  # due times missed while no scheduler ran: run once, or skip
+
+
+class CanarySpec(Strict):
+    """Golden-seed canary: re-render `items` fixed items before each run; fail below `threshold_db` PSNR."""
+
+    items: integer(1, 16)
+    threshold_db: number(1, 100) = 40.0
+
+
 class Recipe(Strict):
     """A validated recipe. Build it with flowgen.recipe.api.load_recipe, not directly."""
 
@@ -368,6 +412,8 @@ class Recipe(Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     task: dict[str, Any]
     output: OutputSpec = Field(default_factory=OutputSpec)
+    schedule: Optional[ScheduleSpec] = None
+    canary: Optional[CanarySpec] = None
 
     _source_path: Path = PrivateAttr(default=Path("recipe.yaml"))
     _raw: dict = PrivateAttr(default_factory=dict)
@@ -387,6 +433,15 @@ class Recipe(Strict):
     def _safe_name(cls, value: Any) -> Any:
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
             raise ValueError(f"must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit (it names the output folder), got {value!r}")
+        return value
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _cron_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"cron": value}
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f'must be a cron string such as "0 3 * * *" or a mapping with cron, timezone, missed; got {shown(value)}')
         return value
 
     @field_validator("seed", mode="before")
@@ -410,6 +465,17 @@ class Recipe(Strict):
     def raw(self) -> dict:
         """The recipe as a plain dict after --set overrides (JSON-safe; hash this for identity)."""
         return self._raw
+
+    def dataset_rows(self, name: str) -> list:
+        """The rows (flowgen.recipe.datasets.Row) dataset `name` loaded, after its filter."""
+        return list(self._rows.get(name) or [])
+
+    def dataset_variables(self) -> dict[str, str]:
+        """Matrix and zip variable -> the dataset it draws rows from (inline lists left out)."""
+        sources = dict(self.matrix)
+        for group in self.zip:
+            sources.update(group)
+        return {var: src for var, src in sources.items() if isinstance(src, str) and src in self.datasets}
 
     @property
     def card(self) -> ModelCard | None:

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ValidationError
 
 from flowgen.engine import cards as model_cards  # JAX-free bottom layer: the typed model cards
 from flowgen.engine.capabilities import capabilities  # JAX-free: what the local engine supports
+from flowgen.engine import step_cache_settings  # JAX-free: the step-cache option rules
 from flowgen.engine.cards import ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.recipe.schema import Item, TaskFields, shown, submodel_at
@@ -109,6 +110,12 @@ def model_rule_problems(task: dict, where: str, model: str | None, distilled: bo
     if cfg is not None and cfg > 1 and (distilled or cfg_allowed is False):
         why = "is guidance-distilled" if distilled else "takes no guidance"
         problems.append(f"{where}.CFGScale: {model_label(model, card)} {why}, so CFGScale must be absent or <= 1, got {task['CFGScale']!r}")
+    faces = task.get("ultralytics") if isinstance(task.get("ultralytics"), dict) else {}
+    face_cfg = _float(faces.get("CFGScale"))
+    if face_cfg is not None and face_cfg > 1 and (distilled or cfg_allowed is False):
+        why = "is guidance-distilled" if distilled else "takes no guidance"
+        problems.append(f"{where}.ultralytics.CFGScale: {model_label(model, card)} {why}, so ultralytics.CFGScale must "
+                        f"be absent or <= 1 (the face pass then runs without guidance), got {faces['CFGScale']!r}")
     problems += _cache_step_problems(task, where)
     return problems
 
@@ -119,7 +126,7 @@ def _cache_step_problems(task: dict, where: str) -> list[str]:
         return []
     start, end = _float(options.get("cacheStartStep")), _float(options.get("cacheEndStep"))
     steps = _float(task.get("steps"))
-    problems = []
+    problems = [f"{where}.acceleratorOptions: {problem}" for problem in step_cache_settings.option_problems(options)]
     if start is not None and end is not None and not start < end:
         problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be greater than cacheStartStep ({start:g}), got {end:g}")
     if end is not None and steps is not None and end > steps:
@@ -203,6 +210,44 @@ def _message(error: dict, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     return message
 
 
+# --- schedule: cron expressions and time zones -----------------------------------------------------
+
+
+CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly")
+
+
+def cron_problem(value: Any) -> str | None:
+    """Why `value` is not a cron expression flowgen schedules (5 fields, minute resolution), or None."""
+    allowed = ('a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. "0 3 * * *", '
+               f"or one of {', '.join(CRON_ALIASES)}")
+    if not isinstance(value, str) or not value.strip():
+        return f"must be {allowed}, got {shown(value)}"
+    text = value.strip()
+    if text.startswith("@"):
+        return None if text in CRON_ALIASES else f"must be {allowed}, got {shown(value)}"
+    if len(text.split()) != 5:
+        return f"must be {allowed}; {shown(value)} has {len(text.split())} fields"
+    from croniter import croniter
+
+    if not croniter.is_valid(text):
+        return f"must be {allowed}; {shown(value)} has a value out of range or a bad field"
+    return None
+
+
+def timezone_problem(value: Any) -> str | None:
+    """Why `value` is not an IANA time zone name (zoneinfo), or None."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    allowed = "an IANA time zone name such as UTC, Europe/Berlin or America/New_York"
+    if not isinstance(value, str) or not value.strip():
+        return f"must be {allowed}, got {shown(value)}"
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"must be {allowed}, got {shown(value)}"
+    return None
+
+
 # --- What the local engine executes, accepts as a record only, or refuses (for now) ----------------
 #
 # Every field is first validated against the API spec (TaskFields); this table then decides what
@@ -244,6 +289,8 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
                              ("ultralytics", caps.ultralytics)):
         if task.get(field) is not None and not supported:
             refuse(field, caps.why_not[field])
+    if caps.lora and isinstance(task.get("lora"), list):
+        problems += lora_problems(task["lora"], where)
     scheduler = task.get("scheduler")
     if isinstance(scheduler, str) and scheduler in caps.refused_schedulers:
         refuse("scheduler", caps.refused_schedulers[scheduler])
@@ -251,6 +298,28 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
     for index, ref in enumerate(references or []):
         if isinstance(ref, str) and reference_kind(ref) not in caps.reference_inputs:
             refuse(f"inputs.referenceImages[{index}]", caps.why_not["inputs.referenceImages"])
+    return problems
+
+
+def lora_problems(entries: list, where: str) -> list[str]:
+    """Each LoRA's file exists (a path, or a name in the LoRA folder: flowgen.engine.lora_source) and
+    holds only tensors of a format flowgen reads, and its `transformer` stage fits FLUX.2 [klein],
+    which has one. Templated models are judged per item."""
+    from flowgen.engine.lora_source import checked_lora_path
+
+    problems = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue  # the spec validation reports it
+        model, stage = entry.get("model"), entry.get("transformer")
+        if stage not in (None, "both") and not is_template(stage):
+            problems.append(f"{where}.lora[{index}].transformer: FLUX.2 [klein] has one transformer stage, so only "
+                            f"'both' (the default) applies, got {shown(stage)}; remove it")
+        if isinstance(model, str) and model.strip() and not is_template(model):
+            try:
+                checked_lora_path(model, f"{where}.lora[{index}].model")
+            except FlowgenError as err:
+                problems.append(str(err))
     return problems
 
 
@@ -434,7 +503,7 @@ def reference_problems(items: Sequence[Item]) -> list[str]:
     for path, keys in users.items():
         problem = image_problem(path)
         if problem:
-            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            more = f" and {len(keys) - 1} more item{'s' if len(keys) > 2 else ''} using it" if len(keys) > 1 else ""
             problems.append(f"{REFERENCES_WHERE}: {_shown_path(path)} {problem} (item {keys[0]!r}{more})")
     return problems
 

@@ -2,7 +2,7 @@
 
 `PipelineEngine` adapts flowgen.engine.Pipeline (loaded lazily, once per run, so `plan` never
 imports JAX); `FakeEngine` is a deterministic stand-in for fast unit tests whose images are a pure
-function of (prompt, negative prompt, seed, reference pixels, size, steps, guidance, dtype).
+function of (prompt, negative prompt, seed, reference pixels, size, steps, guidance, dtype, LoRAs).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class BatchRequest:
     scheduler: str | None = None  # a spec scheduler name; None: Default
     layout: dict | None = None  # a recorded reference layout to replay (regen), else the engine's choice
     on_step: Callable[[int], None] | None = None  # called with steps done after every sampling step
+    acceleration: str | None = None  # step-cache preset (None: the spec default, "high")
+    accelerator_options: dict | None = None  # the task's acceleratorOptions
+    loras: list[tuple[str, float]] | None = None  # [(LoRA .safetensors path, weight)] for the whole batch
+    lora_hashes: tuple[str, ...] = ()  # their sha256 as planned (the fake engine's images depend on them)
 
     @classmethod
     def for_jobs(cls, rows: Sequence[tuple[Job, int, list[Any]]], size: int | None = None,
@@ -57,6 +61,10 @@ class BatchRequest:
             references=[refs for _, _, refs in padded] if any(refs for _, _, refs in padded) else None,
             scheduler=first.engine_scheduler,
             layout=layout,
+            acceleration=first.acceleration,
+            accelerator_options=first.accelerator_dict,
+            loras=first.engine_loras,
+            lora_hashes=tuple(digest for digest, _ in first.lora_set),
         )
 
 
@@ -125,12 +133,35 @@ class PipelineEngine:
         )
         if request.guidance is not None and request.negative_prompts is not None:
             kwargs["negative_prompts"] = request.negative_prompts
+        if request.acceleration is not None or request.accelerator_options:
+            kwargs.update(acceleration=request.acceleration, accelerator_options=request.accelerator_options)
+        if request.loras:
+            kwargs["loras"] = request.loras
         out = self.pipe.generate(**kwargs, scheduler=request.scheduler, layout=request.layout, on_step=request.on_step)
+        if request.loras and request.lora_hashes:
+            _check_lora_hashes(request, self.pipe.loras.key)
         return BatchOutput([np.asarray(image, dtype=np.uint8) for image in out.images], dict(out.timings or {}),
                            list(out.layouts))
 
     def identity(self) -> dict[str, Any]:
         return dict(self.pipe.identity())
+
+    def refine_faces(self, pixels: np.ndarray, settings, seed: int, loras=None):
+        """The face pass on one decoded image (flowgen.engine.face_refine); a FaceRefineResult."""
+        from flowgen.engine.face_refine import refine_faces
+
+        return refine_faces(self.pipe, pixels, settings, seed, loras=loras)
+
+
+def _check_lora_hashes(request: BatchRequest, merged: tuple) -> None:
+    """The LoRA files the engine merged are the ones the plan hashed (else the images would be
+    recorded under another content hash)."""
+    from flowgen.errors import CheckpointError
+
+    planned = [(path, digest) for (path, weight), digest in zip(request.loras, request.lora_hashes) if weight != 0]
+    for (path, digest), (now, _) in zip(planned, merged):  # the engine drops weight-0 LoRAs too
+        if now != digest:
+            raise CheckpointError(f"LoRA {path} changed since the plan; plan again")
 
 
 class FakeEngine:
@@ -138,6 +169,7 @@ class FakeEngine:
 
     def __init__(self, delay_per_image: float = 0.0, dtype: str = "float32"):
         self.calls: list[BatchRequest] = []
+        self.face_calls: list[tuple] = []  # (FaceRefineSettings, seed) per refine_faces call
         self.delay_per_image = delay_per_image
         self.dtype = dtype
 
@@ -157,6 +189,17 @@ class FakeEngine:
     def identity(self) -> dict[str, Any]:
         return {"engine": "fake", "version": 1, "dtype": self.dtype, "device_kind": "cpu"}
 
+    def refine_faces(self, pixels: np.ndarray, settings, seed: int, loras=None):
+        """A stand-in face pass: an 8x8 corner "face" recoloured from (settings, seed), so changing
+        either changes the file as the real pass would."""
+        from flowgen.engine.face_refine import FaceRefineResult
+
+        self.face_calls.append((settings, seed))
+        out = np.array(pixels, dtype=np.uint8, copy=True)
+        out[:8, :8] = np.frombuffer(hashlib.sha256(repr((settings, seed)).encode()).digest()[:3], np.uint8)
+        return FaceRefineResult(out, [{"label": "fake", "score": 1.0, "box": [0, 0, 8, 8], "refined": True,
+                                       "region": [0, 0, 8, 8]}], detector={"detector": "fake"})
+
     def _image(self, request: BatchRequest, slot: int) -> np.ndarray:
         digest = hashlib.sha256()
         negative = request.negative_prompts[slot] if request.negative_prompts and request.guidance else ""
@@ -165,6 +208,8 @@ class FakeEngine:
                             request.height, request.steps, request.guidance)
                            + ((scheduler,) if scheduler else ())
                            + ((self.dtype,) if self.dtype != "float32" else ())).encode())  # float32 images as before the dtype setting
+        if request.loras:  # LoRAs by content and weight, as the real engine's merged weights
+            digest.update(repr([(h, w) for h, (_, w) in zip(request.lora_hashes, request.loras)]).encode())
         for ref in (request.references[slot] if request.references else None) or []:
             digest.update(np.asarray(ref).tobytes())
         rng = np.random.default_rng(int.from_bytes(digest.digest()[:8], "big"))

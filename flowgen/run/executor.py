@@ -1,10 +1,11 @@
 """Execute a plan: render what is new or changed, batch by batch, and record every result.
 
 Per batch, as separate steps: decode references (a bad one fails only its item); one engine call
-padded to the batch size (its sampling steps reported to the progress); per image: content check
-(when asked), encode, store (atomic write of the file); record: the batch's records and their
-deliveries' first states committed in one transaction; deliver: uploads and webhooks sent in the
-background (flowgen.run.deliver) while the next batch renders.
+padded to the batch size (its sampling steps reported to the progress); per image: face pass
+(ultralytics, flowgen.run.faces) and content check (when asked), encode, store (atomic write of
+the file); record: the batch's records and their deliveries' first states committed in one
+transaction; deliver: uploads and webhooks sent in the background (flowgen.run.deliver) while
+the next batch renders.
 A crash at any moment leaves a consistent manifest; a rerun skips what is recorded and verified,
 and sends again the deliveries a killed run left pending.
 """
@@ -25,9 +26,10 @@ from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.cost import Budget, cost_of, seconds_per_image
 from flowgen.run.deliver import Dispatcher, Finished, resend
 from flowgen.run.engine import BatchRequest, Engine
+from flowgen.run.faces import check_detector, face_settings
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import RunLock
-from flowgen.run.manifest import Manifest
+from flowgen.run.manifest import Manifest, manifest_path
 from flowgen.run.outputs import encode_image
 from flowgen.run.progress import NullProgress, Progress
 from flowgen.run.records import embedded_metadata, result_record
@@ -55,13 +57,21 @@ class RunSummary:
     spent: float = 0.0  # USD of engine time this run (flowgen.run.cost)
     flagged: int = 0  # results the content check flagged
     deliveries: dict[str, int] = field(default_factory=dict)  # delivery outcomes: ok / failed / withheld
+    removed: int = 0  # results in the manifest that the recipe no longer holds (`flowgen prune` removes them)
+    canary: list[dict] = field(default_factory=list)  # golden-seed canary verdicts (flowgen.run.canary)
+    canary_failures: list[str] = field(default_factory=list)  # one line per drifted item: nothing was rendered
 
     @property
     def exit_code(self) -> int:
-        """130 after Ctrl-C, 1 when any result failed, else 0."""
+        """130 after Ctrl-C, 1 when any result failed or the canary found the engine drifted, else 0."""
         if self.interrupted:
             return 130
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.canary_failures else 0
+
+    @property
+    def complete(self) -> bool:
+        """Every planned result is done: nothing failed, held back, interrupted or stopped by the canary."""
+        return self.exit_code == 0 and not self.not_run and not self.budget_stopped and not self.stopped_early
 
     @property
     def images_per_second(self) -> float:
@@ -100,19 +110,31 @@ def execute(
     stop = stop or StopRequest()
     start = time.perf_counter()
     summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
+    # a run refused before it starts (missing weights, ...) leaves nothing behind: the refusals are
+    # decided before the lock is taken (which creates the output folder) and before anything is
+    # written; the diff they need is built now and reused under the lock if the manifest is unchanged
+    if given is None and manifest_path(plan.out_dir).exists():
+        with Manifest(plan.out_dir, create=False) as manifest:
+            given = plan.against(manifest.index(), manifest.get)
+    early = given.limited(limit).runnable if given is not None else [r for r in plan.results if not r.item.error][:limit]
+    checker = _refusals(plan, engine, early)
     with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
-        summary.died_runs = manifest.mark_died_runs()
         index = manifest.index()
-        run_plan = given if given is not None and given.is_current(index) else plan.against(index, manifest.get)
+        reused = given is not None and given.is_current(index)
+        run_plan = given if reused else plan.against(index, manifest.get)
         run_plan = run_plan.limited(limit)
         summary.unchanged = len(run_plan.diff.unchanged)
         blocked, runnable = run_plan.blocked, run_plan.runnable
         summary.not_run += run_plan.held_back
-        if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
-            raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
-        if runnable and hasattr(engine, "preflight"):
-            engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
-        checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
+        if not reused and (len(runnable) != len(early) or any(a is not b for a, b in zip(runnable, early))):
+            # the manifest changed meanwhile: check again for what runs now
+            checker = _refusals(plan, engine, runnable)
+        summary.died_runs = manifest.mark_died_runs()
+        summary.removed = len(run_plan.diff.removed)
+        recipe_path = plan.extra.get("recipe_path")
+        manifest.record_plan((r.rid for r in plan.results), plan.extra.get("retained_item_ids") or (),
+                             {"path": recipe_path, "overrides": list(plan.extra.get("recipe_overrides") or ())}
+                             if recipe_path else None)
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
         # a killed run's deliveries that never finished: sent again, once
@@ -120,7 +142,16 @@ def execute(
         dispatcher = Dispatcher(manifest, summary.run_id, **options)
         runner = _BatchRunner(plan, engine, summary, progress, checker)
         history = list(manifest.records()) if budget is not None else []
+        if plan.extra.get("canary"):  # before anything renders: a drifted engine stops the run here
+            from flowgen.run.canary import check_canary
+
+            summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.extra["canary"],
+                                                                   summary.run_id)
+            if summary.canary_failures:
+                summary.not_run += len(blocked) + len(runnable)
+                blocked, runnable, run_plan = (), (), run_plan.limited(0)
         if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
+            progress.note(set_aside_note(blocked))  # said now, not only in the end-of-run summary
             _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
             summary.failed += len(blocked)
             summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
@@ -130,6 +161,7 @@ def execute(
         lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
                          "failed": summary.failed}  # every key set now: the heartbeat thread reads it
         lock.beat()
+        went_through = False  # the loop ended by itself (not by an exception)
         try:
             for number, batch in enumerate(batches):
                 if stop.requested:
@@ -159,6 +191,7 @@ def execute(
                     summary.not_run += len(rest)
                     _commit(manifest, summary, [runner.skipped(r, "not run: --fail-fast stopped the run") for r in rest if manifest.get(*r.rid) is None])
                     break
+            went_through = True
         finally:
             progress.finish()
             dispatcher.close()  # waits for the deliveries in flight (each bounded by its retry policy)
@@ -166,10 +199,37 @@ def execute(
                 summary.deliveries[state] = summary.deliveries.get(state, 0) + count
             summary.spent = round(spending.spent, 6)
             summary.seconds = time.perf_counter() - start
-            status = "interrupted" if summary.interrupted else ("failed" if summary.failed else "ok")
+            status = "interrupted" if summary.interrupted else ("failed" if summary.exit_code else "ok")
+            if went_through and summary.complete and plan.extra.get("next_watermarks"):  # incremental datasets: seen up to here
+                manifest.record_watermarks(plan.extra["next_watermarks"], summary.run_id)
             manifest.finish_run(summary.run_id, status, _summary_dict(summary))
             manifest.export_jsonl()
     return summary
+
+
+def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
+    """Raise if the run must not start (missing weights, content checker or face detector: user
+    errors, exit 2); returns the content checker the run needs (or None)."""
+    if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
+        raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
+    if (runnable or plan.extra.get("canary")) and hasattr(engine, "preflight"):
+        engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
+    checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
+    check_detector([r.item.task for r in runnable])  # likewise the face pass's detector
+    return checker
+
+
+def set_aside_note(blocked: Sequence[PlannedResult], shown: int = 3) -> str:
+    """'2 result(s) set aside (recorded as failed, not rendered): <reason> (item 'k1'); ...', one line."""
+    by_reason: dict[str, list[str]] = {}
+    for result in blocked:
+        keys = by_reason.setdefault(result.item.error or "cannot run", [])
+        if result.item.key not in keys:
+            keys.append(result.item.key)
+    parts = [f"{reason} (item {keys[0]!r}" + (f" and {len(keys) - 1} more items" if len(keys) > 1 else "") + ")"
+             for reason, keys in list(by_reason.items())[:shown]]
+    more = f"; and {len(by_reason) - shown} more reasons" if len(by_reason) > shown else ""
+    return f"{len(blocked)} result(s) set aside (recorded as failed, not rendered): " + "; ".join(parts) + more
 
 
 def _content_checker(results: Sequence[PlannedResult]):
@@ -195,7 +255,8 @@ def _summary_dict(summary: RunSummary) -> dict:
         "failed": summary.failed, "not_run": summary.not_run, "batches": summary.batches,
         "seconds": round(summary.seconds, 3), "stage_seconds": {k: round(v, 4) for k, v in summary.stage_seconds.items()},
         "spent": summary.spent, "budget_stopped": summary.budget_stopped, "flagged": summary.flagged,
-        "deliveries": summary.deliveries,
+        "deliveries": summary.deliveries, "removed": summary.removed,
+        **({"canary": summary.canary, "canary_failures": summary.canary_failures} if summary.canary else {}),
     }
 
 
@@ -247,9 +308,21 @@ class _BatchRunner:
             batch_info = {"size": batch.size, "position": position, "guidance": batch.signature[3],
                           "signature": signature_label(batch.signature),
                           **{k: v for k, v in layout.items() if k != "batch"}}
+            if result.job.loras:  # which LoRA files (by content) were merged into the weights
+                batch_info["loras"] = [{"path": path, "sha256": digest, "weight": weight}
+                                       for path, digest, weight in result.job.loras]
             timings = {"engine_batch": round(engine_seconds, 4), "engine_per_image": round(engine_seconds / batch.size, 4),
                        "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
-            record, done = self._finish(result, output.images[position], batch_info, timings)
+            pixels, faces = output.images[position], None
+            settings = face_settings(result.item.task)
+            if settings is not None:  # ultralytics: the face pass, before the check and the encode
+                try:
+                    pixels, faces = self._refine_faces(result, pixels, settings, timings)
+                except Exception as err:  # one image's face pass failing must not end the run
+                    records.append(self._fail(result, f"face refinement error: {type(err).__name__}: "
+                                                      f"{str(err).splitlines()[0] if str(err) else ''}"))
+                    continue
+            record, done = self._finish(result, pixels, batch_info, timings, faces)
             records.append(record)
             if done is not None and done.sinks():
                 finished.append(done)
@@ -270,8 +343,17 @@ class _BatchRunner:
         self.summary.failures.append((result.item.key, result.result_index, error))
         return self.failed(result, error)
 
-    def _finish(self, result: PlannedResult, pixels, batch_info: dict, timings: dict) -> tuple[dict, Finished | None]:
-        """Check, encode, store and record one image."""
+    def _refine_faces(self, result: PlannedResult, pixels, settings, timings: dict) -> tuple:
+        """(refined pixels, what the record says of it) of one image; its seconds go into the timings."""
+        t0 = time.perf_counter()
+        refined = self.engine.refine_faces(pixels, settings, result.seed, loras=result.job.engine_loras)
+        timings["faces"] = round(time.perf_counter() - t0, 4)
+        self.summary.stage_seconds["faces"] = self.summary.stage_seconds.get("faces", 0.0) + timings["faces"]
+        return refined.image, {"faces": refined.faces, "face_detector": refined.detector}
+
+    def _finish(self, result: PlannedResult, pixels, batch_info: dict, timings: dict,
+                faces: dict | None = None) -> tuple[dict, Finished | None]:
+        """Check, encode, store and record one image (with what the face pass found, if it ran)."""
         task = result.item.task
         t0 = time.perf_counter()
         verdict = self.checker.check(pixels) if self.checker and (task.get("safety") or {}).get("checkContent") is True else None
@@ -290,11 +372,14 @@ class _BatchRunner:
         self.summary.stage_seconds["write"] += t3 - t2
         self.summary.rendered += 1
         timings = {**timings, "check": round(t1 - t0, 4), "encode": round(t2 - t1, 4), "write": round(t3 - t2, 4)}
-        cost = cost_of(timings["engine_per_image"]) if task.get("includeCost") is True else None
+        engine_seconds = timings["engine_per_image"] + timings.get("faces", 0.0)  # the face pass is engine time too
+        cost = cost_of(engine_seconds) if task.get("includeCost") is True else None
         record = result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
                                output_sha256=hashlib.sha256(data).hexdigest(), output_bytes=len(data),
                                timings=timings, engine=self.engine_identity, batch=batch_info, cost=cost,
                                safety=verdict.as_record() if verdict else None)
+        if faces is not None:
+            record.update(faces)  # "faces" (one entry per detection) and "face_detector"
         done = Finished(item_id=record["item_id"], result_index=record["result_index"], path=result.output_path,
                         filename=record["output"]["path"], seed=result.seed, task_uuid=record["taskUUID"],
                         image_uuid=record["imageUUID"], output_type=task.get("outputType") or "URL",

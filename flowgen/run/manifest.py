@@ -81,6 +81,47 @@ CREATE TABLE IF NOT EXISTS runs (
     status      TEXT NOT NULL,
     summary     TEXT
 );
+CREATE TABLE IF NOT EXISTS planned (  -- the results the recipe held when the latest run started
+    item_id      TEXT    NOT NULL,    -- (its plan's, plus those an incremental watermark left to earlier runs)
+    result_index INTEGER NOT NULL,
+    PRIMARY KEY (item_id, result_index)
+);
+CREATE TABLE IF NOT EXISTS prunes (  -- what `flowgen prune` removed: results the recipe no longer held
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    pruned_at REAL    NOT NULL,
+    recipe    TEXT,
+    results   TEXT    NOT NULL    -- JSON: [[item_id, result_index, item_key, output path], ...]
+);
+CREATE TABLE IF NOT EXISTS watermarks (  -- incremental datasets: what the last successful run had seen
+    dataset     TEXT PRIMARY KEY,
+    kind        TEXT NOT NULL,  -- keys: row keys | files: relative path -> [mtime_ns, size, sha256]
+    entries     TEXT NOT NULL,  -- JSON
+    recorded_at REAL NOT NULL,
+    run_id      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedule_runs (  -- what `flowgen schedule` did with each due time
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    due_at      REAL NOT NULL,
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    outcome     TEXT NOT NULL,  -- ok | failed | interrupted | refused | error | skipped
+    run_id      TEXT,
+    detail      TEXT
+);
+CREATE TABLE IF NOT EXISTS canary (  -- golden-seed canary verdicts, one per run and fixed item
+    run_id       TEXT    NOT NULL,
+    item_id      TEXT    NOT NULL,
+    result_index INTEGER NOT NULL,
+    item_key     TEXT,
+    psnr_db      REAL,             -- NULL: identical files (infinite PSNR)
+    threshold_db REAL    NOT NULL,
+    passed       INTEGER NOT NULL,
+    engine       TEXT,             -- JSON: the engine identity now
+    first_engine TEXT,             -- JSON: the identity recorded with the render compared against
+    changed      TEXT,             -- what differs between the two, or the failure's reason
+    checked_at   REAL    NOT NULL,
+    PRIMARY KEY (run_id, item_id, result_index)
+);
 """
 
 _UPSERT = """
@@ -97,6 +138,15 @@ ON CONFLICT (item_id, result_index) DO UPDATE SET
 
 def manifest_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / STATE_DIR / DB_NAME
+
+
+def load_watermarks(out_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """The incremental datasets' watermarks of `out_dir` ({} without a manifest; none is created).
+    The planner takes this function as an argument (flowgen.plan.from_recipe.plan_recipe)."""
+    if not manifest_path(out_dir).exists():
+        return {}
+    with Manifest(out_dir, create=False) as manifest:
+        return manifest.watermarks()
 
 
 class Manifest:
@@ -260,6 +310,127 @@ class Manifest:
         for row in rows:
             row["summary"] = json.loads(row["summary"]) if row["summary"] else None
         return rows
+
+    # --- what the recipe holds -----------------------------------------------------------
+    def record_plan(self, result_ids: Iterable[tuple[str, int]], retained_item_ids: Iterable[str] = (),
+                    recipe: dict[str, Any] | None = None) -> None:
+        """Replace the planned set (one transaction) when a run starts: its plan's results plus the
+        recorded results of items an incremental watermark retains; and the recipe it came from
+        ({"path", "overrides"}: what `prune` compares with by default)."""
+        retained = sorted(set(retained_item_ids))
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.execute("DELETE FROM planned")
+            self.conn.executemany("INSERT OR IGNORE INTO planned VALUES (?, ?)", result_ids)
+            self.conn.executemany("INSERT OR IGNORE INTO planned SELECT item_id, result_index FROM results WHERE item_id=?",
+                                  [(item_id,) for item_id in retained])
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('planned_recorded', '1')")
+            if recipe is not None:
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('recipe', ?)", (json.dumps(recipe, sort_keys=True),))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def planned(self) -> set[tuple[str, int]] | None:
+        """The results the recipe held at the latest run's start; None when no run recorded them (older manifests)."""
+        if self.meta("planned_recorded") is None:
+            return None
+        return {(r[0], r[1]) for r in self.conn.execute("SELECT item_id, result_index FROM planned")}
+
+    def last_recipe(self) -> dict[str, Any] | None:
+        """{"path", "overrides"} of the recipe the latest run used, when it recorded one."""
+        text = self.meta("recipe")
+        return json.loads(text) if text else None
+
+    def remove_results(self, result_ids: Iterable[tuple[str, int]], recipe: str | None, removed: list[list]) -> None:
+        """Delete these results' rows (results, deliveries, attempts, expirations, planned) and record
+        the prune, in one transaction; `removed` is what the prune record lists."""
+        ids = list(result_ids)
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("results", "deliveries", "delivery_attempts", "expirations", "planned"):
+                self.conn.executemany(f"DELETE FROM {table} WHERE item_id=? AND result_index=?", ids)
+            self.conn.execute("INSERT INTO prunes (pruned_at, recipe, results) VALUES (?,?,?)",
+                              (time.time(), recipe, json.dumps(removed)))
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def prunes(self) -> list[dict[str, Any]]:
+        cursor = self.conn.execute("SELECT pruned_at, recipe, results FROM prunes ORDER BY id")
+        return [{"pruned_at": at, "recipe": recipe, "results": json.loads(results)} for at, recipe, results in cursor]
+
+    # --- metadata ------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # --- incremental datasets ----------------------------------------------------------
+    def watermarks(self) -> dict[str, dict[str, Any]]:
+        """dataset -> {kind, entries, recorded_at, run_id} (see flowgen.plan.incremental)."""
+        cursor = self.conn.execute("SELECT dataset, kind, entries, recorded_at, run_id FROM watermarks")
+        return {name: {"kind": kind, "entries": json.loads(entries), "recorded_at": at, "run_id": run_id}
+                for name, kind, entries, at, run_id in cursor}
+
+    def record_watermarks(self, watermarks: dict[str, dict[str, Any]], run_id: str) -> None:
+        """Replace the watermarks of these datasets (one transaction) at the end of a successful run."""
+        now = time.time()
+        rows = [(name, w["kind"], json.dumps(w["entries"], sort_keys=True), now, run_id) for name, w in watermarks.items()]
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self.conn.executemany("INSERT OR REPLACE INTO watermarks VALUES (?,?,?,?,?)", rows)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    # --- schedule ------------------------------------------------------------------------
+    def record_schedule_run(self, due_at: float, started_at: float, outcome: str, run_id: str | None = None,
+                            detail: str | None = None, finished_at: float | None = None) -> None:
+        self.conn.execute(
+            "INSERT INTO schedule_runs (due_at, started_at, finished_at, outcome, run_id, detail) VALUES (?,?,?,?,?,?)",
+            (due_at, started_at, finished_at, outcome, run_id, detail))
+
+    def last_scheduled_due(self) -> float | None:
+        """The latest due time the scheduler dealt with (an interrupted run does not count: it is due again)."""
+        row = self.conn.execute("SELECT MAX(due_at) FROM schedule_runs WHERE outcome != 'interrupted'").fetchone()
+        return row[0] if row else None
+
+    def schedule_runs(self) -> list[dict[str, Any]]:
+        cursor = self.conn.execute(
+            "SELECT due_at, started_at, finished_at, outcome, run_id, detail FROM schedule_runs ORDER BY id")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
+
+    # --- canary --------------------------------------------------------------------------
+    def canary_items(self) -> list[str]:
+        """The item ids the canary fixed on first use, in order."""
+        return json.loads(self.meta("canary_items") or "[]")
+
+    def set_canary_items(self, item_ids: list[str]) -> None:
+        self.set_meta("canary_items", json.dumps(list(item_ids)))
+
+    def record_canary(self, verdicts: Iterable[dict[str, Any]]) -> None:
+        self.conn.executemany(
+            """INSERT OR REPLACE INTO canary (run_id, item_id, result_index, item_key, psnr_db, threshold_db, passed,
+                                              engine, first_engine, changed, checked_at)
+               VALUES (:run_id, :item_id, :result_index, :item_key, :psnr_db, :threshold_db, :passed,
+                       :engine, :first_engine, :changed, :checked_at)""",
+            [{**v, "passed": int(bool(v["passed"])), "engine": json.dumps(v.get("engine"), sort_keys=True, default=str),
+              "first_engine": json.dumps(v.get("first_engine"), sort_keys=True, default=str)} for v in verdicts])
+
+    def canary_verdicts(self) -> list[dict[str, Any]]:
+        """Every canary verdict, oldest first (engine identities as JSON text)."""
+        cursor = self.conn.execute(
+            "SELECT run_id, item_id, result_index, item_key, psnr_db, threshold_db, passed, engine, first_engine, changed, "
+            "checked_at FROM canary ORDER BY checked_at, item_id")
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row)) for row in cursor]
 
     # --- export --------------------------------------------------------------------------
     def export_jsonl(self) -> Path:

@@ -21,6 +21,7 @@ from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.plan.job import Job
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.run.engine import BatchRequest, Engine, PipelineEngine
+from flowgen.run.faces import face_settings
 from flowgen.run.manifest import Manifest
 from flowgen.run.outputs import encode_image, read_metadata
 from flowgen.run.records import metadata_from_record
@@ -96,37 +97,71 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
                 outcome.error = f"reference {path} changed since the run"
                 return outcome
             refs.append(loader.load(path))
+        for path, digest, _ in job.loras:
+            if sha256_file(path) != digest:
+                outcome.error = f"LoRA {path} changed since the run"
+                return outcome
     except (OSError, ValueError) as err:
         outcome.error = str(err)
         return outcome
-    batch = record["batch"]
-    # the recorded batch size and reference layout fix the arithmetic; the row's copies fill the batch
-    # (records from before one-loop batches carry group_size instead, the batch their loop had)
-    size = int(batch.get("group_size") or batch["size"])
-    layout = None
-    if "reference_layout" in batch:
-        layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
-    request = BatchRequest.for_jobs([(job, int(record["seed"]), refs)], size, layout=layout)
     try:
-        output = engine.generate_batch(request)
-    except Exception as err:  # one result failing must not hide the others' verdicts
-        outcome.error = f"engine error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        pixels = replay(record, job, refs, engine)
+    except ReplayError as err:  # one result failing must not hide the others' verdicts
+        outcome.error = str(err)
         return outcome
     rel = Path(record["output"]["path"])
     target = to_dir / (rel if not rel.is_absolute() else rel.name)
-    data = encode_image(output.images[0], target.suffix.lstrip(".").lower(), job.output_quality,
+    data = encode_image(pixels, target.suffix.lstrip(".").lower(), job.output_quality,
                         metadata_from_record(record))
     atomic_write_bytes(target, data)
     outcome.path, outcome.sha256 = target, hashlib.sha256(data).hexdigest()
     return outcome
 
 
+class ReplayError(Exception):
+    """A recorded result could not be rendered again; the message is one line."""
+
+
+def replay(record: dict[str, Any], job: Job, refs: list, engine: Engine):
+    """The image of `record` rendered again exactly as the run rendered it (the regen and canary
+    path): its recorded batch size and reference layout fix the arithmetic, the row's copies fill
+    the batch, a step cache's recorded decisions are replayed (they depend on the batch mates),
+    and the face pass runs as the run applied it. Raises ReplayError."""
+    batch = record["batch"]
+    # records from before one-loop batches carry group_size instead, the batch their loop had
+    size = int(batch.get("group_size") or batch["size"])
+    layout = None
+    if "reference_layout" in batch:
+        layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
+        if "step_cache_computed" in batch:
+            layout["step_cache_computed"] = str(batch["step_cache_computed"])
+    try:
+        output = engine.generate_batch(BatchRequest.for_jobs([(job, int(record["seed"]), refs)], size, layout=layout))
+    except Exception as err:
+        raise ReplayError(f"engine error: {_first_line(err)}") from err
+    pixels = output.images[0]
+    settings = face_settings(record["params"])
+    if settings is not None:
+        try:
+            pixels = engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image
+        except Exception as err:
+            raise ReplayError(f"face refinement error: {_first_line(err)}") from err
+    return pixels
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def job_of(record: dict[str, Any]) -> Job:
     """The job a manifest record was rendered from: its resolved parameters, the guidance its batch
-    ran with (the planner's decision, recorded), its references and their content hashes."""
+    ran with (the planner's decision, recorded), its references and their content hashes, and the
+    LoRA files and hashes its batch merged (recorded by the executor)."""
     refs = record.get("references") or []
+    loras = [(lora["path"], lora["sha256"], lora["weight"]) for lora in (record.get("batch") or {}).get("loras", [])]
     return Job.from_task(record["params"], guidance=(record.get("batch") or {}).get("guidance"),
-                         references=[r["path"] for r in refs], reference_hashes=[r["sha256"] for r in refs])
+                         references=[r["path"] for r in refs], reference_hashes=[r["sha256"] for r in refs],
+                         loras=loras)
 
 
 def _pipeline_engine(model: str, dtype: str) -> Engine:

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from types import MappingProxyType
 
+import numpy as np
+from safetensors.numpy import save_file
+
 from flowgen.engine.capabilities import Capabilities, capabilities
 from flowgen.engine.sampling import names
 from flowgen.recipe import validation
@@ -19,22 +22,22 @@ def test_capabilities_are_jax_free_and_say_what_the_engine_does():
     caps = capabilities()
     assert isinstance(caps, Capabilities) and capabilities() is caps
     assert caps.schedulers == names.SUPPORTED and dict(caps.refused_schedulers) == names.REFUSED
-    assert caps.acceleration == ("high",) and caps.dtypes == ("float32", "bfloat16")
-    assert (caps.lora, caps.accelerator_options, caps.ultralytics) == (False, False, False)
+    assert caps.acceleration == ("none", "low", "medium", "high") and caps.dtypes == ("float32", "bfloat16")
+    assert caps.accelerator_options is True  # step caches
+    assert caps.lora is True  # LoRAs merged per batch
+    assert caps.ultralytics is True  # the face pass (flowgen.engine.face_refine)
     assert caps.max_references == 4 and caps.reference_inputs == ("file",)
 
 
-def test_support_problems_follow_the_capabilities(monkeypatch):
+def test_support_problems_follow_the_capabilities(monkeypatch, tmp_path):
+    monkeypatch.setenv("FLOWGEN_LORA_DIR", str(tmp_path))
+    save_file({"transformer.x_embedder.lora_A.weight": np.zeros((1, 128), np.float32),  # civitai:1@1 resolves to it
+               "transformer.x_embedder.lora_B.weight": np.zeros((64, 1), np.float32)},
+              str(tmp_path / "civitai_1_1.safetensors"))
     task = {"lora": [{"model": "civitai:1@1"}], "ultralytics": {}, "acceleratorOptions": {}, "acceleration": "low",
             "scheduler": "DPM++ 2M", "inputs": {"referenceImages": ["https://example.com/a.png", "a.png"]}}
     today = validation.support_problems(task, "task")
-    assert today == [
-        "task.acceleration: not supported yet by the local engine (only 'high', the default: the exact reference KV "
-        "cache is always on); remove it",
-        "task.acceleratorOptions: not supported yet by the local engine (no step caching besides the exact reference KV "
-        "cache); remove it",
-        "task.lora: not supported yet by the local engine (LoRA adapters are not loaded); remove it",
-        "task.ultralytics: not supported yet by the local engine (no face refinement pass); remove it",
+    assert today == [  # acceleration "low", acceleratorOptions (step caches), lora and ultralytics are honoured
         "task.inputs.referenceImages[0]: not supported yet by the local engine (reference images must be local files, "
         "not URLs, data URIs or UUIDs); remove it",
     ]

@@ -65,7 +65,7 @@ def test_mixed_reference_sizes_batch_together_with_sets_grouped(tmp_path):
     assert len({b.signature for b in batches}) == 1
     # sets stay together: the first two batches each hold one reference set (a copy-free shared K/V)
     assert [len({r.item.reference_set for r in b.results}) for b in batches[:2]] == [1, 1]
-    assert make_batches(plan_of(items, tmp_path, max_batch=4).results, 4)[0].signature == (64, 64, 2, None, "Default")
+    assert make_batches(plan_of(items, tmp_path, max_batch=4).results, 4)[0].signature == (64, 64, 2, None, "Default", "high", (), ())
 
 
 def test_the_scheduler_splits_batches(tmp_path):

@@ -39,7 +39,7 @@ def test_each_item_carries_a_frozen_job_read_from_its_task(tmp_path):
     a, b = (i.job for i in plan.items)
     assert a == Job("prompt a", "blurry", 64, 64, 2, 3.0, "DPM++ 2M", (str(ref),), a.reference_hashes, "PNG", 90)
     assert a.reference_hashes == plan.items[0].reference_hashes and len(a.reference_hashes[0]) == 64
-    assert a.signature == plan.items[0].signature == (64, 64, 2, 3.0, "DPM++ 2M") and a.engine_scheduler == "DPM++ 2M"
+    assert a.signature == plan.items[0].signature == (64, 64, 2, 3.0, "DPM++ 2M", "high", (), ()) and a.engine_scheduler == "DPM++ 2M"
     assert b.guidance is None and b.engine_scheduler is None and plan.results[1].job is b
     with pytest.raises(AttributeError):
         a.width = 128  # type: ignore[misc]

@@ -101,7 +101,7 @@ def test_pinned_plan_of_a_recipe_using_most_features(tmp_path):
     assert first.output_file.endswith("out/P1/front-warm_00.png")
     assert first.item.task["positivePrompt"] == "a white sneaker from the front {studio} #  256"
     assert first.item.task["width"] == 256 and first.item.task["CFGScale"] == 2.5
-    assert digest(lines) == "34f36810bb34099e0d51cbaf0befc81671fdd9c142e3111e90ed1fab401d8a4a", "\n".join(lines)
+    assert digest(lines) == "e9529aac29cb1663dad76b971e67380e590d563ac0a18b5cbc72b7ff65f0a2ec", "\n".join(lines)
     assert plan.plan_hash == "d6a9ecf497b348a92ee1e29525ada6309cc7d22e87e79f0232461cfa3337bb9d"
 
 
@@ -110,7 +110,7 @@ def test_pinned_plan_with_explicit_seed_and_default_filename(tmp_path):
     lines, plan = plan_lines(tmp_path, spec, ["task.seed=1000", "task.numberResults=3"])
     assert [r.seed for r in plan.results[:3]] == [1000, 1001, 1002]
     assert plan.results[0].output_file.endswith("out/angle-front_mood-cosy_product-P1_style-warm_0.png")
-    assert digest(lines) == "9e469fcb5ef37d51a4a3eff307ee834e04b5449a098b41e595cce40b82c54ecc", "\n".join(lines)
+    assert digest(lines) == "cb86f9eae6c2f1399a1f0ec00dbe3fea1f0c1e01e18f477f6be4016c2d9d35ad", "\n".join(lines)
 
 
 def test_pinned_plan_of_a_distilled_model_with_static_task(tmp_path):
@@ -119,7 +119,7 @@ def test_pinned_plan_of_a_distilled_model_with_static_task(tmp_path):
                         "inputs": {"referenceImages": ["refs/P1.ppm", "refs/{product.sku}.ppm"]}})
     lines, plan = plan_lines(tmp_path, spec)
     assert len(lines) == 12 and plan.results[0].item.guidance is None
-    assert digest(lines) == "26f06b02d2f2db1a0bfb54fb119750b2d0485e4aa3f8136f0bef59b106124303", "\n".join(lines)
+    assert digest(lines) == "a02edc3a3d83d9f089636ef6b6956ebbdeb75aae895fa007661849a51da55b93", "\n".join(lines)
 
 
 def test_pinned_problems_of_bad_templated_values(tmp_path):
@@ -130,6 +130,6 @@ def test_pinned_problems_of_bad_templated_values(tmp_path):
     with pytest.raises(RecipeError) as err:
         expand_items(load_recipe(tmp_path / "recipe.yaml"))
     assert err.value.problems == [
-        "task.width: must be a multiple of 16 between 128 and 2048, got '100' (item 'angle=front|mood=cosy|product=P4|style=warm') [and 11 more items]",
-        "task.CFGScale: must be a number between 1 and 20 in steps of 0.01, got '30' (item 'angle=front|mood=cosy|product=P5|style=warm') [and 7 more items]",
+        "task.width: must be a multiple of 16 between 128 and 2048, got '100' (item 'angle=front|mood=cosy|product=P4|style=warm') [and 11 more items with this problem]",
+        "task.CFGScale: must be a number between 1 and 20 in steps of 0.01, got '30' (item 'angle=front|mood=cosy|product=P5|style=warm') [and 7 more items with this problem]",
     ]

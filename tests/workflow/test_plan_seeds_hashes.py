@@ -123,3 +123,24 @@ def test_guidance_off_for_distilled_or_low_cfg(tmp_path):
                              filename=lambda item, i, ext: f"{item.key}.{ext}", model="tiny",
                              model_identity=MODEL, distilled=True, recipe_hash="h")
     assert [i.guidance for i in distilled.items] == [None, None]
+
+
+def test_the_step_cache_a_task_resolves_to_is_part_of_its_identity(tmp_path):
+    """`acceleration` defaults to `high`, which caches base-model loops of many steps: a task that
+    never names it must not hash as it did before step caches (its image differs); a loop that
+    caches nothing (few steps, or a distilled model) keeps its old hash."""
+    from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key
+
+    def item_hash(steps, distilled, **task):
+        plan = compile_plan(recipe_name="r", recipe_seed=0, items=[make_item("a", steps=steps, **task)],
+                            out_dir=tmp_path, filename=lambda item, i, ext: f"{item.key}.{ext}", model="tiny",
+                            model_identity=MODEL, distilled=distilled, recipe_hash="h")
+        return plan.items[0].item_hash, ItemHasher(model_key(MODEL, BASE_DTYPE))(plan.items[0].task, [])
+
+    cached, uncached_identity = item_hash(28, distilled=False)
+    assert cached != uncached_identity
+    assert item_hash(28, distilled=False, acceleration="none")[0] == item_hash(28, False, acceleration="none")[1]
+    assert len({cached, item_hash(28, False, acceleration="low")[0], item_hash(28, False, acceleration="none")[0]}) == 3
+    for steps, distilled in ((4, True), (28, True), (8, False)):
+        ours, before = item_hash(steps, distilled)
+        assert ours == before

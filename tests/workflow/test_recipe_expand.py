@@ -134,7 +134,7 @@ def test_templated_value_out_of_range_is_reported_per_item(tmp_path):
     with pytest.raises(RecipeError) as err:
         items_of(tmp_path, recipe, csv=csv)
     assert err.value.problems == [
-        "task.width: must be a multiple of 16 between 128 and 2048, got '1000' (item 'product=B-200|surface=linen') [and 2 more items]"
+        "task.width: must be a multiple of 16 between 128 and 2048, got '1000' (item 'product=B-200|surface=linen') [and 2 more items with this problem]"
     ]
 
 
@@ -145,7 +145,7 @@ def test_unknown_template_field_names_the_row_and_the_available_fields(tmp_path)
         items_of(tmp_path, recipe)
     assert err.value.problems == [
         "task.positivePrompt: template names unknown field 'product.nme' (row A-100 of dataset products); "
-        "available: product.sku, product.name, product.image, surface, name, key [and 8 more items]"
+        "available: product.sku, product.name, product.image, surface, name, key [and 8 more items with this problem]"
     ]
 
 

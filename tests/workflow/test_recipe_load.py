@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from safetensors.numpy import save_file
 
 from flowgen.commands.validate import validate_command
 from flowgen.engine import cards as model_cards
@@ -91,11 +93,15 @@ def test_accepted_and_recorded_fields_pass_through(tmp_path):
         assert task[field] == recipe["task"][field]
 
 
-def test_fields_the_engine_cannot_honour_are_refused_by_name(tmp_path):
+def test_the_engine_fields_of_the_spec_are_honoured(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWGEN_LORA_DIR", str(tmp_path))
+    save_file({"transformer.x_embedder.lora_A.weight": np.zeros((1, 128), np.float32),
+               "transformer.x_embedder.lora_B.weight": np.zeros((64, 1), np.float32)},
+              str(tmp_path / "civitai_1_1.safetensors"))
     recipe = simple(lora=[{"model": "civitai:1@1"}], ultralytics={"steps": 10}, acceleratorOptions={"teaCache": True})
-    problems = problems_of(tmp_path, recipe)
-    assert [p.split(":")[0] for p in problems] == ["task.acceleratorOptions", "task.lora", "task.ultralytics"]
-    assert all("not supported yet by the local engine" in p for p in problems)
+    # step caches, LoRAs and the face pass all run (refusals: test_engine_capabilities)
+    task = expand_items(load_recipe(write(tmp_path, recipe)))[0].task
+    assert task["ultralytics"] == {"steps": 10} and task["acceleratorOptions"] == {"teaCache": True}
 
 
 def test_delivery_fields_are_accepted(tmp_path):
@@ -142,7 +148,7 @@ def test_structural_and_task_problems_are_reported_together(tmp_path):
     recipe = simple(width=100)
     recipe["colour"] = "red"
     assert problems_of(tmp_path, recipe) == [
-        "colour: unknown field; allowed: version, name, description, model, seed, defaults, datasets, matrix, zip, include, exclude, task, output",
+        "colour: unknown field; allowed: version, name, description, model, seed, defaults, datasets, matrix, zip, include, exclude, task, output, schedule, canary",
         "task.width: must be a multiple of 16 between 128 and 2048, got 100",
     ]
 

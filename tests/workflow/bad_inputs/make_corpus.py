@@ -117,7 +117,9 @@ case("ttl-without-url-output", ["task.ttl: applies only to outputType 'URL', not
 case("webhook-not-a-url", ["task.webhookURL: must be an http(s) URL, got 'not a url'"], task(webhookURL="not a url"))
 case("lora-weight", ["task.lora[0].weight: must be a number between -4 and 4 in steps of 0.01, got 9"], task(lora=[{"model": "civitai:1@1", "weight": 9}]))
 case("accelerator-options", ["task.acceleratorOptions.cacheMaxConsecutiveSteps: must be an integer between 1 and 5, got 9"], task(acceleratorOptions={"cacheMaxConsecutiveSteps": 9}))
-case("acceleration-none", ["task.acceleration: not supported yet by the local engine"], task(acceleration="none"))
+case("acceleration-turbo", ["task.acceleration: must be one of none, low, medium, high, got 'turbo'"], task(acceleration="turbo"))
+case("two-step-caches", ["task.acceleratorOptions: teaCache, fbCache and dbCache are alternatives; enable one of them, got teaCache, fbCache"],
+     task(acceleratorOptions={"teaCache": True, "fbCache": True}))
 case("ttl-30", ["task.ttl: must be an integer >= 60, got 30"], task(ttl=30))
 case("task-uuid", ["task.taskUUID: must be a UUID v4"], task(taskUUID="1234"))
 case("negative-prompt-short", ["task.negativePrompt: must have 2 to 3000 characters, got 1"], task(negativePrompt="x"))
@@ -134,4 +136,16 @@ case("set-out-of-range", ["task.steps: must be an integer between 1 and 50, got 
 case("set-into-scalar", ["--set 'task.width.x=1': task.width holds 512, not a mapping"], lambda d: None, args=["--set", "task.width.x=1"])
 case("many-problems", ["task.width: must be a multiple of 16", "task.steps: must be an integer between 1 and 50, got 0", "task.foo: unknown field", "output.filename: must contain {ext}"],
      lambda d: (d["task"].update(width=100, steps=0, foo=1), d["output"].update(filename="{product.sku}.png")))
+# schedules, incremental datasets, the golden-seed canary
+case("schedule-bad-cron", ["schedule.cron: must be a cron expression of 5 fields", "'61 3 * * *' has a value out of range"], lambda d: d.update(schedule="61 3 * * *"))
+case("schedule-six-fields", ["schedule.cron: must be a cron expression of 5 fields", "has 6 fields"], lambda d: d.update(schedule="0 0 3 * * *"))
+case("schedule-not-cron", ["schedule: must be a cron string such as \"0 3 * * *\" or a mapping with cron, timezone, missed; got 3"], lambda d: d.update(schedule=3))
+case("schedule-timezone", ["schedule.timezone: must be an IANA time zone name such as UTC, Europe/Berlin or America/New_York, got 'Berlin'"],
+     lambda d: d.update(schedule={"cron": "0 3 * * *", "timezone": "Berlin"}))
+case("schedule-missed", ["schedule.missed: must be one of run, skip, got 'catch-up'"], lambda d: d.update(schedule={"cron": "@daily", "missed": "catch-up"}))
+case("schedule-unknown-key", ["schedule.tz: unknown field; allowed: cron, timezone, missed"], lambda d: d.update(schedule={"cron": "@daily", "tz": "UTC"}))
+case("incremental-not-bool", ["datasets.products.incremental: must be true or false, got 'yes'"], lambda d: d["datasets"]["products"].update(incremental="yes"))
+case("canary-items-zero", ["canary.items: must be an integer between 1 and 16, got 0"], lambda d: d.update(canary={"items": 0}))
+case("canary-threshold", ["canary.threshold_db: must be a number between 1 and 100, got 400"], lambda d: d.update(canary={"items": 2, "threshold_db": 400}))
+case("canary-without-items", ["canary.items: required"], lambda d: d.update(canary={"threshold_db": 40}))
 print(len(list(root.glob("*.yaml"))), "cases")
