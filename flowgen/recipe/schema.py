@@ -353,32 +353,28 @@ class OutputSpec(Strict):
     filename: str = "{slug}_{result}.{ext}"
 
 
-def cron_expression():
-    """A 5-field cron expression or an @alias (checked with croniter, see validation.cron_problem)."""
+def _checked_by(problem_of: str):
+    """A field checked by `flowgen.recipe.validation.<problem_of>(value)` (a message, or None when fine)."""
 
-    def check(value: Any) -> str:
-        from flowgen.recipe.validation import cron_problem
+    def check(value: Any) -> Any:
+        from flowgen.recipe import validation
 
-        problem = cron_problem(value)
+        problem = getattr(validation, problem_of)(value)
         if problem:
             raise ValueError(problem)
         return value
 
     return Annotated[Any, BeforeValidator(check)]
+
+
+def cron_expression():
+    """A 5-field cron expression or an @alias (checked with croniter, see validation.cron_problem)."""
+    return _checked_by("cron_problem")
 
 
 def time_zone():
     """An IANA time zone name that zoneinfo knows (see validation.timezone_problem)."""
-
-    def check(value: Any) -> str:
-        from flowgen.recipe.validation import timezone_problem
-
-        problem = timezone_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
-
-    return Annotated[Any, BeforeValidator(check)]
+    return _checked_by("timezone_problem")
 
 
 class ScheduleSpec(Strict):
