@@ -20,6 +20,7 @@ _COMMANDS = {
     "prune_command": "flowgen.commands.prune",
     "models_command": "flowgen.commands.models",
     "init_command": "flowgen.commands.init",
+    "serve_command": "flowgen.commands.serve",
 }
 
 __all__ = list(_COMMANDS)

@@ -1,0 +1,253 @@
+"""Continuous batching for `flowgen serve`: requests from every connection share sampling loops.
+
+One worker thread owns the engines. `submit` queues a (model, job, seed, decoded references)
+request and returns a Future; requests with the same model and shape signature (`Job.signature`,
+the key the recipe planner batches by) wait together until `max_batch` of them are queued or the
+oldest has waited `window_s`, then run as one engine call. What makes a batch replayable is kept
+as in `flowgen run` (flowgen.run.executor):
+
+* a batch is cut and padded with `chunk_sizes` (powers of two, padding copies of the last row,
+  `BatchRequest.for_jobs`): 3 waiting requests run padded to 4, 5 run as 4 now and 1 next (that
+  one, past its window, goes with whoever arrived meanwhile);
+* rows are ordered as the planner orders them (`_ordered`): largest reference set first, each
+  contiguous, then by prompt, so a shared set runs with one K/V and neighbours share prompts
+  (the engine computes a reference set's K/V and a prompt's embedding once and keeps them for
+  later batches: flowgen.engine.reference_cache, prompt_cache);
+* each result carries the executor's `batch` record (size, position, layout), so its pixels are
+  what `flowgen run` renders for that job and seed at that size and position, and regen replays it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from flowgen.plan.batching import chunk_sizes, next_pow2, signature_label
+from flowgen.plan.job import Job
+from flowgen.run.engine import BatchRequest, Engine
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher stopped before (or instead of) running a request."""
+
+
+@dataclass(frozen=True)
+class BatcherResult:
+    pixels: np.ndarray  # uint8 HxWx3
+    engine_seconds: float  # this image's share of the batch's engine time (engine time / padded size, as runs count it)
+    batch_size: int  # how many real requests shared its sampling loop
+    batch_info: dict  # what regen needs to replay it: the executor's `batch` record
+
+
+@dataclass
+class _Request:
+    model: str
+    job: Job
+    seed: int
+    references: list
+    future: Future
+    arrived: float  # time.monotonic() at submit
+    number: int  # submit order: ties in a batch's ordering, fairness between groups
+
+
+@dataclass
+class _Counts:
+    batches: int = 0  # engine calls that rendered (a failed call counts nowhere)
+    images: int = 0  # images they rendered for requests (padding slots not counted)
+    max_batch_size: int = 0
+
+
+GroupKey = tuple  # (model, Job.signature)
+
+
+class Batcher:
+    """See the module doc. Thread-safe: submit, stats and close may be called from any thread."""
+
+    def __init__(self, engine_for: Callable[[str], Engine], *, window_s: float = 0.05, max_batch: int = 8):
+        if window_s < 0:
+            raise ValueError(f"window_s must be >= 0; got {window_s}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1; got {max_batch}")
+        self._engine_for = engine_for
+        self._engines: dict[str, Engine] = {}  # only the worker thread touches these
+        self.window_s = float(window_s)
+        self.max_batch = int(max_batch)
+        self._groups: dict[GroupKey, list[_Request]] = defaultdict(list)  # queued, in arrival order
+        self._queued = 0
+        self._numbers = itertools.count()
+        self._counts = _Counts()
+        self._wake = threading.Condition()
+        self._closing = False  # no new submits; the worker drains the queue, then stops
+        self._worker = threading.Thread(target=self._serve, name="flowgen-batcher", daemon=True)
+        self._worker.start()
+
+    # --- any thread ---------------------------------------------------------------------------
+
+    def submit(self, model: str, job: Job, seed: int, references: list | None = None) -> Future:
+        """Queue one image; the Future gives a BatcherResult or raises the engine's exception."""
+        future: Future = Future()
+        with self._wake:
+            if self._closing:
+                raise BatcherClosed("the server is shutting down: no new tasks are accepted")
+            request = _Request(model, job, int(seed), list(references or ()), future, time.monotonic(),
+                               next(self._numbers))
+            self._groups[(model, job.signature)].append(request)
+            self._queued += 1
+            self._wake.notify()
+        return future
+
+    def stats(self) -> dict:
+        with self._wake:
+            counts = self._counts
+            return {"queue_depth": self._queued, "batches": counts.batches, "images": counts.images,
+                    "mean_batch_size": counts.images / counts.batches if counts.batches else 0.0,
+                    "max_batch_size": counts.max_batch_size}
+
+    def close(self, finish: bool = True) -> None:
+        """Stop. finish: run everything queued first; else fail the queued futures with
+        BatcherClosed (a batch already on the engine finishes either way). Idempotent."""
+        with self._wake:
+            self._closing = True
+            dropped = [] if finish else self._take_all()
+            self._wake.notify_all()
+        for request in dropped:
+            _fail(request.future, BatcherClosed("the server shut down before this task ran"))
+        if self._worker is not threading.current_thread():
+            self._worker.join()
+
+    def __enter__(self) -> "Batcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(finish=exc[0] is None)
+
+    # --- the worker thread --------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        batch: list[_Request] = []
+        try:
+            while True:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                self._run(batch)
+        except BaseException as err:  # a bug here must not leave clients waiting forever
+            with self._wake:
+                self._closing = True
+                left = (batch or []) + self._take_all()
+            for request in left:
+                _fail(request.future, BatcherClosed(f"the batch scheduler stopped: {type(err).__name__}: {err}"))
+            raise
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Block until a group is full or its oldest request's window is over; take its batch
+        (None once closing and nothing is queued)."""
+        with self._wake:
+            while True:
+                now = time.monotonic()
+                ready, next_deadline = None, None
+                for key, members in self._groups.items():
+                    deadline = members[0].arrived + self.window_s
+                    if len(members) >= self.max_batch or deadline <= now or self._closing:
+                        if ready is None or members[0].number < self._groups[ready][0].number:
+                            ready = key  # the group whose oldest request came first
+                    elif next_deadline is None or deadline < next_deadline:
+                        next_deadline = deadline
+                if ready is not None:
+                    return self._take(ready)
+                if self._closing:
+                    return None
+                self._wake.wait(None if next_deadline is None else next_deadline - now)
+
+    def _take(self, key: GroupKey) -> list[_Request]:
+        """The oldest requests of a group, as many as its first chunk holds (the rest stay queued)."""
+        members = self._groups[key]
+        count, _ = chunk_sizes(min(len(members), self.max_batch), self.max_batch)[0]
+        taken, rest = members[:count], members[count:]
+        if rest:
+            self._groups[key] = rest
+        else:
+            del self._groups[key]
+        self._queued -= len(taken)
+        return taken
+
+    def _take_all(self) -> list[_Request]:
+        left = [request for members in self._groups.values() for request in members]
+        self._groups.clear()
+        self._queued = 0
+        return left
+
+    def _run(self, batch: list[_Request]) -> None:
+        """One engine call for `batch` (one group's requests); resolves every future in it."""
+        batch = ordered([r for r in batch if r.future.set_running_or_notify_cancel()])  # cancelled ones drop out
+        if not batch:
+            return
+        # the padded size chunk_sizes gave the taken chunk (still a power of two <= max_batch when
+        # cancellations shrank it)
+        size = next_pow2(len(batch))
+        try:
+            engine = self._engine(batch[0].model)
+            request = BatchRequest.for_jobs([(r.job, r.seed, r.references) for r in batch], size)
+            t0 = time.perf_counter()
+            output = engine.generate_batch(request)
+            if len(output.images) < len(batch):
+                raise RuntimeError(f"the engine returned {len(output.images)} images for a batch of {len(batch)}")
+        except Exception as err:  # fails this batch only; the worker keeps serving
+            for r in batch:
+                _fail(r.future, err)
+            return
+        seconds = time.perf_counter() - t0
+        self._count(len(batch))
+        for position, r in enumerate(batch):
+            layout = output.layouts[position] if position < len(output.layouts) else {}
+            r.future.set_result(BatcherResult(
+                pixels=np.asarray(output.images[position], dtype=np.uint8),
+                engine_seconds=seconds / size,
+                batch_size=len(batch),
+                batch_info=batch_record(r.job, size, position, layout)))
+
+    def _engine(self, model: str) -> Engine:
+        if model not in self._engines:
+            self._engines[model] = self._engine_for(model)  # not kept when it raises: asked again next time
+        return self._engines[model]
+
+    def _count(self, real: int) -> None:
+        with self._wake:
+            counts = self._counts
+            counts.batches += 1
+            counts.images += real
+            counts.max_batch_size = max(counts.max_batch_size, real)
+
+
+def ordered(batch: list[_Request]) -> list[_Request]:
+    """The planner's row order (flowgen.plan.batching._ordered): largest reference-set groups
+    first, each contiguous, then by prompt; then arrival."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in batch:
+        counts[r.job.reference_set] += 1
+    return sorted(batch, key=lambda r: (-counts[r.job.reference_set], r.job.reference_set, r.job.prompt, r.number))
+
+
+def batch_record(job: Job, size: int, position: int, layout: dict[str, Any]) -> dict:
+    """The `batch` record flowgen.run.executor writes for an image at `position` of a batch of
+    padded `size` (what regen replays), for a batch of `job`'s signature."""
+    info = {"size": size, "position": position, "guidance": job.guidance, "signature": signature_label(job.signature),
+            **{k: v for k, v in layout.items() if k != "batch"}}
+    if job.loras:  # which LoRA files (by content) were merged into the weights
+        info["loras"] = [{"path": path, "sha256": digest, "weight": weight} for path, digest, weight in job.loras]
+    return info
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Fail a future unless it is already done or was cancelled."""
+    try:
+        future.set_exception(error)
+    except InvalidStateError:  # cancelled by its client meanwhile
+        pass

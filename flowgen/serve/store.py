@@ -1,0 +1,195 @@
+"""What `flowgen serve` keeps across restarts: every accepted task, its results, and the images.
+
+`DATA_DIR/serve.sqlite` (WAL, synchronous=FULL, as the run manifest) records each task when it is
+accepted and each result as it finishes, so a server killed with -9 and started again still answers
+`getResponse` for what finished; tasks still running when it died are answered with an error, not
+left "processing" for ever. Image bytes live content-addressed under `DATA_DIR/images/` (written
+atomically); an imageUUID is derived from the bytes, so the same upload twice is one file and one
+UUID. A `ttl` makes an image's URL stop answering after that many seconds (the file stays for the
+task's base64 answers until the data dir is cleaned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowgen.run.atomic import atomic_write_bytes
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+  task_uuid TEXT PRIMARY KEY,
+  task_type TEXT NOT NULL,
+  status TEXT NOT NULL,            -- processing | success | error
+  request TEXT NOT NULL,           -- the validated task as JSON (outputType, includeCost, ...)
+  expected INTEGER NOT NULL,       -- numberResults
+  errors TEXT,                     -- JSON list of error items when status is error
+  created REAL NOT NULL,
+  finished REAL
+);
+CREATE TABLE IF NOT EXISTS results (
+  task_uuid TEXT NOT NULL,
+  result_index INTEGER NOT NULL,
+  image_uuid TEXT NOT NULL,
+  seed INTEGER NOT NULL,
+  cost REAL,
+  nsfw INTEGER,                    -- NSFWContent when safety.checkContent asked for it, else NULL
+  PRIMARY KEY (task_uuid, result_index)
+);
+CREATE TABLE IF NOT EXISTS images (
+  image_uuid TEXT PRIMARY KEY,
+  sha256 TEXT NOT NULL,
+  ext TEXT NOT NULL,
+  expires REAL                     -- unix time the URL stops answering; NULL: never
+);
+CREATE TABLE IF NOT EXISTS sessions (
+  session_uuid TEXT PRIMARY KEY,
+  key_digest TEXT NOT NULL,        -- sha256 of the API key that opened it (a session is not a key)
+  created REAL NOT NULL
+);
+"""
+
+RESTARTED = "the server stopped before this task finished; send it again"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    image_uuid: str
+    sha256: str
+    ext: str
+    path: Path
+    expires: float | None
+
+
+def image_uuid_for(sha256: str) -> str:
+    """A UUID (version-4 shaped, as clients check) named by the image's bytes."""
+    return str(uuid.UUID(bytes=bytes.fromhex(sha256[:32]), version=4))
+
+
+class Store:
+    def __init__(self, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self.images_dir = self.data_dir / "images"
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # one connection shared by the event loop and the batcher's threads
+        self.conn = sqlite3.connect(self.data_dir / "serve.sqlite", check_same_thread=False, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(SCHEMA)
+        self.fail_unfinished(RESTARTED)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def accept(self, task_uuid: str, task_type: str, request: dict[str, Any], expected: int) -> bool:
+        """Record a new task; False when the UUID is already taken (a client must not reuse one)."""
+        with self._lock:
+            try:
+                self.conn.execute("INSERT INTO tasks (task_uuid, task_type, status, request, expected, created) "
+                                  "VALUES (?, ?, 'processing', ?, ?, ?)",
+                                  (task_uuid, task_type, json.dumps(request), expected, time.time()))
+            except sqlite3.IntegrityError:
+                return False
+        return True
+
+    def add_result(self, task_uuid: str, result_index: int, image_uuid: str, seed: int, cost: float | None,
+                   nsfw: bool | None = None) -> None:
+        """Record one finished result; the task turns `success` when its last result arrives."""
+        with self._lock, self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                              (task_uuid, result_index, image_uuid, seed, cost, None if nsfw is None else int(nsfw)))
+            self.conn.execute(
+                "UPDATE tasks SET status = 'success', finished = ? WHERE task_uuid = ? AND status = 'processing' "
+                "AND expected <= (SELECT COUNT(*) FROM results WHERE results.task_uuid = tasks.task_uuid)",
+                (time.time(), task_uuid))
+
+    def fail(self, task_uuid: str, errors: list[dict[str, Any]]) -> None:
+        """Mark a task failed (a finished task stays as it is)."""
+        with self._lock:
+            self.conn.execute("UPDATE tasks SET status = 'error', errors = ?, finished = ? "
+                              "WHERE task_uuid = ? AND status = 'processing'",
+                              (json.dumps(errors), time.time(), task_uuid))
+
+    def fail_unfinished(self, message: str) -> int:
+        """Fail every task still processing (at start: those a dead server left; at stop: those the
+        batcher could not finish)."""
+        with self._lock:
+            rows = self.conn.execute("SELECT task_uuid, task_type FROM tasks WHERE status = 'processing'").fetchall()
+        for task_uuid, task_type in rows:
+            self.fail(task_uuid, [{"code": "taskInterrupted", "message": message, "taskType": task_type,
+                                   "taskUUID": task_uuid}])
+        return len(rows)
+
+    def task(self, task_uuid: str) -> dict[str, Any] | None:
+        """The task record with its results (sorted by result index), or None."""
+        with self._lock:
+            row = self.conn.execute("SELECT task_type, status, request, expected, errors FROM tasks WHERE task_uuid = ?",
+                                    (task_uuid,)).fetchone()
+            if row is None:
+                return None
+            results = self.conn.execute("SELECT result_index, image_uuid, seed, cost, nsfw FROM results "
+                                        "WHERE task_uuid = ? ORDER BY result_index", (task_uuid,)).fetchall()
+        task_type, status, request, expected, errors = row
+        return {"taskUUID": task_uuid, "taskType": task_type, "status": status, "request": json.loads(request),
+                "expected": expected, "errors": json.loads(errors) if errors else [],
+                "results": [{"resultIndex": i, "imageUUID": u, "seed": s, "cost": c, "NSFWContent": None if n is None else bool(n)}
+                            for i, u, s, c, n in results]}
+
+    # --- images ------------------------------------------------------------------------------
+
+    def put_image(self, data: bytes, ext: str, ttl: int | None = None) -> StoredImage:
+        """Store image bytes (once per content) and return their record; a ttl only ever extends
+        the URL's life (another task may have asked for longer, or for none)."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(digest, ext)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+        image_uuid = image_uuid_for(digest)
+        expires = None if ttl is None else time.time() + ttl
+        with self._lock:
+            row = self.conn.execute("SELECT expires FROM images WHERE image_uuid = ?", (image_uuid,)).fetchone()
+            if row is None:
+                self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (image_uuid, digest, ext, expires))
+            elif row[0] is not None and (expires is None or expires > row[0]):
+                self.conn.execute("UPDATE images SET expires = ? WHERE image_uuid = ?", (expires, image_uuid))
+            else:
+                expires = row[0]
+        return StoredImage(image_uuid, digest, ext, path, expires)
+
+    def image(self, image_uuid: str) -> StoredImage | None:
+        with self._lock:
+            row = self.conn.execute("SELECT sha256, ext, expires FROM images WHERE image_uuid = ?",
+                                    (image_uuid.lower(),)).fetchone()
+        if row is None:
+            return None
+        digest, ext, expires = row
+        return StoredImage(image_uuid.lower(), digest, ext, self._path(digest, ext), expires)
+
+    def _path(self, digest: str, ext: str) -> Path:
+        return self.images_dir / digest[:2] / f"{digest}.{ext}"
+
+    # --- WebSocket sessions ------------------------------------------------------------------
+
+    def open_session(self, key: str, session_uuid: str | None = None) -> str:
+        """The session for `key`: the one named when it was opened with the same key, else a new one."""
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        with self._lock:
+            if session_uuid:
+                row = self.conn.execute("SELECT key_digest FROM sessions WHERE session_uuid = ?",
+                                        (session_uuid,)).fetchone()
+                if row is not None and row[0] == digest:
+                    return session_uuid
+            new = str(uuid.uuid4())
+            self.conn.execute("INSERT INTO sessions VALUES (?, ?, ?)", (new, digest, time.time()))
+        return new

@@ -1,0 +1,311 @@
+"""What each task does, transport-free: validate, record, submit to the batcher, answer.
+
+imageInference goes through the recipe layer's own rules (flowgen.recipe.validation, in the order
+flowgen.recipe.expansion applies them to an item), so a task gets the one-line messages a recipe
+with the same fields would. Its input images are first stored (inputs.py) and named by their
+stored path, which is what a recipe's reference files are. Seeds follow flowgen.plan.seeds with
+the taskUUID as the item key: a fixed `seed` gives seed + i, none gives a seed derived from the UUID.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from flowgen.engine.cards import ModelCard
+from flowgen.plan.compile import guidance_for, output_ext
+from flowgen.plan.job import Job
+from flowgen.plan.seeds import result_seed
+from flowgen.recipe.spec import MAX_REFERENCES, SPEC_CFG_DEFAULT, SPEC_DEFAULTS
+from flowgen.recipe.validation import (card_defaults, clean_task, find_card, merge_tasks, merged_problems,
+                                       task_problems)
+from flowgen.run.cost import cost_of
+from flowgen.run.outputs import encode_image
+from flowgen.run.references import ReferenceLoader
+from flowgen.serve.inputs import ImageInputs
+from flowgen.serve.protocol import ProtocolError, output_value, problem_error, task_uuid_of
+from flowgen.serve.store import Store
+
+# Fields a Runware client may send that this slice does not honour yet: refused with a clear error
+# rather than silently ignored.
+NOT_SERVED = {
+    "webhookURL": "webhook delivery from flowgen serve is not built yet",
+    "uploadEndpoint": "upload delivery from flowgen serve is not built yet",
+    "lora": "LoRAs are not served yet (use them in a recipe with flowgen run)",
+    "ultralytics": "the face pass is not served yet (use it in a recipe with flowgen run)",
+}
+
+SHUTDOWN = "the server shut down before this task finished; send it again"
+
+
+# The embedded tiny model has no Runware AIR id; clients that insist on the AIR form (runware-sdk
+# looks a non-AIR model up on the internet) name it by this one.
+TINY_AIR = "flowgen:1@1"
+
+
+class ServedModels:
+    """The model cards this server answers to, by card name, AIR id or HF repo (as recipes name them)."""
+
+    def __init__(self, cards: Iterable[ModelCard]):
+        self.cards = {card.name: card for card in cards}
+        self.aliases = {TINY_AIR: card for card in self.cards.values() if card.tiny is not None and not card.air}
+
+    def label(self, card: ModelCard) -> str:
+        """The id results and messages name a card by: its AIR (the tiny model's is TINY_AIR)."""
+        return card.air or (TINY_AIR if card.tiny is not None else card.name)
+
+    def card_for(self, model: Any, task_uuid: str) -> ModelCard:
+        served = ", ".join(self.label(card) for card in self.cards.values())
+        if not isinstance(model, str) or not model.strip():
+            raise ProtocolError("invalidModel", f"model: required (served here: {served})", parameter="model",
+                                task_type="imageInference", task_uuid=task_uuid)
+        if model.strip().lower() in self.aliases:
+            return self.aliases[model.strip().lower()]
+        card, _ = find_card(model)
+        if card is None or card.name not in self.cards:
+            raise ProtocolError("invalidModel", f"model: {model!r} is not served here; served: {served}",
+                                parameter="model", task_type="imageInference", task_uuid=task_uuid)
+        return card
+
+
+@dataclass
+class _Running:
+    """An accepted imageInference task while its results come back from the batcher."""
+
+    task_uuid: str
+    expected: int
+    done: Future = field(default_factory=Future)  # resolves (to None) once every result is recorded
+    finished: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class TaskService:
+    def __init__(self, store: Store, batcher: Any, models: ServedModels, inputs: ImageInputs):
+        self.store, self.batcher, self.models, self.inputs = store, batcher, models, inputs
+        self.references = ReferenceLoader()
+        self._checker = None  # a flowgen.safety.ContentChecker once a task asks for one
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+
+    # --- imageInference ----------------------------------------------------------------------
+
+    def image_inference(self, raw: dict[str, Any]) -> Future:
+        """Validate and submit; a Future that resolves when the task's record is final (answer it
+        with `answer`). Raises ProtocolError for a task that is not accepted. A taskUUID already
+        accepted is not run twice: its record answers (clients retry with the same UUID)."""
+        task_uuid = task_uuid_of(raw, "imageInference")
+        existing = self._existing(task_uuid)
+        if existing is not None:
+            return existing
+        card = self.models.card_for(raw.get("model"), task_uuid)
+        task, paths, hashes = self._validated(raw, card, task_uuid)
+        distilled = card.distilled
+        job = Job.from_task(task, guidance=guidance_for(task, distilled), references=paths, reference_hashes=hashes)
+        count = int(task.get("numberResults", 1))
+        seeds = [result_seed(task.get("seed"), None, task_uuid, i) for i in range(count)]
+        try:
+            decoded = self.references.load_all(paths)
+        except ValueError as err:
+            raise ProtocolError("invalidReferenceImages", str(err), parameter="inputs.referenceImages",
+                                task_type="imageInference", task_uuid=task_uuid) from None
+        check = (task.get("safety") or {}).get("checkContent") is True
+        if check:
+            self._content_checker(task_uuid)  # unavailable: refused now, not after rendering
+        request = {"model": self.models.label(card), "outputType": task.get("outputType", "URL"),
+                   "ext": output_ext(task), "outputQuality": task.get("outputQuality"),
+                   "includeCost": bool(task.get("includeCost")), "ttl": task.get("ttl"), "checkContent": check}
+        running = _Running(task_uuid, count)
+        with self._lock:
+            accepted = self.store.accept(task_uuid, "imageInference", request, count)
+            if accepted:
+                self._running[task_uuid] = running
+        if not accepted:  # the same UUID was accepted meanwhile (a client retrying at once)
+            return self._existing(task_uuid) or _done()
+        for index, seed in enumerate(seeds):
+            try:
+                future = self.batcher.submit(card.name, job, seed, decoded)
+            except Exception as err:  # noqa: BLE001 - the batcher is closing: fail what was accepted
+                self._failed(running, err)
+                break
+            future.add_done_callback(lambda f, i=index, s=seed: self._result(running, request, i, s, f))
+        return running.done
+
+    def _validated(self, raw: dict[str, Any], card: ModelCard, task_uuid: str) -> tuple[dict, list[str], list[str]]:
+        """The task as a recipe item's resolved task: defaults merged, every rule applied."""
+        task = {k: v for k, v in raw.items() if k != "referenceImages"}
+        for name, why in NOT_SERVED.items():
+            if task.get(name) is not None:
+                raise ProtocolError("unsupportedParameter", f"task.{name}: {why}; remove it", parameter=name,
+                                    task_type="imageInference", task_uuid=task_uuid)
+        references = _reference_inputs(raw)
+        if len(references) > MAX_REFERENCES:
+            references = []  # not fetched: the spec rule below refuses the list as it stands
+        stored = []
+        for index, value in enumerate(references):
+            try:
+                stored.append(self.inputs.resolve(value, f"inputs.referenceImages[{index}]"))
+            except ProtocolError as err:
+                err.task_type, err.task_uuid = "imageInference", task_uuid
+                raise
+        if references:
+            inputs = dict(task.get("inputs") or {}) if isinstance(task.get("inputs"), dict) else {}
+            inputs["referenceImages"] = [str(image.path) for image in stored]
+            task["inputs"] = inputs
+        task = merge_tasks(_base_defaults(card), task)
+        task["model"] = self.models.label(card)
+        problems = task_problems(task, "task") + merged_problems(task, "task", task["model"], card.distilled, card)
+        if problems:
+            raise _problems_error(problems, task_uuid)
+        return clean_task(task), [str(image.path) for image in stored], [image.sha256 for image in stored]
+
+    def _result(self, running: _Running, request: dict, index: int, seed: int, future: Future) -> None:
+        """A batcher result: encode, store, record (on the batcher's thread)."""
+        try:
+            result = future.result()
+            metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": request["model"],
+                        "taskUUID": running.task_uuid}
+            data = encode_image(result.pixels, request["ext"], request["outputQuality"], metadata)
+            image = self.store.put_image(data, request["ext"], request["ttl"])
+            cost = cost_of(result.engine_seconds) if request["includeCost"] else None
+            nsfw = self._checker.check(result.pixels).nsfw if request.get("checkContent") else None
+            self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw)
+        except Exception as err:  # noqa: BLE001 - one task fails, the server keeps serving
+            self._failed(running, err)
+            return
+        with running.lock:
+            running.finished += 1
+            last = running.finished == running.expected
+        if last:
+            self._finish(running)
+
+    def _content_checker(self, task_uuid: str):
+        """The shared content checker (safety.checkContent), loaded on first use; ProtocolError
+        when NudeNet cannot run here."""
+        if self._checker is None:
+            from flowgen.safety import ContentChecker, SafetyUnavailable
+
+            try:
+                self._checker = ContentChecker().load()
+            except SafetyUnavailable as err:
+                raise ProtocolError("unsupportedParameter", f"task.safety.checkContent: {err}",
+                                    parameter="safety.checkContent", task_type="imageInference",
+                                    task_uuid=task_uuid) from None
+        return self._checker
+
+    def _failed(self, running: _Running, err: BaseException) -> None:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        self.store.fail(running.task_uuid, [{"code": "inferenceFailed", "message": f"the engine failed: {reason}",
+                                             "taskType": "imageInference", "taskUUID": running.task_uuid}])
+        self._finish(running)
+
+    def _finish(self, running: _Running) -> None:
+        with self._lock:
+            self._running.pop(running.task_uuid, None)
+        if not running.done.done():
+            running.done.set_result(None)
+
+    def _existing(self, task_uuid: str) -> Future | None:
+        # both looks under the lock that accept + _running share: else a task accepted between them
+        # would read as finished while it is still processing
+        with self._lock:
+            running = self._running.get(task_uuid)
+            if running is not None:
+                return running.done
+            return _done() if self.store.task(task_uuid) is not None else None
+
+    # --- imageUpload -------------------------------------------------------------------------
+
+    def image_upload(self, raw: dict[str, Any]) -> str:
+        """Store the image; the task's UUID (answer it with `answer`)."""
+        task_uuid = task_uuid_of(raw, "imageUpload")
+        if self.store.task(task_uuid) is None:
+            try:
+                image = self.inputs.resolve(raw.get("image"), "image")
+            except ProtocolError as err:
+                err.task_type, err.task_uuid = "imageUpload", task_uuid
+                raise
+            if self.store.accept(task_uuid, "imageUpload", {"outputType": "URL", "ext": image.ext}, 1):
+                self.store.add_result(task_uuid, 0, image.image_uuid, 0, None)
+        return task_uuid
+
+    # --- answers -----------------------------------------------------------------------------
+
+    def answer(self, task_uuid: str, base_url: str, *, polled: bool = False) -> list[dict[str, Any]]:
+        """A finished task's data items; raises ProtocolError with the task's own errors. `polled`
+        (getResponse) marks each item `status: success` and answers `status: processing` for a
+        task still running."""
+        record = self.store.task(task_uuid)
+        if record is None:
+            raise ProtocolError("taskNotFound", f"taskUUID: no task {task_uuid} on this server", parameter="taskUUID",
+                                task_type="getResponse", task_uuid=task_uuid)
+        if record["status"] == "processing":
+            return [{"taskType": record["taskType"], "taskUUID": task_uuid, "status": "processing"}]
+        if record["status"] == "error":
+            first = record["errors"][0] if record["errors"] else {"code": "inferenceFailed", "message": "failed"}
+            raise ProtocolError(first["code"], first["message"], parameter=first.get("parameter"),
+                                task_type=record["taskType"], task_uuid=task_uuid)
+        return [self._item(record, result, base_url, polled) for result in record["results"]]
+
+    def _item(self, record: dict, result: dict, base_url: str, polled: bool) -> dict[str, Any]:
+        request = record["request"]
+        image = self.store.image(result["imageUUID"])
+        ext = image.ext if image is not None else request.get("ext", "jpg")
+        url = f"{base_url.rstrip('/')}/v1/images/{result['imageUUID']}.{ext}"
+        item: dict[str, Any] = {"taskType": record["taskType"], "taskUUID": record["taskUUID"],
+                                "imageUUID": result["imageUUID"]}
+        output_type = request.get("outputType", "URL")
+        data = image.path.read_bytes() if output_type != "URL" and image is not None else b""
+        key, value = output_value(output_type, data, ext, url)
+        item[key] = value
+        if record["taskType"] == "imageInference":
+            item["seed"] = result["seed"]
+            if request.get("includeCost"):
+                item["cost"] = result["cost"]
+            if result.get("NSFWContent") is not None:
+                item["NSFWContent"] = result["NSFWContent"]
+        if polled:
+            item["status"] = "success"
+        return item
+
+    def close(self) -> None:
+        """Finish what the batcher holds, then fail whatever is still not final."""
+        self.batcher.close(finish=True)
+        with self._lock:
+            left = list(self._running.values())
+        for running in left:
+            self._finish(running)
+        self.store.fail_unfinished(SHUTDOWN)
+        self.inputs.close()
+
+
+def _base_defaults(card: ModelCard) -> dict:
+    """Spec defaults under the card's defaults, as flowgen.recipe.expansion._base_defaults builds them."""
+    base = dict(SPEC_DEFAULTS)
+    if card.distilled is False:
+        base["CFGScale"] = SPEC_CFG_DEFAULT
+    return {**base, **card_defaults(card, card.distilled)}
+
+
+def _reference_inputs(raw: dict[str, Any]) -> list:
+    """The task's reference images: `inputs.referenceImages` (the current API) or the older
+    top-level `referenceImages`."""
+    inputs = raw.get("inputs")
+    found = inputs.get("referenceImages") if isinstance(inputs, dict) else None
+    found = found if found is not None else raw.get("referenceImages")
+    return list(found) if isinstance(found, list) else []
+
+
+def _problems_error(problems: list[str], task_uuid: str) -> ProtocolError:
+    """The first problem as the task's error (its message says how many more there are)."""
+    error = problem_error(problems[0], "imageInference", task_uuid)
+    if len(problems) > 1:
+        error.message += f" (and {len(problems) - 1} more: " + "; ".join(problems[1:4]) + ")"
+    return error
+
+
+def _done() -> Future:
+    future: Future = Future()
+    future.set_result(None)
+    return future
