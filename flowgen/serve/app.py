@@ -6,6 +6,7 @@
   then any tasks; each task is answered in its own frame as soon as it is done, so a ping is
   answered while an inference runs.
 * `GET /v1/images/<imageUUID>.<ext>`: stored images (results and uploads), until their ttl.
+* `GET /v1/stats`: the batcher's queue depth and batch sizes (JSON; the same Bearer key as REST).
 
 Task bodies run in worker threads (validation may fetch URLs and decode images); results come
 from the batcher's futures. The app never raises to the client: every problem is an error item.
@@ -76,7 +77,7 @@ class Server:
             if task_type == "ping":
                 return [{"taskType": "ping", "pong": True}], []
             if task_type == "imageInference":
-                done = await self._accept(task, key)
+                done = await self._accept(task, key, base_url)
                 uuid = task["taskUUID"].lower()
                 if task.get("deliveryMethod") == "async":
                     return [{"taskType": "imageInference", "taskUUID": uuid}], []
@@ -98,11 +99,11 @@ class Server:
         except ProtocolError as err:
             return [], [err.for_task(task)]
 
-    async def _accept(self, task: dict, key: str):
+    async def _accept(self, task: dict, key: str, base_url: str | None = None):
         """Validate and submit an imageInference task within its key's limit of unfinished tasks."""
         self.in_flight.take(key, task)
         try:
-            done = await anyio.to_thread.run_sync(self.service.image_inference, task)
+            done = await anyio.to_thread.run_sync(self.service.image_inference, task, base_url)
         except BaseException:
             self.in_flight.release(key)
             raise
@@ -150,6 +151,7 @@ class Server:
         await websocket.accept()
         sending = asyncio.Lock()
         running: set[asyncio.Task] = set()
+        pushing: set[str] = set()  # polled tasks whose results this connection gets when they are done
         authenticated: str | None = None  # the key the connection authenticated with
 
         async def send(frame: dict) -> None:
@@ -159,6 +161,21 @@ class Server:
 
         async def answer(task: Any) -> None:
             data, errors = await self.run_task(task, _base_url(websocket), authenticated or "")
+            await send(errors_frame(errors) if errors else {"data": data})
+            if not errors and data and data[0].get("status") == "processing" and data[0]["taskUUID"] not in pushing:
+                pushing.add(data[0]["taskUUID"])  # once per task and connection, however often it polls
+                await push_when_done(data[0]["taskUUID"])
+
+        async def push_when_done(task_uuid: str) -> None:
+            # the old SDK (runware 0.5) ignores a `processing` answer and waits 30 s on this connection
+            # for the polled task's results: send them the moment the task is done (the new SDK,
+            # polling, dedups them by imageUUID)
+            done = self.service._existing(task_uuid)
+            if done is None:
+                return
+            await asyncio.shield(asyncio.wrap_future(done))
+            data, errors = await self.run_task({"taskType": "getResponse", "taskUUID": task_uuid},
+                                               _base_url(websocket), authenticated or "")
             await send(errors_frame(errors) if errors else {"data": data})
 
         try:
@@ -206,6 +223,15 @@ class Server:
         session = self.service.store.open_session(key, resumed if isinstance(resumed, str) else None)
         return {"data": [{"taskType": "authentication", "connectionSessionUUID": session}]}, key
 
+    # --- stats -------------------------------------------------------------------------------
+
+    async def stats(self, request: Request) -> Response:
+        """The batcher's counters (queue depth, batches, images, mean and max batch size)."""
+        if not self.keys.accepts(bearer_key(request.headers.get("authorization"))):
+            return _errors([ProtocolError("invalidApiKey", "invalid API key: send Authorization: Bearer KEY with "
+                                          "a key this server accepts", http_status=401)])
+        return JSONResponse(self.service.batcher.stats())
+
     # --- images ------------------------------------------------------------------------------
 
     async def image(self, request: Request) -> Response:
@@ -237,6 +263,7 @@ def create_app(*, batcher: Any, data_dir: str | Path, models: Iterable[ModelCard
 
     app = Starlette(routes=[Route("/v1", server.rest, methods=["POST"]),
                             WebSocketRoute("/v1", server.websocket),
+                            Route("/v1/stats", server.stats, methods=["GET"]),
                             Route("/v1/images/{name}", server.image, methods=["GET"])],
                     lifespan=lifespan)
     app.state.server = server

@@ -193,7 +193,7 @@ class Batcher:
         # cancellations shrank it)
         size = next_pow2(len(batch))
         try:
-            engine = self._engine(batch[0].model)
+            engine = self.engine(batch[0].model)
             request = BatchRequest.for_jobs([(r.job, r.seed, r.references) for r in batch], size)
             t0 = time.perf_counter()
             output = engine.generate_batch(request)
@@ -213,7 +213,8 @@ class Batcher:
                 batch_size=len(batch),
                 batch_info=batch_record(r.job, size, position, layout)))
 
-    def _engine(self, model: str) -> Engine:
+    def engine(self, model: str) -> Engine:
+        """The engine of `model`, made on first use (the server's face pass reuses it)."""
         if model not in self._engines:
             self._engines[model] = self._engine_for(model)  # not kept when it raises: asked again next time
         return self._engines[model]

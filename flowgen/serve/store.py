@@ -49,6 +49,18 @@ CREATE TABLE IF NOT EXISTS images (
   ext TEXT NOT NULL,
   expires REAL                     -- unix time the URL stops answering; NULL: never
 );
+CREATE TABLE IF NOT EXISTS deliveries (
+  task_uuid TEXT NOT NULL,
+  result_index INTEGER NOT NULL,
+  sink TEXT NOT NULL,              -- upload | webhook (flowgen.run.deliver.SINKS)
+  state TEXT NOT NULL,             -- pending | ok | failed | withheld
+  target TEXT,                     -- scheme://host/path (query strings removed)
+  url TEXT,                        -- upload: where the file now is (no query string)
+  attempts INTEGER NOT NULL DEFAULT 0,
+  error TEXT,
+  updated REAL NOT NULL,
+  PRIMARY KEY (task_uuid, result_index, sink)
+);
 CREATE TABLE IF NOT EXISTS sessions (
   session_uuid TEXT PRIMARY KEY,
   key_digest TEXT NOT NULL,        -- sha256 of the API key that opened it (a session is not a key)
@@ -103,11 +115,17 @@ class Store:
         return True
 
     def add_result(self, task_uuid: str, result_index: int, image_uuid: str, seed: int, cost: float | None,
-                   nsfw: bool | None = None) -> None:
-        """Record one finished result; the task turns `success` when its last result arrives."""
+                   nsfw: bool | None = None, sinks: dict[str, str] | None = None) -> None:
+        """Record one finished result; the task turns `success` when its last result arrives.
+        `sinks` ({sink: first state}) are recorded in the same transaction, so a server killed
+        before delivering finds them `pending` when it starts again."""
         with self._lock, self.conn:
             self.conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
                               (task_uuid, result_index, image_uuid, seed, cost, None if nsfw is None else int(nsfw)))
+            self.conn.executemany("INSERT OR IGNORE INTO deliveries (task_uuid, result_index, sink, state, updated) "
+                                  "VALUES (?, ?, ?, ?, ?)",
+                                  [(task_uuid, result_index, sink, state, time.time())
+                                   for sink, state in (sinks or {}).items()])
             self.conn.execute(
                 "UPDATE tasks SET status = 'success', finished = ? WHERE task_uuid = ? AND status = 'processing' "
                 "AND expected <= (SELECT COUNT(*) FROM results WHERE results.task_uuid = tasks.task_uuid)",
@@ -144,6 +162,32 @@ class Store:
                 "expected": expected, "errors": json.loads(errors) if errors else [],
                 "results": [{"resultIndex": i, "imageUUID": u, "seed": s, "cost": c, "NSFWContent": None if n is None else bool(n)}
                             for i, u, s, c, n in results]}
+
+    # --- deliveries (webhookURL, uploadEndpoint) ----------------------------------------------
+
+    def set_delivery(self, task_uuid: str, result_index: int, sink: str, state: str, *, target: str | None,
+                     url: str | None, attempts: int, error: str | None) -> None:
+        """A sink's outcome; `attempts` adds to those of earlier tries (a resend after a restart)."""
+        with self._lock:
+            self.conn.execute("UPDATE deliveries SET state = ?, target = ?, url = ?, attempts = attempts + ?, "
+                              "error = ?, updated = ? WHERE task_uuid = ? AND result_index = ? AND sink = ?",
+                              (state, target, url, attempts, error, time.time(), task_uuid, result_index, sink))
+
+    def deliveries(self, task_uuid: str | None = None, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+        """Delivery rows (of one task, and/or in some states), in task and result order."""
+        where, args = [], []
+        if task_uuid is not None:
+            where.append("task_uuid = ?")
+            args.append(task_uuid)
+        if states:
+            where.append("state IN (" + ", ".join("?" * len(states)) + ")")
+            args.extend(states)
+        sql = ("SELECT task_uuid, result_index, sink, state, target, url, attempts, error FROM deliveries"
+               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY task_uuid, result_index, sink")
+        with self._lock:
+            rows = self.conn.execute(sql, args).fetchall()
+        keys = ("taskUUID", "resultIndex", "sink", "state", "target", "url", "attempts", "error")
+        return [dict(zip(keys, row)) for row in rows]
 
     # --- images ------------------------------------------------------------------------------
 

@@ -5,37 +5,37 @@ flowgen.recipe.expansion applies them to an item), so a task gets the one-line m
 with the same fields would. Its input images are first stored (inputs.py) and named by their
 stored path, which is what a recipe's reference files are. Seeds follow flowgen.plan.seeds with
 the taskUUID as the item key: a fixed `seed` gives seed + i, none gives a seed derived from the UUID.
+LoRAs resolve as a recipe's do (flowgen.plan.loras) into the Job, so tasks with different LoRA
+sets never share a batch; the face pass (`ultralytics`) runs after the batcher's result, before
+encoding, as runs do; webhookURL / uploadEndpoint go through the runs' sinks (deliveries.py).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from flowgen.delivery.http import check_url
 from flowgen.engine.cards import ModelCard
+from flowgen.errors import FlowgenError
 from flowgen.plan.compile import guidance_for, output_ext
 from flowgen.plan.job import Job
+from flowgen.plan.loras import LoraResolver
 from flowgen.plan.seeds import result_seed
 from flowgen.recipe.spec import MAX_REFERENCES, SPEC_CFG_DEFAULT, SPEC_DEFAULTS
 from flowgen.recipe.validation import (card_defaults, clean_task, find_card, merge_tasks, merged_problems,
                                        task_problems)
 from flowgen.run.cost import cost_of
+from flowgen.run.faces import check_detector, face_settings
 from flowgen.run.outputs import encode_image
 from flowgen.run.references import ReferenceLoader
+from flowgen.serve.deliveries import ServeDeliveries, finished_for, first_states
 from flowgen.serve.inputs import ImageInputs
 from flowgen.serve.protocol import ProtocolError, output_value, problem_error, task_uuid_of
 from flowgen.serve.store import Store
-
-# Fields a Runware client may send that this slice does not honour yet: refused with a clear error
-# rather than silently ignored.
-NOT_SERVED = {
-    "webhookURL": "webhook delivery from flowgen serve is not built yet",
-    "uploadEndpoint": "upload delivery from flowgen serve is not built yet",
-    "lora": "LoRAs are not served yet (use them in a recipe with flowgen run)",
-    "ultralytics": "the face pass is not served yet (use it in a recipe with flowgen run)",
-}
 
 SHUTDOWN = "the server shut down before this task finished; send it again"
 
@@ -76,22 +76,30 @@ class _Running:
 
     task_uuid: str
     expected: int
+    model: str = ""  # the card name (the face pass asks the batcher's engine for it)
+    job: Job | None = None
+    faces: Any = None  # FaceRefineSettings when the task asks for the face pass
+    base_url: str | None = None  # where this server serves images (the webhook's imageURL)
     done: Future = field(default_factory=Future)  # resolves (to None) once every result is recorded
     finished: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class TaskService:
-    def __init__(self, store: Store, batcher: Any, models: ServedModels, inputs: ImageInputs):
+    def __init__(self, store: Store, batcher: Any, models: ServedModels, inputs: ImageInputs,
+                 delivery_options: dict | None = None):
         self.store, self.batcher, self.models, self.inputs = store, batcher, models, inputs
         self.references = ReferenceLoader()
+        self.loras = LoraResolver()
+        self.deliveries = ServeDeliveries(store, **(delivery_options or {}))
+        self.deliveries.resend_pending()  # what a stopped server left undelivered: once more
         self._checker = None  # a flowgen.safety.ContentChecker once a task asks for one
         self._running: dict[str, _Running] = {}
         self._lock = threading.Lock()
 
     # --- imageInference ----------------------------------------------------------------------
 
-    def image_inference(self, raw: dict[str, Any]) -> Future:
+    def image_inference(self, raw: dict[str, Any], base_url: str | None = None) -> Future:
         """Validate and submit; a Future that resolves when the task's record is final (answer it
         with `answer`). Raises ProtocolError for a task that is not accepted. A taskUUID already
         accepted is not run twice: its record answers (clients retry with the same UUID)."""
@@ -102,7 +110,19 @@ class TaskService:
         card = self.models.card_for(raw.get("model"), task_uuid)
         task, paths, hashes = self._validated(raw, card, task_uuid)
         distilled = card.distilled
-        job = Job.from_task(task, guidance=guidance_for(task, distilled), references=paths, reference_hashes=hashes)
+        try:
+            loras = self.loras(task)
+        except FlowgenError as err:  # a LoRA file that changed or vanished since the check above
+            raise problem_error(str(err), "imageInference", task_uuid) from None
+        job = Job.from_task(task, guidance=guidance_for(task, distilled), references=paths, reference_hashes=hashes,
+                            loras=loras)
+        faces = face_settings(task)
+        if faces is not None:
+            try:
+                check_detector([task])  # no detector here: refused now, not after rendering
+            except FlowgenError as err:
+                raise ProtocolError("unsupportedParameter", f"task.ultralytics: {err}", parameter="ultralytics",
+                                    task_type="imageInference", task_uuid=task_uuid) from None
         count = int(task.get("numberResults", 1))
         seeds = [result_seed(task.get("seed"), None, task_uuid, i) for i in range(count)]
         try:
@@ -115,8 +135,10 @@ class TaskService:
             self._content_checker(task_uuid)  # unavailable: refused now, not after rendering
         request = {"model": self.models.label(card), "outputType": task.get("outputType", "URL"),
                    "ext": output_ext(task), "outputQuality": task.get("outputQuality"),
-                   "includeCost": bool(task.get("includeCost")), "ttl": task.get("ttl"), "checkContent": check}
-        running = _Running(task_uuid, count)
+                   "includeCost": bool(task.get("includeCost")), "ttl": task.get("ttl"), "checkContent": check,
+                   "webhookURL": task.get("webhookURL"), "uploadEndpoint": task.get("uploadEndpoint"),
+                   "baseURL": base_url}  # where the server answering it serves images (a resend's webhook)
+        running = _Running(task_uuid, count, card.name, job, faces, base_url)
         with self._lock:
             accepted = self.store.accept(task_uuid, "imageInference", request, count)
             if accepted:
@@ -135,10 +157,13 @@ class TaskService:
     def _validated(self, raw: dict[str, Any], card: ModelCard, task_uuid: str) -> tuple[dict, list[str], list[str]]:
         """The task as a recipe item's resolved task: defaults merged, every rule applied."""
         task = {k: v for k, v in raw.items() if k != "referenceImages"}
-        for name, why in NOT_SERVED.items():
-            if task.get(name) is not None:
-                raise ProtocolError("unsupportedParameter", f"task.{name}: {why}; remove it", parameter=name,
-                                    task_type="imageInference", task_uuid=task_uuid)
+        for name in ("webhookURL", "uploadEndpoint"):
+            if isinstance(task.get(name), str):
+                try:
+                    check_url(task[name])
+                except ValueError as err:
+                    raise ProtocolError("invalid" + name[:1].upper() + name[1:], f"task.{name}: {err}",
+                                        parameter=name, task_type="imageInference", task_uuid=task_uuid) from None
         references = _reference_inputs(raw)
         if len(references) > MAX_REFERENCES:
             references = []  # not fetched: the spec rule below refuses the list as it stands
@@ -161,19 +186,37 @@ class TaskService:
         return clean_task(task), [str(image.path) for image in stored], [image.sha256 for image in stored]
 
     def _result(self, running: _Running, request: dict, index: int, seed: int, future: Future) -> None:
-        """A batcher result: encode, store, record (on the batcher's thread)."""
+        """A batcher result: face pass, encode, store, record, hand to its sinks (on the batcher's
+        thread; the sinks run in the delivery pool)."""
         try:
             result = future.result()
+            pixels, engine_seconds = result.pixels, result.engine_seconds
+            if running.faces is not None:
+                t0 = time.perf_counter()
+                # the engine the batcher rendered with (this callback runs on its thread, or on the
+                # submitting worker when the batch beat add_done_callback)
+                engine = self.batcher.engine(running.model)
+                pixels = engine.refine_faces(pixels, running.faces, seed, loras=running.job.engine_loras).image
+                engine_seconds += time.perf_counter() - t0  # the face pass is engine time too (as runs count it)
             metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": request["model"],
                         "taskUUID": running.task_uuid}
-            data = encode_image(result.pixels, request["ext"], request["outputQuality"], metadata)
+            data = encode_image(pixels, request["ext"], request["outputQuality"], metadata)
             image = self.store.put_image(data, request["ext"], request["ttl"])
-            cost = cost_of(result.engine_seconds) if request["includeCost"] else None
-            nsfw = self._checker.check(result.pixels).nsfw if request.get("checkContent") else None
-            self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw)
+            cost = cost_of(engine_seconds) if request["includeCost"] else None
+            nsfw = self._checker.check(pixels).nsfw if request.get("checkContent") else None
+            stored = {"imageUUID": image.image_uuid, "seed": seed, "cost": cost, "NSFWContent": nsfw}
+            finished = finished_for(running.task_uuid, index, request, stored, image.path)
+            self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw,
+                                  sinks=first_states(finished))
         except Exception as err:  # noqa: BLE001 - one task fails, the server keeps serving
             self._failed(running, err)
             return
+        url = f"{running.base_url.rstrip('/')}/v1/images/{image.image_uuid}.{image.ext}" if running.base_url else None
+        # a task with uploadEndpoint is answered once its uploads are recorded: its imageURL is theirs
+        self.deliveries.send(finished, url, on_uploaded=lambda: self._counted(running))
+
+    def _counted(self, running: _Running) -> None:
+        """One more of the task's results is final; the last one finishes the task."""
         with running.lock:
             running.finished += 1
             last = running.finished == running.expected
@@ -253,6 +296,8 @@ class TaskService:
         image = self.store.image(result["imageUUID"])
         ext = image.ext if image is not None else request.get("ext", "jpg")
         url = f"{base_url.rstrip('/')}/v1/images/{result['imageUUID']}.{ext}"
+        if request.get("uploadEndpoint"):  # as runs: the uploaded file's URL, once the upload worked
+            url = self.deliveries.store_url(record["taskUUID"], result["resultIndex"]) or url
         item: dict[str, Any] = {"taskType": record["taskType"], "taskUUID": record["taskUUID"],
                                 "imageUUID": result["imageUUID"]}
         output_type = request.get("outputType", "URL")
@@ -272,6 +317,7 @@ class TaskService:
     def close(self) -> None:
         """Finish what the batcher holds, then fail whatever is still not final."""
         self.batcher.close(finish=True)
+        self.deliveries.close()  # every sink in flight gives up within its retry policy
         with self._lock:
             left = list(self._running.values())
         for running in left:
