@@ -84,6 +84,9 @@ class Batcher:
         self._numbers = itertools.count()
         self._counts = _Counts()
         self._wake = threading.Condition()
+        # one engine call at a time: post-passes on results (the server's face pass) share these
+        # engines from other threads, and an engine's caches are not made for concurrent calls
+        self.engine_lock = threading.RLock()
         self._closing = False  # no new submits; the worker drains the queue, then stops
         self._worker = threading.Thread(target=self._serve, name="flowgen-batcher", daemon=True)
         self._worker.start()
@@ -193,10 +196,11 @@ class Batcher:
         # cancellations shrank it)
         size = next_pow2(len(batch))
         try:
-            engine = self.engine(batch[0].model)
             request = BatchRequest.for_jobs([(r.job, r.seed, r.references) for r in batch], size)
-            t0 = time.perf_counter()
-            output = engine.generate_batch(request)
+            with self.engine_lock:
+                engine = self.engine(batch[0].model)
+                t0 = time.perf_counter()
+                output = engine.generate_batch(request)
             if len(output.images) < len(batch):
                 raise RuntimeError(f"the engine returned {len(output.images)} images for a batch of {len(batch)}")
         except Exception as err:  # fails this batch only; the worker keeps serving

@@ -192,12 +192,13 @@ class TaskService:
             result = future.result()
             pixels, engine_seconds = result.pixels, result.engine_seconds
             if running.faces is not None:
-                t0 = time.perf_counter()
                 # the engine the batcher rendered with (this callback runs on its thread, or on the
-                # submitting worker when the batch beat add_done_callback)
-                engine = self.batcher.engine(running.model)
-                pixels = engine.refine_faces(pixels, running.faces, seed, loras=running.job.engine_loras).image
-                engine_seconds += time.perf_counter() - t0  # the face pass is engine time too (as runs count it)
+                # submitting worker when the batch beat add_done_callback), one call at a time
+                with self.batcher.engine_lock:
+                    t0 = time.perf_counter()
+                    engine = self.batcher.engine(running.model)
+                    pixels = engine.refine_faces(pixels, running.faces, seed, loras=running.job.engine_loras).image
+                    engine_seconds += time.perf_counter() - t0  # the face pass is engine time too (as runs count it)
             metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": request["model"],
                         "taskUUID": running.task_uuid}
             data = encode_image(pixels, request["ext"], request["outputQuality"], metadata)
