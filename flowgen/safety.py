@@ -148,7 +148,7 @@ def _load_detector() -> Any:
         # Keep it on the CPU: the model is tiny and the accelerator belongs to the generator.
         session = detector.onnx_session
         if session is None or session.get_providers() != ["CPUExecutionProvider"]:
-            session = onnxruntime.InferenceSession(_model_path(), providers=["CPUExecutionProvider"])
+            session = onnxruntime.InferenceSession(detector_model_path(), providers=["CPUExecutionProvider"])
             detector.onnx_session = session
             detector.input_name = session.get_inputs()[0].name
     except SafetyUnavailable:
@@ -160,7 +160,7 @@ def _load_detector() -> Any:
     return detector
 
 
-def _model_path() -> str:
+def detector_model_path() -> str:
     import os
 
     import nudenet.nudenet
@@ -216,13 +216,13 @@ class ContentChecker:
 
     def check(self, pixels: Any) -> Verdict:
         """Check one (H, W, 3) uint8 RGB image ((H, W, 4) RGBA is accepted; alpha is ignored)."""
-        return self._verdict(_detector().detect(_to_bgr(pixels)))
+        return self._verdict(_detector().detect(to_bgr(pixels)))
 
     def check_many(self, images: Sequence[Any]) -> list[Verdict]:
         """Check several images in batched onnxruntime calls; one Verdict per image, in order."""
         if not images:
             return []
-        bgr = [_to_bgr(pixels) for pixels in images]
+        bgr = [to_bgr(pixels) for pixels in images]
         results = _detector().detect_batch(bgr, batch_size=_BATCH_SIZE)
         return [self._verdict(found) for found in results]
 
@@ -240,7 +240,7 @@ class ContentChecker:
         return f"ContentChecker(threshold={self.threshold}, labels={sorted(self.labels)})"
 
 
-def _to_bgr(pixels: Any):
+def to_bgr(pixels: Any):
     import numpy as np
 
     if not isinstance(pixels, np.ndarray):

@@ -70,13 +70,13 @@ class NudeNetFaces:
         except safety.SafetyUnavailable as err:
             raise FaceDetectorUnavailable(f"ultralytics: the default face detector is NudeNet's ({err}); install "
                                           "'flowgen[safety]' or set FLOWGEN_FACE_DETECTOR to a YOLOv8 .onnx file") from None
-        self.identity = {"detector": self.name, "classes": list(NUDENET_FACE_LABELS), **_file_identity(safety._model_path())}
+        self.identity = {"detector": self.name, "classes": list(NUDENET_FACE_LABELS), **_file_identity(safety.detector_model_path())}
 
     def detect(self, pixels: np.ndarray) -> list[Face]:
-        from flowgen.safety import _to_bgr  # NudeNet reads BGR, as from a file (see flowgen.safety)
+        from flowgen.safety import to_bgr  # NudeNet reads BGR, as from a file (see flowgen.safety)
 
         faces = []
-        for found in self._detector.detect(_to_bgr(pixels)):
+        for found in self._detector.detect(to_bgr(pixels)):
             if found["class"] in NUDENET_FACE_LABELS:
                 x, y, w, h = (float(v) for v in found["box"])
                 faces.append(Face(str(found["class"]), float(found["score"]), (x, y, x + w, y + h)))

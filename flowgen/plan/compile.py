@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from flowgen.engine.step_cache_settings import resolve as resolve_step_cache
 from flowgen.errors import RecipeError
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash
@@ -146,9 +147,7 @@ def _hashed_task(task: dict, distilled: bool) -> dict:
     The `acceleration` default (`high`) caches base-model loops of more than a few steps, so a task
     that never names it renders differently from before step caches existed; hashing the resolved
     cache keeps such results from reading as up to date. Uncached tasks hash as they always have."""
-    from flowgen.engine.step_cache_settings import resolve
-
-    cache = resolve(task.get("acceleration"), task.get("acceleratorOptions"), steps=int(task["steps"]),
+    cache = resolve_step_cache(task.get("acceleration"), task.get("acceleratorOptions"), steps=int(task["steps"]),
                     distilled=distilled)
     return task if cache is None else {**task, "_stepCache": cache.as_dict()}
 
