@@ -170,7 +170,7 @@ class Server:
             # the old SDK (runware 0.5) ignores a `processing` answer and waits 30 s on this connection
             # for the polled task's results: send them the moment the task is done (the new SDK,
             # polling, dedups them by imageUUID)
-            done = self.service._existing(task_uuid)
+            done = self.service.accepted(task_uuid)
             if done is None:
                 return
             await asyncio.shield(asyncio.wrap_future(done))

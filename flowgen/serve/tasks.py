@@ -104,7 +104,7 @@ class TaskService:
         with `answer`). Raises ProtocolError for a task that is not accepted. A taskUUID already
         accepted is not run twice: its record answers (clients retry with the same UUID)."""
         task_uuid = task_uuid_of(raw, "imageInference")
-        existing = self._existing(task_uuid)
+        existing = self.accepted(task_uuid)
         if existing is not None:
             return existing
         card = self.models.card_for(raw.get("model"), task_uuid)
@@ -144,7 +144,7 @@ class TaskService:
             if accepted:
                 self._running[task_uuid] = running
         if not accepted:  # the same UUID was accepted meanwhile (a client retrying at once)
-            return self._existing(task_uuid) or _done()
+            return self.accepted(task_uuid) or _done()
         for index, seed in enumerate(seeds):
             try:
                 future = self.batcher.submit(card.name, job, seed, decoded)
@@ -250,7 +250,9 @@ class TaskService:
         if not running.done.done():
             running.done.set_result(None)
 
-    def _existing(self, task_uuid: str) -> Future | None:
+    def accepted(self, task_uuid: str) -> Future | None:
+        """A Future that resolves when the accepted task `task_uuid` is final (done already for a
+        finished one), or None when no such task was accepted."""
         # both looks under the lock that accept + _running share: else a task accepted between them
         # would read as finished while it is still processing
         with self._lock:
