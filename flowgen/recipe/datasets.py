@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowgen.recipe.limits import MAX_DATASET_BYTES, MAX_DEPTH, FileProblem, deeper_than, read_limited
 from flowgen.recipe.schema import DatasetSpec
 from flowgen.recipe.templates import TemplateProblem, render
 
 _FORBIDDEN_IN_KEYS = ("|", "\n", "\r")
+_TOO_DEEP = object()
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,17 @@ def _read_csv(relative: str, recipe_dir: Path, where: str) -> tuple[list, list[s
     if len(set(header)) != len(header):
         return [], [f"{where}.csv: {relative} repeats a column name in its header: {', '.join(header)}"]
     records, problems = [], []
-    for cells in reader:
-        if not any(cell.strip() for cell in cells):
-            continue
-        origin = f"line {reader.line_num} of {relative}"
-        if len(cells) != len(header):
-            problems.append(f"{where}.csv: {origin} has {len(cells)} cells, the header has {len(header)}")
-            continue
-        records.append((dict(zip(header, cells)), origin))
+    try:
+        for cells in reader:
+            if not any(cell.strip() for cell in cells):
+                continue
+            origin = f"line {reader.line_num} of {relative}"
+            if len(cells) != len(header):
+                problems.append(f"{where}.csv: {origin} has {len(cells)} cells, the header has {len(header)}")
+                continue
+            records.append((dict(zip(header, cells)), origin))
+    except csv.Error as err:  # e.g. a cell over the csv module's field limit (128 KiB)
+        problems.append(f"{where}.csv: line {reader.line_num} of {relative}: {err}")
     return records, problems
 
 
@@ -84,6 +89,11 @@ def _read_jsonl(relative: str, recipe_dir: Path, where: str) -> tuple[list, list
             data = json.loads(line)
         except json.JSONDecodeError as err:
             problems.append(f"{where}.jsonl: {origin} is not valid JSON ({err.msg}, column {err.colno})")
+            continue
+        except RecursionError:  # nested past the interpreter's limit, so deeper than MAX_DEPTH too
+            data = _TOO_DEEP
+        if data is _TOO_DEEP or deeper_than(data):
+            problems.append(f"{where}.jsonl: {origin} nests deeper than {MAX_DEPTH} levels; rows are limited to {MAX_DEPTH}")
             continue
         if not isinstance(data, dict):
             problems.append(f"{where}.jsonl: {origin} must be a JSON object, got {type(data).__name__}")
@@ -118,15 +128,13 @@ def _read_values(values: list, recipe_dir: Path, where: str) -> tuple[list, list
 def _read_text(relative: str, recipe_dir: Path, where: str) -> tuple[str, str | None]:
     path = recipe_dir / relative
     try:
-        return path.read_text(encoding="utf-8-sig"), None
+        return read_limited(path, MAX_DATASET_BYTES).decode("utf-8-sig"), None
     except FileNotFoundError:
         return "", f"{where}: file not found: {relative} (relative to {recipe_dir})"
-    except IsADirectoryError:
-        return "", f"{where}: {relative} is a folder, expected a file"
+    except FileProblem as problem:
+        return "", f"{where}: {relative} {problem}" + (" for a dataset file" if problem.too_large else "")
     except UnicodeDecodeError as err:
         return "", f"{where}: {relative} is not UTF-8 text (byte {err.start})"
-    except OSError as err:
-        return "", f"{where}: cannot read {relative} ({err.strerror})"
 
 
 def _apply_filter(records: list, filters: dict | None, where: str) -> tuple[list, list[str]]:
