@@ -2,11 +2,13 @@
 
 Keys come from the environment or a file, never from a recipe or the command line (a key on the
 command line shows in `ps`). With no key configured the server is open, so it may only listen on a
-loopback address.
+loopback address. What a key sends belongs to it: the store records the key's SHA-256
+(`key_digest`) as the owner of its tasks, uploads and images, never the key itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -71,6 +73,11 @@ class KeyCheck:
         candidate = key.encode()
         # compare with every key in constant time so the answer's timing says nothing about which matched
         return any([hmac.compare_digest(candidate, known.encode()) for known in self.keys])
+
+
+def key_digest(key: str) -> str:
+    """What the server records of a key (task and image owners, sessions): its SHA-256, never the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def bearer_key(authorization: str | None) -> str | None:

@@ -81,7 +81,7 @@ class ServeDeliveries(Dispatcher):
                 continue
             finished = finished_for(task_uuid, index, record["request"], result, image.path)
             base_url = record["request"].get("baseURL")
-            url = f"{base_url.rstrip('/')}/v1/images/{image.image_uuid}.{image.ext}" if base_url else None
+            url = self.store.image_url(base_url, image) if base_url else None  # signed (flowgen.serve.urls)
             self.send(finished, url, sinks=[s for s in SINKS if s in sinks])
             sent += 1
         return sent

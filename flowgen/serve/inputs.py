@@ -1,8 +1,10 @@
 """Input images of a task (imageUpload's `image`, `referenceImages` entries) in the forms the
 protocol allows: an imageUUID this server stored, a data URI, plain base64, or an http(s) URL.
 
-Every form ends as bytes in the store (content-addressed), checked by the same header rules as a
-recipe's reference files (flowgen.recipe.validation.image_problem). A URL is fetched with httpx
+Every form ends as bytes checked by the same header rules as a recipe's reference files
+(flowgen.recipe.validation.image_problem) before they are stored (content-addressed): a refused
+image is never stored nor served. Stored images belong to the key that sent them (`owner`, its
+digest): an imageUUID names an image only for a key that owns it. A URL is fetched with httpx
 under a byte and a time limit; nothing else is ever read: a string that is no accepted form is an
 error, never a path on this machine.
 """
@@ -14,6 +16,7 @@ import binascii
 import io
 import re
 import time
+import warnings
 from dataclasses import dataclass
 
 import httpx
@@ -21,9 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from flowgen.recipe.validation import image_problem
 from flowgen.serve.protocol import ProtocolError, is_uuid
-from flowgen.serve.store import Store, StoredImage
+from flowgen.serve.store import ImageRejected, Store, StoredImage
 
 _FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+TOO_LARGE = "too large"  # _format_of: a header PIL refuses to open as a decompression bomb
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -41,14 +45,15 @@ class ImageInputs:
     def close(self) -> None:
         self.client.close()
 
-    def resolve(self, value: object, parameter: str, ttl: int | None = None) -> StoredImage:
-        """The stored image a task's input names; ProtocolError naming `parameter` otherwise."""
+    def resolve(self, value: object, parameter: str, ttl: int | None = None, *, owner: str) -> StoredImage:
+        """The stored image a task's input names, stored for (or already owned by) the key whose
+        digest is `owner`; ProtocolError naming `parameter` otherwise."""
         if not isinstance(value, str) or not value.strip():
             raise ProtocolError("invalidImage", f"{parameter}: must be an imageUUID, a data URI, base64 or an "
                                 f"http(s) URL, got {type(value).__name__}", parameter=parameter)
         value = value.strip()
         if is_uuid(value):
-            stored = self.store.image(value)
+            stored = self.store.image(value) if self.store.owns_image(value, owner) else None
             if stored is None or not stored.path.exists():
                 raise ProtocolError("invalidImage", f"{parameter}: no image with imageUUID {value} on this server "
                                     "(upload it with an imageUpload task first)", parameter=parameter)
@@ -60,25 +65,25 @@ class ImageInputs:
         else:
             data = self._base64(value, parameter, "is not an imageUUID, a data URI, an http(s) URL or base64 "
                                 "image data")
-        return self._store(data, parameter, ttl)
+        return self._store(data, parameter, ttl, owner)
 
-    def _store(self, data: bytes, parameter: str, ttl: int | None) -> StoredImage:
+    def _store(self, data: bytes, parameter: str, ttl: int | None, owner: str) -> StoredImage:
+        """Check the bytes (size, format, image_problem's header rules), then store them for `owner`."""
         if len(data) > self.limits.max_bytes:
             raise ProtocolError("invalidImage", f"{parameter}: the image is {len(data):,} bytes; the limit is "
                                 f"{self.limits.max_bytes:,}", parameter=parameter)
-        try:
-            with Image.open(io.BytesIO(data)) as image:  # the header only
-                fmt = image.format
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-            fmt = None
-        if fmt not in _FORMATS:
+        fmt = _format_of(data)
+        if fmt is None:
             raise ProtocolError("invalidImage", f"{parameter}: not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF)",
                                 parameter=parameter)
-        stored = self.store.put_image(data, _FORMATS[fmt], ttl)
-        problem = image_problem(stored.path)
-        if problem:
-            raise ProtocolError("invalidImage", f"{parameter}: the image {problem}", parameter=parameter)
-        return stored
+
+        def problem(path) -> str | None:  # image_problem words a bomb's size; anything else unknown is refused
+            return image_problem(path) or (None if fmt in _FORMATS else "is too large to open")
+
+        try:
+            return self.store.put_image(data, _FORMATS.get(fmt, "img"), ttl, owner=owner, check=problem)
+        except ImageRejected as err:
+            raise ProtocolError("invalidImage", f"{parameter}: the image {err}", parameter=parameter) from None
 
     def _data_uri(self, value: str, parameter: str) -> bytes:
         match = _DATA_URI.match(value)
@@ -121,3 +126,18 @@ class ImageInputs:
             raise ProtocolError("invalidImage", f"{parameter}: cannot fetch {url} ({reason})",
                                 parameter=parameter) from None
         return b"".join(chunks)
+
+
+def _format_of(data: bytes) -> str | None:
+    """The image format its header names (a _FORMATS key), TOO_LARGE for a header PIL refuses as a
+    decompression bomb (image_problem then says how large), None for anything else."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # the header only
+                fmt = image.format
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return None
+    return fmt if fmt in _FORMATS else None

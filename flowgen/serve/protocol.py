@@ -12,9 +12,17 @@ import json
 import re
 from typing import Any
 
-TASK_TYPES = ("authentication", "ping", "imageInference", "imageUpload", "getResponse")
+TASK_TYPES = ("authentication", "ping", "imageInference", "imageUpload", "mediaStorage", "getResponse")
 
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+# a taskUUID as it appears in a body that did not parse (too deep): the errors still name the tasks
+_TASK_UUID_IN_TEXT = re.compile(r'"taskUUID"\s*:\s*"([0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12})"')
+
+# What a body may hold, so the work spent on one stays bounded (a task has ~50 spec fields, nested
+# at most 4 deep; these leave room and still refuse 50,000 unknown fields before validation).
+MAX_DEPTH = 32  # nesting of arrays and objects, the body's array counting as 1
+MAX_FIELDS = 256  # keys of one object
+MAX_VALUES = 100_000  # JSON values in the whole body
 
 # The output types and the result key each one fills.
 OUTPUT_KEYS = {"URL": "imageURL", "base64Data": "imageBase64Data", "dataURI": "imageDataURI"}
@@ -56,10 +64,22 @@ def data_frame(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"data": items}
 
 
-def parse_tasks(body: bytes | str) -> list[dict[str, Any]]:
-    """The task objects of a request body; ProtocolError for malformed JSON or a non-array body."""
+class BodyErrors(Exception):
+    """A body refused as a whole, with one error per task it names (at least one)."""
+
+    def __init__(self, errors: list[ProtocolError]):
+        super().__init__(errors[0].message)
+        self.errors = errors
+
+
+def parse_tasks(body: bytes | str) -> list[Any]:
+    """The task objects of a request body; ProtocolError for malformed JSON or a non-array body,
+    BodyErrors for one nested too deeply to parse (one error per taskUUID it names). A task that
+    is too large (depth, fields) is left in the list: `check_task_size` refuses it by name."""
     try:
         value = json.loads(body)
+    except RecursionError:  # deeper than Python's recursion limit: refused unparsed, naming the tasks
+        raise BodyErrors(_too_deep_errors(body)) from None
     except (ValueError, UnicodeDecodeError) as err:
         reason = getattr(err, "msg", None) or type(err).__name__
         raise ProtocolError("invalidJSON", f"the request body is not valid JSON ({reason})") from None
@@ -69,7 +89,54 @@ def parse_tasks(body: bytes | str) -> list[dict[str, Any]]:
                             f"got {_json_type(value)}").for_task(value)
     if not value:
         raise ProtocolError("invalidRequestBody", "the request body is an empty array: send at least one task")
+    values = _count_values(value, MAX_VALUES)
+    if values > MAX_VALUES:
+        raise ProtocolError("requestTooLarge", f"the request body holds more than {MAX_VALUES:,} JSON values; "
+                            "send fewer or smaller tasks", http_status=413)
     return value
+
+
+def check_task_size(task: Any) -> None:
+    """ProtocolError (naming the task) for a task nested deeper than MAX_DEPTH or with an object of
+    more than MAX_FIELDS keys: refused before any validation works on it."""
+    stack = [(task, 2)]  # the body's array is level 1
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            if len(value) > MAX_FIELDS:
+                raise ProtocolError("invalidRequestBody", f"an object in the task has {len(value):,} fields; at most "
+                                    f"{MAX_FIELDS} are allowed").for_task(task)
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise ProtocolError("invalidRequestBody", f"the task nests arrays and objects more than {MAX_DEPTH} "
+                                "levels deep").for_task(task)
+        stack.extend((child, depth + 1) for child in children)
+
+
+def _count_values(value: Any, limit: int) -> int:
+    """How many JSON values `value` holds (counting stops past `limit`)."""
+    count, stack = 0, [value]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def _too_deep_errors(body: bytes | str) -> list[ProtocolError]:
+    message = f"the request body nests arrays and objects too deeply to parse; at most {MAX_DEPTH} levels are allowed"
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    uuids = list(dict.fromkeys(match.lower() for match in _TASK_UUID_IN_TEXT.findall(text)))
+    if not uuids:
+        return [ProtocolError("invalidRequestBody", message)]
+    return [ProtocolError("invalidRequestBody", message, task_uuid=uuid) for uuid in uuids]
 
 
 def task_type_of(task: Any) -> str:

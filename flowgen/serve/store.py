@@ -3,25 +3,35 @@
 `DATA_DIR/serve.sqlite` (WAL, synchronous=FULL, as the run manifest) records each task when it is
 accepted and each result as it finishes, so a server killed with -9 and started again still answers
 `getResponse` for what finished; tasks still running when it died are answered with an error, not
-left "processing" for ever. Image bytes live content-addressed under `DATA_DIR/images/` (written
-atomically); an imageUUID is derived from the bytes, so the same upload twice is one file and one
-UUID. A `ttl` makes an image's URL stop answering after that many seconds (the file stays for the
-task's base64 answers until the data dir is cleaned).
+left "processing" for ever, and the same taskUUID sent again by its key runs anew (`accept`).
+Image bytes live content-addressed under `DATA_DIR/images/` (written atomically, and only once
+they passed the caller's check: a rejected input never lands there); an imageUUID is derived from
+the bytes, so the same upload twice is one file and one UUID. A `ttl` makes an image's URL stop
+answering after that many seconds (the file stays for the task's base64 answers until the data dir
+is cleaned).
+
+Everything belongs to the key that sent it: tasks and images record its digest
+(flowgen.serve.auth.key_digest) as `owner`, never the key. Tasks recorded before owners existed
+have none and answer to no key. Requests are stored with their URLs' credentials (query strings,
+user info) removed; what a delivery needs of them lives in memory only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from flowgen.run.atomic import atomic_write_bytes
+from flowgen.serve.auth import key_digest
+from flowgen.serve.urls import ImageURLs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -32,7 +42,8 @@ CREATE TABLE IF NOT EXISTS tasks (
   expected INTEGER NOT NULL,       -- numberResults
   errors TEXT,                     -- JSON list of error items when status is error
   created REAL NOT NULL,
-  finished REAL
+  finished REAL,
+  owner TEXT                       -- key_digest of the API key that sent it (NULL: before owners existed)
 );
 CREATE TABLE IF NOT EXISTS results (
   task_uuid TEXT NOT NULL,
@@ -48,6 +59,11 @@ CREATE TABLE IF NOT EXISTS images (
   sha256 TEXT NOT NULL,
   ext TEXT NOT NULL,
   expires REAL                     -- unix time the URL stops answering; NULL: never
+);
+CREATE TABLE IF NOT EXISTS image_owners (
+  image_uuid TEXT NOT NULL,
+  owner TEXT NOT NULL,             -- key_digest of a key that uploaded it or whose task rendered it
+  PRIMARY KEY (image_uuid, owner)
 );
 CREATE TABLE IF NOT EXISTS deliveries (
   task_uuid TEXT NOT NULL,
@@ -68,7 +84,12 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 """
 
-RESTARTED = "the server stopped before this task finished; send it again"
+RESTARTED = "the server stopped before this task finished; send it again (the same taskUUID runs it anew)"
+INTERRUPTED = "taskInterrupted"  # the error code of a task a stopped server left: a resend runs it
+
+
+class ImageRejected(ValueError):
+    """The check passed to `Store.put_image` refused the bytes (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -90,11 +111,15 @@ class Store:
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / "images"
         self.images_dir.mkdir(parents=True, exist_ok=True)
+        self.urls = ImageURLs.for_data_dir(self.data_dir)
         self._lock = threading.Lock()  # one connection shared by the event loop and the batcher's threads
         self.conn = sqlite3.connect(self.data_dir / "serve.sqlite", check_same_thread=False, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(SCHEMA)
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(tasks)")}
+        if "owner" not in columns:  # a store written before tasks had owners
+            self.conn.execute("ALTER TABLE tasks ADD COLUMN owner TEXT")
         self.fail_unfinished(RESTARTED)
 
     def close(self) -> None:
@@ -103,15 +128,22 @@ class Store:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    def accept(self, task_uuid: str, task_type: str, request: dict[str, Any], expected: int) -> bool:
-        """Record a new task; False when the UUID is already taken (a client must not reuse one)."""
-        with self._lock:
-            try:
-                self.conn.execute("INSERT INTO tasks (task_uuid, task_type, status, request, expected, created) "
-                                  "VALUES (?, ?, 'processing', ?, ?, ?)",
-                                  (task_uuid, task_type, json.dumps(request), expected, time.time()))
-            except sqlite3.IntegrityError:
-                return False
+    def accept(self, task_uuid: str, task_type: str, request: dict[str, Any], expected: int, owner: str) -> bool:
+        """Record a new task of `owner`; False when the UUID is already taken (a client must not
+        reuse one). A task of the same owner and type that a stopped server interrupted is
+        replaced, results and deliveries included: its resend runs it anew."""
+        with self._lock, self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")  # the replacement is one transaction (the connection autocommits)
+            row = self.conn.execute("SELECT task_type, status, errors, owner FROM tasks WHERE task_uuid = ?",
+                                    (task_uuid,)).fetchone()
+            if row is not None:
+                if not (row[0] == task_type and row[3] == owner and _interrupted(row[1], row[2])):
+                    return False
+                for table in ("tasks", "results", "deliveries"):
+                    self.conn.execute(f"DELETE FROM {table} WHERE task_uuid = ?", (task_uuid,))
+            self.conn.execute("INSERT INTO tasks (task_uuid, task_type, status, request, expected, created, owner) "
+                              "VALUES (?, ?, 'processing', ?, ?, ?, ?)",
+                              (task_uuid, task_type, json.dumps(request), expected, time.time(), owner))
         return True
 
     def add_result(self, task_uuid: str, result_index: int, image_uuid: str, seed: int, cost: float | None,
@@ -144,22 +176,25 @@ class Store:
         with self._lock:
             rows = self.conn.execute("SELECT task_uuid, task_type FROM tasks WHERE status = 'processing'").fetchall()
         for task_uuid, task_type in rows:
-            self.fail(task_uuid, [{"code": "taskInterrupted", "message": message, "taskType": task_type,
+            self.fail(task_uuid, [{"code": INTERRUPTED, "message": message, "taskType": task_type,
                                    "taskUUID": task_uuid}])
         return len(rows)
 
     def task(self, task_uuid: str) -> dict[str, Any] | None:
-        """The task record with its results (sorted by result index), or None."""
+        """The task record with its results (sorted by result index), or None. `owner` is the
+        key digest that sent it (None for a task recorded before owners existed); `interrupted`
+        says a stopped server left it (a resend by its owner runs it anew)."""
         with self._lock:
-            row = self.conn.execute("SELECT task_type, status, request, expected, errors FROM tasks WHERE task_uuid = ?",
-                                    (task_uuid,)).fetchone()
+            row = self.conn.execute("SELECT task_type, status, request, expected, errors, owner FROM tasks "
+                                    "WHERE task_uuid = ?", (task_uuid,)).fetchone()
             if row is None:
                 return None
             results = self.conn.execute("SELECT result_index, image_uuid, seed, cost, nsfw FROM results "
                                         "WHERE task_uuid = ? ORDER BY result_index", (task_uuid,)).fetchall()
-        task_type, status, request, expected, errors = row
+        task_type, status, request, expected, errors, owner = row
         return {"taskUUID": task_uuid, "taskType": task_type, "status": status, "request": json.loads(request),
-                "expected": expected, "errors": json.loads(errors) if errors else [],
+                "expected": expected, "errors": json.loads(errors) if errors else [], "owner": owner,
+                "interrupted": _interrupted(status, errors),
                 "results": [{"resultIndex": i, "imageUUID": u, "seed": s, "cost": c, "NSFWContent": None if n is None else bool(n)}
                             for i, u, s, c, n in results]}
 
@@ -191,17 +226,22 @@ class Store:
 
     # --- images ------------------------------------------------------------------------------
 
-    def put_image(self, data: bytes, ext: str, ttl: int | None = None) -> StoredImage:
-        """Store image bytes (once per content) and return their record; a ttl only ever extends
-        the URL's life (another task may have asked for longer, or for none)."""
+    def put_image(self, data: bytes, ext: str, ttl: int | None = None, *, owner: str,
+                  check: Callable[[Path], str | None] | None = None) -> StoredImage:
+        """Store image bytes of `owner` (once per content) and return their record; a ttl only
+        ever extends the URL's life (another task may have asked for longer, or for none).
+        `check` reads the bytes as a file before they are stored: a problem it returns raises
+        ImageRejected and nothing is kept."""
         digest = hashlib.sha256(data).hexdigest()
+        if check is not None:
+            self._check(data, ext, check)
         path = self._path(digest, ext)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(path, data)
         image_uuid = image_uuid_for(digest)
         expires = None if ttl is None else time.time() + ttl
-        with self._lock:
+        with self._lock, self.conn:
             row = self.conn.execute("SELECT expires FROM images WHERE image_uuid = ?", (image_uuid,)).fetchone()
             if row is None:
                 self.conn.execute("INSERT INTO images VALUES (?, ?, ?, ?)", (image_uuid, digest, ext, expires))
@@ -209,7 +249,27 @@ class Store:
                 self.conn.execute("UPDATE images SET expires = ? WHERE image_uuid = ?", (expires, image_uuid))
             else:
                 expires = row[0]
+            self.conn.execute("INSERT OR IGNORE INTO image_owners VALUES (?, ?)", (image_uuid, owner))
         return StoredImage(image_uuid, digest, ext, path, expires)
+
+    def _check(self, data: bytes, ext: str, check: Callable[[Path], str | None]) -> None:
+        """Run `check` on the bytes written to a private temp file (removed whatever it says)."""
+        staging = self.data_dir / "incoming"
+        staging.mkdir(exist_ok=True)
+        path = staging / f"{uuid.uuid4().hex}.{ext}"
+        try:
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+                handle.write(data)
+            problem = check(path)
+        finally:
+            path.unlink(missing_ok=True)
+        if problem:
+            raise ImageRejected(problem)
+
+    def owns_image(self, image_uuid: str, owner: str) -> bool:
+        with self._lock:
+            return self.conn.execute("SELECT 1 FROM image_owners WHERE image_uuid = ? AND owner = ?",
+                                     (image_uuid.lower(), owner)).fetchone() is not None
 
     def image(self, image_uuid: str) -> StoredImage | None:
         with self._lock:
@@ -220,6 +280,10 @@ class Store:
         digest, ext, expires = row
         return StoredImage(image_uuid.lower(), digest, ext, self._path(digest, ext), expires)
 
+    def image_url(self, base_url: str, image: StoredImage) -> str:
+        """The signed URL this server serves `image` at (flowgen.serve.urls)."""
+        return self.urls.url(base_url, f"{image.image_uuid}.{image.ext}", image.expires)
+
     def _path(self, digest: str, ext: str) -> Path:
         return self.images_dir / digest[:2] / f"{digest}.{ext}"
 
@@ -227,7 +291,7 @@ class Store:
 
     def open_session(self, key: str, session_uuid: str | None = None) -> str:
         """The session for `key`: the one named when it was opened with the same key, else a new one."""
-        digest = hashlib.sha256(key.encode()).hexdigest()
+        digest = key_digest(key)
         with self._lock:
             if session_uuid:
                 row = self.conn.execute("SELECT key_digest FROM sessions WHERE session_uuid = ?",
@@ -237,3 +301,11 @@ class Store:
             new = str(uuid.uuid4())
             self.conn.execute("INSERT INTO sessions VALUES (?, ?, ?)", (new, digest, time.time()))
         return new
+
+
+def _interrupted(status: str, errors: str | None) -> bool:
+    """Whether a task row is one a stopped server left (failed with taskInterrupted)."""
+    if status != "error" or not errors:
+        return False
+    found = json.loads(errors)
+    return bool(found) and found[0].get("code") == INTERRUPTED

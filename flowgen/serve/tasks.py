@@ -3,8 +3,16 @@
 imageInference goes through the recipe layer's own rules (flowgen.recipe.validation, in the order
 flowgen.recipe.expansion applies them to an item), so a task gets the one-line messages a recipe
 with the same fields would. Its input images are first stored (inputs.py) and named by their
-stored path, which is what a recipe's reference files are. Seeds follow flowgen.plan.seeds with
-the taskUUID as the item key: a fixed `seed` gives seed + i, none gives a seed derived from the UUID.
+stored path, which is what a recipe's reference files are. Seeds: a fixed `seed` gives seed + i
+(flowgen.plan.seeds, as recipes); none gives a random base in the unsigned 32-bit range, as the
+spec says, and base + i (recipes keep their derived seeds: changing them would re-render folders).
+
+Every task belongs to the key that sent it (`owner`, flowgen.serve.auth.key_digest): another key
+is answered as if it did not exist, and a taskUUID in use (by another key, or by a task of another
+type) is refused. A task a stopped server interrupted runs anew when its key sends it again with
+the same taskUUID. At most `max_unfinished` imageInference tasks per key are unfinished at once,
+counted when a task is accepted (a task refused by validation never counts).
+
 LoRAs resolve as a recipe's do (flowgen.plan.loras) into the Job, so tasks with different LoRA
 sets never share a batch; the face pass (`ultralytics`) runs after the batcher's result, before
 encoding, as runs do; webhookURL / uploadEndpoint go through the runs' sinks (deliveries.py).
@@ -12,13 +20,15 @@ encoding, as runs do; webhookURL / uploadEndpoint go through the runs' sinks (de
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from flowgen.delivery.http import check_url
+from flowgen.delivery.http import check_url, redact_url
 from flowgen.engine.cards import ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.plan.compile import guidance_for, output_ext
@@ -35,9 +45,12 @@ from flowgen.run.references import ReferenceLoader
 from flowgen.serve.deliveries import ServeDeliveries, finished_for, first_states
 from flowgen.serve.inputs import ImageInputs
 from flowgen.serve.protocol import ProtocolError, output_value, problem_error, task_uuid_of
-from flowgen.serve.store import Store
+from flowgen.serve.store import Store, StoredImage
 
-SHUTDOWN = "the server shut down before this task finished; send it again"
+SHUTDOWN = "the server shut down before this task finished; send it again (the same taskUUID runs it anew)"
+MAX_UNFINISHED_PER_KEY = 64  # imageInference tasks one API key may have unfinished at once
+SEED_RANGE = 2**32  # a served task without a seed: the spec's "random seed ... in the unsigned 32-bit range"
+URL_FIELDS = {"uploadEndpoint": "upload", "webhookURL": "webhook"}  # task field -> the sink sending to it
 
 
 # The embedded tiny model has no Runware AIR id; clients that insist on the AIR form (runware-sdk
@@ -76,6 +89,7 @@ class _Running:
 
     task_uuid: str
     expected: int
+    owner: str = ""  # key_digest of the key that sent it
     model: str = ""  # the card name (the face pass asks the batcher's engine for it)
     job: Job | None = None
     faces: Any = None  # FaceRefineSettings when the task asks for the face pass
@@ -87,28 +101,33 @@ class _Running:
 
 class TaskService:
     def __init__(self, store: Store, batcher: Any, models: ServedModels, inputs: ImageInputs,
-                 delivery_options: dict | None = None):
+                 delivery_options: dict | None = None, max_unfinished: int = MAX_UNFINISHED_PER_KEY):
         self.store, self.batcher, self.models, self.inputs = store, batcher, models, inputs
+        self.max_unfinished = max_unfinished
         self.references = ReferenceLoader()
         self.loras = LoraResolver()
         self.deliveries = ServeDeliveries(store, **(delivery_options or {}))
+        self._fail_unsendable_pending()
         self.deliveries.resend_pending()  # what a stopped server left undelivered: once more
         self._checker = None  # a flowgen.safety.ContentChecker once a task asks for one
         self._running: dict[str, _Running] = {}
+        self._unfinished: Counter[str] = Counter()  # owner -> accepted imageInference tasks not yet final
         self._lock = threading.Lock()
 
     # --- imageInference ----------------------------------------------------------------------
 
-    def image_inference(self, raw: dict[str, Any], base_url: str | None = None) -> Future:
-        """Validate and submit; a Future that resolves when the task's record is final (answer it
-        with `answer`). Raises ProtocolError for a task that is not accepted. A taskUUID already
-        accepted is not run twice: its record answers (clients retry with the same UUID)."""
+    def image_inference(self, raw: dict[str, Any], base_url: str | None = None, *, owner: str) -> Future:
+        """Validate and submit a task of `owner` (a key digest); a Future that resolves when the
+        task's record is final (answer it with `answer`). Raises ProtocolError for a task that is
+        not accepted. A taskUUID its key already sent is not run twice: its record answers (clients
+        retry with the same UUID), unless a stopped server interrupted it: then it runs anew."""
         task_uuid = task_uuid_of(raw, "imageInference")
-        existing = self.accepted(task_uuid)
+        existing = self._existing(task_uuid, "imageInference", owner)
         if existing is not None:
             return existing
+        self._check_unfinished(owner, task_uuid)  # cheap, before any fetch; _accept checks again
         card = self.models.card_for(raw.get("model"), task_uuid)
-        task, paths, hashes = self._validated(raw, card, task_uuid)
+        task, paths, hashes = self._validated(raw, card, task_uuid, owner)
         distilled = card.distilled
         try:
             loras = self.loras(task)
@@ -124,7 +143,10 @@ class TaskService:
                 raise ProtocolError("unsupportedParameter", f"task.ultralytics: {err}", parameter="ultralytics",
                                     task_type="imageInference", task_uuid=task_uuid) from None
         count = int(task.get("numberResults", 1))
-        seeds = [result_seed(task.get("seed"), None, task_uuid, i) for i in range(count)]
+        seed = task.get("seed")
+        if seed is None:  # consecutive from a random base, all in range (as a fixed seed gives seed + i)
+            seed = secrets.randbelow(SEED_RANGE - count + 1)
+        seeds = [result_seed(seed, None, task_uuid, i) for i in range(count)]
         try:
             decoded = self.references.load_all(paths)
         except ValueError as err:
@@ -138,13 +160,15 @@ class TaskService:
                    "includeCost": bool(task.get("includeCost")), "ttl": task.get("ttl"), "checkContent": check,
                    "webhookURL": task.get("webhookURL"), "uploadEndpoint": task.get("uploadEndpoint"),
                    "baseURL": base_url}  # where the server answering it serves images (a resend's webhook)
-        running = _Running(task_uuid, count, card.name, job, faces, base_url)
+        running = _Running(task_uuid, count, owner, card.name, job, faces, base_url)
         with self._lock:
-            accepted = self.store.accept(task_uuid, "imageInference", request, count)
+            self._check_unfinished(owner, task_uuid)
+            accepted = self.store.accept(task_uuid, "imageInference", _stored_request(request), count, owner)
             if accepted:
                 self._running[task_uuid] = running
-        if not accepted:  # the same UUID was accepted meanwhile (a client retrying at once)
-            return self.accepted(task_uuid) or _done()
+                self._unfinished[owner] += 1
+        if not accepted:  # the same UUID was taken meanwhile (a client retrying at once)
+            return self._existing(task_uuid, "imageInference", owner) or _done()
         for index, seed in enumerate(seeds):
             try:
                 future = self.batcher.submit(card.name, job, seed, decoded)
@@ -154,7 +178,30 @@ class TaskService:
             future.add_done_callback(lambda f, i=index, s=seed: self._result(running, request, i, s, f))
         return running.done
 
-    def _validated(self, raw: dict[str, Any], card: ModelCard, task_uuid: str) -> tuple[dict, list[str], list[str]]:
+    def _existing(self, task_uuid: str, task_type: str, owner: str) -> Future | None:
+        """The Future of `owner`'s task `task_uuid` when it was sent before (None: run it, as new
+        or anew after an interruption); ProtocolError when the UUID is another key's or another
+        task type's (the same words for both, so another key learns nothing of the task)."""
+        with self._lock:
+            running = self._running.get(task_uuid)
+            record = self.store.task(task_uuid)
+        if record is None:
+            return None
+        if record["owner"] != owner or record["taskType"] != task_type:
+            raise ProtocolError("invalidTaskUUID", f"taskUUID: {task_uuid} is already in use; every task needs a "
+                                "new UUID", parameter="taskUUID", task_type=task_type, task_uuid=task_uuid)
+        if record["interrupted"]:
+            return None
+        return running.done if running is not None else _done()
+
+    def _check_unfinished(self, owner: str, task_uuid: str) -> None:
+        if self._unfinished[owner] >= self.max_unfinished:
+            raise ProtocolError("tooManyRequests", f"this API key already has {self.max_unfinished} unfinished "
+                                "imageInference tasks; wait for some to finish", task_type="imageInference",
+                                task_uuid=task_uuid, http_status=429)
+
+    def _validated(self, raw: dict[str, Any], card: ModelCard, task_uuid: str,
+                   owner: str) -> tuple[dict, list[str], list[str]]:
         """The task as a recipe item's resolved task: defaults merged, every rule applied."""
         task = {k: v for k, v in raw.items() if k != "referenceImages"}
         for name in ("webhookURL", "uploadEndpoint"):
@@ -164,13 +211,13 @@ class TaskService:
                 except ValueError as err:
                     raise ProtocolError("invalid" + name[:1].upper() + name[1:], f"task.{name}: {err}",
                                         parameter=name, task_type="imageInference", task_uuid=task_uuid) from None
-        references = _reference_inputs(raw)
+        references = _reference_inputs(raw, task_uuid)
         if len(references) > MAX_REFERENCES:
             references = []  # not fetched: the spec rule below refuses the list as it stands
         stored = []
         for index, value in enumerate(references):
             try:
-                stored.append(self.inputs.resolve(value, f"inputs.referenceImages[{index}]"))
+                stored.append(self.inputs.resolve(value, f"inputs.referenceImages[{index}]", owner=owner))
             except ProtocolError as err:
                 err.task_type, err.task_uuid = "imageInference", task_uuid
                 raise
@@ -202,7 +249,7 @@ class TaskService:
             metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": request["model"],
                         "taskUUID": running.task_uuid}
             data = encode_image(pixels, request["ext"], request["outputQuality"], metadata)
-            image = self.store.put_image(data, request["ext"], request["ttl"])
+            image = self.store.put_image(data, request["ext"], request["ttl"], owner=running.owner)
             cost = cost_of(engine_seconds) if request["includeCost"] else None
             nsfw = self._checker.check(pixels).nsfw if request.get("checkContent") else None
             stored = {"imageUUID": image.image_uuid, "seed": seed, "cost": cost, "NSFWContent": nsfw}
@@ -212,7 +259,7 @@ class TaskService:
         except Exception as err:  # noqa: BLE001 - one task fails, the server keeps serving
             self._failed(running, err)
             return
-        url = f"{running.base_url.rstrip('/')}/v1/images/{image.image_uuid}.{image.ext}" if running.base_url else None
+        url = self.store.image_url(running.base_url, image) if running.base_url else None
         # a task with uploadEndpoint is answered once its uploads are recorded: its imageURL is theirs
         self.deliveries.send(finished, url, on_uploaded=lambda: self._counted(running))
 
@@ -223,6 +270,18 @@ class TaskService:
             last = running.finished == running.expected
         if last:
             self._finish(running)
+
+    def _fail_unsendable_pending(self) -> None:
+        """Pending sinks whose URL held credentials the store did not keep: failed, not resent to a
+        URL without its signature (the task's key can send the task again with a new UUID)."""
+        for row in self.store.deliveries(states=("pending",)):
+            record = self.store.task(row["taskUUID"])
+            field = next((f for f, sink in URL_FIELDS.items() if sink == row["sink"]), None)
+            if record is not None and field in record["request"].get("redacted", ()):
+                self.store.set_delivery(row["taskUUID"], row["resultIndex"], row["sink"], "failed",
+                                        target=record["request"].get(field), url=None, attempts=0,
+                                        error=f"the server restarted and does not keep the signed {field} of a "
+                                              "task; send the task again with a new taskUUID")
 
     def _content_checker(self, task_uuid: str):
         """The shared content checker (safety.checkContent), loaded on first use; ProtocolError
@@ -246,7 +305,10 @@ class TaskService:
 
     def _finish(self, running: _Running) -> None:
         with self._lock:
-            self._running.pop(running.task_uuid, None)
+            if self._running.pop(running.task_uuid, None) is not None:
+                self._unfinished[running.owner] -= 1
+                if not self._unfinished[running.owner]:
+                    del self._unfinished[running.owner]
         if not running.done.done():
             running.done.set_result(None)
 
@@ -261,29 +323,44 @@ class TaskService:
                 return running.done
             return _done() if self.store.task(task_uuid) is not None else None
 
-    # --- imageUpload -------------------------------------------------------------------------
+    # --- imageUpload, mediaStorage ------------------------------------------------------------
 
-    def image_upload(self, raw: dict[str, Any]) -> str:
-        """Store the image; the task's UUID (answer it with `answer`)."""
-        task_uuid = task_uuid_of(raw, "imageUpload")
-        if self.store.task(task_uuid) is None:
+    def image_upload(self, raw: dict[str, Any], *, owner: str) -> str:
+        """Store the image for `owner`; the task's UUID (answer it with `answer`)."""
+        return self._upload(raw, "imageUpload", "image", owner)
+
+    def media_storage(self, raw: dict[str, Any], *, owner: str) -> str:
+        """runware-sdk's recommended upload (`operation: upload`, the image in `media`): as imageUpload."""
+        task_uuid = task_uuid_of(raw, "mediaStorage")
+        if raw.get("operation") != "upload":
+            shown = "missing" if raw.get("operation") is None else repr(raw.get("operation"))
+            raise ProtocolError("unsupportedOperation", f"operation: {shown} is not served here; only 'upload' is",
+                                parameter="operation", task_type="mediaStorage", task_uuid=task_uuid)
+        return self._upload(raw, "mediaStorage", "media", owner)
+
+    def _upload(self, raw: dict[str, Any], task_type: str, field: str, owner: str) -> str:
+        task_uuid = task_uuid_of(raw, task_type)
+        if self._existing(task_uuid, task_type, owner) is None:
             try:
-                image = self.inputs.resolve(raw.get("image"), "image")
+                image = self.inputs.resolve(raw.get(field), field, owner=owner)
             except ProtocolError as err:
-                err.task_type, err.task_uuid = "imageUpload", task_uuid
+                err.task_type, err.task_uuid = task_type, task_uuid
                 raise
-            if self.store.accept(task_uuid, "imageUpload", {"outputType": "URL", "ext": image.ext}, 1):
+            request = {"outputType": "URL", "ext": image.ext}
+            if self.store.accept(task_uuid, task_type, request, 1, owner):
                 self.store.add_result(task_uuid, 0, image.image_uuid, 0, None)
+            else:
+                self._existing(task_uuid, task_type, owner)  # taken meanwhile: another key's is an error
         return task_uuid
 
     # --- answers -----------------------------------------------------------------------------
 
-    def answer(self, task_uuid: str, base_url: str, *, polled: bool = False) -> list[dict[str, Any]]:
-        """A finished task's data items; raises ProtocolError with the task's own errors. `polled`
-        (getResponse) marks each item `status: success` and answers `status: processing` for a
-        task still running."""
+    def answer(self, task_uuid: str, base_url: str, *, owner: str, polled: bool = False) -> list[dict[str, Any]]:
+        """A finished task's data items; raises ProtocolError with the task's own errors, and
+        taskNotFound for a task of another key. `polled` (getResponse) marks each item `status:
+        success` and answers `status: processing` for a task still running."""
         record = self.store.task(task_uuid)
-        if record is None:
+        if record is None or record["owner"] != owner:
             raise ProtocolError("taskNotFound", f"taskUUID: no task {task_uuid} on this server", parameter="taskUUID",
                                 task_type="getResponse", task_uuid=task_uuid)
         if record["status"] == "processing":
@@ -298,13 +375,19 @@ class TaskService:
         request = record["request"]
         image = self.store.image(result["imageUUID"])
         ext = image.ext if image is not None else request.get("ext", "jpg")
-        url = f"{base_url.rstrip('/')}/v1/images/{result['imageUUID']}.{ext}"
+        if image is None:  # its row is gone (a cleaned data dir): the URL answers imageNotFound
+            image = StoredImage(result["imageUUID"], "", ext, self.store.images_dir / "missing", None)
+        url = self.store.image_url(base_url, image)
         if request.get("uploadEndpoint"):  # as runs: the uploaded file's URL, once the upload worked
             url = self.deliveries.store_url(record["taskUUID"], result["resultIndex"]) or url
+        if record["taskType"] == "mediaStorage":  # runware-sdk's media shape
+            item = {"taskType": "mediaStorage", "taskUUID": record["taskUUID"], "operation": "upload",
+                    "mediaUUID": result["imageUUID"], "mediaURL": url}
+            return {**item, "status": "success"} if polled else item
         item: dict[str, Any] = {"taskType": record["taskType"], "taskUUID": record["taskUUID"],
                                 "imageUUID": result["imageUUID"]}
         output_type = request.get("outputType", "URL")
-        data = image.path.read_bytes() if output_type != "URL" and image is not None else b""
+        data = image.path.read_bytes() if output_type != "URL" and image.path.exists() else b""
         key, value = output_value(output_type, data, ext, url)
         item[key] = value
         if record["taskType"] == "imageInference":
@@ -337,13 +420,34 @@ def _base_defaults(card: ModelCard) -> dict:
     return {**base, **card_defaults(card, card.distilled)}
 
 
-def _reference_inputs(raw: dict[str, Any]) -> list:
+def _reference_inputs(raw: dict[str, Any], task_uuid: str) -> list:
     """The task's reference images: `inputs.referenceImages` (the current API) or the older
-    top-level `referenceImages`."""
+    top-level `referenceImages`; ProtocolError when the one given is not a list."""
     inputs = raw.get("inputs")
-    found = inputs.get("referenceImages") if isinstance(inputs, dict) else None
-    found = found if found is not None else raw.get("referenceImages")
-    return list(found) if isinstance(found, list) else []
+    found, where = (inputs.get("referenceImages"), "inputs.referenceImages") if isinstance(inputs, dict) else (None, "")
+    if found is None:
+        found, where = raw.get("referenceImages"), "referenceImages"
+    if found is None:
+        return []
+    if not isinstance(found, list):
+        raise ProtocolError("invalidReferenceImages", f"task.{where}: must be a list of images (imageUUIDs, data "
+                            f"URIs, base64 or URLs), got {type(found).__name__}", parameter=where,
+                            task_type="imageInference", task_uuid=task_uuid)
+    return list(found)
+
+
+def _stored_request(request: dict[str, Any]) -> dict[str, Any]:
+    """`request` as the store keeps it: URLs without credentials (query string, user info), and
+    which fields lost some (their sinks cannot be resent after a restart)."""
+    stored, redacted = dict(request), []
+    for name in URL_FIELDS:
+        url = request.get(name)
+        if isinstance(url, str) and redact_url(url) != url:
+            stored[name] = redact_url(url)
+            redacted.append(name)
+    if redacted:
+        stored["redacted"] = redacted
+    return stored
 
 
 def _problems_error(problems: list[str], task_uuid: str) -> ProtocolError:

@@ -22,6 +22,7 @@ from flowgen.delivery.http import RetryPolicy
 from flowgen.delivery.webhook import SIGNATURE_HEADER, verify_signature
 from flowgen.run.engine import FakeEngine
 from flowgen.serve.app import create_app
+from flowgen.serve.auth import key_digest
 from flowgen.serve.batcher import Batcher
 from flowgen.serve.store import Store
 from tests.serve.test_serve_protocol import AUTH, KEY, decode, expected_pixels, task, tiny_card
@@ -93,7 +94,8 @@ def test_uploads_are_byte_identical_and_the_answer_names_the_uploaded_url(tmp_pa
     with TestClient(app, base_url="http://testserver") as client:
         answer = send(client, t)["data"]
         rows = settled(app, t["taskUUID"])
-        served = {item["imageUUID"]: client.get(f"/v1/images/{item['imageUUID']}.png").content for item in answer}
+        served = {item["imageUUID"]: client.get(f"/v1/images/{item['imageUUID']}.png", headers=AUTH).content
+                  for item in answer}
     assert [(r["sink"], r["state"]) for r in rows] == [("upload", "ok")] * 2
     assert len(received) == 2
     for item in answer:
@@ -123,10 +125,10 @@ def test_a_restart_sends_what_was_left_pending_once(tmp_path, httpserver):
     data = tmp_path / "data"
     task_uuid = str(uuid.uuid4())
     store = Store(data)  # a server that stored a result and died before its webhook went out
-    image = store.put_image(b"\x89PNG not really", "png")
+    image = store.put_image(b"\x89PNG not really", "png", owner=key_digest(KEY))
     store.accept(task_uuid, "imageInference", {"outputType": "URL", "ext": "png",
                                                "webhookURL": httpserver.url_for("/hook"),
-                                               "baseURL": "http://127.0.0.1:8080"}, 1)
+                                               "baseURL": "http://127.0.0.1:8080"}, 1, key_digest(KEY))
     store.add_result(task_uuid, 0, image.image_uuid, 7, None, sinks={"webhook": "pending"})
     store.close()
     for _ in range(2):  # the second start finds nothing pending: nothing is sent twice
@@ -137,7 +139,7 @@ def test_a_restart_sends_what_was_left_pending_once(tmp_path, httpserver):
     (request, _), = httpserver.log
     body = json.loads(request.get_data())
     assert (body["taskUUID"], body["imageUUID"], body["seed"]) == (task_uuid, image.image_uuid, 7)
-    assert body["imageURL"] == f"http://127.0.0.1:8080/v1/images/{image.image_uuid}.png"
+    assert body["imageURL"].startswith(f"http://127.0.0.1:8080/v1/images/{image.image_uuid}.png?expires=")
 
 
 def test_a_webhook_url_that_is_not_http_is_a_protocol_error(client_app):
@@ -180,7 +182,7 @@ def test_a_missing_lora_file_is_a_protocol_error_naming_the_field(client_app, tm
 def test_the_face_pass_runs_on_the_batcher_result_before_encoding(tmp_path):
     engine = FakeEngine()
     app = make_app(tmp_path / "data", engine)
-    t = task(outputFormat="PNG", outputType="base64Data", ultralytics={"confidence": 0.4})
+    t = task(outputFormat="PNG", outputType="base64Data", ultralytics={"confidence": 0.4}, seed=9)
     with TestClient(app, base_url="http://testserver") as client:
         (item,) = send(client, t)["data"]
     got = decode(base64.b64decode(item["imageBase64Data"]))

@@ -26,7 +26,7 @@ from flowgen.plan.seeds import result_seed
 from flowgen.recipe.api import validate_task
 from flowgen.run.engine import BatchRequest, FakeEngine
 from flowgen.serve.app import create_app
-from flowgen.serve.auth import check_can_listen, load_keys
+from flowgen.serve.auth import check_can_listen, key_digest, load_keys
 from flowgen.serve.batcher import Batcher
 from flowgen.serve.store import image_uuid_for
 from flowgen.errors import FlowgenError
@@ -136,7 +136,7 @@ def test_sync_inference_returns_number_results_in_the_output_type_asked(client, 
     assert len({item["imageUUID"] for item in items}) == 2
     for index, item in enumerate(items):
         if output_type == "URL":
-            assert item["imageURL"] == f"http://testserver/v1/images/{item['imageUUID']}.png"
+            assert item["imageURL"].startswith(f"http://testserver/v1/images/{item['imageUUID']}.png?expires=")
             fetched = client.get(item["imageURL"])
             assert fetched.headers["content-type"] == "image/png"
             data = fetched.content
@@ -149,11 +149,18 @@ def test_sync_inference_returns_number_results_in_the_output_type_asked(client, 
         np.testing.assert_array_equal(decode(data), expected_pixels(t, index))
 
 
-def test_without_a_seed_each_result_has_the_seed_derived_from_the_task_uuid(client):
-    t = task(numberResults=2, outputType="base64Data")
-    items = client.post("/v1", json=[t], headers=AUTH).json()["data"]
-    assert [i["seed"] for i in items] == [result_seed(None, None, t["taskUUID"], i) for i in range(2)]
-    assert "cost" not in items[0]
+def test_without_a_seed_each_result_has_a_random_seed_in_the_unsigned_32_bit_range(client):
+    bases = set()
+    for _ in range(3):
+        t = task(numberResults=2, outputType="base64Data", outputFormat="PNG")
+        items = client.post("/v1", json=[t], headers=AUTH).json()["data"]
+        base = items[0]["seed"]
+        assert [i["seed"] for i in items] == [base, base + 1] and 0 <= base and base + 1 < 2**32  # the spec's range
+        np.testing.assert_array_equal(decode(base64.b64decode(items[1]["imageBase64Data"])),
+                                      expected_pixels({**t, "seed": base}, 1))  # rendered with the seed it names
+        bases.add(base)
+        assert "cost" not in items[0]
+    assert len(bases) == 3  # random, not derived from anything the client sent
 
 
 def test_async_inference_acks_then_get_response_goes_from_processing_to_success(tmp_path):
@@ -313,7 +320,7 @@ def test_a_task_the_server_did_not_finish_is_failed_not_left_processing(tmp_path
     from flowgen.serve.store import Store
 
     store = Store(tmp_path / "d")
-    store.accept("11111111-1111-4111-8111-111111111111", "imageInference", {"outputType": "URL"}, 1)
+    store.accept("11111111-1111-4111-8111-111111111111", "imageInference", {"outputType": "URL"}, 1, key_digest(KEY))
     store.close()  # as a server killed with -9 leaves it
     with TestClient(make_app(tmp_path / "d")) as client:
         error = client.post("/v1", json=[{"taskType": "getResponse", "taskUUID": "11111111-1111-4111-8111-111111111111"}],
