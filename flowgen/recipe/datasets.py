@@ -8,6 +8,7 @@ unique: a duplicate is an error that names both rows.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def _read_csv(relative: str, recipe_dir: Path, where: str) -> tuple[list, list[s
     text, problem = _read_text(relative, recipe_dir, f"{where}.csv")
     if problem:
         return [], [problem]
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # not splitlines(): a quoted cell may hold a line break
     header = next(reader, None)
     if not header or not any(cell.strip() for cell in header):
         return [], [f"{where}.csv: {relative} has no header row"]
@@ -81,7 +82,7 @@ def _read_jsonl(relative: str, recipe_dir: Path, where: str) -> tuple[list, list
     if problem:
         return [], [problem]
     records, problems = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
             continue
         origin = f"line {number} of {relative}"

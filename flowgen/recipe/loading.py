@@ -176,7 +176,7 @@ def _output_problems(recipe: Recipe) -> list[str]:
             continue
         if allowed is not None and set(names) - allowed:
             problems.append(f"{field}: may only use {{name}}, got {{{sorted(set(names) - allowed)[0]}}}")
-        problem = _static_path_problem(template)
+        problem = _static_path_problem(field, template)
         if problem:
             problems.append(f"{field}: {template!r} {problem}")
     if "{ext}" not in recipe.output.filename and "{ext:" not in recipe.output.filename:
@@ -184,7 +184,7 @@ def _output_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _static_path_problem(template: str) -> str | None:
+def _static_path_problem(field: str, template: str) -> str | None:
     """Escapes visible in the template text itself; data-driven ones are caught per item (naming.py)."""
     if not template.strip():
         return "is empty"
@@ -192,6 +192,8 @@ def _static_path_problem(template: str) -> str | None:
         return "is absolute; it must be relative"
     if ".." in re.split(r"[\\/]", template):
         return "contains '..', which escapes the output folder"
+    if field == "output.filename" and any(part.startswith(".") for part in re.split(r"[\\/]", template)):
+        return "has a part starting with '.', which would be hidden (and '.flowgen' holds the run's records)"
     return None
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # schema.py imports this module (Recipe.filename_renderer)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SEPARATORS = re.compile(r"[\\/]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Names path_problem accepts without looking further: '/'-separated segments of safe characters,
 # none starting with a dot (so none is '.' or '..'), no spaces, no drive, no '~'.
 _PLAINLY_SAFE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*(?:/[A-Za-z0-9_-][A-Za-z0-9._-]*)*")
@@ -42,6 +43,34 @@ def path_problem(rendered: str) -> str | None:
         return "contains '..', which escapes the output folder"
     if any(part in ("", ".") for part in parts):
         return "has an empty or '.' path segment"
+    control = _CONTROL.search(rendered)
+    if control:
+        return f"contains the control character {control.group()!r}; names may not contain NUL, line breaks or tabs"
+    return None
+
+
+def filename_problem(rendered: str) -> str | None:
+    """path_problem, and no part may start with '.' (a hidden file, or one inside `.flowgen`)."""
+    problem = path_problem(rendered)
+    if problem is None and any(part.startswith(".") for part in _SEPARATORS.split(rendered)):
+        return "has a part starting with '.', which would be hidden (and '.flowgen' holds the run's records)"
+    return problem
+
+
+def _separators(text: str) -> int:
+    return text.count("/") + text.count("\\")
+
+
+def _value_separator_problem(compiled: Any, context: dict[str, Any], rendered: str) -> str | None:
+    """Which value put a '/' or '\\' into the name the template's own text does not have."""
+    literal = compiled.first + "".join(after for _, after in compiled.slots)
+    if _separators(rendered) == _separators(literal):
+        return None
+    for placeholder, _ in compiled.slots:
+        value = str(placeholder.value(context))
+        if _separators(value):
+            return (f"gets a path separator from {{{placeholder.name}}} = {value!r}; values may not contain '/' or "
+                    "'\\' (write subfolders into output.filename itself)")
     return None
 
 
@@ -76,7 +105,7 @@ def render_filename(recipe: Any, item: Item, result_index: int, ext: str) -> str
     except TemplateProblem as problem:
         fields = ", ".join(available_fields(filename_context(recipe, item, result_index, ext)))
         raise RecipeError(f"output.filename: {problem.message} (item {item.key!r}); available: {fields}") from None
-    problem = path_problem(rendered)
+    problem = filename_problem(rendered) or _value_separator_problem(compiled, context, rendered)
     if problem:
         raise RecipeError(f"output.filename: {rendered!r} for item {item.key!r} {problem}")
     return rendered.replace("\\", "/")
@@ -93,6 +122,8 @@ class FilenameRenderer:
         self.recipe, self.template, self.name = recipe, recipe.output.filename, recipe.name
         self._compiled = compile_template(self.template)
         self._uses_slug = "slug" in self._compiled.fields
+        # the '/' of the template's own text: a plainly safe name with more got them from a value
+        self._slashes = _separators(self._compiled.first + "".join(after for _, after in self._compiled.slots))
         self._names: dict[tuple[str, int, str], tuple[Item, str]] = {}
 
     def fits(self, recipe: Any) -> bool:
@@ -112,7 +143,7 @@ class FilenameRenderer:
                 rendered = self._compiled.render(context)
             except TemplateProblem:
                 rendered = None  # render_filename words the problem
-            if rendered.__class__ is str and _PLAINLY_SAFE.fullmatch(rendered):
+            if rendered.__class__ is str and _PLAINLY_SAFE.fullmatch(rendered) and rendered.count("/") == self._slashes:
                 name = rendered
         if name is None:
             name = render_filename(self.recipe, item, result_index, ext)
