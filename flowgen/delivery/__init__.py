@@ -27,8 +27,14 @@ Many at once, one shared client, results in submission order:
     with DeliveryPool(max_workers=4) as pool:
         deliveries = pool.run([lambda c, p=p: post_result(c, url, p, secret=s) for p in payloads])
 
-Recorded URLs are `scheme://host[:port]/path`: query strings (presigned signatures) never appear in
-a Delivery. Use check_url() at plan time to reject bad URLs before any image is rendered.
+Recorded URLs are `scheme://host[:port]/path` (a webhook's `scheme://host[:port]/...`): query
+strings (presigned signatures) never appear in a Delivery (flowgen.net.redact). The full URLs a
+later resend needs are kept apart in a 0600 file: SinkURLs (sink_urls.py). Use check_url() at plan
+time to reject bad URLs before any image is rendered.
+
+Destinations: make_client() connects only to public addresses plus what $FLOWGEN_ALLOW_HOSTS
+allows (flowgen.net.policy), checked at connect time on every hop; a refused one is a "rejected"
+Delivery. Lanes (pool.py) bounds concurrent deliveries per destination / API key.
 """
 
 from flowgen.delivery.http import (
@@ -50,7 +56,8 @@ from flowgen.delivery.payload import (
     image_result,
     uuid_from_key,
 )
-from flowgen.delivery.pool import DeliveryPool, make_client
+from flowgen.delivery.pool import DeliveryPool, Lanes, make_client, origin
+from flowgen.delivery.sink_urls import SinkURLs
 from flowgen.delivery.upload import put_file
 from flowgen.delivery.webhook import SIGNATURE_HEADER, post_result, sign, verify_signature, webhook_secret
 
@@ -63,6 +70,7 @@ __all__ = [
     "Attempt",
     "Delivery",
     "DeliveryPool",
+    "Lanes",
     "RetryPolicy",
     "check_url",
     "content_type_for",
@@ -70,11 +78,13 @@ __all__ = [
     "encode_json",
     "image_result",
     "make_client",
+    "origin",
     "post_result",
     "put_file",
     "redact_url",
     "send",
     "sign",
+    "SinkURLs",
     "uuid_from_key",
     "verify_signature",
     "webhook_secret",

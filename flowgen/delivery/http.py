@@ -5,8 +5,15 @@ at `max_delay_s`). Any other non-2xx status is "rejected" at once. Redirects are
 307/308 (which keep the method and body; a 301/302/303 would turn a POST or PUT into a GET), only
 to http(s), never from https down to http, at most MAX_REDIRECTS hops within one attempt.
 
-URLs are recorded as `scheme://host[:port]/path`: query strings carry presigned signatures and
-userinfo carries passwords, so neither ever reaches a record or an error text.
+URLs are recorded as `scheme://host[:port]/path` (flowgen.net.redact; a webhook's without its
+path): query strings carry presigned signatures and userinfo carries passwords, so neither ever
+reaches a record or an error text.
+
+The client must be a guarded one (flowgen.delivery.pool.make_client): every connection, redirect
+hops included, goes only where the destination policy allows (public addresses unless the operator
+allows more, flowgen.net.policy), and each attempt has a wall-clock deadline of `timeout_s` that a
+server dripping its headers cannot stretch. A refused destination is "rejected" at once, with the
+same message whatever listens there.
 """
 
 from __future__ import annotations
@@ -21,6 +28,10 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import httpx
+
+from flowgen.net.policy import DestinationRefused
+from flowgen.net.redact import redact_url, scrub
+from flowgen.net.transport import time_limit
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_REDIRECTS = 5
@@ -39,7 +50,7 @@ class RetryPolicy:
     max_attempts: int = 5
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
-    timeout_s: float = 30.0  # per attempt: connect, send, wait and read the (capped) body
+    timeout_s: float = 30.0  # per attempt, wall clock: connect, send, wait and read the (capped) body
     sleep: Callable[[float], None] = field(default=time.sleep, repr=False, compare=False)
     random: Callable[[], float] = field(default=_random.random, repr=False, compare=False)
 
@@ -96,13 +107,6 @@ class Delivery:
         }
 
 
-def redact_url(url: str) -> str:
-    """`scheme://host[:port]/path`: no userinfo, query or fragment."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{host}{parts.path}"
-
-
 def check_url(url: str) -> None:
     """Raise ValueError unless `url` is an absolute http(s) URL with a host."""
     parts = urlsplit(url)
@@ -127,11 +131,13 @@ def send(
     json_body: Any = None,
     headers: Headers | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
+    redact: Callable[[str], str] = redact_url,
 ) -> Delivery:
     """Send one request with retries; never raises for HTTP or network failures (see Delivery.ok).
 
     `headers` may be a callable, called once per attempt (fresh webhook signatures on retries).
-    Raises ValueError for a non-http(s) URL, before anything is sent.
+    `redact` is how the URL is recorded. Raises ValueError for a non-http(s) URL, before anything
+    is sent.
     """
     check_url(url)
     if content is not None and json_body is not None:
@@ -162,6 +168,8 @@ def send(
             error, retryable = _describe(exc, url), True
         except _Refused as exc:
             status, error, retryable = exc.status_code, str(exc), False
+        except DestinationRefused as exc:  # before any connection: nothing about what listens there
+            error, retryable = str(exc), False
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             error, retryable = _describe(exc, url), False
         seconds = round(time.monotonic() - t0, 6)
@@ -179,7 +187,7 @@ def send(
             break
         policy.sleep(policy.backoff(number, retry_after))
 
-    return Delivery(attempts[-1].outcome == "ok", method, redact_url(url), attempts, body)
+    return Delivery(attempts[-1].outcome == "ok", method, redact(url), attempts, body)
 
 
 class _Refused(Exception):
@@ -193,21 +201,21 @@ class _Refused(Exception):
 def _exchange(
     client: httpx.Client, method: str, url: str, content: bytes | None, headers: dict[str, str], timeout_s: float
 ) -> tuple[int, str, float | None, bytes]:
-    """One attempt: the request plus any 307/308 hops. Returns (status, reason, retry_after, body)."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(MAX_REDIRECTS + 1):
-        remaining = max(deadline - time.monotonic(), 0.001)
-        # follow_redirects=False per request: whatever client we were handed, redirects are ours to vet.
-        with client.stream(
-            method, url, content=content, headers=headers, timeout=remaining, follow_redirects=False
-        ) as response:
-            body = _read_capped(response, deadline)
-            location = response.headers.get("location")
-            if response.status_code not in (307, 308) or location is None:
-                return response.status_code, response.reason_phrase, _retry_after(response), body
-            target = str(response.url.join(location))
-            _check_redirect(response.status_code, url, target)
-            url = target
+    """One attempt: the request plus any 307/308 hops, all within `timeout_s` of wall-clock time
+    (connect, headers and body of every hop). Returns (status, reason, retry_after, body)."""
+    with time_limit(timeout_s):
+        for _ in range(MAX_REDIRECTS + 1):
+            # follow_redirects=False per request: whatever client we were handed, redirects are ours to vet.
+            with client.stream(
+                method, url, content=content, headers=headers, timeout=timeout_s, follow_redirects=False
+            ) as response:
+                body = _read_capped(response)
+                location = response.headers.get("location")
+                if response.status_code not in (307, 308) or location is None:
+                    return response.status_code, response.reason_phrase, _retry_after(response), body
+                target = str(response.url.join(location))
+                _check_redirect(response.status_code, url, target)
+                url = target
     raise _Refused(response.status_code, f"more than {MAX_REDIRECTS} redirects")
 
 
@@ -219,8 +227,9 @@ def _check_redirect(status: int, source: str, target: str) -> None:
         raise _Refused(status, f"HTTP {status} redirect from https to http refused: {redact_url(target)}")
 
 
-def _read_capped(response: httpx.Response, deadline: float) -> bytes:
-    """Up to MAX_BODY_BYTES of the raw body; the rest is never read (the connection is then dropped)."""
+def _read_capped(response: httpx.Response) -> bytes:
+    """Up to MAX_BODY_BYTES of the raw body; the rest is never read (the connection is then dropped).
+    A trickling body fails at the attempt's deadline (the transport's time_limit)."""
     chunks: list[bytes] = []
     size = 0
     # iter_raw, not iter_bytes: a small gzip body must not inflate past the cap in memory.
@@ -229,8 +238,6 @@ def _read_capped(response: httpx.Response, deadline: float) -> bytes:
         size += len(chunks[-1])
         if size >= MAX_BODY_BYTES:
             break
-        if time.monotonic() > deadline:  # a trickling body must not outlive the attempt's timeout
-            raise httpx.ReadTimeout("response body not read within the timeout", request=response.request)
     return b"".join(chunks)
 
 
@@ -252,11 +259,4 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _describe(exc: Exception, url: str) -> str:
     """Exception text with the URL's secrets (query, userinfo) removed, should httpx have echoed them."""
-    text = f"{type(exc).__name__}: {exc}".rstrip(": ")
-    parts = urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0]
-    text = text.replace(url, redact_url(url))
-    for secret in (parts.query, userinfo):
-        if secret:
-            text = text.replace(secret, "<redacted>")
-    return text
+    return scrub(f"{type(exc).__name__}: {exc}".rstrip(": "), url)

@@ -1,11 +1,23 @@
-"""Many deliveries at once: a bounded thread pool sharing one httpx.Client."""
+"""Many deliveries at once: bounded thread pools over one guarded httpx.Client.
+
+DeliveryPool runs a list of jobs and returns their results (a run's deliveries). Lanes runs jobs
+in the background with a limit per lane (a destination, an API key): a receiver that never answers
+holds at most its lane's threads, and every other lane's jobs keep going (the server's deliveries).
+"""
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
+
+from flowgen.net.policy import DestinationPolicy
+from flowgen.net.transport import guarded_client
 
 T = TypeVar("T")
 
@@ -13,14 +25,18 @@ DEFAULT_WORKERS = 4
 USER_AGENT = "flowgen-delivery"
 
 
-def make_client(max_workers: int = DEFAULT_WORKERS) -> httpx.Client:
-    """A client for deliveries: no redirect following (send() vets each hop itself), and a
+def make_client(max_workers: int = DEFAULT_WORKERS, destinations: DestinationPolicy | None = None) -> httpx.Client:
+    """A client for deliveries: connections only where `destinations` allows (default: public
+    addresses plus $FLOWGEN_ALLOW_HOSTS), no redirect following (send() vets each hop itself), and a
     connection pool as large as the worker pool so no worker waits for a connection."""
-    return httpx.Client(
-        follow_redirects=False,
-        limits=httpx.Limits(max_connections=max_workers, max_keepalive_connections=max_workers),
-        headers={"User-Agent": USER_AGENT},
-    )
+    policy = destinations if destinations is not None else DestinationPolicy.from_env()
+    return guarded_client(policy, max_connections=max_workers, headers={"User-Agent": USER_AGENT})
+
+
+def origin(url: str | None) -> str:
+    """scheme://host:port of a URL: the lane a delivery to it runs in."""
+    parts = urlsplit(url or "")
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port or ''}"
 
 
 class DeliveryPool:
@@ -61,3 +77,67 @@ class DeliveryPool:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Lanes:
+    """Background jobs, each in one or more lanes; a job starts only while every one of its lanes
+    has fewer than `per_lane` jobs running, and at most `max_workers` run in all. Waiting jobs
+    start in submission order as room frees up; none holds a thread while it waits.
+
+        lanes = Lanes(per_lane=4, max_workers=32)
+        lanes.submit(job, ["https://hooks.example:443", "key:ab12"])
+        lanes.close()   # waits for every job, queued ones included
+    """
+
+    def __init__(self, per_lane: int, max_workers: int):
+        if per_lane < 1 or max_workers < 1:
+            raise ValueError(f"per_lane and max_workers must be >= 1, not {per_lane} and {max_workers}")
+        self.per_lane = per_lane
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="flowgen-lane")
+        self._max_workers = max_workers
+        self._running: dict[Hashable, int] = {}
+        self._waiting: deque[tuple[Callable[[], None], tuple[Hashable, ...]]] = deque()
+        self._busy = 0
+        self._lock = threading.Condition()
+
+    def submit(self, job: Callable[[], None], lanes: Sequence[Hashable]) -> None:
+        with self._lock:
+            self._waiting.append((job, tuple(dict.fromkeys(lanes))))
+            self._start_what_fits()
+
+    def running(self, lane: Hashable) -> int:
+        with self._lock:
+            return self._running.get(lane, 0)
+
+    def close(self) -> None:
+        """Wait until every submitted job has run."""
+        with self._lock:
+            self._lock.wait_for(lambda: not self._waiting and not self._busy)
+        self._executor.shutdown(wait=True)
+
+    def _start_what_fits(self) -> None:  # under the lock
+        kept: deque = deque()
+        while self._waiting and self._busy < self._max_workers:
+            job, lanes = self._waiting.popleft()
+            if all(self._running.get(lane, 0) < self.per_lane for lane in lanes):
+                for lane in lanes:
+                    self._running[lane] = self._running.get(lane, 0) + 1
+                self._busy += 1
+                self._executor.submit(self._run, job, lanes)
+            else:
+                kept.append((job, lanes))
+        kept.extend(self._waiting)
+        self._waiting = kept
+
+    def _run(self, job: Callable[[], None], lanes: tuple[Hashable, ...]) -> None:
+        try:
+            job()
+        finally:
+            with self._lock:
+                for lane in lanes:
+                    self._running[lane] -= 1
+                    if not self._running[lane]:
+                        del self._running[lane]
+                self._busy -= 1
+                self._start_what_fits()
+                self._lock.notify_all()

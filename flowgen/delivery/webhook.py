@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 import httpx
 
 from flowgen.delivery.http import DEFAULT_POLICY, Delivery, RetryPolicy, encode_json, send
+from flowgen.net.redact import redact_webhook_url
 
 SIGNATURE_HEADER = "X-Flowgen-Signature"
 SECRET_ENV = "FLOWGEN_WEBHOOK_SECRET"
@@ -101,7 +102,8 @@ def post_result(
         headers = {"Content-Type": "application/json"}
     else:
         headers = lambda: {"Content-Type": "application/json", SIGNATURE_HEADER: sign(body, secret)}  # noqa: E731
-    return send(client, "POST", url, content=body, headers=headers, policy=policy)
+    # recorded as scheme://host/...: a webhook URL's path may be its secret (Slack, Discord)
+    return send(client, "POST", url, content=body, headers=headers, policy=policy, redact=redact_webhook_url)
 
 
 def _mac(secret: bytes, timestamp: int, body: bytes) -> str:

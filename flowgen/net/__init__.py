@@ -7,7 +7,8 @@
                   wall-clock deadline for a request, headers and body included
     fetch.py      fetch_bytes(): one bounded GET (bytes, deadline, redirects); FetchSlots: fetches
                   in flight per key
-    redact.py     redact_url / redact_webhook_url / redacted_task: URLs as records hold them
+    redact.py     redact_url / redact_webhook_url / redacted_task / redacted_values: URLs (and the
+                  dataset values they were built from) as records hold them
 """
 
 from flowgen.net.fetch import FetchError, FetchSlots, TooManyFetches, fetch_bytes
@@ -23,6 +24,7 @@ from flowgen.net.redact import (
     redact_url,
     redact_webhook_url,
     redacted_task,
+    redacted_values,
     scrub,
 )
 from flowgen.net.transport import guarded_client, time_limit
@@ -42,6 +44,7 @@ __all__ = [
     "redact_url",
     "redact_webhook_url",
     "redacted_task",
+    "redacted_values",
     "scrub",
     "time_limit",
 ]

@@ -11,6 +11,16 @@ in between leaves `pending` rows, which the next run sends again (so each result
 most once more); sinks that gave up are `failed` until `flowgen redeliver` sends them. A result
 the content checker flagged is `withheld` (kept on disk, marked) unless the run delivers flagged
 results on purpose.
+
+Secrets: records hold the sinks' URLs redacted (flowgen.net.redact); the URLs as given, which a
+later resend needs, are kept in `OUT/.flowgen/sink-urls.sqlite` (0600, never exported) from the
+moment a result's first states are committed until its sinks have all gone through.
+
+Destinations: the client connects only where the destination policy allows (public addresses
+plus $FLOWGEN_ALLOW_HOSTS, flowgen.net.policy). Runs refuse non-public destinations by default as
+the server does: URL fields may be filled from dataset values, which need not come from the
+operator; a refused sink is recorded `failed` with the reason, and `flowgen redeliver` sends it
+once the operator has allowed the host.
 """
 
 from __future__ import annotations
@@ -20,13 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowgen.delivery.http import DEFAULT_POLICY, Delivery, RetryPolicy, redact_url
+from flowgen.delivery.http import DEFAULT_POLICY, Delivery, RetryPolicy
 from flowgen.delivery.payload import content_type_for, image_result
 from flowgen.delivery.pool import make_client
+from flowgen.delivery.sink_urls import FILE_NAME, SinkURLs
 from flowgen.delivery.upload import put_file
 from flowgen.delivery.webhook import post_result, webhook_secret
+from flowgen.net.policy import DestinationPolicy
+from flowgen.net.redact import redact_url, redact_webhook_url
 from flowgen.recipe.validation import UPLOAD_PLACEHOLDERS  # noqa: F401  (the recipe checks the same names)
-from flowgen.run.manifest import Manifest
+from flowgen.run.manifest import STATE_DIR, Manifest
 
 SINKS = ("upload", "webhook")
 
@@ -64,16 +77,24 @@ class Finished:
         return url + Path(self.filename).name if url.endswith("/") else url
 
 
-def finished_from_record(record: dict[str, Any], out_dir: Path) -> Finished:
-    """Rebuild what a sink needs from a manifest record (reruns and `flowgen redeliver`)."""
+def finished_from_record(record: dict[str, Any], out_dir: Path, urls: SinkURLs | None = None) -> Finished:
+    """Rebuild what a sink needs from a manifest record (reruns and `flowgen redeliver`): the URLs as
+    given from `urls`, else the record's own (manifests written before records were redacted)."""
     params = record.get("params") or {}
+    kept = urls.get(record["item_id"], record["result_index"]) if urls is not None else None
+    upload, webhook = kept if kept is not None else (params.get("uploadEndpoint"), params.get("webhookURL"))
     return Finished(
         item_id=record["item_id"], result_index=record["result_index"],
         path=out_dir / record["output"]["path"], filename=record["output"]["path"], seed=record["seed"],
         task_uuid=record["taskUUID"], image_uuid=record["imageUUID"],
-        output_type=params.get("outputType") or "URL", upload_endpoint=params.get("uploadEndpoint"),
-        webhook_url=params.get("webhookURL"), cost=record.get("cost"),
+        output_type=params.get("outputType") or "URL", upload_endpoint=upload,
+        webhook_url=webhook, cost=record.get("cost"),
         nsfw=(record.get("safety") or {}).get("NSFWContent"))
+
+
+def sink_urls_for(out_dir: Path) -> SinkURLs:
+    """Where a run folder keeps its sinks' full URLs."""
+    return SinkURLs(Path(out_dir) / STATE_DIR / FILE_NAME)
 
 
 @dataclass
@@ -92,11 +113,14 @@ class _Outcome:
 class Dispatcher:
     """Runs the sinks of finished results in a pool and records every outcome (see module doc)."""
 
-    def __init__(self, manifest: Manifest, run_id: str, *, policy: RetryPolicy = DEFAULT_POLICY,
-                 max_workers: int = 4, deliver_flagged: bool = False, client=None):
+    def __init__(self, manifest: Manifest | None, run_id: str, *, policy: RetryPolicy = DEFAULT_POLICY,
+                 max_workers: int = 4, deliver_flagged: bool = False, client=None,
+                 destinations: DestinationPolicy | None = None, urls: SinkURLs | None = None):
         self.manifest, self.run_id, self.policy = manifest, run_id, policy
         self.deliver_flagged = deliver_flagged
         self.secret = webhook_secret()
+        self.destinations = destinations  # None: public addresses plus $FLOWGEN_ALLOW_HOSTS
+        self.urls = urls if urls is not None or manifest is None else sink_urls_for(manifest.out_dir)
         self._client = client
         self._pool: futures.ThreadPoolExecutor | None = None
         self._max_workers = max_workers
@@ -104,6 +128,16 @@ class Dispatcher:
         self.counts = {"ok": 0, "failed": 0, "withheld": 0}
 
     # --- main thread ---------------------------------------------------------------------
+    def first_states(self, finished: list[Finished]) -> list[tuple[str, int, str, str, str | None]]:
+        """The (item_id, result_index, sink, state, error) rows to commit with the results' records:
+        `pending`, or `withheld` when the content check flagged it. Keeps the sinks' URLs as given
+        first, so a resend after a kill finds them."""
+        assert self.urls is not None
+        self.urls.keep((f.item_id, f.result_index, f.upload_endpoint, f.webhook_url) for f in finished if f.sinks())
+        return [(f.item_id, f.result_index, sink, "withheld" if self.withholds(f) else "pending",
+                 "flagged by the content check" if self.withholds(f) else None)
+                for f in finished for sink in f.sinks()]
+
     def submit(self, finished: Finished, sinks: list[str] | None = None) -> None:
         """Send the result's sinks (or only `sinks`) in the background. Their `pending` (or
         `withheld`) states must be committed first, with the result's record."""
@@ -111,7 +145,7 @@ class Dispatcher:
         if not sinks:
             return
         if self._pool is None:
-            self._client = self._client or make_client()
+            self._client = self._client or make_client(self._max_workers, self.destinations)
             self._pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="flowgen-deliver")
         self._running[self._pool.submit(self._deliver, finished, sinks)] = finished
         self.collect()
@@ -124,16 +158,22 @@ class Dispatcher:
                             timeout=None if wait else 0).done
         for future in done:
             finished = self._running.pop(future)
-            for outcome in future.result():
+            outcomes = future.result()
+            for outcome in outcomes:
                 self._record(finished, outcome)
+            if self.urls is not None and all(outcome.state == "ok" for outcome in outcomes):
+                self.urls.forget(*finished.rid)  # every sink went through: nothing left to resend
 
     def close(self) -> None:
         self.collect(wait=True)
         if self._pool is not None:
             self._pool.shutdown()
             self._client.close()
+        if self.urls is not None:
+            self.urls.close()
 
     def _record(self, finished: Finished, outcome: _Outcome) -> None:
+        assert self.manifest is not None  # a dispatcher without one (the server's) records elsewhere
         attempts = outcome.delivery.attempts if outcome.delivery else []
         self.manifest.add_attempts(finished.item_id, finished.result_index, outcome.sink, self.run_id,
                                    [_attempt_row(a) for a in attempts])
@@ -171,7 +211,7 @@ class Dispatcher:
         return _Outcome("upload", delivery, target, url=target if delivery.ok else None)
 
     def _webhook(self, finished: Finished, uploaded: str | None) -> _Outcome:
-        target = redact_url(finished.webhook_url)
+        target = redact_webhook_url(finished.webhook_url or "")
         try:
             content_type = content_type_for(finished.path.suffix)
             data = None if finished.output_type == "URL" else finished.path.read_bytes()
@@ -210,7 +250,7 @@ def resend(manifest: Manifest, run_id: str, out_dir: Path, states: tuple[str, ..
             record = manifest.get(*rid)
             if record is None or record["status"] != "ok":
                 continue
-            finished = finished_from_record(record, out_dir)
+            finished = finished_from_record(record, out_dir, dispatcher.urls)
             if dispatcher.withholds(finished):
                 continue
             dispatcher.submit(finished, [s for s in SINKS if s in sinks])

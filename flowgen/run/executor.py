@@ -174,10 +174,7 @@ def execute(
                     break
                 records, finished = runner.run(batch)
                 spending.spend(runner.last_engine_seconds, batch.size)
-                _commit(manifest, summary, records, [
-                    (f.item_id, f.result_index, sink, "withheld" if dispatcher.withholds(f) else "pending",
-                     "flagged by the content check" if dispatcher.withholds(f) else None)
-                    for f in finished for sink in f.sinks()])
+                _commit(manifest, summary, records, dispatcher.first_states(finished))
                 for done in finished:
                     dispatcher.submit(done)
                 failed = sum(r["status"] == "failed" for r in records)

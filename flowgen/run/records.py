@@ -3,7 +3,8 @@
 A record is a plain JSON dict (schema `MANIFEST_SCHEMA`) that holds everything needed to explain
 and regenerate one image: identity, seed, every resolved parameter, reference paths + content
 hashes, output path + sha256, batch size/position, timings, model, dtype and engine identity,
-status.
+status. Its webhookURL / uploadEndpoint are recorded redacted (flowgen.net.redact): the URLs as
+given live only in the run folder's unexported sink-urls file (flowgen.run.deliver).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import uuid
 from typing import Any
 
 from flowgen.delivery.payload import uuid_from_key
+from flowgen.net.redact import redacted_task, redacted_values
 from flowgen.plan.diff import relative_output
 from flowgen.plan.hashing import image_params
 from flowgen.plan.model import Plan, PlannedResult
@@ -56,8 +58,8 @@ def result_record(
         "error": error,
         "seed": result.seed,
         "content_hash": result.content_hash,
-        "params": jsonable(task),
-        "values": jsonable(item.values),
+        "params": jsonable(redacted_task(task)),  # no presigned signature, no webhook secret
+        "values": jsonable(redacted_values(item.values, task)),  # a dataset column may hold presigned URLs
         "references": [
             {"path": path, "sha256": digest, "width": size[0], "height": size[1]}
             for path, digest, size in zip(item.references, item.reference_hashes, item.reference_sizes)

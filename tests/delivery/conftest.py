@@ -15,6 +15,12 @@ def _no_proxies(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _loopback_receivers_allowed(monkeypatch):
+    # The receivers here listen on loopback, which flowgen refuses unless the operator allows it.
+    monkeypatch.setenv("FLOWGEN_ALLOW_HOSTS", "127.0.0.1,::1,localhost")
+
+
 @pytest.fixture(scope="session")
 def make_httpserver():
     # Overrides pytest-httpserver's server: threaded, so a handler still sleeping after a client
