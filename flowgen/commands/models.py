@@ -57,6 +57,7 @@ def card_status(card: ModelCard) -> dict[str, Any]:
     return {
         "name": card.name,
         "air": card.air,
+        "serve_model": served_id(card),
         "default": card.default,
         "kind": kind(card),
         "description": card.description,
@@ -67,6 +68,14 @@ def card_status(card: ModelCard) -> dict[str, Any]:
         "weights": weights_status(card),
         "fetch": fetch_instructions(card),
     }
+
+
+def served_id(card: ModelCard) -> str:
+    """The model id `flowgen serve` answers to for this card: its AIR; the tiny model, which has none
+    of Runware's, answers to flowgen's own (clients such as runware-sdk insist on the AIR form)."""
+    from flowgen.serve.tasks import TINY_AIR  # one definition, the server's
+
+    return card.air or (TINY_AIR if card.tiny is not None else card.name)
 
 
 def weights_status(card: ModelCard) -> dict[str, Any]:
@@ -100,7 +109,10 @@ def fetch_instructions(card: ModelCard) -> dict[str, Any] | None:
 
 
 def print_card(row: dict[str, Any]) -> None:
-    air = row["air"] or "(no AIR)"
+    if row["air"]:
+        air = row["air"]
+    else:  # only `serve` knows the id: a recipe names the card
+        air = f"{row['serve_model']} (in `flowgen serve`; a recipe's model: is {row['name']})"
     click.echo(f"{row['name']}  {air}" + ("  [default]" if row["default"] else ""))
     click.echo(f"  kind:    {row['kind']}")
     weights = row["weights"]

@@ -112,7 +112,7 @@ def test_models_sees_weights_in_the_hf_cache(hf_cache):
     kv_block = text.split("klein-9b-kv  runware:400@6  [default]")[1].split("\nflux2-klein-tiny")[0]
     assert "not on this machine" in kv_block
     assert "fetch:   hf download black-forest-labs/FLUX.2-klein-9b-kv" in kv_block and "HF_TOKEN" in kv_block
-    tiny_block = text.split("flux2-klein-tiny  (no AIR)")[1].split("\nklein-")[0]
+    tiny_block = text.split("flux2-klein-tiny  flowgen:1@1 (in `flowgen serve`; a recipe's model: is flux2-klein-tiny)")[1].split("\nklein-")[0]
     assert "always present" in tiny_block and "fetch:" not in tiny_block
 
 
