@@ -442,8 +442,8 @@ class Recipe(Strict):
 
     @field_validator("seed", mode="before")
     @classmethod
-    def _no_bool_seed(cls, value: Any) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
+    def _no_bool_seed(cls, value: Any) -> Any:  # worded as every other range, e.g. task.seed's
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= spec.SEED_MAX:
             raise ValueError(f"must be an integer between 0 and {spec.SEED_MAX}, got {value!r}")
         return value
 
