@@ -101,7 +101,7 @@ def batch_references(ref_sets: list[PreparedSet | None], cache: ReferenceCache, 
 
 class _OncePerCall:
     """The reference cache, with each set's K/V and tokens fetched once per batch: the cache itself
-    keeps only a couple of K/V sets (a 9B set is ~2 GB), so a batch of 8 distinct sets would
+    keeps only KV_CACHE_BYTES of K/V (two 9B sets of 2 GiB), so a batch of 8 distinct sets would
     otherwise evict and re-run its own pre-passes while measuring and stacking them."""
 
     def __init__(self, cache: ReferenceCache):

@@ -4,6 +4,8 @@ A reference *set* (an item's ordered list of images) is keyed by the content of 
 pixels, so equal images given as different objects (or paths) share work:
 
 * each image is VAE-encoded on its own (batch 1), so its latents never depend on batch mates;
+* the latents and K/V kept are bounded by bytes (LATENT_CACHE_BYTES, KV_CACHE_BYTES), not by count:
+  one 9B set's K/V is 2 GiB, a tiny model's a few KiB;
 * the KV model's reference pre-pass runs once per distinct set and weights (a LoRA set changes
   the K/V; `use_weights`) and is kept for the next batches (the K/V depend on nothing else: not
   prompt, noise, step or text length);
@@ -25,11 +27,18 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from flowgen.engine.byte_lru import ByteLRU
 from flowgen.engine.dit import ReferenceKV
 from flowgen.engine.ids import pack, reference_ids
 from flowgen.engine.images import MAX_REFERENCES, prepare_references
-from flowgen.engine.prompt_cache import LRU
 from flowgen.errors import ImageInputError
+
+# Device memory the cache may hold. Latents: 2 MiB per 1 MP reference in float32, so 64 of them.
+# K/V: two 1 MP 9B sets in bfloat16 (2 GiB each, as the two-set cache held before); a set larger
+# than the whole budget (four 1 MP references: 8 GiB) is still kept until the next set arrives,
+# since pre-passing it again for every batch that shares it costs more than holding it.
+LATENT_CACHE_BYTES = 128 * 1024 * 1024
+KV_CACHE_BYTES = 4 * 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -130,12 +139,13 @@ def prepare_set(images: Sequence, *, label: str = "") -> PreparedSet:
 class ReferenceCache:
     """Per-image latents and per-set KV pre-passes, with counters for tests and timings."""
 
-    def __init__(self, vae, transformer, *, latent_capacity: int = 64, kv_capacity: int = 2,
+    def __init__(self, vae, transformer, *, latent_bytes: int = LATENT_CACHE_BYTES, kv_bytes: int = KV_CACHE_BYTES,
                  counters: collections.Counter | None = None):
         self.vae = vae
         self.transformer = transformer
-        self._latents = LRU(latent_capacity)
-        self._kv = LRU(kv_capacity)
+        self._latents: ByteLRU[jax.Array] = ByteLRU(latent_bytes, _nbytes)
+        self._kv: ByteLRU[CachedKV] = ByteLRU(kv_bytes, lambda cached: sum(_nbytes(a) for a in cached.kv),
+                                              keep_newest=True)
         self.counters = counters if counters is not None else collections.Counter()
         self._weights_key: tuple = ()  # identifies the transformer weights in use: () = as loaded
         self._params = None  # those weights (None: the transformer's own)
@@ -166,6 +176,11 @@ class ReferenceCache:
         self._latents.clear()
         self._kv.clear()
 
+    @property
+    def cached_bytes(self) -> int:
+        """Device memory the cached latents and K/V hold."""
+        return self._latents.nbytes + self._kv.nbytes
+
     def _encode(self, image: np.ndarray) -> jax.Array:
         self.counters["vae_encode"] += 1
         return self.vae.encode(image[None])
@@ -186,6 +201,10 @@ def _as_pil(image, index: int, label: str):
         raise ImageInputError(f"{name}: arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4); got "
                               f"{image.dtype} {image.shape}")
     return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
+
+
+def _nbytes(array) -> int:
+    return int(array.size) * array.dtype.itemsize
 
 
 def _content_key(pixels: np.ndarray) -> str:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 HASH_SCHEMA = 1  # bump when the hashed material changes shape: every result then re-renders
 # Every result was float32 before the dtype became a setting: that dtype is left out of the hash (and
@@ -69,16 +69,20 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class FileHashCache:
-    """sha256 of files, remembered per (path, size, mtime) so shared references are read once."""
+    """sha256 of files, remembered per (path, size, mtime) so shared references are read once.
 
-    def __init__(self) -> None:
+    hash_file: how a file is hashed (references pass flowgen.engine.reference_files.reference_sha256,
+    which refuses a FIFO or a device instead of reading it forever)."""
+
+    def __init__(self, hash_file: Callable[[str], str] = sha256_file) -> None:
+        self._hash_file = hash_file
         self._cache: dict[tuple[str, int, int], str] = {}
 
     def __call__(self, path: str | os.PathLike) -> str:
-        stat = os.stat(path)
+        stat = os.stat(path)  # never blocks, whatever the path is
         key = (str(Path(path)), stat.st_size, stat.st_mtime_ns)
         if key not in self._cache:
-            self._cache[key] = sha256_file(path)
+            self._cache[key] = self._hash_file(key[0])
         return self._cache[key]
 
 

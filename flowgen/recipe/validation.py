@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -451,42 +450,31 @@ def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, An
 # --- Reference images: every file exists and its header is sane (no full decode) ------------------
 #
 # Limits (spec.py): at most 4 references per item (the spec's and the engine's capabilities().max_references),
-# each side >= 64 px, aspect ratio <= 8, at most 150 MP. A file whose header claims 20000x20000 is
-# rejected before any pixel is decoded.
+# each side >= 64 px, aspect ratio <= 8, at most 150 MP. The file is opened as every reference is
+# (flowgen.engine.reference_files: a regular file, at most 256 MiB) and its header judged by the
+# engine's own pixel check (flowgen.engine.images.image_header), so a file whose header claims
+# 20000x20000 is rejected before any pixel is decoded, and a FIFO or /dev/zero before any byte is read.
 
 
 REFERENCES_WHERE = "task.inputs.referenceImages"
 
 
-def image_problem(path: Path) -> str | None:
-    """Why `path` is not a usable reference image (from its header only), or None."""
-    from PIL import Image, UnidentifiedImageError
+def image_problem(path: Path, *, max_pixels: int = REFERENCE_MAX_PIXELS) -> str | None:
+    """Why `path` is not a usable reference image (from its header only), or None. The text
+    completes a sentence about the file ('does not exist', 'is 13000x13000 (...); the limit is ...').
+    max_pixels: the server passes its lower limit for inputs (images.MAX_SERVE_INPUT_PIXELS)."""
+    # PIL + numpy: imported when a reference is checked
+    from flowgen.engine.images import image_header
+    from flowgen.engine.reference_files import ReferenceImageError
 
-    if not path.exists():
-        return "does not exist"
-    if not path.is_file():
-        return "is not a file"
     try:
-        with warnings.catch_warnings():
-            # PIL warns above its own threshold (89 MP); REFERENCE_MAX_PIXELS below is the limit, as
-            # in the engine. PIL still raises DecompressionBombError above twice its threshold.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:  # reads the header only
-                width, height = image.size
-    except Image.DecompressionBombError as err:
-        pixels = re.search(r"\((\d+) pixels\)", str(err))
-        claimed = f" ({int(pixels.group(1)):,} pixels)" if pixels else ""
-        return f"is too large{claimed}; the limit is {REFERENCE_MAX_PIXELS:,} pixels"
-    except UnidentifiedImageError:
-        return "is not a readable image (unknown or corrupt format)"
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises these for damaged headers
-        return f"is not a readable image (corrupt header: {err})"
+        width, height = image_header(path, max_pixels=max_pixels).size
+    except ReferenceImageError as err:
+        return err.problem
     if min(width, height) < REFERENCE_MIN_SIDE:
         return f"is {width}x{height}; each side must be at least {REFERENCE_MIN_SIDE} px"
     if max(width, height) > REFERENCE_MAX_ASPECT * min(width, height):
         return f"is {width}x{height}; the aspect ratio must be at most {REFERENCE_MAX_ASPECT}:1"
-    if width * height > REFERENCE_MAX_PIXELS:
-        return f"is {width}x{height} ({width * height:,} pixels); the limit is {REFERENCE_MAX_PIXELS:,} pixels"
     return None
 
 

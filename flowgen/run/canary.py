@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from flowgen.engine.reference_files import reference_sha256
 from flowgen.plan.hashing import sha256_file
 from flowgen.plan.model import Plan
 from flowgen.run.engine import Engine
@@ -80,10 +81,10 @@ def baseline_problem(record: dict[str, Any] | None, out_dir: Path) -> str | None
         return "its file is missing or was changed since its render"
     for ref in record.get("references") or []:
         try:
-            if sha256_file(ref["path"]) != ref["sha256"]:
+            if reference_sha256(ref["path"]) != ref["sha256"]:
                 return f"reference {ref['path']} changed since its render"
-        except OSError:
-            return f"reference {ref['path']} is unreadable"
+        except ValueError as err:  # ReferenceImageError: missing, not a regular file, too large
+            return str(err)
     return None
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from flowgen.engine.reference_files import reference_sha256
 from flowgen.errors import FlowgenError
 from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.plan.job import Job
@@ -93,7 +94,7 @@ def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: Ref
     try:
         refs = []
         for path, digest in zip(job.references, job.reference_hashes):
-            if sha256_file(path) != digest:
+            if reference_sha256(path) != digest:  # a regular file of bounded size, or ValueError
                 outcome.error = f"reference {path} changed since the run"
                 return outcome
             refs.append(loader.load(path))

@@ -103,7 +103,7 @@ def test_unreadable_reference_marks_only_its_item(tmp_path):
     errors = {i.key: i.error for i in plan.items}
     assert errors["ok"] is None
     assert "bad.png" in errors["bad"] and "not a readable image" in errors["bad"]
-    assert "file not found" in errors["gone"]
+    assert "nope.png: does not exist" in errors["gone"]
 
 
 def test_colliding_output_paths_are_a_user_error(tmp_path):
