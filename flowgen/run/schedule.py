@@ -96,25 +96,35 @@ class Scheduler:
     def run_due(self) -> list[int]:
         """Run every recipe that is due now, one after another; their exit codes (2: refused or bad
         input, 130: interrupted, which stops the rest)."""
-        codes = []
+        return list(self._run_due().values())
+
+    def _run_due(self) -> dict[str, int]:
+        """run_due's codes by recipe (the path given), for the recipes that ran."""
+        codes = {}
         for entry in self.recipes:
             now = self.clock()
             found = self.due(entry, now)
             if found is None:
                 continue
-            code = self._run_one(entry, *found)
-            codes.append(code)
+            code = codes[entry.recipe] = self._run_one(entry, *found)
             if code == INTERRUPTED:
                 break
         return codes
 
     def once(self) -> int:
-        """`flowgen schedule --once`: run what is due now, then exit (see exit_code)."""
+        """`flowgen schedule --once`: run what is due now, say when each recipe is due next, exit
+        (see exit_code). Without the last lines a --once with nothing due would print nothing."""
         try:
-            return exit_code(self.run_due())
+            codes = self._run_due()
         except KeyboardInterrupt:  # a second Ctrl-C during a run: the run's batches are committed
             self.log("schedule: interrupted")
             return INTERRUPTED
+        if INTERRUPTED not in codes.values():
+            now = self.clock()
+            for entry in self.recipes:
+                status = "" if entry.recipe in codes else "nothing due now; "
+                self.log(f"schedule: {entry.name}: {status}next run {entry.shown(entry.next_due(now))}")
+        return exit_code(list(codes.values()))
 
     def loop(self) -> int:
         """Run what is due, sleep until the next due time, forever; Ctrl-C returns 130."""
