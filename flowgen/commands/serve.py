@@ -44,7 +44,7 @@ def served_cards(names: Sequence[str]) -> list[ModelCard]:
 
 
 def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | None, max_batch: int | None,
-                  window_ms: float, dtype: str | None) -> None:
+                  window_ms: float, dtype: str | None, allow_hosts: Sequence[str] = ()) -> None:
     try:
         import uvicorn
 
@@ -58,7 +58,10 @@ def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | N
     from flowgen.serve.auth import check_can_listen, load_keys
     from flowgen.serve.batcher import Batcher
 
+    from flowgen.net.policy import DestinationPolicy
+
     keys = load_keys()
+    destinations = DestinationPolicy.from_env(allow_hosts)  # a bad entry: one error line, before listening
     check_can_listen(host, keys)
     cards = served_cards(models)
     check_port_free(host, port)
@@ -76,7 +79,7 @@ def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | N
         return PipelineEngine(by_name[name], resolve_dtype(setting))
 
     batcher = Batcher(engine_for, window_s=window_ms / 1000, max_batch=max_batch_setting(max_batch))
-    app = create_app(batcher=batcher, data_dir=folder, models=cards, keys=keys)
+    app = create_app(batcher=batcher, data_dir=folder, models=cards, keys=keys, destinations=destinations)
     click.echo(f"flowgen serve: http://{host}:{port}/v1 (REST and WebSocket), data in {folder}, "
                f"{'API keys required' if keys else 'no API key (loopback only)'}", err=True)
     # a WebSocket frame up to twice the body limit still reaches the app, which answers it with the

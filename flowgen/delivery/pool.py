@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -80,29 +80,31 @@ class DeliveryPool:
 
 
 class Lanes:
-    """Background jobs, each in one or more lanes; a job starts only while every one of its lanes
-    has fewer than `per_lane` jobs running, and at most `max_workers` run in all. Waiting jobs
-    start in submission order as room frees up; none holds a thread while it waits.
+    """Background jobs, each in one or more lanes with a limit each; a job starts only while every
+    one of its lanes has fewer jobs running than its limit, and at most `max_workers` run in all.
+    Waiting jobs start in submission order as room frees up; none holds a thread while it waits.
 
-        lanes = Lanes(per_lane=4, max_workers=32)
-        lanes.submit(job, ["https://hooks.example:443", "key:ab12"])
+        lanes = Lanes(max_workers=64)
+        lanes.submit(job, {("destination", "https://hooks.example:"): 4, ("key", "ab12"): 8})
         lanes.close()   # waits for every job, queued ones included
     """
 
-    def __init__(self, per_lane: int, max_workers: int):
-        if per_lane < 1 or max_workers < 1:
-            raise ValueError(f"per_lane and max_workers must be >= 1, not {per_lane} and {max_workers}")
-        self.per_lane = per_lane
+    def __init__(self, max_workers: int):
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, not {max_workers}")
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="flowgen-lane")
         self._max_workers = max_workers
         self._running: dict[Hashable, int] = {}
-        self._waiting: deque[tuple[Callable[[], None], tuple[Hashable, ...]]] = deque()
+        self._waiting: deque[tuple[Callable[[], None], dict[Hashable, int]]] = deque()
         self._busy = 0
         self._lock = threading.Condition()
 
-    def submit(self, job: Callable[[], None], lanes: Sequence[Hashable]) -> None:
+    def submit(self, job: Callable[[], None], limits: Mapping[Hashable, int]) -> None:
+        """Run `job` once each lane in `limits` ({lane: its limit}) has room."""
+        if any(limit < 1 for limit in limits.values()):
+            raise ValueError(f"lane limits must be >= 1, not {dict(limits)}")
         with self._lock:
-            self._waiting.append((job, tuple(dict.fromkeys(lanes))))
+            self._waiting.append((job, dict(limits)))
             self._start_what_fits()
 
     def running(self, lane: Hashable) -> int:
@@ -118,14 +120,14 @@ class Lanes:
     def _start_what_fits(self) -> None:  # under the lock
         kept: deque = deque()
         while self._waiting and self._busy < self._max_workers:
-            job, lanes = self._waiting.popleft()
-            if all(self._running.get(lane, 0) < self.per_lane for lane in lanes):
-                for lane in lanes:
+            job, limits = self._waiting.popleft()
+            if all(self._running.get(lane, 0) < limit for lane, limit in limits.items()):
+                for lane in limits:
                     self._running[lane] = self._running.get(lane, 0) + 1
                 self._busy += 1
-                self._executor.submit(self._run, job, lanes)
+                self._executor.submit(self._run, job, tuple(limits))
             else:
-                kept.append((job, lanes))
+                kept.append((job, limits))
         kept.extend(self._waiting)
         self._waiting = kept
 

@@ -54,7 +54,7 @@ def fetch_bytes(client: httpx.Client, url: str, *, max_bytes: int, timeout_s: fl
                     return _read(response, max_bytes)
             raise FetchError(f"more than {MAX_REDIRECTS} redirects")
     except httpx.TimeoutException:
-        raise FetchError(f"not fetched within {timeout_s:g} s") from None
+        raise FetchError(f"timed out: not fetched within {timeout_s:g} s (connect, headers and body together)") from None
     except DestinationRefused as err:
         raise FetchError(str(err)) from None
     except (httpx.HTTPError, httpx.InvalidURL) as err:

@@ -20,12 +20,18 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from flowgen.errors import FlowgenError
+
 ALLOW_ENV = "FLOWGEN_ALLOW_HOSTS"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
+
+
+class AllowListError(FlowgenError, ValueError):
+    """An allow-list entry that is no host name, address or range (a user error: exit 2)."""
 
 
 class DestinationRefused(Exception):
@@ -63,8 +69,8 @@ class DestinationPolicy:
 
     @classmethod
     def parse(cls, entries: Iterable[str], *, source: str = ALLOW_ENV) -> DestinationPolicy:
-        """A policy allowing `entries` (names, addresses, CIDR ranges); ValueError naming `source`
-        and the entry for one that is none of those."""
+        """A policy allowing `entries` (names, addresses, CIDR ranges); AllowListError naming
+        `source` and the entry for one that is none of those."""
         hosts: set[str] = set()
         networks: list[IPNetwork] = []
         kept: list[str] = []
@@ -82,7 +88,7 @@ class DestinationPolicy:
                 label = name.removeprefix("*.")
                 if not label or not all(part and all(c.isalnum() or c in "-_" for c in part)
                                         for part in label.split(".")):
-                    raise ValueError(f"{source}: {entry!r} is not a host name, an IP address or a CIDR range "
+                    raise AllowListError(f"{source}: {entry!r} is not a host name, an IP address or a CIDR range "
                                      "(e.g. minio, *.corp.example, 127.0.0.1, 10.0.0.0/8)")
                 hosts.add(name)
         return cls(frozenset(hosts), tuple(networks), entries=tuple(kept))

@@ -119,8 +119,14 @@ class Dispatcher:
         self.manifest, self.run_id, self.policy = manifest, run_id, policy
         self.deliver_flagged = deliver_flagged
         self.secret = webhook_secret()
-        self.destinations = destinations  # None: public addresses plus $FLOWGEN_ALLOW_HOSTS
-        self.urls = urls if urls is not None or manifest is None else sink_urls_for(manifest.out_dir)
+        # public addresses plus $FLOWGEN_ALLOW_HOSTS unless told otherwise; read now, so a bad entry is
+        # refused before anything is sent
+        self.destinations = destinations if destinations is not None else DestinationPolicy.from_env()
+        if urls is None:
+            if manifest is None:
+                raise ValueError("a Dispatcher without a manifest needs `urls` (where the sinks' URLs are kept)")
+            urls = sink_urls_for(manifest.out_dir)
+        self.urls = urls
         self._client = client
         self._pool: futures.ThreadPoolExecutor | None = None
         self._max_workers = max_workers
@@ -132,7 +138,6 @@ class Dispatcher:
         """The (item_id, result_index, sink, state, error) rows to commit with the results' records:
         `pending`, or `withheld` when the content check flagged it. Keeps the sinks' URLs as given
         first, so a resend after a kill finds them."""
-        assert self.urls is not None
         self.urls.keep((f.item_id, f.result_index, f.upload_endpoint, f.webhook_url) for f in finished if f.sinks())
         return [(f.item_id, f.result_index, sink, "withheld" if self.withholds(f) else "pending",
                  "flagged by the content check" if self.withholds(f) else None)
@@ -161,7 +166,7 @@ class Dispatcher:
             outcomes = future.result()
             for outcome in outcomes:
                 self._record(finished, outcome)
-            if self.urls is not None and all(outcome.state == "ok" for outcome in outcomes):
+            if all(outcome.state == "ok" for outcome in outcomes):
                 self.urls.forget(*finished.rid)  # every sink went through: nothing left to resend
 
     def close(self) -> None:
@@ -169,8 +174,7 @@ class Dispatcher:
         if self._pool is not None:
             self._pool.shutdown()
             self._client.close()
-        if self.urls is not None:
-            self.urls.close()
+        self.urls.close()
 
     def _record(self, finished: Finished, outcome: _Outcome) -> None:
         assert self.manifest is not None  # a dispatcher without one (the server's) records elsewhere
@@ -219,7 +223,7 @@ class Dispatcher:
                                    output_type=finished.output_type, image=data,
                                    image_url=uploaded or finished.path.resolve().as_uri(),
                                    content_type=content_type, cost=finished.cost, nsfw_content=finished.nsfw)
-            delivery = post_result(self._client, finished.webhook_url, payload, secret=self.secret, policy=self.policy)
+            delivery = post_result(self._client, finished.webhook_url or "", payload, secret=self.secret, policy=self.policy)
         except (ValueError, OSError) as err:
             return _Outcome("webhook", None, target, error=str(err))
         return _Outcome("webhook", delivery, target)

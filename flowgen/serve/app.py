@@ -34,6 +34,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowgen.engine.cards import ModelCard
 from flowgen.serve.auth import KeyCheck, bearer_key, key_digest
+from flowgen.net.policy import DestinationPolicy
 from flowgen.serve.inputs import ImageInputs, InputLimits
 from flowgen.serve.protocol import (MIME_TYPES, BodyErrors, ProtocolError, check_task_size, errors_frame,
                                     parse_tasks, task_type_of)
@@ -272,10 +273,13 @@ class Server:
 
 def create_app(*, batcher: Any, data_dir: str | Path, models: Iterable[ModelCard], keys: frozenset[str] = frozenset(),
                max_body: int = MAX_BODY_BYTES, max_tasks_per_key: int = MAX_TASKS_PER_KEY,
-               input_limits: InputLimits = InputLimits()) -> Starlette:
-    """The ASGI app. The batcher belongs to the app from here: closing the app closes it."""
+               input_limits: InputLimits = InputLimits(), destinations: DestinationPolicy | None = None) -> Starlette:
+    """The ASGI app. The batcher belongs to the app from here: closing the app closes it.
+    `destinations`: where reference URLs and deliveries may connect (default: public addresses
+    plus $FLOWGEN_ALLOW_HOSTS)."""
     store = Store(data_dir)
-    service = TaskService(store, batcher, ServedModels(models), ImageInputs(store, input_limits),
+    inputs = ImageInputs(store, input_limits, destinations=destinations)
+    service = TaskService(store, batcher, ServedModels(models), inputs, delivery_options={"destinations": destinations},
                           max_unfinished=max_tasks_per_key)
     server = Server(service, KeyCheck(keys), max_body)
 

@@ -4,9 +4,11 @@ protocol allows: an imageUUID this server stored, a data URI, plain base64, or a
 Every form ends as bytes checked by the same header rules as a recipe's reference files
 (flowgen.recipe.validation.image_problem) before they are stored (content-addressed): a refused
 image is never stored nor served. Stored images belong to the key that sent them (`owner`, its
-digest): an imageUUID names an image only for a key that owns it. A URL is fetched with httpx
-under a byte and a time limit; nothing else is ever read: a string that is no accepted form is an
-error, never a path on this machine.
+digest): an imageUUID names an image only for a key that owns it. A URL is fetched by
+flowgen.net.fetch: public destinations only unless the operator allows more (checked at connect
+time, on every redirect hop), a byte limit, one wall-clock deadline for the whole fetch, and at
+most `max_fetches_per_key` fetches in flight per key. Nothing else is ever read: a string that is
+no accepted form is an error, never a path on this machine.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import base64
 import binascii
 import io
 import re
-import time
 import warnings
 from dataclasses import dataclass
 
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from flowgen.net.fetch import FetchError, FetchSlots, TooManyFetches, fetch_bytes
+from flowgen.net.policy import DestinationPolicy
+from flowgen.net.redact import redact_url
+from flowgen.net.transport import guarded_client
 from flowgen.recipe.validation import image_problem
 from flowgen.serve.protocol import ProtocolError, is_uuid
 from flowgen.serve.store import ImageRejected, Store, StoredImage
@@ -34,13 +39,19 @@ _DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+
 @dataclass(frozen=True)
 class InputLimits:
     max_bytes: int = 32 * 1024 * 1024  # one decoded image
-    fetch_timeout_s: float = 10.0  # a whole URL fetch: connect, headers and body
+    fetch_timeout_s: float = 10.0  # a whole URL fetch, wall clock: DNS, connect, headers, body, redirects
+    max_fetches_per_key: int = 4  # URL fetches one key may have in flight at once
 
 
 class ImageInputs:
-    def __init__(self, store: Store, limits: InputLimits = InputLimits(), client: httpx.Client | None = None):
+    def __init__(self, store: Store, limits: InputLimits = InputLimits(), client: httpx.Client | None = None,
+                 destinations: DestinationPolicy | None = None):
+        """`destinations`: where URLs may be fetched from (default: public addresses plus
+        $FLOWGEN_ALLOW_HOSTS); `client` replaces the guarded client built from it."""
         self.store, self.limits = store, limits
-        self.client = client or httpx.Client(follow_redirects=True, timeout=limits.fetch_timeout_s)
+        policy = destinations if destinations is not None else DestinationPolicy.from_env()
+        self.client = client or guarded_client(policy, max_connections=64)
+        self.fetches = FetchSlots(limits.max_fetches_per_key)
 
     def close(self) -> None:
         self.client.close()
@@ -59,7 +70,7 @@ class ImageInputs:
                                     "(upload it with an imageUpload task first)", parameter=parameter)
             return stored
         if value.lower().startswith(("http://", "https://")):
-            data = self._fetch(value, parameter)
+            data = self._fetch(value, parameter, owner)
         elif value.lower().startswith("data:"):
             data = self._data_uri(value, parameter)
         else:
@@ -102,30 +113,21 @@ class ImageInputs:
         except (binascii.Error, ValueError):
             raise ProtocolError("invalidImage", f"{parameter}: {why}", parameter=parameter) from None
 
-    def _fetch(self, url: str, parameter: str) -> bytes:
-        limit, deadline = self.limits.max_bytes, time.monotonic() + self.limits.fetch_timeout_s
+    def _fetch(self, url: str, parameter: str, owner: str) -> bytes:
+        """The URL's body (see the module doc); ProtocolError naming `parameter`, the URL without
+        its query string, and why. A refused destination reads the same whether or not anything
+        listens there."""
         try:
-            with self.client.stream("GET", url, timeout=self.limits.fetch_timeout_s) as response:
-                if response.status_code != 200:
-                    raise ProtocolError("invalidImage", f"{parameter}: {url} answered HTTP {response.status_code}",
-                                        parameter=parameter)
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    if time.monotonic() > deadline:  # httpx's timeout is per read: a slow drip passes it
-                        raise httpx.ReadTimeout("the whole fetch took too long")
-                    size += len(chunk)
-                    if size > limit:
-                        raise ProtocolError("invalidImage", f"{parameter}: {url} is larger than {limit:,} bytes",
-                                            parameter=parameter)
-                    chunks.append(chunk)
-        except httpx.TimeoutException:
-            raise ProtocolError("invalidImage", f"{parameter}: fetching {url} timed out after "
-                                f"{self.limits.fetch_timeout_s:g} s", parameter=parameter) from None
-        except httpx.HTTPError as err:
-            reason = " ".join(str(err).split()) or type(err).__name__
-            raise ProtocolError("invalidImage", f"{parameter}: cannot fetch {url} ({reason})",
+            with self.fetches.take(owner):
+                return fetch_bytes(self.client, url, max_bytes=self.limits.max_bytes,
+                                   timeout_s=self.limits.fetch_timeout_s)
+        except TooManyFetches:
+            raise ProtocolError("tooManyRequests", f"{parameter}: this API key already has "
+                                f"{self.limits.max_fetches_per_key} image URLs being fetched; send the task again "
+                                "when they are done", parameter=parameter, http_status=429) from None
+        except FetchError as err:
+            raise ProtocolError("invalidImage", f"{parameter}: {redact_url(url)}: {err}",
                                 parameter=parameter) from None
-        return b"".join(chunks)
 
 
 def _format_of(data: bytes) -> str | None:

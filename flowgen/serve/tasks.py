@@ -28,7 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from flowgen.delivery.http import check_url, redact_url
+from flowgen.net.redact import redacted_task
 from flowgen.engine.cards import ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.plan.compile import guidance_for, output_ext
@@ -42,7 +42,7 @@ from flowgen.run.cost import cost_of
 from flowgen.run.faces import check_detector, face_settings
 from flowgen.run.outputs import encode_image
 from flowgen.run.references import ReferenceLoader
-from flowgen.serve.deliveries import ServeDeliveries, finished_for, first_states
+from flowgen.serve.deliveries import ServeDeliveries, finished_for
 from flowgen.serve.inputs import ImageInputs
 from flowgen.serve.protocol import ProtocolError, output_value, problem_error, task_uuid_of
 from flowgen.serve.store import Store, StoredImage
@@ -107,7 +107,6 @@ class TaskService:
         self.references = ReferenceLoader()
         self.loras = LoraResolver()
         self.deliveries = ServeDeliveries(store, **(delivery_options or {}))
-        self._fail_unsendable_pending()
         self.deliveries.resend_pending()  # what a stopped server left undelivered: once more
         self._checker = None  # a flowgen.safety.ContentChecker once a task asks for one
         self._running: dict[str, _Running] = {}
@@ -207,7 +206,7 @@ class TaskService:
         for name in ("webhookURL", "uploadEndpoint"):
             if isinstance(task.get(name), str):
                 try:
-                    check_url(task[name])
+                    self.deliveries.check_destination(task[name])  # http(s), and no literal internal address
                 except ValueError as err:
                     raise ProtocolError("invalid" + name[:1].upper() + name[1:], f"task.{name}: {err}",
                                         parameter=name, task_type="imageInference", task_uuid=task_uuid) from None
@@ -255,13 +254,14 @@ class TaskService:
             stored = {"imageUUID": image.image_uuid, "seed": seed, "cost": cost, "NSFWContent": nsfw}
             finished = finished_for(running.task_uuid, index, request, stored, image.path)
             self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw,
-                                  sinks=first_states(finished))
+                                  sinks=self.deliveries.first_states(finished))
         except Exception as err:  # noqa: BLE001 - one task fails, the server keeps serving
             self._failed(running, err)
             return
         url = self.store.image_url(running.base_url, image) if running.base_url else None
-        # a task with uploadEndpoint is answered once its uploads are recorded: its imageURL is theirs
-        self.deliveries.send(finished, url, on_uploaded=lambda: self._counted(running))
+        # a task with uploadEndpoint is answered once its uploads are recorded (its imageURL is theirs),
+        # or after deliveries.UPLOAD_WAIT_S (its imageURL is this server's): a slow sink never holds it
+        self.deliveries.send(finished, url, on_uploaded=lambda: self._counted(running), owner=running.owner)
 
     def _counted(self, running: _Running) -> None:
         """One more of the task's results is final; the last one finishes the task."""
@@ -270,18 +270,6 @@ class TaskService:
             last = running.finished == running.expected
         if last:
             self._finish(running)
-
-    def _fail_unsendable_pending(self) -> None:
-        """Pending sinks whose URL held credentials the store did not keep: failed, not resent to a
-        URL without its signature (the task's key can send the task again with a new UUID)."""
-        for row in self.store.deliveries(states=("pending",)):
-            record = self.store.task(row["taskUUID"])
-            field = next((f for f, sink in URL_FIELDS.items() if sink == row["sink"]), None)
-            if record is not None and field in record["request"].get("redacted", ()):
-                self.store.set_delivery(row["taskUUID"], row["resultIndex"], row["sink"], "failed",
-                                        target=record["request"].get(field), url=None, attempts=0,
-                                        error=f"the server restarted and does not keep the signed {field} of a "
-                                              "task; send the task again with a new taskUUID")
 
     def _content_checker(self, task_uuid: str):
         """The shared content checker (safety.checkContent), loaded on first use; ProtocolError
@@ -437,14 +425,11 @@ def _reference_inputs(raw: dict[str, Any], task_uuid: str) -> list:
 
 
 def _stored_request(request: dict[str, Any]) -> dict[str, Any]:
-    """`request` as the store keeps it: URLs without credentials (query string, user info), and
-    which fields lost some (their sinks cannot be resent after a restart)."""
-    stored, redacted = dict(request), []
-    for name in URL_FIELDS:
-        url = request.get(name)
-        if isinstance(url, str) and redact_url(url) != url:
-            stored[name] = redact_url(url)
-            redacted.append(name)
+    """`request` as the store keeps it: URLs without credentials (flowgen.net.redact: no query
+    string or user info, a webhook's path neither), and which fields lost some (the URLs as given
+    are kept apart for a resend after a restart: deliveries.ServeDeliveries)."""
+    stored = redacted_task(request)
+    redacted = [name for name in URL_FIELDS if stored.get(name) != request.get(name)]
     if redacted:
         stored["redacted"] = redacted
     return stored
