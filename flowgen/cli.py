@@ -221,21 +221,24 @@ def report(out_dir, output):
 
 @main.command(epilog=help_epilog(
     ["flowgen schedule recipes/nightly.yaml         # runs when due, waits for the next",
-     "flowgen schedule --once recipes/*.yaml        # from system cron or a systemd timer"],
-    [(0, "every run that was due succeeded"),
+     "flowgen schedule --once recipes/*.yaml        # from system cron or a systemd timer",
+     "flowgen schedule --once recipes/nightly.yaml --set task.steps=8"],
+    [(0, "every run that was due succeeded (or nothing was due: each recipe's next run is printed)"),
      (1, "a run failed (or its canary found the renders changed)"),
-     (2, "bad input: a recipe without a valid schedule, or another run holds its folder"),
+     (2, "bad input: a bad recipe or --set, none of the recipes has a schedule (others without one are "
+         "skipped with a note), or another run holds its folder"),
      (130, "interrupted (Ctrl-C)")]))
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--once", is_flag=True, help="Run the recipes that are due now, then exit (for system cron or a systemd timer).")
+@set_option
 @max_batch_option
 @dtype_option
 @user_errors
-def schedule(recipes, once, max_batch, dtype):
+def schedule(recipes, once, overrides, max_batch, dtype):
     """Run each RECIPE whenever its `schedule` is due, and wait for the next."""
     from flowgen.commands import schedule_command
 
-    sys.exit(schedule_command(list(recipes), once, max_batch, dtype))
+    sys.exit(schedule_command(list(recipes), once, max_batch, dtype, list(overrides)))
 
 
 @main.command(epilog=help_epilog(
