@@ -12,6 +12,7 @@ import sqlite3
 import time
 from typing import Any
 
+from flowgen.errors import StorageError
 from flowgen.run.manifest import Manifest
 
 
@@ -22,7 +23,7 @@ def canary_verdicts(manifest: Manifest) -> list[dict[str, Any]]:
         return []
     try:
         rows = read()
-    except sqlite3.Error:  # a manifest from a flowgen whose canary table differs
+    except (sqlite3.Error, StorageError):  # a manifest from a flowgen whose canary table differs
         return []
     return [_view(row) for row in rows]
 

@@ -5,6 +5,8 @@ result_index) and upserted, so a rerun never duplicates a row. Each engine batch
 one transaction after its images are on disk (an image without a row is simply rendered again).
 `<out>/manifest.jsonl` is a human/tool-friendly export, rewritten atomically at the end of a run
 and by `flowgen status`.
+A corrupt or unreadable database, or a full disk, is a one-line StorageError naming the file; what
+could not be committed is rolled back, so the data stays as it was.
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ import base64
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from flowgen.errors import FlowgenError
+from flowgen.errors import FlowgenError, storage_errors
 from flowgen.run.atomic import atomic_write_bytes
 
 SCHEMA_VERSION = 1
 STATE_DIR = ".flowgen"
 DB_NAME = "manifest.sqlite"
 JSONL_NAME = "manifest.jsonl"
+LOGS_DIR = "logs"
+KIND = "flowgen manifest"  # what StorageError calls the file
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,6 +145,11 @@ def manifest_path(out_dir: str | Path) -> Path:
     return Path(out_dir) / STATE_DIR / DB_NAME
 
 
+def run_log_path(out_dir: str | Path, run_id: str) -> Path:
+    """Where a run's log goes: a detached run's output, and the traceback of a run that crashed."""
+    return Path(out_dir) / STATE_DIR / LOGS_DIR / f"{run_id}.log"
+
+
 def load_watermarks(out_dir: str | Path) -> dict[str, dict[str, Any]]:
     """The incremental datasets' watermarks of `out_dir` ({} without a manifest; none is created).
     The planner takes this function as an argument (flowgen.plan.from_recipe.plan_recipe)."""
@@ -157,12 +167,17 @@ class Manifest:
         path = manifest_path(self.out_dir)
         if not path.exists() and not create:
             raise FlowgenError(f"{self.out_dir}: no flowgen manifest here ({STATE_DIR}/{DB_NAME} is missing)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
-        self.conn.executescript(_SCHEMA)
-        self._check_schema()
+        with storage_errors(path, KIND):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = _Connection(sqlite3.connect(path, timeout=30, isolation_level=None), path)
+        try:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
+            self.conn.executescript(_SCHEMA)
+            self._check_schema()
+        except BaseException:
+            self.conn.close()
+            raise
 
     def _check_schema(self) -> None:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -188,8 +203,7 @@ class Manifest:
         deliveries = [(*d, time.time()) for d in deliveries]
         if not rows and not deliveries:
             return
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
             self.conn.executemany(_UPSERT, rows)
             self.conn.executemany("DELETE FROM expirations WHERE item_id=? AND result_index=?",
                                   [(r["item_id"], r["result_index"]) for r in rows])
@@ -197,10 +211,6 @@ class Manifest:
                 """INSERT INTO deliveries (item_id, result_index, sink, state, error, updated_at) VALUES (?,?,?,?,?,?)
                    ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
                        error = excluded.error, updated_at = excluded.updated_at""", deliveries)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
         row = self.conn.execute(
@@ -282,17 +292,45 @@ class Manifest:
         return [dict(zip(names, row)) for row in cursor]
 
     # --- runs ----------------------------------------------------------------------------
-    def start_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str) -> None:
+    def launch_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str, log: str) -> None:
+        """Record a run started in the background (`run --detach`) as "starting", before its process
+        exists: `status` then shows it, and if the process dies before its run starts (set_run_pid
+        says which process to watch), `status` says so instead of showing the previous run."""
         self.conn.execute(
-            "INSERT INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status) VALUES (?,?,?,?,?,'running')",
+            "INSERT OR IGNORE INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status, summary) "
+            "VALUES (?,?,?,?,?,'starting',?)",
+            (run_id, time.time(), recipe_name, recipe_hash, plan_hash, json.dumps({"log": log})))
+
+    def set_run_pid(self, run_id: str, pid: int) -> None:
+        """The process a "starting" run runs in (see launch_run)."""
+        self.conn.execute(
+            "UPDATE runs SET summary = json_set(COALESCE(summary, '{}'), '$.pid', ?) WHERE run_id=? AND status='starting'",
+            (pid, run_id))
+
+    def fail_unstarted_run(self, run_id: str, reason: str) -> None:
+        """A "starting" run whose process gave up before the run started (refused, crashed): failed, with why."""
+        self.conn.execute(
+            "UPDATE runs SET status='failed', finished_at=?, "
+            "summary = json_set(COALESCE(summary, '{}'), '$.error', ?) WHERE run_id=? AND status='starting'",
+            (time.time(), reason, run_id))
+
+    def start_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str) -> None:
+        """The run holds the folder now (a "starting" row of a detached run becomes "running")."""
+        self.conn.execute(
+            "INSERT INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status) VALUES (?,?,?,?,?,'running') "
+            "ON CONFLICT (run_id) DO UPDATE SET started_at=excluded.started_at, recipe_name=excluded.recipe_name, "
+            "recipe_hash=excluded.recipe_hash, plan_hash=excluded.plan_hash, status='running'",
             (run_id, time.time(), recipe_name, recipe_hash, plan_hash),
         )
 
-    def mark_died_runs(self) -> list[str]:
-        """Runs still marked "running": called by the holder of the folder's run lock, so none of
-        them is alive (killed with -9, or the machine went down). Returns their ids."""
-        ids = [r[0] for r in self.conn.execute("SELECT run_id FROM runs WHERE status='running'")]
-        self.conn.execute("UPDATE runs SET status='died' WHERE status='running'")
+    def mark_died_runs(self, current: str | None = None) -> list[str]:
+        """Runs still marked "running" or "starting", but `current`: called by the holder of the
+        folder's run lock, so none of them is alive (killed with -9, the machine went down, or a
+        detached run's process ended before it started). Returns their ids."""
+        ids = [r[0] for r in self.conn.execute(
+            "SELECT run_id FROM runs WHERE status IN ('running', 'starting') AND run_id IS NOT ?", (current,))]
+        self.conn.execute("UPDATE runs SET status='died' WHERE status IN ('running', 'starting') AND run_id IS NOT ?",
+                          (current,))
         return ids
 
     def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
@@ -318,8 +356,7 @@ class Manifest:
         recorded results of items an incremental watermark retains; and the recipe it came from
         ({"path", "overrides"}: what `prune` compares with by default)."""
         retained = sorted(set(retained_item_ids))
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
             self.conn.execute("DELETE FROM planned")
             self.conn.executemany("INSERT OR IGNORE INTO planned VALUES (?, ?)", result_ids)
             self.conn.executemany("INSERT OR IGNORE INTO planned SELECT item_id, result_index FROM results WHERE item_id=?",
@@ -327,10 +364,6 @@ class Manifest:
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('planned_recorded', '1')")
             if recipe is not None:
                 self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('recipe', ?)", (json.dumps(recipe, sort_keys=True),))
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     def planned(self) -> set[tuple[str, int]] | None:
         """The results the recipe held at the latest run's start; None when no run recorded them (older manifests)."""
@@ -347,16 +380,11 @@ class Manifest:
         """Delete these results' rows (results, deliveries, attempts, expirations, planned) and record
         the prune, in one transaction; `removed` is what the prune record lists."""
         ids = list(result_ids)
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
             for table in ("results", "deliveries", "delivery_attempts", "expirations", "planned"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE item_id=? AND result_index=?", ids)
             self.conn.execute("INSERT INTO prunes (pruned_at, recipe, results) VALUES (?,?,?)",
                               (time.time(), recipe, json.dumps(removed)))
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     def prunes(self) -> list[dict[str, Any]]:
         cursor = self.conn.execute("SELECT pruned_at, recipe, results FROM prunes ORDER BY id")
@@ -381,13 +409,8 @@ class Manifest:
         """Replace the watermarks of these datasets (one transaction) at the end of a successful run."""
         now = time.time()
         rows = [(name, w["kind"], json.dumps(w["entries"], sort_keys=True), now, run_id) for name, w in watermarks.items()]
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.conn.transaction():
             self.conn.executemany("INSERT OR REPLACE INTO watermarks VALUES (?,?,?,?,?)", rows)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
 
     # --- schedule ------------------------------------------------------------------------
     def record_schedule_run(self, due_at: float, started_at: float, outcome: str, run_id: str | None = None,
@@ -450,8 +473,71 @@ class Manifest:
                 record.update(_image_field(record, self.out_dir, state or {}))
             lines.append(json.dumps(record, sort_keys=True, ensure_ascii=False))
         target = self.out_dir / JSONL_NAME
-        atomic_write_bytes(target, ("\n".join(lines) + ("\n" if lines else "")).encode())
+        with storage_errors(target, "manifest export"):  # a full disk: one line; the old export stays whole
+            atomic_write_bytes(target, ("\n".join(lines) + ("\n" if lines else "")).encode())
         return target
+
+
+class _Connection:
+    """The manifest's sqlite3 connection: every error (a corrupt file, a full disk) becomes a one-line
+    StorageError naming the file, and a transaction is one `with` block."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self._conn, self.path = conn, path
+
+    def execute(self, sql: str, args: Any = ()) -> "_Cursor":
+        with storage_errors(self.path, KIND):
+            return _Cursor(self._conn.execute(sql, args), self.path)
+
+    def executemany(self, sql: str, rows: Iterable[Any]) -> None:
+        with storage_errors(self.path, KIND):
+            self._conn.executemany(sql, rows)
+
+    def executescript(self, script: str) -> None:
+        with storage_errors(self.path, KIND):
+            self._conn.executescript(script)
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE ... COMMIT; on any error a ROLLBACK, when SQLite has not already rolled
+        back itself (it does on a full disk), so the error raised is the one that happened."""
+        self.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                try:
+                    self._conn.execute("ROLLBACK")
+                except sqlite3.Error:  # the original error says more; SQLite discards the rest on close
+                    pass
+            raise
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _Cursor:
+    """A cursor whose rows, read lazily, raise StorageError as the connection does."""
+
+    def __init__(self, cursor: sqlite3.Cursor, path: Path):
+        self._cursor, self.path = cursor, path
+
+    @property
+    def description(self):
+        return self._cursor.description
+
+    def fetchone(self):
+        with storage_errors(self.path, KIND):
+            return self._cursor.fetchone()
+
+    def fetchall(self) -> list:
+        with storage_errors(self.path, KIND):
+            return self._cursor.fetchall()
+
+    def __iter__(self) -> Iterator[Any]:
+        with storage_errors(self.path, KIND):
+            yield from self._cursor
 
 
 def _image_field(record: dict[str, Any], out_dir: Path, delivery: dict[str, Any]) -> dict[str, str]:
