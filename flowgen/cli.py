@@ -107,10 +107,14 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
 @main.command(epilog=help_epilog(
     ["flowgen run recipes/quickstart.yaml",
      "flowgen run recipe.yaml --set task.numberResults=1 --limit 10",
-     "flowgen run recipe.yaml --detach      # prints the run id at once"],
+     "flowgen run recipe.yaml --detach      # prints the run id at once",
+     "flowgen run recipe.yaml --require-delivery   # from cron: non-zero when an upload or webhook gave up"],
     [(0, "every result rendered or unchanged (or left for later by --limit / --budget)"),
      (1, "some results failed (the others were rendered; `flowgen status` lists the failures)"),
-     (2, "bad input, missing weights or a busy output folder: nothing was run"),
+     (2, "bad input, missing weights, a busy output folder (nothing was run), or a manifest that cannot be "
+         "read or written (a corrupt file, a full disk: the data stays as it was)"),
+     (3, "--require-delivery: every result is fine, but a delivery gave up (`flowgen redeliver` resends it)"),
+     (70, "the run crashed (an internal error): recorded as failed, the traceback is in OUT/.flowgen/logs/RUN_ID.log"),
      (130, "interrupted (Ctrl-C): the manifest is consistent; run again to continue")]))
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
@@ -123,21 +127,28 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
               help="Stop before a batch would take the run's engine-time cost past USD "
                    "(rate: $FLOWGEN_COST_PER_DEVICE_SECOND, default 0.0007).")
 @click.option("--deliver-flagged", is_flag=True, help="Deliver results the content check flagged too (default: withhold them).")
-@click.option("--detach", is_flag=True, help="Run in the background; print the run id at once (as deliveryMethod: async).")
+@click.option("--detach", is_flag=True, help="Run in the background; print the run id at once (as deliveryMethod: async). "
+                                             "Bad input, missing weights or a busy folder are refused first (exit 2).")
+@click.option("--require-delivery", is_flag=True,
+              help="Exit 3 when every result is fine but an upload or webhook gave up after its retries "
+                   "(default: exit 0; the failed deliveries are recorded and `flowgen redeliver` resends them).")
 @click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
+@click.option("--out-from-recipe", is_flag=True, hidden=True)  # the detached child's --out is the recipe's own
 @user_errors
-def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach, run_id):
+def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach,
+        require_delivery, run_id, out_from_recipe):
     """Run RECIPE: render every missing or changed result, deliver it, and update the manifest."""
     from flowgen.commands import run_command
 
     sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype, budget=budget,
-                         deliver_flagged=deliver_flagged, detach=detach, run_id=run_id))
+                         deliver_flagged=deliver_flagged, detach=detach, run_id=run_id,
+                         require_delivery=require_delivery, out_from_recipe=out_from_recipe))
 
 
 @main.command(epilog=help_epilog(
     ["flowgen status out/quickstart",
      "flowgen status out/quickstart --json"],
-    [(0, "summary printed"), (2, "OUT_DIR holds no flowgen manifest")]))
+    [(0, "summary printed"), (2, "OUT_DIR holds no flowgen manifest, or one that cannot be read (a corrupt file)")]))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors

@@ -5,44 +5,75 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import click
 
+from flowgen.errors import FlowgenError
 from flowgen.plan.from_recipe import plan_recipe
+from flowgen.run.crash import one_line
 from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.engine import PipelineEngine
-from flowgen.run.executor import RunSummary, execute, new_run_id
-from flowgen.run.lock import folder_busy_check
-from flowgen.run.manifest import STATE_DIR, load_watermarks
+from flowgen.run.executor import RunSummary, execute, new_run_id, preflight
 from flowgen.run.interrupt import StopRequest
+from flowgen.run.lock import folder_busy_check
+from flowgen.run.manifest import Manifest, load_watermarks, run_log_path
 from flowgen.run.progress import default_progress
 from flowgen.run.settings import max_batch_setting
 
 
+DELIVERY_FAILED_EXIT = 3  # --require-delivery: every result is fine, but a delivery gave up
+
+
 def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool,
                 max_batch: int | None = None, dtype: str | None = None, *, budget: float | None = None,
-                deliver_flagged: bool = False, detach: bool = False, run_id: str | None = None) -> int:
-    """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 130 after Ctrl-C).
+                deliver_flagged: bool = False, detach: bool = False, run_id: str | None = None,
+                require_delivery: bool = False, out_from_recipe: bool = False) -> int:
+    """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 3 with require_delivery when a
+    delivery gave up, 130 after Ctrl-C).
 
     max_batch: --max-batch (None: $FLOWGEN_MAX_BATCH, else 8).
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto). detach (or deliveryMethod async on every
-    task): validate and plan here, then run in a background process and return its run id at once.
-    User errors before anything runs raise FlowgenError (exit 2 via the CLI).
+    task): validate, plan and make every refusal here, then run in a background process and return
+    its run id at once. run_id: set in that background process (the id its parent printed), which is
+    always given the output folder (out_from_recipe: the user gave no --out, the recipe named it).
+    User errors before anything runs raise FlowgenError (exit 2 via the CLI); a crash raises
+    RunCrashed (exit 70) once the run is recorded as failed.
     """
+    try:
+        return _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged,
+                    detach, run_id, require_delivery, out_from_recipe)
+    except BaseException as err:
+        if run_id is not None and out_dir is not None:  # a detached run: its death is recorded for `status`
+            _record_unstarted_death(out_dir, run_id, err)
+        raise
+
+
+def _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach, run_id,
+         require_delivery, out_from_recipe) -> int:
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
     plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
     plan.extra["recipe_overrides"] = list(overrides)  # recorded with the run: `prune` replans the same way
-    if run_id is None and (detach or _all_async(plan)):
-        return _detach(plan, recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged)
+    plan.extra["out_option"] = out_dir is not None and not out_from_recipe  # `status` says --out in its hints
     engine = PipelineEngine(plan.extra.get("card") or plan.model, plan.dtype)  # loads on the first batch only
+    if run_id is None and (detach or _all_async(plan)):
+        preflight(plan, engine, limit, verify_files=False)  # every refusal the run would make, made here
+        return _detach(plan, recipe, out_dir is None, overrides, limit, fail_fast, max_batch, dtype, budget,
+                       deliver_flagged, require_delivery)
     progress = default_progress()
     stop = StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))
     with stop:
         summary = execute(plan, engine, limit=limit, fail_fast=fail_fast, progress=progress, stop=stop,
                           budget=budget, deliver_flagged=deliver_flagged, run_id=run_id)
-    print_summary(summary, str(plan.out_dir), engine.load_seconds)
+    print_summary(summary, str(plan.out_dir), engine.load_seconds, require_delivery)
+    return exit_code(summary, require_delivery)
+
+
+def exit_code(summary: RunSummary, require_delivery: bool = False) -> int:
+    """The run's exit code; with --require-delivery a run whose results are all fine but whose
+    deliveries (some) gave up exits DELIVERY_FAILED_EXIT instead of 0."""
+    if summary.exit_code == 0 and require_delivery and summary.deliveries.get("failed"):
+        return DELIVERY_FAILED_EXIT
     return summary.exit_code
 
 
@@ -50,29 +81,68 @@ def _all_async(plan) -> bool:
     return bool(plan.items) and all(item.task.get("deliveryMethod") == "async" for item in plan.items)
 
 
-def _detach(plan, recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged) -> int:
-    """Start the run in its own session (it outlives this shell), print its id, return 0."""
+def _detach(plan, recipe, out_from_recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged,
+            require_delivery) -> int:
+    """Start the run in its own session (it outlives this shell), print its id, return 0. The run is
+    recorded as "starting" with its process id first, so `status` tells if it dies before it starts."""
     folder_busy_check(plan.out_dir)
     run_id = new_run_id()
-    args = [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(plan.out_dir), "--run-id", run_id]
-    args += [a for o in overrides for a in ("--set", o)]
-    for flag, value in (("--limit", limit), ("--max-batch", max_batch), ("--dtype", dtype), ("--budget", budget)):
-        if value is not None:
-            args += [flag, str(value)]
-    args += ["--fail-fast"] * fail_fast + ["--deliver-flagged"] * deliver_flagged
-    log_dir = Path(plan.out_dir) / STATE_DIR / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{run_id}.log"
-    with open(log_path, "ab") as log:
-        subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                         env=dict(os.environ))
+    args = child_args(recipe, plan.out_dir, out_from_recipe, run_id, overrides, limit, fail_fast, max_batch, dtype,
+                      budget, deliver_flagged, require_delivery)
+    log_path = run_log_path(plan.out_dir, run_id)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with Manifest(plan.out_dir) as manifest:
+        manifest.launch_run(run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash, str(log_path))
+        try:
+            with open(log_path, "ab") as log:
+                child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=dict(os.environ))
+        except OSError as err:
+            manifest.fail_unstarted_run(run_id, f"could not start the background process: {err}")
+            raise FlowgenError(f"cannot start the background run: {err}") from None
+        manifest.set_run_pid(run_id, child.pid)
     click.echo(run_id)
-    click.echo(f"running in the background; `flowgen status {plan.out_dir}` shows its progress, log: {log_path}",
-               err=True)
+    click.echo(f"running in the background; `flowgen status {_shown_out(plan.out_dir)}` shows its progress, "
+               f"log: {log_path}", err=True)
     return 0
 
 
-def print_summary(summary: RunSummary, out_dir: str, load_seconds: float = 0.0) -> None:
+def child_args(recipe, out_dir, out_from_recipe, run_id, overrides, limit, fail_fast, max_batch, dtype, budget,
+               deliver_flagged, require_delivery) -> list[str]:
+    """The background process's command line: this run's options, the run id printed for it, and
+    the output folder (so it can record its own death even when the recipe no longer plans)."""
+    args = [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--run-id", run_id, "--out", str(out_dir)]
+    args += ["--out-from-recipe"] * out_from_recipe + [a for o in overrides for a in ("--set", o)]
+    for flag, value in (("--limit", limit), ("--max-batch", max_batch), ("--dtype", dtype), ("--budget", budget)):
+        if value is not None:
+            args += [flag, str(value)]
+    return args + ["--fail-fast"] * fail_fast + ["--deliver-flagged"] * deliver_flagged \
+        + ["--require-delivery"] * require_delivery
+
+
+def _record_unstarted_death(out_dir: str, run_id: str, err: BaseException) -> None:
+    """A detached run that ends before its run started (refused, or crashed while planning): its
+    "starting" row becomes failed with the reason (a run that started has recorded its own end)."""
+    from flowgen.run.manifest import manifest_path
+
+    reason = str(err) if isinstance(err, FlowgenError) else one_line(err)
+    if isinstance(err, SystemExit | KeyboardInterrupt):
+        reason = "stopped before it started"
+    try:
+        if manifest_path(out_dir).exists():
+            with Manifest(out_dir, create=False) as manifest:
+                manifest.fail_unstarted_run(run_id, reason)
+    except FlowgenError:  # the manifest itself is the problem: `status` reads the process as gone
+        pass
+
+
+def _shown_out(out_dir) -> str:
+    """OUT_DIR as the user may type it: relative to here when it is below, else absolute."""
+    relative = os.path.relpath(out_dir)
+    return str(out_dir) if relative.startswith("..") else relative
+
+
+def print_summary(summary: RunSummary, out_dir: str, load_seconds: float = 0.0, require_delivery: bool = False) -> None:
     """The end-of-run summary (stdout)."""
     parts = [f"{summary.rendered} rendered", f"{summary.unchanged} unchanged", f"{summary.failed} failed"]
     if summary.not_run:
@@ -90,6 +160,9 @@ def print_summary(summary: RunSummary, out_dir: str, load_seconds: float = 0.0) 
         click.echo(f"  deliveries: {delivered.get('ok', 0)} ok, {delivered.get('failed', 0)} failed"
                    + (f" (flowgen redeliver {out_dir})" if delivered.get("failed") else "")
                    + (f", {delivered['withheld']} withheld" if delivered.get("withheld") else ""))
+    if exit_code(summary, require_delivery) == DELIVERY_FAILED_EXIT:
+        click.echo(f"error: {delivered['failed']} delivery(ies) gave up (--require-delivery: exit {DELIVERY_FAILED_EXIT})",
+                   err=True)
     if summary.removed:
         click.echo(f"  {summary.removed} result(s) no longer in the recipe: flowgen prune {out_dir} removes them")
     for run_id in summary.died_runs:

@@ -17,19 +17,23 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
+from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, disk_full
 from flowgen.plan.batching import signature_label
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
-from flowgen.run.atomic import atomic_write_bytes
+from flowgen.run.atomic import atomic_write_bytes, remove_stale_temps
 from flowgen.run.cost import Budget, cost_of, seconds_per_image
+from flowgen.run.crash import one_line, write_traceback
 from flowgen.run.deliver import Dispatcher, Finished, resend
 from flowgen.run.engine import BatchRequest, Engine
 from flowgen.run.faces import check_detector, face_settings
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import RunLock
-from flowgen.run.manifest import Manifest, manifest_path
+from flowgen.run.manifest import Manifest, manifest_path, run_log_path
+from flowgen.run.output_paths import outside_reason
 from flowgen.run.outputs import encode_image
 from flowgen.run.progress import NullProgress, Progress
 from flowgen.run.records import embedded_metadata, result_record
@@ -60,6 +64,8 @@ class RunSummary:
     removed: int = 0  # results in the manifest that the recipe no longer holds (`flowgen prune` removes them)
     canary: list[dict] = field(default_factory=list)  # golden-seed canary verdicts (flowgen.run.canary)
     canary_failures: list[str] = field(default_factory=list)  # one line per drifted item: nothing was rendered
+    error: str | None = None  # what ended the run early: an unexpected exception, or a file it could not use
+    log: str | None = None  # where the traceback of that exception was written
 
     @property
     def exit_code(self) -> int:
@@ -102,7 +108,12 @@ def execute(
     from its plan there. Either way the diff and the batches come from that one value.
     budget: USD of engine time this run may spend (flowgen.run.cost); the run stops before a batch
     that would exceed it. deliver_flagged: deliver results the content check flagged too.
-    delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits)."""
+    delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits).
+
+    Raises FlowgenError before anything is written when the run must not start (preflight), and
+    after it started when a file cannot be used (StorageError: a corrupt manifest, a full disk);
+    RunCrashed when an unexpected exception ended it (its traceback in the run's log). Either way
+    the run is recorded as failed with the reason, and no image is left on disk without its row."""
     given = plan if isinstance(plan, RunPlan) else None
     plan = given.plan if given is not None else plan
     spending = Budget(budget)
@@ -110,14 +121,7 @@ def execute(
     stop = stop or StopRequest()
     start = time.perf_counter()
     summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
-    # a run refused before it starts (missing weights, ...) leaves nothing behind: the refusals are
-    # decided before the lock is taken (which creates the output folder) and before anything is
-    # written; the diff they need is built now and reused under the lock if the manifest is unchanged
-    if given is None and manifest_path(plan.out_dir).exists():
-        with Manifest(plan.out_dir, create=False) as manifest:
-            given = plan.against(manifest.index(), manifest.get)
-    early = given.limited(limit).runnable if given is not None else [r for r in plan.results if not r.item.error][:limit]
-    checker = _refusals(plan, engine, early)
+    given, early, checker = preflight(given or plan, engine, limit)
     with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
         index = manifest.index()
         reused = given is not None and given.is_current(index)
@@ -129,40 +133,46 @@ def execute(
         if not reused and (len(runnable) != len(early) or any(a is not b for a, b in zip(runnable, early))):
             # the manifest changed meanwhile: check again for what runs now
             checker = _refusals(plan, engine, runnable)
-        summary.died_runs = manifest.mark_died_runs()
+        summary.died_runs = manifest.mark_died_runs(summary.run_id)
+        stale = remove_stale_temps(_output_folders(plan))  # what killed runs were writing
+        if stale:
+            progress.note(f"removed {len(stale)} temp file(s) that killed runs left, e.g. {stale[0]}")
         summary.removed = len(run_plan.diff.removed)
         recipe_path = plan.extra.get("recipe_path")
         manifest.record_plan((r.rid for r in plan.results), plan.extra.get("retained_item_ids") or (),
-                             {"path": recipe_path, "overrides": list(plan.extra.get("recipe_overrides") or ())}
+                             {"path": recipe_path, "overrides": list(plan.extra.get("recipe_overrides") or ()),
+                              "out_option": bool(plan.extra.get("out_option"))}
                              if recipe_path else None)
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
-        options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
-        # a killed run's deliveries that never finished: sent again, once
-        summary.deliveries = resend(manifest, summary.run_id, plan.out_dir, ("pending",), **options)
-        dispatcher = Dispatcher(manifest, summary.run_id, **options)
         runner = _BatchRunner(plan, engine, summary, progress, checker)
-        history = list(manifest.records()) if budget is not None else []
-        if plan.extra.get("canary"):  # before anything renders: a drifted engine stops the run here
-            from flowgen.run.canary import check_canary
-
-            summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.extra["canary"],
-                                                                   summary.run_id)
-            if summary.canary_failures:
-                summary.not_run += len(blocked) + len(runnable)
-                blocked, runnable, run_plan = (), (), run_plan.limited(0)
-        if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
-            progress.note(set_aside_note(blocked))  # said now, not only in the end-of-run summary
-            _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
-            summary.failed += len(blocked)
-            summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
-        batches = run_plan.batches() if not (fail_fast and blocked) else ()
-        summary.stopped_early = bool(fail_fast and blocked)
-        progress.start(len(runnable), len(batches))
-        lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
-                         "failed": summary.failed}  # every key set now: the heartbeat thread reads it
-        lock.beat()
+        dispatcher: Dispatcher | None = None
         went_through = False  # the loop ended by itself (not by an exception)
         try:
+            options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
+            # a killed run's deliveries that never finished: sent again, once
+            summary.deliveries = resend(manifest, summary.run_id, plan.out_dir, ("pending",), **options)
+            dispatcher = Dispatcher(manifest, summary.run_id, **options)
+            history = list(manifest.records()) if budget is not None else []
+            if plan.extra.get("canary"):  # before anything renders: a drifted engine stops the run here
+                from flowgen.run.canary import check_canary
+
+                summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.extra["canary"],
+                                                                       summary.run_id)
+                if summary.canary_failures:
+                    summary.not_run += len(blocked) + len(runnable)
+                    blocked, runnable, run_plan = (), (), run_plan.limited(0)
+            if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
+                progress.note(set_aside_note(blocked))  # said now, not only in the end-of-run summary
+                _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
+                summary.failed += len(blocked)
+                summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
+            batches = run_plan.batches() if not (fail_fast and blocked) else ()
+            summary.stopped_early = bool(fail_fast and blocked)
+            progress.start(len(runnable), len(batches))
+            set_aside = len(blocked)  # failed before rendering: the progress counts them with the first batch
+            lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
+                             "failed": summary.failed}  # every key set now: the heartbeat thread reads it
+            lock.beat()
             for number, batch in enumerate(batches):
                 if stop.requested:
                     summary.interrupted = True
@@ -175,11 +185,13 @@ def execute(
                 records, finished = runner.run(batch)
                 spending.spend(runner.last_engine_seconds, batch.size)
                 _commit(manifest, summary, records, dispatcher.first_states(finished))
+                runner.recorded()
                 for done in finished:
                     dispatcher.submit(done)
                 failed = sum(r["status"] == "failed" for r in records)
                 summary.batches += 1
-                progress.advance(len(records), failed)
+                progress.advance(len(records), failed + set_aside)
+                set_aside = 0
                 lock.progress.update(rendered=summary.rendered, failed=summary.failed, batches_done=summary.batches)
                 lock.beat()
                 if fail_fast and failed:
@@ -189,19 +201,110 @@ def execute(
                     _commit(manifest, summary, [runner.skipped(r, "not run: --fail-fast stopped the run") for r in rest if manifest.get(*r.rid) is None])
                     break
             went_through = True
-        finally:
-            progress.finish()
+        except BaseException as err:
+            runner.discard_unrecorded()  # written, never recorded: gone, so a rerun renders them
+            recorded = _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, err)
+            raise _reported(err, summary, plan.out_dir, recorded) from err
+        _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, None)
+    return summary
+
+
+def preflight(plan: Plan | RunPlan, engine: Engine, limit: int | None = None,
+              verify_files: bool = True) -> tuple[RunPlan | None, Sequence[PlannedResult], object]:
+    """Everything that refuses a run before anything is written, without taking the folder: raises
+    FlowgenError (missing weights, content checker or face detector; nothing the plan holds can run).
+    `run --detach` calls it before starting the background process. Returns (the plan against the
+    folder's manifest, or None when there is none yet; the results that would run; the content
+    checker the run needs, or None): the run reuses them when the manifest is unchanged under its lock.
+    verify_files=False trusts the manifest for unchanged outputs instead of hashing them again (what
+    `run --detach` checks with before the background run checks again)."""
+    given = plan if isinstance(plan, RunPlan) else None
+    plan = given.plan if given is not None else plan
+    # a run refused before it starts (missing weights, ...) leaves nothing behind: the refusals are
+    # decided before the lock is taken (which creates the output folder) and before anything is
+    # written; the diff they need is built now and reused under the lock if the manifest is unchanged
+    if given is None and manifest_path(plan.out_dir).exists():
+        with Manifest(plan.out_dir, create=False) as manifest:
+            given = plan.against(manifest.index(), manifest.get, verify_files)
+    early = given.limited(limit).runnable if given is not None else [r for r in plan.results if not r.item.error][:limit]
+    _refuse_when_nothing_can_run(plan)
+    return given, early, _refusals(plan, engine, early)
+
+
+def _refuse_when_nothing_can_run(plan: Plan) -> None:
+    """Every item of the plan cannot run (e.g. a reference they all share is missing): refused as
+    `validate` would, one line per distinct reason, instead of a failed row and a line per result."""
+    if not plan.items or any(item.error is None for item in plan.items):
+        return
+    by_reason: dict[str, list[str]] = {}
+    for item in plan.items:
+        by_reason.setdefault(item.error or "cannot run", []).append(item.key)
+    if len(by_reason) == 1:
+        reason, keys = next(iter(by_reason.items()))
+        raise RecipeError(f"{reason}: every item of the recipe needs it ({len(keys)} item(s)), so nothing was run")
+    raise RecipeError([f"{reason} (item {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+                       + "); no item of the recipe can run, so nothing was run" for reason, keys in by_reason.items()])
+
+
+def _end_run(manifest: Manifest, plan: Plan, summary: RunSummary, progress: Progress, dispatcher: Dispatcher | None,
+             spending: Budget, start: float, went_through: bool, error: BaseException | None) -> bool:
+    """Wait for the deliveries in flight and record how the run ended: its status and summary, then
+    the manifest.jsonl export. After an exception (`error`) the reason is recorded too, and a
+    failure here (the same full disk, say) is logged rather than raised over the first one.
+    Returns whether the run's end is in the manifest."""
+    if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stopped at once
+        summary.interrupted = True
+    elif error is not None:
+        summary.error = error_reason(error)
+        if not isinstance(error, FlowgenError):
+            log_path = write_traceback(run_log_path(plan.out_dir, summary.run_id), error, f"run {summary.run_id} crashed")
+            summary.log = str(log_path) if log_path else None
+    recorded = False
+    try:
+        progress.finish()
+        if dispatcher is not None:
             dispatcher.close()  # waits for the deliveries in flight (each bounded by its retry policy)
             for state, count in dispatcher.counts.items():
                 summary.deliveries[state] = summary.deliveries.get(state, 0) + count
-            summary.spent = round(spending.spent, 6)
-            summary.seconds = time.perf_counter() - start
-            status = "interrupted" if summary.interrupted else ("failed" if summary.exit_code else "ok")
-            if went_through and summary.complete and plan.extra.get("next_watermarks"):  # incremental datasets: seen up to here
-                manifest.record_watermarks(plan.extra["next_watermarks"], summary.run_id)
-            manifest.finish_run(summary.run_id, status, _summary_dict(summary))
-            manifest.export_jsonl()
-    return summary
+        summary.spent = round(spending.spent, 6)
+        summary.seconds = time.perf_counter() - start
+        if summary.log is None and run_log_path(plan.out_dir, summary.run_id).exists():  # a detached run's output
+            summary.log = str(run_log_path(plan.out_dir, summary.run_id))
+        if summary.interrupted:
+            status = "interrupted"
+        else:
+            status = "failed" if summary.error or summary.exit_code else "ok"
+        if went_through and summary.complete and plan.extra.get("next_watermarks"):  # incremental datasets: seen up to here
+            manifest.record_watermarks(plan.extra["next_watermarks"], summary.run_id)
+        manifest.finish_run(summary.run_id, status, _summary_dict(summary))
+        recorded = True
+        manifest.export_jsonl()
+    except Exception as late:
+        if error is None:
+            raise
+        log.warning("run %s: could not record its end after %s: %s", summary.run_id, summary.error, error_reason(late))
+    return recorded
+
+
+def error_reason(err: BaseException) -> str:
+    """One line: a FlowgenError's own message, else the exception's type and first line."""
+    return str(err) if isinstance(err, FlowgenError) else one_line(err)
+
+
+def _reported(err: BaseException, summary: RunSummary, out_dir, recorded: bool) -> BaseException:
+    """What execute raises for an exception that ended the run: a KeyboardInterrupt or a FlowgenError
+    as it is; anything else as RunCrashed, naming the log that holds its traceback."""
+    if isinstance(err, (FlowgenError, KeyboardInterrupt)) or not isinstance(err, Exception):
+        return err
+    where = f"the full traceback is in {summary.log}" if summary.log else "its traceback could not be written"
+    return RunCrashed(f"run {summary.run_id} crashed: {summary.error}; "
+                      + (f"recorded as failed in {out_dir}'s manifest" if recorded else "its end could not be recorded")
+                      + f", no unrecorded image left; {where}")
+
+
+def _output_folders(plan: Plan) -> set[str]:
+    """Every folder the run writes files into: where killed runs' temp files may lie."""
+    return {str(plan.out_dir)} | {os.path.dirname(r.output_file) for r in plan.results}
 
 
 def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
@@ -254,6 +357,7 @@ def _summary_dict(summary: RunSummary) -> dict:
         "spent": summary.spent, "budget_stopped": summary.budget_stopped, "flagged": summary.flagged,
         "deliveries": summary.deliveries, "removed": summary.removed,
         **({"canary": summary.canary, "canary_failures": summary.canary_failures} if summary.canary else {}),
+        **{key: value for key, value in (("error", summary.error), ("log", summary.log)) if value},
     }
 
 
@@ -267,6 +371,21 @@ class _BatchRunner:
         self.progress: Progress | None = progress  # None once a step report failed
         self.references = ReferenceLoader()
         self.engine_identity: dict | None = None
+        self.unrecorded: list[Path] = []  # files written for the current batch, not yet in the manifest
+
+    def recorded(self) -> None:
+        """The current batch's records are committed: its files are accounted for."""
+        self.unrecorded.clear()
+
+    def discard_unrecorded(self) -> None:
+        """Remove the files written since the last commit (the run is ending without recording them):
+        no image stays on disk without its manifest row."""
+        for path in self.unrecorded:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("could not remove %s (written, never recorded): %s", path, err)
+        self.unrecorded.clear()
 
     def failed(self, result: PlannedResult, error: str, **extra) -> dict:
         return result_record(self.plan, result, status="failed", error=error, run_id=self.summary.run_id, engine=self.engine_identity, **extra)
@@ -360,10 +479,16 @@ class _BatchRunner:
         data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), result.job.output_quality,
                             embedded_metadata(self.plan, result))
         t2 = time.perf_counter()
+        outside = outside_reason(self.plan.out_dir, result.output_path)
+        if outside:  # a symlinked folder inside OUT: never written through
+            return self._fail(result, f"not written: {outside}"), None
         try:
             atomic_write_bytes(result.output_path, data)  # the file sink: always, flagged or not
         except OSError as err:
+            if disk_full(err):  # every next write would fail too: the run stops here, one line
+                raise StorageError.about(result.output_path, err, "image") from None
             return self._fail(result, f"cannot write {result.output_path}: {err}"), None
+        self.unrecorded.append(result.output_path)
         t3 = time.perf_counter()
         self.summary.stage_seconds["encode"] += t2 - t1
         self.summary.stage_seconds["write"] += t3 - t2

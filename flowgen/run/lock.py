@@ -114,6 +114,19 @@ def folder_busy_check(out_dir: str | Path) -> None:
         raise FolderBusy(f"{out_dir}: {who} is using this output folder; wait for it to finish or stop it, then run again")
 
 
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one we may not signal counts)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _try_lock(fd: int, kind: int, attempts: int = 1) -> bool:
     for attempt in range(attempts):
         try:
