@@ -15,6 +15,7 @@ from flowgen.run.executor import new_run_id
 from flowgen.run.deliver import resend
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest
+from flowgen.run.output_paths import outside_reason
 
 
 def redeliver_command(out_dir: str, flagged: bool) -> int:
@@ -43,8 +44,13 @@ def gc_command(out_dir: str, dry_run: bool, now: float | None = None) -> None:
                 continue
             if record["updated_at"] + int(ttl) <= now:
                 due.append(record)
+        outside = {id(r): reason for r in due
+                   if (reason := outside_reason(manifest.out_dir, manifest.out_dir / r["output"]["path"]))}
         for record in due:
             path = manifest.out_dir / record["output"]["path"]
+            if id(record) in outside:  # never removed through a symlinked folder; not expired either
+                click.echo(f"left {record['output']['path']} in place: {outside[id(record)]}")
+                continue
             if not dry_run:
                 path.unlink(missing_ok=True)
                 manifest.expire(record["item_id"], record["result_index"], record["content_hash"])
@@ -52,4 +58,5 @@ def gc_command(out_dir: str, dry_run: bool, now: float | None = None) -> None:
                        f"(ttl {record['params']['ttl']}s ran out)")
         if not dry_run:
             manifest.export_jsonl()
-    click.echo(f"{out_dir}: {len(due)} expired result(s) {'to remove' if dry_run else 'removed'}")
+    click.echo(f"{out_dir}: {len(due) - len(outside)} expired result(s) {'to remove' if dry_run else 'removed'}"
+               + (f", {len(outside)} left in place (outside the output folder)" if outside else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections import Counter
 from typing import Any, Sequence
@@ -31,8 +32,9 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
     """
     compute_dtype = resolve_dtype(dtype_setting(dtype), guess_backend())
     plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
-    run_plan, history = load_run_plan(plan)
+    run_plan, history, last_recipe = load_run_plan(plan)
     report = plan_report(run_plan, history)
+    report["prune_command"] = prune_hint(plan, recipe, overrides, last_recipe)
     # a note, not an error: the plan is sound, but `run` stops until this machine has the weights
     report["weights_note"] = weights_note(plan.extra.get("card"))
     if as_json:
@@ -43,13 +45,25 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
             click.echo(f"note: {report['weights_note']}")
 
 
-def load_run_plan(plan: Plan) -> tuple[RunPlan, list[dict]]:
-    """The plan against the output folder's manifest (everything is new when there is none), and
-    the manifest's records (what earlier runs measured, for the cost estimate)."""
+def load_run_plan(plan: Plan) -> tuple[RunPlan, list[dict], dict[str, Any] | None]:
+    """The plan against the output folder's manifest (everything is new when there is none), the
+    manifest's records (what earlier runs measured, for the cost estimate), and the recipe the last
+    run used ({"path", "overrides"}, or None)."""
     if not manifest_path(plan.out_dir).exists():
-        return plan.against({}), []
+        return plan.against({}), [], None
     with Manifest(plan.out_dir, create=False) as manifest:
-        return plan.against(manifest.index(), manifest.get), list(manifest.records())
+        return plan.against(manifest.index(), manifest.get), list(manifest.records()), manifest.last_recipe()
+
+
+def prune_hint(plan: Plan, recipe: str, overrides: Sequence[str], last_recipe: dict[str, Any] | None) -> str:
+    """The `flowgen prune` command that removes what this plan lists as removed: plain when this is the
+    recipe (and --set options) the last run used, which prune compares with by default; else with
+    --recipe (prune takes no --set: with other options, it compares with the recipe file as it is)."""
+    command = ["flowgen", "prune", str(plan.out_dir)]
+    last = last_recipe or {}
+    if last.get("path") != plan.extra.get("recipe_path") or list(last.get("overrides") or ()) != list(overrides):
+        command += ["--recipe", recipe]
+    return shlex.join(command)
 
 
 def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
@@ -145,7 +159,7 @@ def print_plan(report: dict[str, Any]) -> None:
         click.echo(f"  changed {change['result']} {change['key']}: {', '.join(change['fields'])}")
     if counts["removed"]:
         click.echo(f"{counts['removed']} result(s) in the manifest no longer in the recipe "
-                   f"(flowgen prune {report['out_dir']} removes their files and rows):")
+                   f"({report.get('prune_command') or 'flowgen prune ' + report['out_dir']} removes their files and rows):")
         for gone in report["diff"]["removed_results"]:
             click.echo(f"  removed {gone['result']} {gone['key'] or ''}" + (f" ({gone['path']})" if gone["path"] else ""))
         if counts["removed"] > len(report["diff"]["removed_results"]):

@@ -10,6 +10,7 @@ the prune, so a crash in between leaves rows whose files are gone: a second prun
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from flowgen.plan.from_recipe import plan_recipe
 from flowgen.run.executor import new_run_id
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, load_watermarks
+from flowgen.run.output_paths import outside_reason
 
 SHOW = 50  # results listed one per line; beyond that, a count
 
@@ -32,25 +34,35 @@ def prune_command(out_dir: str, recipe: str | None, yes: bool) -> None:
     with RunLock(out_dir, "prune-" + new_run_id()), Manifest(out_dir, create=False) as manifest:
         removed = plan.against(manifest.index(), verify_files=False).diff.removed
         records = [manifest.get(*rid) or {"item_id": rid[0], "result_index": rid[1]} for rid in removed]
-        verb = "removed" if yes else "would remove"
-        for record in records[:SHOW]:
-            click.echo(f"{verb} {_describe(record)}")
-        if len(records) > SHOW:
-            click.echo(f"... and {len(records) - SHOW} more")
+        kept: dict[tuple[str, int], str] = {}  # result -> why its file was left in place
         if yes and records:
             for record in records:
-                _remove_file(manifest.out_dir, record)
+                reason = _remove_file(manifest.out_dir, record)
+                if reason:
+                    kept[(record["item_id"], record["result_index"])] = reason
             manifest.remove_results(removed, str(path), [
                 [r["item_id"], r["result_index"], r.get("item_key"), (r.get("output") or {}).get("path")] for r in records])
             manifest.export_jsonl()
+        verb = "removed" if yes else "would remove"
+        for number, record in enumerate(records):
+            reason = kept.get((record["item_id"], record["result_index"]))
+            if reason:  # said always: a file left in place is never reported as removed
+                click.echo(f"removed the row of {_describe(record)}; its file was left in place: {reason}")
+            elif number < SHOW:
+                click.echo(f"{verb} {_describe(record)}")
+        if len(records) > SHOW:
+            click.echo(f"... and {len(records) - SHOW} more")
     shown = f"recipe {plan.recipe_name} ({path})"
     if not records:
         click.echo(f"{out_dir}: nothing to prune: every result in the manifest is in {shown}")
     elif yes:
-        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown} removed: their files and manifest rows")
+        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown} removed: their manifest rows and "
+                   + (f"{len(records) - len(kept)} of their files ({len(kept)} left in place, listed above)"
+                      if kept else "their files"))
     else:
+        command = ["flowgen", "prune", out_dir, "--yes"] + (["--recipe", recipe] if recipe is not None else [])
         click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown}; "
-                   f"`flowgen prune {out_dir} --yes` removes their files and manifest rows")
+                   f"`{shlex.join(command)}` removes their files and manifest rows")
 
 
 def _recipe_to_compare(out_dir: str, given: str | None, last: dict[str, Any] | None) -> tuple[str, list[str]]:
@@ -71,11 +83,19 @@ def _describe(record: dict[str, Any]) -> str:
             + (f" ({path})" if path else "")).rstrip()
 
 
-def _remove_file(out_dir: Path, record: dict[str, Any]) -> None:
-    """Delete a result's file, only ever inside the output folder."""
+def _remove_file(out_dir: Path, record: dict[str, Any]) -> str | None:
+    """Delete a result's file, only ever inside the output folder; returns why it was left in place
+    (its folder resolves outside OUT_DIR through a symlink, or it cannot be removed), else None."""
     path = (record.get("output") or {}).get("path")
     if not path:
-        return
-    target = (out_dir / path).resolve()
-    if target.is_relative_to(out_dir.resolve()) and target.is_file():
-        target.unlink()
+        return None
+    target = out_dir / path
+    outside = outside_reason(out_dir, target)
+    if outside:
+        return outside
+    try:
+        if target.is_symlink() or target.is_file():
+            target.unlink()  # a symlink itself is removed, never what it points to
+    except OSError as err:
+        return f"cannot remove {target}: {err.strerror or err}"
+    return None

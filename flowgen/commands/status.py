@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import click
 
-from flowgen.run.lock import folder_state
+from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
 from flowgen.run.manifest import Manifest
 
 SHOW_FAILURES = 20
@@ -36,9 +37,11 @@ LEGEND: dict[str, dict[str, str]] = {
     },
     "run": {
         "ok": "the last run finished and every result it tried succeeded",
-        "failed": "the last run finished, but some results failed (listed)",
+        "failed": "the last run finished, but some results failed (listed), or an error ended it (shown, with its log)",
+        "starting": "a run started with --detach whose process is alive but has not taken the folder yet",
         "interrupted": "the last run was stopped by Ctrl-C after a batch; the manifest is consistent",
-        "died": "the last run was killed (or its machine went down) mid-run; the next run completes its work",
+        "died": "the last run was killed (or its machine went down) mid-run, or a detached run's process ended "
+                "before it started (see its log); the next run completes its work",
         "running": "a run holds the folder now and its heartbeat is recent",
         "stale": "a process holds the folder's lock but its heartbeat stopped: it may be hung",
     },
@@ -82,8 +85,8 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
             missing.append(record["output"]["path"])
     runs = manifest.runs()
     state, holder = folder_state(manifest.out_dir)
-    if runs and runs[-1]["status"] == "running" and state == "idle":
-        runs[-1]["status"] = "died"  # marked running, but no process holds the folder: killed
+    if runs and state == "idle":
+        _mark_gone(runs[-1])
     counts = dict(Counter(r["status"] for r in held))
     held_expired = sum(1 for rid in expired if rid in held_ids)
     not_rendered = None if planned is None else len(planned - held_ids)
@@ -113,6 +116,24 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
     return report
 
 
+def _mark_gone(run: dict[str, Any]) -> None:
+    """A last run the manifest still calls running or starting while no process holds the folder:
+    "died" (killed mid-run, or a detached run's process that ended before its run started)."""
+    summary = run.get("summary") or {}
+    if run["status"] == "running":
+        run["status"] = "died"
+    elif run["status"] == "starting" and not _launched_process_alive(summary, run["started_at"]):
+        run["status"] = "died"
+        run["summary"] = {**summary, "error": "its background process ended before the run started"}
+
+
+def _launched_process_alive(summary: dict[str, Any], launched_at: float) -> bool:
+    pid = summary.get("pid")
+    if pid is None:  # the launcher has not recorded it yet (an instant), or died before it could
+        return time.time() - launched_at < STALE_AFTER_SECONDS
+    return process_exists(int(pid))
+
+
 def status_lines(report: dict[str, Any]) -> list[str]:
     """The text `status` prints for a report."""
     out, counts = report["out_dir"], report["counts"]
@@ -125,7 +146,7 @@ def status_lines(report: dict[str, Any]) -> list[str]:
                  "(what the recipe plans is recorded from the next run on)"]
     else:
         todo = report["not_rendered"]
-        parts.append(f"{todo} not rendered yet" + (f" (flowgen run {_recipe_shown(report)} renders them)" if todo else ""))
+        parts.append(f"{todo} not rendered yet" + (f" ({_who_renders(report)} renders them)" if todo else ""))
         lines = [f"{out}: {report['planned']} planned: {', '.join(parts)}"]
     removed = report["removed"]["count"]
     if removed:
@@ -133,7 +154,10 @@ def status_lines(report: dict[str, Any]) -> list[str]:
                      f"(flowgen prune {out} removes them)")
     run = report["last_run"]
     if run:
-        lines.append(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}")
+        summary = run.get("summary") or {}
+        why = f": {summary['error']}" if summary.get("error") and run["status"] in ("failed", "died") else ""
+        log = f" (log: {summary['log']})" if summary.get("log") and why else ""
+        lines.append(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}{why}{log}")
     if report["state"] == "running" and report["progress"]:
         p = report["progress"]
         lines.append(f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
@@ -171,15 +195,29 @@ def _legend(report: dict[str, Any]) -> dict[str, dict[str, str]]:
             for kind, words in shown.items() if any(w in LEGEND[kind] for w in words)}
 
 
+def _who_renders(report: dict[str, Any]) -> str:
+    """What renders the results not rendered yet: the run holding the folder now, else the command
+    that runs the last run's recipe again with its options (--set, and --out when it had one)."""
+    if report["state"] == "running":
+        return "the run in progress"
+    if report["state"] == "stale":
+        return "once the stale run is gone, `flowgen run` on its recipe"
+    return "flowgen run " + _recipe_shown(report)
+
+
 def _recipe_shown(report: dict[str, Any]) -> str:
-    """The recipe the last run used, relative to here when it is below (what to type to run it again)."""
+    """The recipe the last run used, relative to here when it is below, with its --set options and,
+    when the run was given one, --out (this folder as `status` was given it): what to type to run it again."""
     recipe = report.get("recipe") or {}
     path = recipe.get("path")
     if not path:
-        return "RECIPE"
+        return "RECIPE --out " + shlex.quote(report["out_dir"])
     try:
         shown = os.path.relpath(path)
     except ValueError:
         shown = path
     shown = path if shown.startswith("..") else shown
-    return " ".join(shlex.quote(part) for part in [shown] + [a for o in recipe.get("overrides") or () for a in ("--set", o)])
+    parts = [shown] + [a for o in recipe.get("overrides") or () for a in ("--set", o)]
+    if recipe.get("out_option"):
+        parts += ["--out", report["out_dir"]]
+    return " ".join(shlex.quote(part) for part in parts)
