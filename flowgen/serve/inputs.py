@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
+from flowgen.engine.images import MAX_SERVE_INPUT_PIXELS
 from flowgen.net.fetch import FetchError, FetchSlots, TooManyFetches, fetch_bytes
 from flowgen.net.policy import DestinationPolicy
 from flowgen.net.redact import redact_url
@@ -89,7 +90,7 @@ class ImageInputs:
                                 parameter=parameter)
 
         def problem(path) -> str | None:  # image_problem words a bomb's size; anything else unknown is refused
-            return image_problem(path) or (None if fmt in _FORMATS else "is too large to open")
+            return image_problem(path, max_pixels=MAX_SERVE_INPUT_PIXELS) or (None if fmt in _FORMATS else "is too large to open")
 
         try:
             return self.store.put_image(data, _FORMATS.get(fmt, "img"), ttl, owner=owner, check=problem)

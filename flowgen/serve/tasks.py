@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 from flowgen.net.redact import redacted_task
 from flowgen.engine.cards import ModelCard
+from flowgen.engine.images import MAX_SERVE_INPUT_PIXELS
 from flowgen.errors import FlowgenError
 from flowgen.plan.compile import guidance_for, output_ext
 from flowgen.plan.job import Job
@@ -104,7 +105,7 @@ class TaskService:
                  delivery_options: dict | None = None, max_unfinished: int = MAX_UNFINISHED_PER_KEY):
         self.store, self.batcher, self.models, self.inputs = store, batcher, models, inputs
         self.max_unfinished = max_unfinished
-        self.references = ReferenceLoader()
+        self.references = ReferenceLoader(max_pixels=MAX_SERVE_INPUT_PIXELS)  # clients' images: the lower limit
         self.loras = LoraResolver()
         self.deliveries = ServeDeliveries(store, **(delivery_options or {}))
         self.deliveries.resend_pending()  # what a stopped server left undelivered: once more
