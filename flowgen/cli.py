@@ -1,7 +1,8 @@
 """The `flowgen` command line.
 
 Thin by design: each command parses its options and calls one function in the workflow layer.
-User errors (FlowgenError) become one line on stderr and exit code 2; no tracebacks.
+User errors (FlowgenError) become one line on stderr and exit code 2; no tracebacks (a crashed run,
+RunCrashed, is one line too, exit code 70, its traceback in the run's log).
 """
 
 from __future__ import annotations
@@ -13,17 +14,18 @@ from typing import Sequence
 import click
 
 from flowgen import __version__
-from flowgen.errors import FlowgenError
+from flowgen.errors import FlowgenError, RunCrashed
 
 
 def user_errors(fn):
-    """Turn FlowgenError into `error: ...` + exit 2 (one line per problem)."""
+    """Turn FlowgenError into `error: ...` + exit 2 (one line per problem), and RunCrashed (its
+    traceback already logged) into its one line + exit 70."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FlowgenError as err:
+        except (FlowgenError, RunCrashed) as err:
             problems = getattr(err, "problems", None) or [str(err)]
             for problem in problems:
                 click.echo(f"error: {problem}", err=True)

@@ -2,8 +2,8 @@
 
 Every problem a user can cause (bad recipe, missing file, wrong checkpoint) raises a subclass of
 FlowgenError with a one-line message naming the field or file and what is allowed. The CLI turns
-them into `error: ...` on stderr and the class's exit code (2 unless it says otherwise) — never a
-traceback.
+them into `error: ...` on stderr and exit code 2 — never a traceback. RunCrashed (a run ended by a
+bug) is printed the same way, with exit code 70.
 """
 
 from __future__ import annotations
@@ -81,8 +81,10 @@ def storage_errors(path: str | Path, kind: str = "state file") -> Iterator[None]
         raise StorageError.about(path, err, kind) from None
 
 
-class RunCrashed(FlowgenError):
+class RunCrashed(Exception):
     """A run ended by an unexpected exception (a bug, not the user's input): recorded as failed in the
-    manifest, its traceback written to a log; the message says where."""
+    manifest, its traceback written to a log; the message (one line) says where. Not a FlowgenError:
+    callers that tell bad input from a failed run (`flowgen schedule`) count it as a failed run; the
+    CLI prints it as one `error:` line all the same."""
 
     exit_code = 70  # sysexits' EX_SOFTWARE: an internal error

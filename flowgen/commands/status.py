@@ -20,7 +20,8 @@ from typing import Any
 import click
 
 from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
-from flowgen.run.manifest import Manifest
+from flowgen.errors import StorageError
+from flowgen.run.manifest import JSONL_NAME, Manifest
 
 SHOW_FAILURES = 20
 
@@ -58,12 +59,18 @@ def status_command(out_dir: str, as_json: bool) -> None:
     """Summarise OUT_DIR's manifest (and refresh its manifest.jsonl export)."""
     with Manifest(out_dir, create=False) as manifest:
         report = status_report(manifest)
-        manifest.export_jsonl()
+        try:
+            manifest.export_jsonl()
+            stale_export = None
+        except StorageError as err:  # a full disk: the status is still worth showing
+            stale_export = err
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
-        return
-    for line in status_lines(report):
-        click.echo(line)
+    else:
+        for line in status_lines(report):
+            click.echo(line)
+    if stale_export is not None:
+        click.echo(f"note: {JSONL_NAME} was not refreshed: {stale_export}", err=True)
 
 
 def status_report(manifest: Manifest) -> dict[str, Any]:

@@ -204,6 +204,24 @@ def test_a_full_disk_while_writing_an_image_is_one_line_and_keeps_what_was_recor
     assert last["status"] == "failed" and "the disk is full" in last["summary"]["error"]
 
 
+def test_status_on_a_full_disk_still_shows_the_folder_and_notes_the_export_it_could_not_refresh(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    execute(plan_of([item("a")], out), FakeEngine())
+    export = (out / "manifest.jsonl").read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    result = cli("status", out)
+    monkeypatch.undo()
+
+    assert result.exit_code == 0, result.output
+    assert f"{out}: 1 planned: 1 ok" in result.stdout and "Traceback" not in result.output
+    assert result.stderr.startswith("note: manifest.jsonl was not refreshed: ") and "the disk is full" in result.stderr
+    assert (out / "manifest.jsonl").read_bytes() == export and not list(out.glob(".*.tmp"))
+
+
 def test_a_full_database_is_one_line_and_its_rows_stay_as_they_were(tmp_path, monkeypatch):
     out = tmp_path / "out"
     execute(plan_of([item("a"), item("b")], out), FakeEngine())
