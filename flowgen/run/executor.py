@@ -219,16 +219,16 @@ def preflight(plan: Plan | RunPlan, engine: Engine, limit: int | None = None,
     verify_files=False trusts the manifest for unchanged outputs instead of hashing them again (what
     `run --detach` checks with before the background run checks again)."""
     given = plan if isinstance(plan, RunPlan) else None
-    plan = given.plan if given is not None else plan
+    bare: Plan = plan.plan if isinstance(plan, RunPlan) else plan
     # a run refused before it starts (missing weights, ...) leaves nothing behind: the refusals are
     # decided before the lock is taken (which creates the output folder) and before anything is
     # written; the diff they need is built now and reused under the lock if the manifest is unchanged
-    if given is None and manifest_path(plan.out_dir).exists():
-        with Manifest(plan.out_dir, create=False) as manifest:
-            given = plan.against(manifest.index(), manifest.get, verify_files)
-    early = given.limited(limit).runnable if given is not None else [r for r in plan.results if not r.item.error][:limit]
-    _refuse_when_nothing_can_run(plan)
-    return given, early, _refusals(plan, engine, early)
+    if given is None and manifest_path(bare.out_dir).exists():
+        with Manifest(bare.out_dir, create=False) as manifest:
+            given = bare.against(manifest.index(), manifest.get, verify_files)
+    early = given.limited(limit).runnable if given is not None else [r for r in bare.results if not r.item.error][:limit]
+    _refuse_when_nothing_can_run(bare)
+    return given, early, _refusals(bare, engine, early)
 
 
 def _refuse_when_nothing_can_run(plan: Plan) -> None:
