@@ -47,6 +47,7 @@ class SinkURLs:
             os.chmod(self.path, 0o600)  # SQLite gives its journal the database file's mode
             self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA secure_delete=ON")  # a forgotten URL is overwritten, not left in a free page
             self._conn.executescript(_SCHEMA)
         return self._conn
 
