@@ -106,7 +106,7 @@ def html(folder):
 def test_report_shows_every_item_result_and_failure_reason(folder, html):
     for key, index in folder["records"]:
         assert f">{key}<" in html
-    assert 'unreadable reference image' in html and "broken-packshot.png" in html  # b-bad's reason
+    assert 'broken-packshot.png: is not a readable image' in html  # b-bad's reason
     assert "engine error: RuntimeError: out of device memory" in html  # e-boom's
     assert "not run: --fail-fast stopped the run" in html  # d-wide's reason
     assert "file missing" in html and "img/c-two_1.png" in html
