@@ -22,10 +22,10 @@ from typing import BinaryIO
 
 from flowgen.errors import ImageInputError
 
-# The largest reference file read: a 150 MP photo (the pixel limit, flowgen.engine.images) is
-# 30-80 MB as JPEG and up to ~450 MB as an uncompressed 8-bit RGB TIFF; 256 MiB covers any
-# compressed one and refuses a runaway file before a byte is read.
-MAX_REFERENCE_BYTES = 256 * 1024 * 1024
+# The largest reference file read: any file within the pixel limit (flowgen.engine.images), even an
+# uncompressed 16-bit 150 MP TIFF (~900 MB); a compressed photo is far smaller. Larger is refused
+# before a byte is read. (Reads stream: the limit bounds time, not memory.)
+MAX_REFERENCE_BYTES = 1024 * 1024 * 1024
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))

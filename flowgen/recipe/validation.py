@@ -451,7 +451,7 @@ def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, An
 #
 # Limits (spec.py): at most 4 references per item (the spec's and the engine's capabilities().max_references),
 # each side >= 64 px, aspect ratio <= 8, at most 150 MP. The file is opened as every reference is
-# (flowgen.engine.reference_files: a regular file, at most 256 MiB) and its header judged by the
+# (flowgen.engine.reference_files: a regular file, at most 1 GiB) and its header judged by the
 # engine's own pixel check (flowgen.engine.images.image_header), so a file whose header claims
 # 20000x20000 is rejected before any pixel is decoded, and a FIFO or /dev/zero before any byte is read.
 

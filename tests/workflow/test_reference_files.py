@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo") or not os.path.exists(
 
 FIFO = "is not a regular file (it is a FIFO)"
 ZERO = "is not a regular file (it is /dev/zero, a character device)"
-BIG = f"is 314,572,800 bytes; the limit is {MAX_REFERENCE_BYTES:,} bytes"
+BIG = f"is 1,610,612,736 bytes; the limit is {MAX_REFERENCE_BYTES:,} bytes"
 
 
 def bounded(call, seconds: float = 10.0):
@@ -67,8 +67,8 @@ def bad_files(tmp_path) -> dict[str, tuple[Path, str]]:
     zero = tmp_path / "zero.png"
     zero.symlink_to("/dev/zero")
     big = tmp_path / "big.png"
-    with open(big, "wb") as handle:  # sparse: 300 MiB by size, nothing on disk
-        handle.truncate(300 * 1024 * 1024)
+    with open(big, "wb") as handle:  # sparse: 1.5 GiB by size, nothing on disk
+        handle.truncate(1536 * 1024 * 1024)
     return {"fifo": (fifo, FIFO), "zero": (zero, ZERO), "big": (big, BIG)}
 
 
