@@ -88,7 +88,7 @@ def bench_compile(products: int, surfaces: int, model: str) -> dict:
                             recipe_hash=hashlib.sha256(canonical_json(recipe.raw).encode()).hexdigest(),
                             max_batch=max_batch_setting(), reference_check=_reference_check())
         t3 = time.perf_counter()
-        run_plan, _ = load_run_plan(plan)
+        run_plan = load_run_plan(plan)[0]
         batches = run_plan.batches()
         t4 = time.perf_counter()
         cpu = time.process_time() - cpu0
