@@ -11,7 +11,6 @@ from typing import Any, Sequence
 import click
 
 from flowgen.commands.models import weights_note
-from flowgen.plan.batching import signature_label
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
 from flowgen.plan.run_plan import RunPlan
@@ -72,7 +71,7 @@ def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
     per_second = cost.rate()
     seconds, unknown = 0.0, 0
     for batch in batches:
-        per_image = cost.seconds_per_image(history, signature_label(batch.signature))
+        per_image = cost.seconds_per_image(history, batch.signature.label)
         if per_image is None:
             unknown += len(batch.results)
         else:
@@ -124,7 +123,7 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
                 for item_id, index in diff.removed[:SHOW_ITEMS]],
         },
         "batches": [
-            {"signature": signature_label(b.signature), "size": b.size, "padding": b.padding,
+            {"signature": b.signature.label, "size": b.size, "padding": b.padding,
              "reference_sets": len({r.job.reference_set for r in b.results}),
              "prompts": len({r.job.prompt for r in b.results}),
              "results": [rid(r) for r in b.results]}

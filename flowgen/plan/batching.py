@@ -82,14 +82,5 @@ def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
 
 
 def signature_label(signature: Signature) -> str:
-    """Human-readable signature, e.g. '128x128, 4 steps, cfg 3.5' (the scheduler when not Default)."""
-    width, height, steps, guidance, scheduler, *more = signature
-    parts = [f"{width}x{height}", f"{steps} steps"]
-    parts.append(f"cfg {guidance:g}" if guidance is not None else "no cfg")
-    if scheduler != "Default":
-        parts.append(scheduler)
-    if len(more) >= 2 and (more[0] != "high" or more[1]):  # step caches: acceleration, acceleratorOptions
-        parts.append(f"acceleration {more[0]}" + ("".join(f", {k}={v}" for k, v in more[1])))
-    if len(more) >= 3 and more[2]:  # the LoRA set: ((sha256, weight), ...)
-        parts.append("LoRA " + " + ".join(f"{digest[:8]}x{weight:g}" for digest, weight in more[2]))
-    return ", ".join(parts)
+    """Human-readable signature, e.g. '128x128, 4 steps, cfg 3.5' (Signature.label)."""
+    return signature.label

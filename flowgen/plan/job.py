@@ -10,16 +10,46 @@ from __future__ import annotations
 
 from typing import Any, Mapping, NamedTuple, Sequence
 
-# (width, height, steps, guidance or None, scheduler name, acceleration, acceleratorOptions, LoRA set):
-# what one sampling loop must share (step caches decide once per batch; LoRAs are merged into the
-# weights once per batch, so the LoRA set is ((sha256, weight), ...) by content).
-# Reference sets are not part of it: the engine stacks each row's references (padded to a length
-# bucket and masked), so items with any references, or none, may share a batch.
-Signature = tuple[int, int, int, "float | None", str, str, tuple, tuple]
-
 DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.step_cache_settings.PRESETS)
 
 DEFAULT_SCHEDULER = "Default"
+
+
+class Signature(NamedTuple):
+    """What one sampling loop must share: results with equal signatures may share an engine call.
+
+    Step caches decide once per batch, and LoRAs are merged into the weights once per batch (so the
+    LoRA set is by content). Reference sets are not part of it: the engine stacks each row's
+    references (padded to a length bucket and masked), so items with any references, or none, may
+    share a batch. Equal to, and hashed as, the plain tuple of its fields."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float | None  # CFG scale, None when guidance is off
+    scheduler: str  # a spec scheduler name, DEFAULT_SCHEDULER for the model's own
+    acceleration: str  # step-cache preset
+    accelerator_options: tuple  # acceleratorOptions as sorted (name, value) pairs
+    lora_set: tuple  # ((sha256, weight), ...): the LoRAs by content
+
+    def __repr__(self) -> str:
+        # shown as the plain tuple it was before it had names (pinned plan outputs print it)
+        return tuple.__repr__(self)
+
+    @property
+    def label(self) -> str:
+        """Human-readable, e.g. '128x128, 4 steps, cfg 3.5' (the scheduler when not Default, the step
+        cache when not the default preset, the LoRAs by content): what records and cost estimates key on."""
+        parts = [f"{self.width}x{self.height}", f"{self.steps} steps",
+                 f"cfg {self.guidance:g}" if self.guidance is not None else "no cfg"]
+        if self.scheduler != DEFAULT_SCHEDULER:
+            parts.append(self.scheduler)
+        if self.acceleration != DEFAULT_ACCELERATION or self.accelerator_options:
+            parts.append(f"acceleration {self.acceleration}"
+                         + "".join(f", {name}={value}" for name, value in self.accelerator_options))
+        if self.lora_set:
+            parts.append("LoRA " + " + ".join(f"{digest[:8]}x{weight:g}" for digest, weight in self.lora_set))
+        return ", ".join(parts)
 
 
 class Job(NamedTuple):
@@ -70,8 +100,8 @@ class Job(NamedTuple):
 
     @property
     def signature(self) -> Signature:
-        return (self.width, self.height, self.steps, self.guidance, self.scheduler, self.acceleration,
-                self.accelerator_options, self.lora_set)
+        return tuple.__new__(Signature, (self.width, self.height, self.steps, self.guidance, self.scheduler,
+                                         self.acceleration, self.accelerator_options, self.lora_set))
 
     @property
     def lora_set(self) -> tuple:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Sequence
 
 from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, disk_full
-from flowgen.plan.batching import signature_label
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
 from flowgen.run.atomic import atomic_write_bytes, remove_stale_temps
@@ -178,7 +177,7 @@ def execute(
                     summary.interrupted = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
-                if not spending.allows(batch.size, seconds_per_image(history, signature_label(batch.signature))):
+                if not spending.allows(batch.size, seconds_per_image(history, batch.signature.label)):
                     summary.budget_stopped = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
@@ -421,8 +420,8 @@ class _BatchRunner:
             # what regen needs to replay this image bit for bit: the batch size and the engine's
             # reference layout (layout, padded reference length) of the one loop that made it
             layout = output.layouts[position] if position < len(output.layouts) else {}
-            batch_info = {"size": batch.size, "position": position, "guidance": batch.signature[3],
-                          "signature": signature_label(batch.signature),
+            batch_info = {"size": batch.size, "position": position, "guidance": batch.signature.guidance,
+                          "signature": batch.signature.label,
                           **{k: v for k, v in layout.items() if k != "batch"}}
             if result.job.loras:  # which LoRA files (by content) were merged into the weights
                 batch_info["loras"] = [{"path": path, "sha256": digest, "weight": weight}
