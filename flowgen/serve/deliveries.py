@@ -81,9 +81,11 @@ class ServeDeliveries(Dispatcher):
 
     def first_states(self, finished: Finished) -> dict[str, str]:  # type: ignore[override]
         """{sink: state} to record with the result: `withheld` when the content check flagged it
-        (as runs), else `pending`. Keeps the URLs as given first, for a resend after a restart."""
-        self.urls.keep([(finished.item_id, finished.result_index, finished.upload_endpoint, finished.webhook_url)])
+        (as runs; a server never sends those), else `pending`. Keeps the URLs as given of a pending
+        one first, for a resend after a restart."""
         state = "withheld" if finished.nsfw else "pending"
+        if state == "pending":
+            self.urls.keep([(finished.item_id, finished.result_index, finished.upload_endpoint, finished.webhook_url)])
         return {sink: state for sink in finished.sinks()}
 
     def send(self, finished: Finished, image_url: str | None, on_uploaded: Callable[[], None] | None = None,

@@ -257,6 +257,32 @@ def test_a_fetch_from_a_server_dripping_its_headers_ends_at_the_deadline():
     assert 0.95 <= took < 1.5, took  # before: httpx's per-read timeout let it run 20 s
 
 
+def test_a_tls_handshake_dripped_a_byte_at_a_time_ends_at_the_deadline():
+    """A TLS record header announcing 16,000 bytes, then one byte every 50 ms: the handshake keeps
+    reading; only the deadline stops it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        stop = threading.Event()
+
+        def drip():
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.sendall(b"\x16\x03\x03\x3e\x80")
+                while not stop.wait(0.05):
+                    conn.sendall(b"\x00")
+
+        thread = threading.Thread(target=drip, daemon=True)
+        thread.start()
+        start = time.monotonic()
+        with guarded_client(DestinationPolicy.parse(["127.0.0.1"])) as client, pytest.raises(FetchError, match="^timed out"):
+            fetch_bytes(client, f"https://127.0.0.1:{listener.getsockname()[1]}/x", max_bytes=100, timeout_s=1.0)
+        took = time.monotonic() - start
+        stop.set()
+        thread.join(5)
+    assert 0.95 <= took < 1.5, took
+
+
 def test_a_delivery_attempt_to_a_dripping_server_ends_at_its_timeout(monkeypatch):
     monkeypatch.setenv(ALLOW_ENV, "127.0.0.1")
     with serving(_Drip) as server, make_client() as client:
