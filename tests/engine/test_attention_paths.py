@@ -13,7 +13,7 @@ from flax import nnx
 from flowgen.engine import attention as attn
 from flowgen.engine import dit, ids
 from flowgen.engine.transformer import Transformer
-from tests.engine.conftest import TINY
+from tests.engine.fixtures_transformer import TINY
 
 
 def _arrays(rng, *shapes):

@@ -87,7 +87,7 @@ def _diffusers_time_features(model, t: np.ndarray, dtype: torch.dtype) -> np.nda
 def tiny_diffusers():
     from diffusers import Flux2Transformer2DModel
 
-    from tests.engine.conftest import TINY
+    from tests.engine.fixtures_transformer import TINY
 
     config = dict(TINY.to_diffusers())
     config.pop("_class_name")

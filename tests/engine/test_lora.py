@@ -25,7 +25,7 @@ from flowgen.engine.lora_merge import LoraWeights, merged_params
 from flowgen.engine.transformer import Transformer
 from flowgen.engine.transformer_params import param_location
 from flowgen.errors import CheckpointError
-from tests.engine.conftest import diffusers_to_bfl
+from tests.engine.fixtures_transformer import diffusers_to_bfl
 from tests.engine.fixtures_pipeline import TRANSFORMER as CFG
 from tests.engine.fixtures_pipeline import sharpen_transformer_
 

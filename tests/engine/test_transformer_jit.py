@@ -9,7 +9,7 @@ from flowgen.engine import ids
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.transformer import TRACE_COUNTS, Transformer
 from flowgen.errors import CheckpointError
-from tests.engine.conftest import TINY
+from tests.engine.fixtures_transformer import TINY
 
 
 def _random_bfl(config: Flux2Config, seed: int = 0) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from flowgen.engine import ids
-from tests.engine.conftest import TINY
+from tests.engine.fixtures_transformer import TINY
 
 torch.set_grad_enabled(False)
 RNG = np.random.default_rng(0)
@@ -110,7 +110,7 @@ def sharp_models():
     from diffusers import Flux2Transformer2DModel
 
     from flowgen.engine.transformer import Transformer
-    from tests.engine.conftest import diffusers_to_bfl
+    from tests.engine.fixtures_transformer import diffusers_to_bfl
     from tests.engine.fixtures_pipeline import TRANSFORMER, sharpen_transformer_
 
     config = dict(TRANSFORMER.to_diffusers())
