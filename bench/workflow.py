@@ -122,7 +122,7 @@ def bench_run(results: int, model: str, size: int, steps: int) -> dict:
         products = max(1, results // 10)
         path = write_recipe(Path(tmp), products, results // products, model, size, steps)
         plan = plan_recipe(path, Path(tmp) / "out", [], max_batch_setting())
-        engine = PipelineEngine(plan.extra.get("card") or plan.model)
+        engine = PipelineEngine(plan.engine_model)
         warm = plan_recipe(write_recipe(Path(tmp), 1, plan.max_batch, model, size, steps), Path(tmp) / "warm", [],
                            plan.max_batch)
         execute(warm, engine)  # load + compile outside the timed run

@@ -35,7 +35,7 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
     report = plan_report(run_plan, history)
     report["prune_command"] = prune_hint(plan, recipe, overrides, last_recipe)
     # a note, not an error: the plan is sound, but `run` stops until this machine has the weights
-    report["weights_note"] = weights_note(plan.extra.get("card"))
+    report["weights_note"] = weights_note(plan.card)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
@@ -60,7 +60,8 @@ def prune_hint(plan: Plan, recipe: str, overrides: Sequence[str], last_recipe: d
     --recipe (prune takes no --set: with other options, it compares with the recipe file as it is)."""
     command = ["flowgen", "prune", str(plan.out_dir)]
     last = last_recipe or {}
-    if last.get("path") != plan.extra.get("recipe_path") or list(last.get("overrides") or ()) != list(overrides):
+    recipe_path = plan.source.path if plan.source is not None else None
+    if last.get("path") != recipe_path or list(last.get("overrides") or ()) != list(overrides):
         command += ["--recipe", recipe]
     return shlex.join(command)
 
@@ -94,8 +95,8 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
         "out_dir": str(plan.out_dir),
         "plan_hash": plan.plan_hash,
         # incremental datasets: each watermark (when recorded, entries) and the rows it selects now
-        "incremental": plan.extra.get("incremental", []),
-        "retained_items": len(plan.extra.get("retained_item_ids") or ()),
+        "incremental": [d.as_dict() for d in plan.incremental.datasets] if plan.incremental is not None else [],
+        "retained_items": len(plan.retained_item_ids),
         "counts": {
             "items": len(plan.items),
             "results": len(plan.results),

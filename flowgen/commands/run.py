@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from typing import Sequence
 
 import click
 
 from flowgen.errors import FlowgenError
-from flowgen.plan.from_recipe import plan_recipe
+from flowgen.plan.from_recipe import plan_recipe, recipe_source
 from flowgen.run.crash import one_line
 from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.engine import PipelineEngine
@@ -53,9 +54,9 @@ def _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget,
          require_delivery, out_from_recipe) -> int:
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
     plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
-    plan.extra["recipe_overrides"] = list(overrides)  # recorded with the run: `prune` replans the same way
-    plan.extra["out_option"] = out_dir is not None and not out_from_recipe  # `status` says --out in its hints
-    engine = PipelineEngine(plan.extra.get("card") or plan.model, plan.dtype)  # loads on the first batch only
+    # recorded with the run: `prune` plans again with the same --set options, `status` says --out in its hints
+    plan = replace(plan, source=recipe_source(recipe, overrides, out_dir is not None and not out_from_recipe))
+    engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
     if run_id is None and (detach or _all_async(plan)):
         preflight(plan, engine, limit, verify_files=False)  # every refusal the run would make, made here
         return _detach(plan, recipe, out_dir is None, overrides, limit, fail_fast, max_batch, dtype, budget,

@@ -108,9 +108,8 @@ def compile_plan(
                     path = os.path.normpath(os.path.join(out_text, name))
                 results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
         _check_unique_paths(results)
-        plan = Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch, dtype=dtype)
-        plan.plan_hash = _plan_hash(plan)
-        return plan
+        return Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch,
+                    plan_hash=_plan_hash(recipe_hash, results), dtype=dtype)
 
 
 def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: bool,
@@ -169,8 +168,8 @@ def _check_unique_paths(results: list[PlannedResult]) -> None:
         raise RecipeError(problems)
 
 
-def _plan_hash(plan: Plan) -> str:
-    digest = hashlib.sha256(plan.recipe_hash.encode())
-    lines = sorted(f"{r.item.item_id}:{r.result_index}:{r.content_hash}\n" for r in plan.results)
+def _plan_hash(recipe_hash: str, results: list[PlannedResult]) -> str:
+    digest = hashlib.sha256(recipe_hash.encode())
+    lines = sorted(f"{r.item.item_id}:{r.result_index}:{r.content_hash}\n" for r in results)
     digest.update("".join(lines).encode())
     return digest.hexdigest()

@@ -78,7 +78,7 @@ def diff_plan(
         else:
             unchanged.append(result)
     # results an incremental watermark leaves out are still the recipe's (flowgen.plan.incremental)
-    retained = plan.extra.get("retained_item_ids") or set()
+    retained = plan.retained_item_ids
     removed = sorted(rid for rid in index if rid not in planned_ids and rid[0] not in retained)
     return PlanDiff(order=order, new=tuple(new), unchanged=tuple(unchanged), changed=tuple(changed),
                     removed=tuple(removed))

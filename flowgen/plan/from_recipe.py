@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from flowgen.plan.compile import compile_plan
 from flowgen.plan.hashing import BASE_DTYPE, canonical_json
 from flowgen.plan.incremental import WatermarkReader, incremental_datasets, select_new
-from flowgen.plan.model import Plan
+from flowgen.plan.model import Canary, Plan, RecipeSource
 
 DEFAULT_MAX_BATCH = 8  # `--max-batch` or FLOWGEN_MAX_BATCH override it (bigger on large accelerators)
 
@@ -34,9 +35,8 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
     dtype: the resolved compute dtype (see flowgen.run.dtype); it is part of every content hash.
     watermarks(out_dir) -> the incremental datasets' watermarks of that folder (the commands pass
     flowgen.run.manifest.load_watermarks); None plans every row, as if none were recorded. With
-    `incremental: true` datasets, plan.extra holds "incremental" (what each watermark selects),
-    "retained_item_ids" (items the watermark leaves out: still the recipe's, not removed) and
-    "next_watermarks" (what a successful run records).
+    `incremental: true` datasets, plan.incremental holds what each watermark selects, the items it
+    leaves out (still the recipe's, not removed) and the watermarks a successful run records.
     """
     from flowgen.recipe.api import expand_items, load_recipe
 
@@ -62,15 +62,15 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
         dtype=dtype,
         reference_check=_reference_check(),
     )
-    plan.extra["recipe_path"] = str(Path(path).resolve())
-    plan.extra["card"] = recipe.card
-    if selection is not None:
-        plan.extra["incremental"] = [d.as_dict() for d in selection.datasets]
-        plan.extra["retained_item_ids"] = selection.retained_item_ids
-        plan.extra["next_watermarks"] = selection.next_watermarks
-    if recipe.canary is not None:
-        plan.extra["canary"] = {"items": int(recipe.canary.items), "threshold_db": float(recipe.canary.threshold_db)}
-    return plan
+    canary = recipe.canary
+    return replace(plan, card=recipe.card, source=recipe_source(path),
+                   incremental=selection.increment() if selection is not None else None,
+                   canary=Canary(int(canary.items), float(canary.threshold_db)) if canary is not None else None)
+
+
+def recipe_source(path: str | Path, overrides: Sequence[str] = (), out_option: bool = False) -> RecipeSource:
+    """The recipe file (resolved) and the run's options, as a run records them (Plan.source)."""
+    return RecipeSource(str(Path(path).resolve()), tuple(overrides), out_option)
 
 
 def _reference_check():

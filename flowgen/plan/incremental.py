@@ -30,7 +30,7 @@ Watermarks = dict[str, dict[str, Any]]
 WatermarkReader = Callable[[Path], Watermarks]
 
 
-@dataclass
+@dataclass(frozen=True)
 class DatasetSelection:
     """What one incremental dataset's watermark selects now (what `flowgen plan` shows)."""
 
@@ -55,6 +55,21 @@ class Selection:
     retained_item_ids: set[str] = field(default_factory=set)
     datasets: list[DatasetSelection] = field(default_factory=list)
     next_watermarks: Watermarks = field(default_factory=dict)  # recorded by a successful run
+
+    def increment(self) -> "Increment":
+        """What the plan keeps of it (everything but the items)."""
+        return Increment(tuple(self.datasets), frozenset(self.retained_item_ids), self.next_watermarks)
+
+
+@dataclass(frozen=True)
+class Increment:
+    """What a plan's incremental datasets' watermarks select (Plan.incremental): each dataset's
+    selection (what `flowgen plan` shows), the items left to earlier runs, and the watermarks a
+    successful run records."""
+
+    datasets: tuple[DatasetSelection, ...]
+    retained_item_ids: frozenset[str]
+    next_watermarks: Watermarks
 
 
 def incremental_datasets(recipe: Any) -> list[str]:

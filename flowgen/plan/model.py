@@ -6,17 +6,18 @@ the diff against an output folder's manifest, what runs, and its batches, comput
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from flowgen.plan.hashing import BASE_DTYPE
+from flowgen.plan.incremental import Increment
 from flowgen.plan.job import Job, Signature
 
 if TYPE_CHECKING:  # pragma: no cover
     from flowgen.plan.run_plan import ManifestIndex, RunPlan
 
-__all__ = ["Batch", "Job", "Plan", "PlannedItem", "PlannedResult", "Signature"]
+__all__ = ["Batch", "Canary", "Increment", "Job", "Plan", "PlannedItem", "PlannedResult", "RecipeSource", "Signature"]
 
 
 @dataclass(slots=True)
@@ -95,9 +96,33 @@ class Batch:
         return self.size - len(self.results)
 
 
-@dataclass
+@dataclass(frozen=True)
+class RecipeSource:
+    """The recipe file a plan was compiled from, and the options its run was given: recorded with
+    the run (flowgen.run.manifest.Manifest.record_plan), so `prune` and `status` plan the same way."""
+
+    path: str  # the recipe file, resolved
+    overrides: tuple[str, ...] = ()  # the run's --set options
+    out_option: bool = False  # the output folder came from --out, not the recipe (`status` hints say --out)
+
+    def as_record(self) -> dict[str, Any]:
+        """As the manifest keeps it ({"path", "overrides", "out_option"})."""
+        return {"path": self.path, "overrides": list(self.overrides), "out_option": self.out_option}
+
+
+@dataclass(frozen=True)
+class Canary:
+    """The recipe's golden-seed canary (flowgen.run.canary): how many fixed items are re-rendered
+    before a run, and the PSNR each must keep against its first render."""
+
+    items: int
+    threshold_db: float
+
+
+@dataclass(frozen=True)
 class Plan:
-    """A recipe compiled against one model and one output folder."""
+    """A recipe compiled against one model and one output folder (immutable: what a run adds, e.g.
+    its --set options, makes a new Plan with dataclasses.replace)."""
 
     recipe_name: str
     model: str
@@ -108,8 +133,21 @@ class Plan:
     recipe_hash: str
     max_batch: int
     plan_hash: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
     dtype: str = BASE_DTYPE  # the resolved compute dtype every result is rendered (and hashed) in
+    card: Any = None  # the recipe's model card (flowgen.engine), None without one: what a run loads
+    source: RecipeSource | None = None  # the recipe file it came from; None for a plan compiled in code
+    incremental: Increment | None = None  # what its incremental datasets' watermarks select; None without any
+    canary: Canary | None = None  # the recipe's golden-seed canary, if it has one
+
+    @property
+    def engine_model(self) -> Any:
+        """What the engine loads: the model card, else the model as the recipe names it."""
+        return self.card or self.model
+
+    @property
+    def retained_item_ids(self) -> frozenset[str]:
+        """Items an incremental watermark leaves out: still the recipe's, so their results are not removed."""
+        return self.incremental.retained_item_ids if self.incremental is not None else frozenset()
 
     def against(self, index: "ManifestIndex", load_record: "Callable[[str, int], dict | None] | None" = None,
                 verify_files: bool = True) -> "RunPlan":

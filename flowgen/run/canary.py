@@ -25,7 +25,7 @@ from PIL import Image
 
 from flowgen.engine.reference_files import reference_sha256
 from flowgen.plan.hashing import sha256_file
-from flowgen.plan.model import Plan
+from flowgen.plan.model import Canary, Plan
 from flowgen.run.engine import Engine
 from flowgen.run.manifest import Manifest
 from flowgen.run.outputs import encode_image
@@ -38,16 +38,16 @@ RESULT_INDEX = 0  # the canary replays each fixed item's first result
 IDENTITY_ORDER = ("flowgen", "jax", "device_kind", "dtype", "weights", "model", "card", "attention")
 
 
-def check_canary(manifest: Manifest, plan: Plan, engine: Engine, config: dict[str, Any],
+def check_canary(manifest: Manifest, plan: Plan, engine: Engine, config: Canary,
                  run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Compare the fixed items with their first renders; record the verdicts.
 
     Returns (verdicts as plain dicts, one message per failed item); no failure lines means the run may go on.
     """
-    threshold = float(config["threshold_db"])
+    threshold = config.threshold_db
     loader = ReferenceLoader()
     verdicts = []
-    for item_id in fixed_items(manifest, plan, int(config["items"])):
+    for item_id in fixed_items(manifest, plan, config.items):
         record = manifest.get(item_id, RESULT_INDEX)
         if baseline_problem(record, manifest.out_dir) is None:
             verdicts.append(_compare(record, manifest.out_dir, engine, loader, threshold, run_id, plan.model_identity))

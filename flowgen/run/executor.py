@@ -137,11 +137,8 @@ def execute(
         if stale:
             progress.note(f"removed {len(stale)} temp file(s) that killed runs left, e.g. {stale[0]}")
         summary.removed = len(run_plan.diff.removed)
-        recipe_path = plan.extra.get("recipe_path")
-        manifest.record_plan((r.rid for r in plan.results), plan.extra.get("retained_item_ids") or (),
-                             {"path": recipe_path, "overrides": list(plan.extra.get("recipe_overrides") or ()),
-                              "out_option": bool(plan.extra.get("out_option"))}
-                             if recipe_path else None)
+        manifest.record_plan((r.rid for r in plan.results), plan.retained_item_ids,
+                             plan.source.as_record() if plan.source is not None else None)
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         runner = _BatchRunner(plan, engine, summary, progress, checker)
         dispatcher: Dispatcher | None = None
@@ -152,10 +149,10 @@ def execute(
             summary.deliveries = resend(manifest, summary.run_id, plan.out_dir, ("pending",), **options)
             dispatcher = Dispatcher(manifest, summary.run_id, **options)
             history = list(manifest.records()) if budget is not None else []
-            if plan.extra.get("canary"):  # before anything renders: a drifted engine stops the run here
+            if plan.canary is not None:  # before anything renders: a drifted engine stops the run here
                 from flowgen.run.canary import check_canary
 
-                summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.extra["canary"],
+                summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.canary,
                                                                        summary.run_id)
                 if summary.canary_failures:
                     summary.not_run += len(blocked) + len(runnable)
@@ -273,8 +270,9 @@ def _end_run(manifest: Manifest, plan: Plan, summary: RunSummary, progress: Prog
             status = "interrupted"
         else:
             status = "failed" if summary.error or summary.exit_code else "ok"
-        if went_through and summary.complete and plan.extra.get("next_watermarks"):  # incremental datasets: seen up to here
-            manifest.record_watermarks(plan.extra["next_watermarks"], summary.run_id)
+        watermarks = plan.incremental.next_watermarks if plan.incremental is not None else None
+        if went_through and summary.complete and watermarks:  # incremental datasets: seen up to here
+            manifest.record_watermarks(watermarks, summary.run_id)
         manifest.finish_run(summary.run_id, status, _summary_dict(summary))
         recorded = True
         manifest.export_jsonl()
@@ -311,7 +309,7 @@ def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
     errors, exit 2); returns the content checker the run needs (or None)."""
     if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
         raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
-    if (runnable or plan.extra.get("canary")) and hasattr(engine, "preflight"):
+    if (runnable or plan.canary is not None) and hasattr(engine, "preflight"):
         engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
     checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
     check_detector([r.item.task for r in runnable])  # likewise the face pass's detector

@@ -124,12 +124,12 @@ def test_the_items_left_out_are_retained_not_removed(tmp_path, engine):
     plan = plan_recipe(recipe, None, watermarks=load_watermarks)
     with Manifest(out) as manifest:
         earlier = {r["item_id"] for r in manifest.records()}
-    assert plan.extra["retained_item_ids"] == earlier and len(earlier) == 2
+    assert plan.retained_item_ids == earlier and len(earlier) == 2
     assert [item.key for item in plan.items] == ["product=C-3"]
     # without a watermark reader every row is planned, as before incremental datasets
     assert len(plan_recipe(recipe, None).items) == 3
     write_rows(tmp_path, [("A-1", "a")])  # a row that leaves the dataset is no longer the recipe's
-    assert plan_recipe(recipe, None, watermarks=load_watermarks).extra["retained_item_ids"] == {
+    assert plan_recipe(recipe, None, watermarks=load_watermarks).retained_item_ids == {
         i for i in earlier if i in {item.item_id for item in plan_recipe(recipe, None).items}}
 
 
@@ -174,7 +174,7 @@ def test_an_images_dataset_watermarks_paths_mtimes_and_content_hashes(tmp_path, 
     picture(tmp_path / "refs" / "c.png", 30)  # a new file
     plan = plan_recipe(recipe, None, watermarks=load_watermarks)
     assert [item.key for item in plan.items] == ["shot=b", "shot=c"]
-    assert plan.extra["incremental"][0]["kind"] == "files" and plan.extra["incremental"][0]["new_rows"] == 2
+    assert plan.incremental.datasets[0].kind == "files" and plan.incremental.datasets[0].new_rows == 2
     engine.clear()
     assert run(recipe) == 0 and sorted(engine) == ["shot b", "shot c"]
     assert plan_recipe(recipe, None, watermarks=load_watermarks).items == []  # nothing new: nothing planned

@@ -3,7 +3,18 @@ fields instead of a free-form dict, a typed resolved task, and execute() taking 
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from flowgen.cli import main
+from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.job import Job, Signature
+from flowgen.plan.model import Canary, RecipeSource
+from flowgen.run.engine import FakeEngine
+from flowgen.run.manifest import Manifest, load_watermarks
 
 
 def test_a_signature_is_named_and_still_equal_hashed_and_printed_as_its_plain_tuple():
@@ -26,3 +37,60 @@ def test_a_default_signature_labels_as_before():
     job = Job.from_task({"positivePrompt": "p", "width": 256, "height": 256, "steps": 4}, guidance=None)
     assert job.signature.label == "256x256, 4 steps, no cfg"
     assert job.signature.guidance is None and job.signature.lora_set == ()
+
+
+def write_recipe(folder: Path, extra: str = "", incremental: bool = True) -> Path:
+    (folder / "products.csv").write_text("sku,name\nA-1,red shoe\nB-2,blue boot\n")
+    path = folder / "recipe.yaml"
+    path.write_text(f"""version: 1
+name: seams
+model: flux2-klein-tiny
+{extra}
+datasets:
+  products: {{csv: products.csv, key: "{{sku}}", incremental: {str(incremental).lower()}}}
+matrix:
+  product: products
+task:
+  positivePrompt: "photo of {{product.name}}"
+  width: 128
+  height: 128
+  steps: 2
+  outputFormat: PNG
+output:
+  filename: "{{product.sku}}_{{result}}.{{ext}}"
+""")
+    return path
+
+
+def test_a_plan_holds_what_the_recipe_adds_as_typed_fields_and_is_frozen(tmp_path):
+    recipe = write_recipe(tmp_path, "canary: {items: 1, threshold_db: 35}")
+    plan = plan_recipe(recipe, tmp_path / "out", watermarks=load_watermarks)
+    assert plan.source == RecipeSource(str(recipe.resolve())) and plan.canary == Canary(items=1, threshold_db=35.0)
+    assert plan.card.name == "flux2-klein-tiny" and plan.engine_model is plan.card
+    assert [d.dataset for d in plan.incremental.datasets] == ["products"] and plan.incremental.datasets[0].new_rows == 2
+    assert plan.retained_item_ids == frozenset() and plan.incremental.next_watermarks["products"]["entries"] == ["A-1", "B-2"]
+    assert not hasattr(plan, "extra")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.plan_hash = "changed"  # type: ignore[misc]
+    (tmp_path / "plain").mkdir()
+    bare = plan_recipe(write_recipe(tmp_path / "plain", incremental=False), None)
+    assert bare.canary is None and bare.incremental is None and bare.retained_item_ids == frozenset()
+
+
+class LoadedFakeEngine(FakeEngine):
+    """FakeEngine in PipelineEngine's place (same constructor)."""
+
+    load_seconds = 0.0
+
+    def __init__(self, model=None, dtype="float32"):
+        super().__init__(dtype=dtype)
+
+
+def test_run_records_the_recipe_its_set_options_and_out_with_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr("flowgen.commands.run.PipelineEngine", LoadedFakeEngine)
+    recipe = write_recipe(tmp_path)
+    out = tmp_path / "elsewhere"
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--set", "task.steps=3"])
+    assert result.exit_code == 0, result.output
+    with Manifest(out, create=False) as manifest:
+        assert manifest.last_recipe() == {"path": str(recipe.resolve()), "overrides": ["task.steps=3"], "out_option": True}
