@@ -18,8 +18,15 @@ import pytest
 
 from flowgen.delivery import RetryPolicy, make_client, post_result, send
 from flowgen.delivery.pool import Lanes
-from flowgen.net import ALLOW_ENV, DestinationPolicy, FetchError, fetch_bytes, guarded_client, is_public
-from flowgen.net import transport
+from flowgen.net import (
+    ALLOW_ENV,
+    DestinationPolicy,
+    FetchError,
+    fetch_bytes,
+    guarded_client,
+    is_public,
+    transport,
+)
 from flowgen.net.policy import AllowListError, DestinationRefused
 
 INTERNAL = ["0.0.0.0", "127.0.0.1", "127.8.9.10", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",

@@ -30,8 +30,7 @@ from werkzeug import Response
 from flowgen.cli import main
 from flowgen.delivery.http import RetryPolicy
 from flowgen.delivery.sink_urls import FILE_NAME, SinkURLs
-from flowgen.net import ALLOW_ENV, DestinationPolicy
-from flowgen.net import transport
+from flowgen.net import ALLOW_ENV, DestinationPolicy, transport
 from flowgen.run.engine import FakeEngine
 from flowgen.serve.app import create_app
 from flowgen.serve.auth import key_digest
@@ -39,7 +38,7 @@ from flowgen.serve.batcher import Batcher
 from flowgen.serve.inputs import InputLimits
 from flowgen.serve.store import Store
 from flowgen.serve.tasks import _stored_request
-from tests.serve.test_serve_protocol import png_bytes, task, tiny_card
+from tests.serve.fake_app import png_bytes, task, tiny_card
 
 KEY_A, KEY_B = "urls-key-a", "urls-key-b"
 AUTH_A, AUTH_B = {"Authorization": f"Bearer {KEY_A}"}, {"Authorization": f"Bearer {KEY_B}"}
