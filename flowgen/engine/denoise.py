@@ -17,8 +17,9 @@ seed. Sigmas are a device array walked by `lax.fori_loop`, so one compiled progr
 call with the same shapes and sampler. After each step the loop reports to the host
 (`jax.debug.callback`, dispatched by a traced listener token: no retrace per listener).
 
-A step cache (`step_cache_settings.StepCache`, static) runs the same loop through the staged DiT
-of `step_cache.py` and also returns its per-step record; without one the loop is the plain one.
+A step cache (`step_cache_settings.StepCache`, static) runs the same loop through
+`step_cache.cached_forward` (the DiT's own stages over three block ranges) and also returns its
+per-step record; without one the loop is the plain one.
 """
 
 from __future__ import annotations
@@ -182,11 +183,11 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
     n_tokens = n + (0 if ref_tokens is None else ref_tokens.shape[1])
     state = step_caches.initial_state(stages, params, step_cache, (width, n_tokens), cond.txt.shape[1], steps, x.dtype)
 
-    segs = step_caches.segments(stages, params, step_cache, ref_kv)  # weights sliced once, outside the steps
+    ranges = step_caches.block_ranges(stages, params, step_cache, ref_kv)  # weights sliced once, outside the steps
 
     def run(tokens, times, cache_state, i, decided):
-        return step_caches.cached_forward(stages, step_cache, segs, params, tokens, rope_img, times, cond.txt,
-                                          cond.rope_txt, ref_kv, lengths, cache_state, i, steps, decided)
+        return step_caches.cached_forward(stages, step_cache, ranges, params, tokens, rope_img, times, cond.txt,
+                                          cond.rope_txt, lengths, cache_state, i, steps, decided)
 
     shape = x.shape[1:]
     x, state = step_caches.sample_cached(sampler, model_using, run, state, x, sigmas,

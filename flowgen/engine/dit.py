@@ -1,7 +1,9 @@
-"""The FLUX.2 [klein] DiT as a Flax NNX module, and its three computations.
+"""The FLUX.2 [klein] DiT as a Flax NNX module, and its computations.
 
 * `forward` — plain step over [txt, img] tokens; optionally with cached reference K/V
   (`ref_kv`) appended as extra keys in every layer (the KV model's cached step; also step 0).
+  It is the composition of its stages `embed` -> `run_blocks` over a `block_range` -> `velocity`,
+  which the step caches (step_cache.py) run over parts of the block stack.
 * `reference_prepass` — reference tokens alone, modulated at t = 0, attending only among
   themselves (double blocks use the image-stream weights); returns every layer's post-RoPE K/V.
 
@@ -20,6 +22,7 @@ from flax import nnx
 from flowgen.engine import time_embedding
 from flowgen.engine.config import Flux2Config
 from flowgen.engine.transformer_blocks import (
+    KV,
     DoubleStreamBlock,
     Linear,
     Rope,
@@ -112,6 +115,126 @@ class Flux2DiT(nnx.Module):
         return self.time_in(timestep_embedding(t, self.timestep_dim, self.dtype).astype(self.dtype))
 
 
+# ---- the forward, in stages ----------------------------------------------------------------------
+#
+#   embed -> run_blocks(block_range(...)) -> velocity
+#
+# `forward` is exactly that composition; the step-cached loop (step_cache.py) runs the same stages
+# over three block ranges (front, middle, back) so that a step can reuse the middle's residual.
+# The reference K/V cache is an argument of the blocks: `block_range` hands each range its layers' K/V.
+
+# The token streams between stages: (img, txt) while in the double blocks, the joint [txt, img]
+# array once the single blocks have started.
+Streams = tuple[jnp.ndarray, jnp.ndarray] | jnp.ndarray
+
+
+class StepInputs(NamedTuple):
+    """What every block of one step reads besides the tokens (made once per step by `embed`)."""
+
+    vec: jnp.ndarray  # time embedding (B, H): the modulations and the final layer's input
+    mod_img: tuple  # double blocks' image-stream modulation ((shift, scale, gate) x 2)
+    mod_txt: tuple  # double blocks' text-stream modulation
+    mod_single: tuple  # single blocks' modulation (shift, scale, gate)
+    rope_img: Rope  # image tables: (N, d/2) or per row (B, N, d/2)
+    rope_txt: Rope
+    rope: Rope  # the single blocks' joint [txt, img] tables
+    n_txt: int  # text tokens in front of the image tokens of the joint stream
+    key_lengths: jnp.ndarray | None  # (B,) valid keys per row over [txt, img, ref K/V]; None: all
+
+
+class BlockRange(NamedTuple):
+    """Blocks [start, stop) of the double-then-single stack: the layers (stacked modules, sliced
+    unless the range covers a whole stack) and their reference K/V (None: no references)."""
+
+    double: DoubleStreamBlock | None
+    single: SingleStreamBlock | None
+    double_kv: KV | None
+    single_kv: KV | None
+
+
+def embed(model: Flux2DiT, x, rope_img: Rope, t, txt, rope_txt: Rope, key_lengths=None) -> tuple[StepInputs, Streams]:
+    """The head: time embedding, modulations, RoPE tables and the embedded (img, txt) streams."""
+    x, txt = x.astype(model.dtype), txt.astype(model.dtype)
+    vec = model.vec(t)
+    mod_img = model.double_stream_modulation_img(vec)
+    mod_txt = model.double_stream_modulation_txt(vec)
+    (mod_single,) = model.single_stream_modulation(vec)
+    inputs = StepInputs(vec, mod_img, mod_txt, mod_single, rope_img, rope_txt, _joint_rope(rope_img, rope_txt),
+                        txt.shape[1], key_lengths)
+    return inputs, (model.img_in(x), model.txt_in(txt))
+
+
+def _joint_rope(rope_img: Rope, rope_txt: Rope) -> Rope:
+    if rope_img[0].ndim == 3:  # per-row image tables: the text tables join every row
+        rope_txt = tuple(jnp.broadcast_to(a, (rope_img[0].shape[0], *a.shape)) for a in rope_txt)
+    return tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
+
+
+def num_blocks(model: Flux2DiT) -> tuple[int, int]:
+    """(double, single) stack depths."""
+    return model.double_blocks.img_attn.qkv.kernel.shape[0], model.single_blocks.linear1.kernel.shape[0]
+
+
+def block_range(model: Flux2DiT, ref_kv: ReferenceKV | None = None, start: int = 0,
+                stop: int | None = None) -> BlockRange:
+    """Blocks [start, stop) (default: all) with their slice of the reference K/V.
+
+    Slicing copies the weights: make a range once, outside a loop's steps."""
+    depth, depth_single = num_blocks(model)
+    stop = depth + depth_single if stop is None else stop
+    no_kv = ref_kv is None
+    double, double_kv = _layers(model.double_blocks, None if no_kv else (ref_kv.double_k, ref_kv.double_v),
+                                start, min(stop, depth), depth)
+    single, single_kv = _layers(model.single_blocks, None if no_kv else (ref_kv.single_k, ref_kv.single_v),
+                                max(start, depth) - depth, stop - depth, depth_single)
+    return BlockRange(double, single, double_kv, single_kv)
+
+
+def _layers(stacked, kv, start: int, stop: int, depth: int):
+    """Layers [start, stop) of a stacked block module and of its K/V: (None, None) if empty."""
+    if start >= stop:
+        return None, None
+    if (start, stop) == (0, depth):
+        return stacked, kv
+    graphdef, state = nnx.split(stacked)
+    layers = nnx.merge(graphdef, jax.tree.map(lambda p: p[start:stop], state))
+    return layers, None if kv is None else tuple(a[start:stop] for a in kv)
+
+
+def run_blocks(inputs: StepInputs, streams: Streams, blocks: BlockRange) -> Streams:
+    """Run a block range on the streams; entering the single blocks joins them as [txt, img]."""
+    if blocks.double is not None:
+
+        def double(block, carry, kv):
+            return block(*carry, inputs.rope_img, inputs.rope_txt, inputs.mod_img, inputs.mod_txt, ref_kv=kv,
+                         key_lengths=inputs.key_lengths), None
+
+        streams, _ = scan_layers(blocks.double, double, streams, blocks.double_kv)
+    if blocks.single is not None:
+        h = joint_tokens(streams)
+
+        def single(block, carry, kv):
+            return block(carry, inputs.rope, inputs.mod_single, ref_kv=kv, key_lengths=inputs.key_lengths), None
+
+        streams, _ = scan_layers(blocks.single, single, h, blocks.single_kv)
+    return streams
+
+
+def image_tokens(streams: Streams, n_txt: int) -> jnp.ndarray:
+    """The image stream (B, N, H) of either form of the streams."""
+    return streams[0] if isinstance(streams, tuple) else streams[:, n_txt:]
+
+
+def joint_tokens(streams: Streams) -> jnp.ndarray:
+    """The joint [txt, img] stream (B, T + N, H) of either form of the streams."""
+    return jnp.concatenate([streams[1], streams[0]], axis=1) if isinstance(streams, tuple) else streams
+
+
+def velocity(model: Flux2DiT, inputs: StepInputs, img: jnp.ndarray) -> jnp.ndarray:
+    """The final layer: image tokens (B, N, H) -> velocity (B, N, C) in float32."""
+    return model.final_layer(img, inputs.vec).astype(jnp.float32)
+
+
 def forward(
     model: Flux2DiT,
     x: jnp.ndarray,
@@ -126,31 +249,9 @@ def forward(
 
     rope_img may be per row ((B, N, d/2) tables: concatenated references that differ per row);
     key_lengths (B,) masks each row's padded tail of [txt, x, ref_kv] (see `attention`)."""
-    x, txt = x.astype(model.dtype), txt.astype(model.dtype)
-    vec = model.vec(t)
-    mod_img = model.double_stream_modulation_img(vec)
-    mod_txt = model.double_stream_modulation_txt(vec)
-    (mod_single,) = model.single_stream_modulation(vec)
-    img, ctx = model.img_in(x), model.txt_in(txt)
-
-    def double(block, carry, kv):
-        return block(*carry, rope_img, rope_txt, mod_img, mod_txt, ref_kv=kv, key_lengths=key_lengths), None
-
-    kv_double = None if ref_kv is None else (ref_kv.double_k, ref_kv.double_v)
-    (img, ctx), _ = scan_layers(model.double_blocks, double, (img, ctx), kv_double)
-
-    n_txt = ctx.shape[1]
-    h = jnp.concatenate([ctx, img], axis=1)
-    if rope_img[0].ndim == 3:  # per-row image tables: the text tables join every row
-        rope_txt = tuple(jnp.broadcast_to(a, (rope_img[0].shape[0], *a.shape)) for a in rope_txt)
-    rope = tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
-
-    def single(block, carry, kv):
-        return block(carry, rope, mod_single, ref_kv=kv, key_lengths=key_lengths), None
-
-    kv_single = None if ref_kv is None else (ref_kv.single_k, ref_kv.single_v)
-    h, _ = scan_layers(model.single_blocks, single, h, kv_single)
-    return model.final_layer(h[:, n_txt:], vec).astype(jnp.float32)
+    inputs, streams = embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
+    streams = run_blocks(inputs, streams, block_range(model, ref_kv))
+    return velocity(model, inputs, image_tokens(streams, inputs.n_txt))
 
 
 def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope, key_lengths=None) -> ReferenceKV:

@@ -1,11 +1,12 @@
 """Step caches inside the compiled sampling loop (TeaCache, FBCache, DBCache; settings in
 `step_cache_settings`).
 
-The DiT runs in three stages so that a step can stop after its front blocks:
+A cached step is `dit.forward` built from the same stages (`dit.embed`, `dit.run_blocks`,
+`dit.velocity`), with the block stack split into three `dit.block_range`s:
 
-    head + front blocks  (always)  -> the signal, and the decision (one scalar for the batch)
-    middle blocks        (lax.cond: run and store their residual, or add the stored residual)
-    back blocks + final  (always)
+    embed + front blocks  (always)  -> the signal, and the decision (one scalar for the batch)
+    middle blocks         (lax.cond: run and store their residual, or add the stored residual)
+    back blocks + final   (always)
 
 The cache state (anchor, residual, accumulator, consecutive count, and a per-step record of the
 distance and decision) rides in the `fori_loop` carry. One decision per sampler step, made at the
@@ -19,15 +20,17 @@ Distances are relative L1, mean|a − b| / mean|b| per row in float32, then the 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+import itertools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgen.engine import dit
 from flowgen.engine.attention import attention_path
 from flowgen.engine.step_cache_settings import StepCache
-from flowgen.engine.transformer_blocks import modulate, scan_layers
 
 
 class StepCacheState(NamedTuple):
@@ -55,107 +58,24 @@ def relative_l1(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.max(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny))
 
 
-# ---- the staged DiT (mirrors dit.forward) -------------------------------------------------------
+# ---- the cached step, from the DiT's stages (dit.py) --------------------------------------------
 
 
-class _Context(NamedTuple):
-    vec: jax.Array
-    mod_img: tuple
-    mod_txt: tuple
-    mod_single: tuple
-    rope_img: tuple
-    rope_txt: tuple
-    rope: tuple  # joint [txt, img] tables of the single blocks
-    n_txt: int
-    ref_kv: object
-    key_lengths: object
+class CacheRanges(NamedTuple):
+    """A cache's split of the block stack (`dit.BlockRange`s with their reference K/V)."""
+
+    front: dit.BlockRange  # always run; its residual is FB/DB's signal (empty for TeaCache)
+    middle: dit.BlockRange  # run, or replaced by the residual it added on the last computed step
+    back: dit.BlockRange  # always run, on the computed or reused middle (DBCache; else empty)
 
 
-def _joint_rope(rope_img, rope_txt):
-    if rope_img[0].ndim == 3:  # per-row image tables: the text tables join every row
-        rope_txt = tuple(jnp.broadcast_to(a, (rope_img[0].shape[0], *a.shape)) for a in rope_txt)
-    return tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
-
-
-def _head(model, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths):
-    x, txt = x.astype(model.dtype), txt.astype(model.dtype)
-    vec = model.vec(t)
-    mod_img = model.double_stream_modulation_img(vec)
-    mod_txt = model.double_stream_modulation_txt(vec)
-    (mod_single,) = model.single_stream_modulation(vec)
-    ctx = _Context(vec, mod_img, mod_txt, mod_single, rope_img, rope_txt, _joint_rope(rope_img, rope_txt),
-                   txt.shape[1], ref_kv, key_lengths)
-    return ctx, (model.img_in(x), model.txt_in(txt))
-
-
-def _sliced(stacked, start: int, stop: int):
-    graphdef, state = nnx.split(stacked)
-    return nnx.merge(graphdef, jax.tree.map(lambda p: p[start:stop], state))
-
-
-class Segment(NamedTuple):
-    """The blocks [start, stop) of the double-then-single stack: their weights (sliced modules) and
-    reference K/V, sliced once before the loop — slicing inside a step would copy them every step."""
-
-    double: object  # sliced DoubleStreamBlock stack, or None
-    single: object  # sliced SingleStreamBlock stack, or None
-    double_kv: object
-    single_kv: object
-
-
-def segment(model, ref_kv, start: int, stop: int) -> Segment:
-    depth = model.double_blocks.img_attn.qkv.kernel.shape[0]
-    double = single = double_kv = single_kv = None
-    if start < min(stop, depth):
-        a, b = start, min(stop, depth)
-        double = _sliced(model.double_blocks, a, b)
-        double_kv = None if ref_kv is None else (ref_kv.double_k[a:b], ref_kv.double_v[a:b])
-    if stop > depth:
-        a, b = max(start, depth) - depth, stop - depth
-        single = _sliced(model.single_blocks, a, b)
-        single_kv = None if ref_kv is None else (ref_kv.single_k[a:b], ref_kv.single_v[a:b])
-    return Segment(double, single, double_kv, single_kv)
-
-
-def segments(stages: DiTStages, params, cache: StepCache, ref_kv) -> tuple[Segment, Segment, Segment]:
-    """(front, middle, back) segments of a cache's block split."""
+def block_ranges(stages: DiTStages, params, cache: StepCache, ref_kv) -> CacheRanges:
+    """The cache's three ranges, sliced once before the loop: slicing inside a step would copy the
+    weights every step."""
     model = nnx.merge(stages.graphdef, params)
-    total = _num_blocks(model)
+    total = sum(dit.num_blocks(model))
     bounds = (0, cache.front, total - cache.back, total)
-    return tuple(segment(model, ref_kv, a, b) for a, b in zip(bounds, bounds[1:]))
-
-
-def _run_blocks(c: _Context, streams, seg: Segment):
-    """Run a segment. `streams` is (img, ctx) while in the double blocks and the joint [txt, img]
-    array after them."""
-    if seg.double is not None:
-        def double(block, carry, layer_kv):
-            return block(*carry, c.rope_img, c.rope_txt, c.mod_img, c.mod_txt, ref_kv=layer_kv,
-                         key_lengths=c.key_lengths), None
-
-        streams, _ = scan_layers(seg.double, double, streams, seg.double_kv)
-    if seg.single is not None:
-        if isinstance(streams, tuple):
-            img, ctx = streams
-            streams = jnp.concatenate([ctx, img], axis=1)
-
-        def single(block, carry, layer_kv):
-            return block(carry, c.rope, c.mod_single, ref_kv=layer_kv, key_lengths=c.key_lengths), None
-
-        streams, _ = scan_layers(seg.single, single, streams, seg.single_kv)
-    return streams
-
-
-def _image(streams, n_txt: int):
-    return streams[0] if isinstance(streams, tuple) else streams[:, n_txt:]
-
-
-def _joint(streams):
-    return jnp.concatenate([streams[1], streams[0]], axis=1) if isinstance(streams, tuple) else streams
-
-
-def _num_blocks(model) -> int:
-    return model.double_blocks.img_attn.qkv.kernel.shape[0] + model.single_blocks.linear1.kernel.shape[0]
+    return CacheRanges(*(dit.block_range(model, ref_kv, a, b) for a, b in itertools.pairwise(bounds)))
 
 
 def initial_state(stages: DiTStages, params, cache: StepCache, tokens_shape, txt_len: int, steps: int,
@@ -172,48 +92,49 @@ def initial_state(stages: DiTStages, params, cache: StepCache, tokens_shape, txt
         distances=jnp.zeros((steps,), jnp.float32), computed=jnp.zeros((steps,), bool))
 
 
-def cached_forward(stages: DiTStages, cache: StepCache, segs, params, x, rope_img, t, txt, rope_txt, ref_kv,
+def cached_forward(stages: DiTStages, cache: StepCache, ranges: CacheRanges, params, x, rope_img, t, txt, rope_txt,
                    key_lengths, state: StepCacheState, i, steps: int, decided=None):
-    """Velocity (W, N', C) float32 and the new state. segs: `segments(...)`, made before the loop.
-    decided=None: this call decides step i and updates the state; else a traced bool (skip) from
-    the step's first call, and the state is returned unchanged."""
+    """`dit.forward` with the middle range cached: velocity (W, N', C) float32, the new state and
+    the skip decision. ranges: `block_ranges(...)` (they carry the reference K/V), made before the
+    loop. decided=None: this call decides step i and updates the state; else a traced bool (skip)
+    from the step's first call, and the state is returned unchanged."""
     with attention_path(stages.attention):
         model = nnx.merge(stages.graphdef, params)
-        c, (img, ctx) = _head(model, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)
-        front = _run_blocks(c, (img, ctx), segs[0]) if cache.front else (img, ctx)
+        inputs, streams = dit.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
+        front = dit.run_blocks(inputs, streams, ranges.front)
         if decided is None:
-            skip, state = _decide(cache, state, model, c, img, front, i, steps)
+            skip, state = _decide(cache, state, model, inputs, streams, front, i, steps)
         else:
             skip = decided
 
+        def tokens(streams):  # what the middle adds to: the image stream, or the joint one if back blocks follow
+            return dit.joint_tokens(streams) if cache.back else dit.image_tokens(streams, inputs.n_txt)
+
         def computed(residual):
-            middle = _run_blocks(c, front, segs[1])
-            if cache.back == 0:
-                out = _image(middle, c.n_txt)
-                return out, (out - _image(front, c.n_txt)).astype(residual.dtype)
-            out = _joint(middle)
-            return out, (out - _joint(front)).astype(residual.dtype)
+            out = tokens(dit.run_blocks(inputs, front, ranges.middle))
+            return out, (out - tokens(front)).astype(residual.dtype)
 
         def reused(residual):
-            base = _image(front, c.n_txt) if cache.back == 0 else _joint(front)
+            base = tokens(front)
             return (base + residual).astype(base.dtype), residual
 
         out, residual = jax.lax.cond(skip, reused, computed, state.residual)
         if cache.back:
-            out = _image(_run_blocks(c, out, segs[2]), c.n_txt)
-        velocity = model.final_layer(out, c.vec).astype(jnp.float32)
+            out = dit.image_tokens(dit.run_blocks(inputs, out, ranges.back), inputs.n_txt)
+        velocity = dit.velocity(model, inputs, out)
     if decided is None:
         state = state._replace(residual=residual)
     return velocity, state, skip
 
 
-def _decide(cache: StepCache, state: StepCacheState, model, c: _Context, img, front, i, steps: int):
+def _decide(cache: StepCache, state: StepCacheState, model, inputs: dit.StepInputs, streams, front, i,
+            steps: int):
     """The skip decision of step i and the state after it (residual excepted)."""
-    if cache.kind == "teacache":
-        (shift, scale, _), _ = c.mod_img
-        signal = modulate(img, shift, scale, model.double_blocks.eps).astype(jnp.float32)
-    else:
-        signal = (_image(front, c.n_txt) - img).astype(jnp.float32)
+    img = dit.image_tokens(streams, inputs.n_txt)
+    if cache.kind == "teacache":  # block 0's modulated image input
+        signal = model.double_blocks.attention_input(img, inputs.mod_img).astype(jnp.float32)
+    else:  # the front blocks' residual on the image stream
+        signal = (dit.image_tokens(front, inputs.n_txt) - img).astype(jnp.float32)
     distance = jnp.where(i == 0, jnp.nan, relative_l1(signal, state.anchor))
     in_window = (i >= cache.start) & (i < cache.end) & (i > 0) & (state.consecutive < cache.max_consecutive)
     accumulated = state.accumulated

@@ -140,6 +140,12 @@ class DoubleStreamBlock(nnx.Module):
         self.txt_attn = SelfAttention(dim, num_heads, eps, rngs=rngs, dtype=dtype, stack=stack)
         self.txt_mlp = _mlp(dim, mlp_hidden, rngs=rngs, dtype=dtype, stack=stack)
 
+    def attention_input(self, x, mod):
+        """A stream's modulated input to attention, (1 + scale)·LN(x) + shift of its first modulation
+        (the same in every layer: the modulation is global; TeaCache's signal is the image stream's)."""
+        (shift, scale, _), _ = mod
+        return modulate(x, shift, scale, self.eps)
+
     def _finish(self, x, attn_out, attn: SelfAttention, mlp, mod):
         (_, _, gate1), (shift2, scale2, gate2) = mod
         x = x + gate1 * attn.proj(merge_heads(attn_out))
@@ -150,10 +156,8 @@ class DoubleStreamBlock(nnx.Module):
         """Joint step over [txt, img] (+ cached reference K/V as extra keys). Returns (img, txt).
 
         key_lengths: (B,) valid keys per row over [txt, img, ref_kv] (padding at the tail)."""
-        (shift, scale, _), _ = mod_img
-        qi, ki, vi = self.img_attn.project(modulate(img, shift, scale, self.eps), rope_img)
-        (shift, scale, _), _ = mod_txt
-        qt, kt, vt = self.txt_attn.project(modulate(txt, shift, scale, self.eps), rope_txt)
+        qi, ki, vi = self.img_attn.project(self.attention_input(img, mod_img), rope_img)
+        qt, kt, vt = self.txt_attn.project(self.attention_input(txt, mod_txt), rope_txt)
         q = jnp.concatenate([qt, qi], axis=2)
         k, v = jnp.concatenate([kt, ki], axis=2), jnp.concatenate([vt, vi], axis=2)
         out = attention(q, k, v, ref_kv, key_lengths)  # a batch-1 ref_kv serves the whole batch without a copy
@@ -164,8 +168,7 @@ class DoubleStreamBlock(nnx.Module):
 
     def reference(self, ref, rope_ref: Rope, mod_ref, key_lengths=None) -> tuple[jnp.ndarray, KV]:
         """Reference-only step: image-stream weights, self-attention among references. Returns (ref, (k, v))."""
-        (shift, scale, _), _ = mod_ref
-        q, k, v = self.img_attn.project(modulate(ref, shift, scale, self.eps), rope_ref)
+        q, k, v = self.img_attn.project(self.attention_input(ref, mod_ref), rope_ref)
         ref = self._finish(ref, attention(q, k, v, None, key_lengths), self.img_attn, self.img_mlp, mod_ref)
         return ref, (k, v)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flowgen.engine import dit
 from flowgen.engine import step_cache as sc
 from flowgen.engine.attention import attention_path
 from flowgen.engine.denoise import model_time
@@ -77,43 +78,42 @@ def rel_l1(a, b) -> float:
 
 
 def _stages(stages: sc.DiTStages, cache: StepCache):
-    def merged(params):
-        return nnx.merge(stages.graphdef, params)
+    """Three jitted programs over the DiT's stages: front (and the signal), middle, back + final."""
 
-    def head(model, x, rope_img, t, txt, rope_txt):
-        return sc._head(model, x, rope_img, t, txt, rope_txt, None, None)
+    def embedded(params, x, rope_img, t, txt, rope_txt):
+        model = nnx.merge(stages.graphdef, params)
+        inputs, streams = dit.embed(model, x, rope_img, t, txt, rope_txt)
+        return model, inputs, streams, sc.block_ranges(stages, params, cache, None)
+
+    def tokens(streams, n_txt):  # what the middle adds to (as the engine: image, or joint with back blocks)
+        return dit.image_tokens(streams, n_txt) if cache.back == 0 else dit.joint_tokens(streams)
 
     @jax.jit
     def front(params, x, rope_img, t, txt, rope_txt):
         with attention_path(stages.attention):
-            model = merged(params)
-            c, (img, ctx) = head(model, x, rope_img, t, txt, rope_txt)
-            segs = sc.segments(stages, params, cache, None)
-            out = sc._run_blocks(c, (img, ctx), segs[0]) if cache.front else (img, ctx)
+            model, inputs, streams, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
+            out = dit.run_blocks(inputs, streams, ranges.front)
+            img = streams[0]
             if cache.kind == "teacache":
-                (shift, scale, _), _ = c.mod_img
+                (shift, scale, _), _ = inputs.mod_img
                 signal = modulate(img, shift, scale, model.double_blocks.eps).astype(jnp.float32)
             else:
-                signal = (sc._image(out, c.n_txt) - img).astype(jnp.float32)
-            base = sc._image(out, c.n_txt) if cache.back == 0 else sc._joint(out)
-            return out, base, signal
+                signal = (dit.image_tokens(out, inputs.n_txt) - img).astype(jnp.float32)
+            return out, tokens(out, inputs.n_txt), signal
 
     @jax.jit
     def middle(params, x, rope_img, t, txt, rope_txt, out):
         with attention_path(stages.attention):
-            model = merged(params)
-            c, _ = head(model, x, rope_img, t, txt, rope_txt)
-            mid = sc._run_blocks(c, out, sc.segments(stages, params, cache, None)[1])
-            return sc._image(mid, c.n_txt) if cache.back == 0 else sc._joint(mid)
+            _, inputs, _, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
+            return tokens(dit.run_blocks(inputs, out, ranges.middle), inputs.n_txt)
 
     @jax.jit
     def back(params, x, rope_img, t, txt, rope_txt, base):
         with attention_path(stages.attention):
-            model = merged(params)
-            c, _ = head(model, x, rope_img, t, txt, rope_txt)
+            model, inputs, _, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
             if cache.back:
-                base = sc._image(sc._run_blocks(c, base, sc.segments(stages, params, cache, None)[2]), c.n_txt)
-            return model.final_layer(base, c.vec).astype(jnp.float32)
+                base = dit.image_tokens(dit.run_blocks(inputs, base, ranges.back), inputs.n_txt)
+            return dit.velocity(model, inputs, base)
 
     return front, middle, back
 
