@@ -9,11 +9,9 @@ import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,30 +31,9 @@ from flowgen.errors import ImageInputError
 from flowgen.plan.references import ReferenceInspector
 from flowgen.recipe.validation import image_problem
 from flowgen.run.references import ReferenceLoader, image_bytes
+from tests.png_files import header_only_png, solid_png
 
 ROOT = Path(__file__).parents[2]
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def header_only_png(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims width x height (the payload is never decoded)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + _chunk(b"IEND", b""))
-    return path
-
-
-def solid_png(path: Path, width: int, height: int, rgb: tuple[int, int, int]) -> Path:
-    """A real, fully decodable one-colour RGB PNG, compressed row by row (never the whole image in memory)."""
-    row = b"\0" + bytes(rgb) * width
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
-    return path
 
 
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -27,7 +27,7 @@ import torch
 from flowgen.engine import denoise
 from flowgen.engine.sampling import flow_schedule, multistep, names, samplers, schedules
 from flowgen.engine.sampling.base import FlowEuler, Sampler
-from tests.engine.test_sampler import KLEIN_SCHEDULER_CONFIG
+from tests.engine.fixtures_scheduler import KLEIN_SCHEDULER_CONFIG
 
 # diffusers' schedulers trip numpy 2 deprecation warnings of their own
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

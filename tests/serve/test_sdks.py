@@ -16,10 +16,6 @@ import base64
 import concurrent.futures
 import contextlib
 import io
-import json
-import os
-import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -36,24 +32,11 @@ from flowgen.plan.seeds import result_seed
 from flowgen.run.engine import BatchRequest, FakeEngine
 from flowgen.serve.app import create_app
 from flowgen.serve.batcher import Batcher
+from tests.serve.sdk_clients import run_client
+from tests.serve.serve_process import free_port
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = "sdk-test-key"
 TINY = "flowgen:1@1"
-VENVS = {"old": ROOT / ".venv-sdk-old", "new": ROOT / ".venv-sdk-new"}
-
-
-def sdk_python(which: str) -> Path:
-    python = VENVS[which] / "bin" / "python"
-    if not python.exists():
-        pytest.skip(f"{VENVS[which].name} is missing: run tests/serve/make_sdk_venvs.sh")
-    return python
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -173,17 +156,6 @@ async def main():
 
 asyncio.run(asyncio.wait_for(main(), 60))
 '''
-
-
-def run_client(which: str, script: str, cfg: dict, tmp_path: Path) -> dict[str, dict]:
-    path = tmp_path / f"client_{which}.py"
-    path.write_text(script)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    done = subprocess.run([str(sdk_python(which)), str(path)], input=json.dumps(cfg), capture_output=True,
-                          text=True, timeout=90, env=env, cwd=tmp_path)
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert lines, f"the {which} SDK client printed nothing (rc {done.returncode}): {done.stderr[-2000:]}"
-    return {line["name"]: line for line in lines}
 
 
 # --- what the server should have rendered ---------------------------------------------------------

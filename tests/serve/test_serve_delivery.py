@@ -25,7 +25,7 @@ from flowgen.serve.app import create_app
 from flowgen.serve.auth import key_digest
 from flowgen.serve.batcher import Batcher
 from flowgen.serve.store import Store
-from tests.serve.test_serve_protocol import AUTH, KEY, decode, expected_pixels, task, tiny_card
+from tests.serve.fake_app import AUTH, KEY, decode, expected_pixels, task, tiny_card
 
 FAST = RetryPolicy(max_attempts=3, base_delay_s=0.0, timeout_s=2.0, sleep=lambda s: None)
 

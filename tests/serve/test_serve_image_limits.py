@@ -12,8 +12,8 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from tests.engine.test_image_limits import header_only_png, solid_png
-from tests.serve.test_serve_protocol import KEY, make_app
+from tests.png_files import header_only_png, solid_png
+from tests.serve.fake_app import KEY, make_app
 
 ROOT = Path(__file__).parents[2]
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -40,7 +40,7 @@ _SERVE = """
 import base64, gc, json, sys, uuid
 import psutil
 from starlette.testclient import TestClient
-from tests.serve.test_serve_protocol import KEY, make_app, task
+from tests.serve.fake_app import KEY, make_app, task
 
 auth = {"Authorization": f"Bearer " + KEY}
 uris = ["data:image/png;base64," + base64.b64encode(open(p, "rb").read()).decode() for p in sys.argv[2:]]
