@@ -23,7 +23,7 @@ from flowgen.run.deliver import resend
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import STATE_DIR, Manifest
-from tests.workflow.test_run_executor import item, plan_of
+from tests.workflow.direct_runs import item, plan_of
 
 FAST = {"policy": RetryPolicy(max_attempts=2, base_delay_s=0.0, timeout_s=2.0, sleep=lambda s: None)}
 SIGNATURE, TOKEN, HOOK_PATH_SECRET = "UPLOADSIG0123456789", "HOOKTOKEN0123456789", "T00SECRETPATH0123456789"

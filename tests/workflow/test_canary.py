@@ -12,7 +12,7 @@ from PIL import Image
 from flowgen.run.canary import identity_changes, psnr_db
 from flowgen.run.engine import FakeEngine
 from flowgen.run.manifest import Manifest, load_watermarks
-from tests.workflow.test_incremental import run, write_recipe, write_rows
+from tests.workflow.incremental_recipe import run, write_recipe, write_rows
 
 
 class DriftingEngine(FakeEngine):

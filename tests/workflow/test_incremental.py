@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -17,67 +16,7 @@ from flowgen.plan.from_recipe import plan_recipe
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest, load_watermarks
-
-
-class RecordingEngine(FakeEngine):
-    """FakeEngine in PipelineEngine's place (same constructor); every prompt rendered is noted."""
-
-    load_seconds = 0.0
-    prompts: list[str] = []
-
-    def __init__(self, model=None, dtype="float32"):
-        super().__init__(dtype=dtype)
-
-    def generate_batch(self, request):
-        output = super().generate_batch(request)
-        RecordingEngine.prompts.extend(request.prompts)
-        return output
-
-
-@pytest.fixture
-def engine(monkeypatch):
-    """`flowgen run`'s engine replaced by RecordingEngine; returns the list of prompts it rendered."""
-    RecordingEngine.prompts = []
-    monkeypatch.setattr("flowgen.commands.run.PipelineEngine", RecordingEngine)
-    return RecordingEngine.prompts
-
-
-def write_recipe(folder: Path, *, dataset: str = "products: {csv: products.csv, key: '{sku}', incremental: true}",
-                 matrix: str = "product: products", prompt: str = "photo of {product.name}",
-                 filename: str = "{product.sku}_{result}.{ext}", extra: str = "", task: str = "") -> Path:
-    """A small recipe (128x128 PNG, 2 steps, 1 result per item) in `folder`."""
-    path = folder / "recipe.yaml"
-    path.write_text(f"""version: 1
-name: nightly
-model: flux2-klein-tiny
-{extra}
-datasets:
-  {dataset}
-matrix:
-  {matrix}
-task:
-  positivePrompt: "{prompt}"
-  width: 128
-  height: 128
-  steps: 2
-  outputFormat: PNG
-  {task}
-output:
-  dir: out/{{name}}
-  filename: "{filename}"
-""")
-    return path
-
-
-def write_rows(folder: Path, rows: list[tuple[str, str]]) -> None:
-    (folder / "products.csv").write_text("sku,name\n" + "".join(f"{sku},{name}\n" for sku, name in rows))
-
-
-def run(recipe: Path, *overrides: str, **options) -> int:
-    """`flowgen run` through its command (the fake engine renders)."""
-    from flowgen.commands.run import run_command
-
-    return run_command(str(recipe), None, list(overrides), None, False, **options)
+from tests.workflow.incremental_recipe import run, write_recipe, write_rows
 
 
 def plan_json(recipe: Path) -> dict:

@@ -24,7 +24,7 @@ from flowgen.report.thumbnails import THUMBNAIL_SIDE, thumbnail_data_uri
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest
-from tests.workflow.test_run_executor import item, plan_of, reference
+from tests.workflow.direct_runs import item, plan_of, reference
 
 TRICKY_PROMPT = 'red <b>sneaker</b> & "laces" <script>alert(1)</script>'
 

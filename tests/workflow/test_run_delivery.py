@@ -24,7 +24,7 @@ from flowgen.run.engine import BatchOutput, FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest
 from flowgen.run.deliver import resend
-from tests.workflow.test_run_executor import item, plan_of
+from tests.workflow.direct_runs import FAST, deliveries, item, plan_of
 
 @pytest.fixture
 def threaded_server():
@@ -38,16 +38,8 @@ def threaded_server():
     server.stop()
 
 
-FAST = {"policy": RetryPolicy(max_attempts=3, base_delay_s=0.0, timeout_s=2.0, sleep=lambda s: None)}
-
-
 def received(server) -> list[dict]:
     return [json.loads(request.get_data()) for request, _ in server.log]
-
-
-def deliveries(out) -> dict[tuple[str, int, str], dict]:
-    with Manifest(out) as manifest:
-        return {(d["item_id"], d["result_index"], d["sink"]): d for d in manifest.deliveries()}
 
 
 def test_each_result_posts_one_signed_webhook_shaped_like_the_spec(tmp_path, httpserver, monkeypatch):
@@ -187,7 +179,7 @@ KILLED_DURING_DELIVERY = textwrap.dedent("""
     from flowgen.delivery.http import RetryPolicy
     from flowgen.run.engine import FakeEngine
     from flowgen.run.executor import execute
-    from tests.workflow.test_run_executor import item, plan_of
+    from tests.workflow.direct_runs import item, plan_of
     out, url = sys.argv[1], sys.argv[2]
     items = [item(f"k{i}", webhookURL=url) for i in range(3)]
     execute(plan_of(items, out), FakeEngine(), delivery_options={"policy": RetryPolicy(timeout_s=60)})

@@ -5,40 +5,18 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
-from flowgen.plan import compile_plan
-from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.manifest import Manifest
 from flowgen.run.outputs import read_metadata
 from flowgen.run.regen import regenerate, resolve_targets
-
-
-def item(key, refs=(), **task):
-    base = {"positivePrompt": f"prompt {key}", "width": 64, "height": 64, "steps": 2, "numberResults": 1,
-            "outputFormat": "PNG", "outputQuality": 90}
-    base.update(task)
-    return Item(key=key, values={}, task=base, references=tuple(Path(r) for r in refs))
-
-
-def plan_of(items, out, max_batch=4):
-    return compile_plan(recipe_name="r", recipe_seed=3, items=items, out_dir=out,
-                        filename=lambda it, i, ext: f"img/{it.key}_{i}.{ext}", model="tiny",
-                        model_identity={"m": 1}, distilled=False, recipe_hash="h", max_batch=max_batch)
+from tests.workflow.direct_runs import item, plan_of, reference
 
 
 def sha(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def reference(tmp_path, name="ref.png", value=40):
-    path = tmp_path / name
-    Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(path)
-    return path
 
 
 def test_run_writes_images_and_manifest_then_rerun_skips_everything(tmp_path):

@@ -32,8 +32,7 @@ from flowgen.run.executor import execute
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path
 from flowgen.run.progress import PlainProgress
-from tests.workflow.test_run_delivery import FAST
-from tests.workflow.test_run_executor import item, plan_of
+from tests.workflow.direct_runs import FAST, item, plan_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

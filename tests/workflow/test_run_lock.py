@@ -17,7 +17,7 @@ from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.lock import FolderBusy, RunLock, folder_state, lock_path
 from flowgen.run.manifest import Manifest
-from tests.workflow.test_run_executor import item, plan_of
+from tests.workflow.direct_runs import item, plan_of
 
 
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):

@@ -17,8 +17,7 @@ from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest
-from tests.workflow.test_run_delivery import FAST, deliveries
-from tests.workflow.test_run_executor import item, plan_of
+from tests.workflow.direct_runs import FAST, deliveries, item, plan_of
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=1", "task.numberResults=2"]

@@ -13,31 +13,9 @@ from flowgen.cli import main
 from flowgen.commands.schedule import build_scheduler
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest
-from flowgen.run.schedule import MAX_SLEEP_SECONDS, ScheduledRecipe, Scheduler
-from tests.workflow.test_incremental import engine, write_recipe, write_rows  # noqa: F401 - engine is a fixture
-
-
-def at(day: int, hour: int, minute: int = 0, second: int = 0) -> float:
-    """December `day` 2026, UTC, as epoch seconds."""
-    return datetime(2026, 12, day, hour, minute, second, tzinfo=timezone.utc).timestamp()
-
-
-class FakeClock:
-    """time.time and time.sleep for the scheduler: sleeping moves the clock; `on_sleep` hooks run then."""
-
-    def __init__(self, now: float):
-        self.now = now
-        self.slept: list[float] = []
-        self.on_sleep = lambda now: None
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert 0 < seconds <= MAX_SLEEP_SECONDS
-        self.slept.append(seconds)
-        self.now += seconds
-        self.on_sleep(self.now)
+from flowgen.run.schedule import ScheduledRecipe, Scheduler
+from tests.workflow.fake_clock import FakeClock, at
+from tests.workflow.incremental_recipe import write_recipe, write_rows
 
 
 def nightly(tmp_path: Path, missed: str = "skip", cron: str = "0 3 * * *", zone: str = "UTC") -> Path:

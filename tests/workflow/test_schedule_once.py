@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from flowgen.cli import main
 from flowgen.commands.schedule import build_scheduler
-from tests.workflow.test_incremental import engine, write_recipe, write_rows  # noqa: F401 - engine is a fixture
-from tests.workflow.test_schedule import FakeClock, at
+from tests.workflow.fake_clock import FakeClock, at
+from tests.workflow.incremental_recipe import write_recipe, write_rows
 
 
 def recipe_in(folder: Path, schedule: str | None) -> Path:
