@@ -109,7 +109,7 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
             "batches": len(batches),
         },
         "items": [
-            {"item_id": i.item_id, "key": i.key, "results": int(i.task.get("numberResults") or 1),
+            {"item_id": i.item_id, "key": i.key, "results": i.number_results,
              "references": len(i.references), "error": i.error}
             for i in plan.items
         ],

@@ -79,7 +79,7 @@ def exit_code(summary: RunSummary, require_delivery: bool = False) -> int:
 
 
 def _all_async(plan) -> bool:
-    return bool(plan.items) and all(item.task.get("deliveryMethod") == "async" for item in plan.items)
+    return bool(plan.items) and all(item.delivery.method == "async" for item in plan.items)
 
 
 def _detach(plan, recipe, out_from_recipe, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged,

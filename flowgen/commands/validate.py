@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from flowgen.errors import RecipeError
+from flowgen.plan.task import number_results
 
 
 def validate_command(recipe_path: str, overrides: list[str]) -> None:
@@ -16,7 +17,7 @@ def validate_command(recipe_path: str, overrides: list[str]) -> None:
     recipe, items, problems = recipe_problems(recipe_path, overrides)  # every stage's problems at once
     if problems:
         raise RecipeError(problems)
-    results = sum(item.task.get("numberResults", 1) for item in items)
+    results = sum(number_results(item.task) for item in items)
     references = len({path for item in items for path in item.references})
     card = f" (card {recipe.card.name})" if getattr(recipe.card, "name", None) else ""
     click.echo(

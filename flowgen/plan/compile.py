@@ -17,6 +17,7 @@ from flowgen.plan.loras import LoraResolver
 from flowgen.plan.model import Plan, PlannedItem, PlannedResult
 from flowgen.plan.references import ReferenceInspector
 from flowgen.plan.seeds import item_id_for, result_seed
+from flowgen.plan.task import ResolvedTask
 from flowgen.recipe.api import Item
 from flowgen.recipe.spec import OUTPUT_EXTENSIONS
 
@@ -30,11 +31,16 @@ FilenameFn = Callable[[Item, int, str], "str | Path"]
 
 
 def output_ext(task: dict[str, Any]) -> str:
-    """File extension for the task's outputFormat (spec default JPG)."""
-    fmt = str(task.get("outputFormat") or "JPG").upper()
-    if fmt not in EXTENSIONS:
-        raise RecipeError(f"outputFormat: {fmt!r} is not one of JPG, PNG, WEBP")
-    return EXTENSIONS[fmt]
+    """File extension for a raw task's outputFormat (spec default JPG); planned items have it in
+    their job (extension_for(job.output_format))."""
+    return extension_for(str(task.get("outputFormat") or "JPG").upper())
+
+
+def extension_for(output_format: str) -> str:
+    """File extension for an outputFormat as a Job holds it (upper case)."""
+    if output_format not in EXTENSIONS:
+        raise RecipeError(f"outputFormat: {output_format!r} is not one of JPG, PNG, WEBP")
+    return EXTENSIONS[output_format]
 
 
 def guidance_for(task: dict[str, Any], distilled: bool) -> float | None:
@@ -77,9 +83,9 @@ def compile_plan(
         results: list[PlannedResult] = []
         seen_ids: dict[str, str] = {}
         checked: dict[tuple, str | None] = {}
-        ext_of: dict[str, str] = {}  # outputFormat -> extension, for the usual string formats
+        ext_of: dict[str, str] = {}  # outputFormat -> extension
         for item in items:
-            planned = _plan_item(item, recipe_name, hash_item, distilled, inspector, loras_of)
+            planned, task_seed = _plan_item(item, recipe_name, hash_item, distilled, inspector, loras_of)
             if planned.error is None and item.references and reference_check is not None:
                 if item.references not in checked:
                     problems = reference_check(item)
@@ -89,15 +95,11 @@ def compile_plan(
                 raise RecipeError(f"items {seen_ids[planned.item_id]!r} and {item.key!r}: duplicate item key")
             seen_ids[planned.item_id] = item.key
             planned_items.append(planned)
-            task = item.task
-            output_format = task.get("outputFormat")
-            ext = ext_of.get(output_format) if output_format.__class__ is str else None
+            output_format = planned.job.output_format
+            ext = ext_of.get(output_format)
             if ext is None:
-                ext = output_ext(task)
-                if output_format.__class__ is str:
-                    ext_of[output_format] = ext
-            task_seed = task.get("seed")
-            for index in range(int(task.get("numberResults") or 1)):
+                ext = ext_of[output_format] = extension_for(output_format)
+            for index in range(planned.number_results):
                 seed = result_seed(task_seed, recipe_seed, item.key, index)
                 name = filename(item, index, ext)
                 if name.__class__ is not str:
@@ -113,7 +115,8 @@ def compile_plan(
 
 
 def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: bool,
-               inspector: ReferenceInspector, loras_of: LoraResolver) -> PlannedItem:
+               inspector: ReferenceInspector, loras_of: LoraResolver) -> tuple[PlannedItem, int | None]:
+    """The planned item, and the task's fixed seed (None: each result's is derived)."""
     hashes: list[str] = []
     sizes: list[tuple[int, int]] = []
     error = None
@@ -127,27 +130,31 @@ def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: b
         sizes.append(size)
     task = item.task
     loras = loras_of(task, item.key)
-    return PlannedItem(
+    resolved = ResolvedTask.from_task(task, guidance=guidance_for(task, distilled), references=item.references,
+                                      reference_hashes=hashes, loras=loras)
+    planned = PlannedItem(
         item_id=item_id_for(recipe_name, item.key),
         key=item.key,
         values=item.values,
         task=task,
-        job=Job.from_task(task, guidance=guidance_for(task, distilled), references=item.references,
-                          reference_hashes=hashes, loras=loras),
+        job=resolved.job,
         reference_sizes=tuple(sizes),
-        item_hash=hash_item(_hashed_task(task, distilled), hashes, tuple((digest, weight) for _, digest, weight in loras)),
+        item_hash=hash_item(_hashed_task(task, resolved.job, distilled), hashes,
+                            tuple((digest, weight) for _, digest, weight in loras)),
         error=error,
+        delivery=resolved.delivery,
+        number_results=resolved.number_results,
     )
+    return planned, resolved.seed
 
 
-def _hashed_task(task: dict, distilled: bool) -> dict:
+def _hashed_task(task: dict, job: Job, distilled: bool) -> dict:
     """The task as its item hash sees it: with the step cache it resolves to, when one may skip steps.
 
     The `acceleration` default (`high`) caches base-model loops of more than a few steps, so a task
     that never names it renders differently from before step caches existed; hashing the resolved
     cache keeps such results from reading as up to date. Uncached tasks hash as they always have."""
-    cache = resolve_step_cache(task.get("acceleration"), task.get("acceleratorOptions"), steps=int(task["steps"]),
-                    distilled=distilled)
+    cache = resolve_step_cache(job.acceleration, job.accelerator_dict, steps=job.steps, distilled=distilled)
     return task if cache is None else {**task, "_stepCache": cache.as_dict()}
 
 

@@ -1,9 +1,10 @@
 """A job: what the engine needs to render an item's results, read once from its resolved task.
 
-The planner builds one `Job` per item (every result of an item shares it; a result adds its seed),
-and regen builds one from a manifest record. The executor and regen make engine requests from
-jobs only (`flowgen.run.engine.BatchRequest.for_jobs`); the task dict stays on the item for records,
-metadata and deliveries.
+The planner builds one `Job` per item (every result of an item shares it; a result adds its seed;
+flowgen.plan.task.ResolvedTask adds what happens to the images after), and regen builds one from a
+manifest record. The executor and regen make engine requests from jobs only
+(`flowgen.run.engine.BatchRequest.for_jobs`, and the face pass from `Job.face_pass`); the task dict
+stays on the item for what is about the task as written: its hash, the record's params, metadata.
 """
 
 from __future__ import annotations
@@ -52,6 +53,49 @@ class Signature(NamedTuple):
         return ", ".join(parts)
 
 
+# the spec's ultralytics field -> (FacePass field, type)
+_FACE_FIELDS = {
+    "confidence": ("confidence", float),
+    "inpaintSize": ("inpaint_size", int),
+    "maskBlur": ("mask_blur", int),
+    "maskPadding": ("mask_padding", int),
+    "steps": ("steps", int),
+    "strength": ("strength", float),
+    "CFGScale": ("guidance", float),
+}
+
+
+class FacePass(NamedTuple):
+    """The task's face pass (`ultralytics`): detect faces in the decoded image, re-render each crop.
+
+    Fields the task leaves out are None: the engine's defaults (the spec's) apply
+    (flowgen.run.faces.refine_settings makes the engine's settings of it)."""
+
+    positive_prompt: str  # the face prompt, else the task's
+    negative_prompt: str  # likewise
+    confidence: float | None = None
+    inpaint_size: int | None = None
+    mask_blur: int | None = None
+    mask_padding: int | None = None
+    steps: int | None = None
+    strength: float | None = None
+    guidance: float | None = None  # the face pass's CFGScale
+
+    @classmethod
+    def from_task(cls, task: Mapping[str, Any]) -> "FacePass | None":
+        """The face pass a resolved task asks for, or None."""
+        faces = task.get("ultralytics")
+        if not isinstance(faces, Mapping):
+            return None
+        given = {name: kind(faces[field]) for field, (name, kind) in _FACE_FIELDS.items() if faces.get(field) is not None}
+        return cls(positive_prompt=str(faces.get("positivePrompt") or task.get("positivePrompt") or ""),
+                   negative_prompt=str(faces.get("negativePrompt") or task.get("negativePrompt") or ""), **given)
+
+    def given(self) -> dict[str, Any]:
+        """The fields the task set (the prompts always), by name."""
+        return {name: value for name, value in self._asdict().items() if value is not None}
+
+
 class Job(NamedTuple):
     """The engine-facing parameters of one item (immutable).
 
@@ -72,6 +116,7 @@ class Job(NamedTuple):
     acceleration: str = DEFAULT_ACCELERATION  # step-cache preset
     accelerator_options: tuple = ()  # acceleratorOptions as sorted (name, value) pairs, None values dropped
     loras: tuple = ()  # ((file path, its sha256, weight), ...) in the task's order (compile.resolve_loras)
+    face_pass: FacePass | None = None  # the face pass on each decoded image (ultralytics), None without one
 
     @classmethod
     def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str] = (),
@@ -96,6 +141,7 @@ class Job(NamedTuple):
             str(get("acceleration") or DEFAULT_ACCELERATION),
             _options(get("acceleratorOptions")),
             tuple((str(path), str(digest), float(weight)) for path, digest, weight in loras) if loras else (),
+            None if get("ultralytics") is None else FacePass.from_task(task),
         ))
 
     @property
@@ -106,6 +152,8 @@ class Job(NamedTuple):
     @property
     def lora_set(self) -> tuple:
         """The LoRAs by content: ((sha256, weight), ...); equal sets share merged weights."""
+        if not self.loras:  # most jobs: no generator to build (batching asks once per result)
+            return ()
         return tuple((digest, weight) for _, digest, weight in self.loras)
 
     @property

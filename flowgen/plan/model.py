@@ -13,20 +13,23 @@ from typing import TYPE_CHECKING, Any, Callable
 from flowgen.plan.hashing import BASE_DTYPE
 from flowgen.plan.incremental import Increment
 from flowgen.plan.job import Job, Signature
+from flowgen.plan.task import Delivery
 
 if TYPE_CHECKING:  # pragma: no cover
     from flowgen.plan.run_plan import ManifestIndex, RunPlan
 
-__all__ = ["Batch", "Canary", "Increment", "Job", "Plan", "PlannedItem", "PlannedResult", "RecipeSource", "Signature"]
+__all__ = ["Batch", "Canary", "Delivery", "Increment", "Job", "Plan", "PlannedItem", "PlannedResult", "RecipeSource", "Signature"]
 
 
 @dataclass(slots=True)
 class PlannedItem:
     """One recipe item after planning: identity, resolved task, its job, reference sizes, item hash.
 
-    `task` is the resolved task as the recipe gave it (records, metadata, deliveries); `job` is what
-    the engine needs from it (prompt, size, steps, guidance, scheduler, references + content hashes,
-    output format and quality), read once at plan time."""
+    `task` is the resolved task as the recipe gave it (its hash, the record's params, metadata);
+    `job` is what the engine needs from it (prompt, size, steps, guidance, scheduler, references +
+    content hashes, output format and quality, LoRAs, face pass) and `delivery` what happens to its
+    images after (content check, cost, upload, webhook): both read once at plan time
+    (flowgen.plan.task.ResolvedTask)."""
 
     item_id: str
     key: str
@@ -36,6 +39,8 @@ class PlannedItem:
     reference_sizes: tuple[tuple[int, int], ...]
     item_hash: str
     error: str | None = None  # set when the item cannot run (e.g. an unreadable reference)
+    delivery: Delivery = Delivery()
+    number_results: int = 1
 
     @property
     def references(self) -> tuple[str, ...]:

@@ -28,7 +28,7 @@ from flowgen.run.cost import Budget, cost_of, seconds_per_image
 from flowgen.run.crash import one_line, write_traceback
 from flowgen.run.deliver import Dispatcher, Finished, resend
 from flowgen.run.engine import BatchRequest, Engine
-from flowgen.run.faces import check_detector, face_settings
+from flowgen.run.faces import load_detector, refine_settings
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path, run_log_path
@@ -312,7 +312,8 @@ def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
     if (runnable or plan.canary is not None) and hasattr(engine, "preflight"):
         engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
     checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
-    check_detector([r.item.task for r in runnable])  # likewise the face pass's detector
+    if any(r.job.face_pass is not None for r in runnable):
+        load_detector()  # likewise the face pass's detector
     return checker
 
 
@@ -331,7 +332,7 @@ def set_aside_note(blocked: Sequence[PlannedResult], shown: int = 3) -> str:
 
 def _content_checker(results: Sequence[PlannedResult]):
     """A loaded ContentChecker when any result asks safety.checkContent, else None."""
-    if not any((r.item.task.get("safety") or {}).get("checkContent") is True for r in results):
+    if not any(r.item.delivery.check_content for r in results):
         return None
     from flowgen.safety import ContentChecker
 
@@ -427,7 +428,7 @@ class _BatchRunner:
             timings = {"engine_batch": round(engine_seconds, 4), "engine_per_image": round(engine_seconds / batch.size, 4),
                        "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
             pixels, faces = output.images[position], None
-            settings = face_settings(result.item.task)
+            settings = refine_settings(result.job.face_pass)
             if settings is not None:  # ultralytics: the face pass, before the check and the encode
                 try:
                     pixels, faces = self._refine_faces(result, pixels, settings, timings)
@@ -467,9 +468,9 @@ class _BatchRunner:
     def _finish(self, result: PlannedResult, pixels, batch_info: dict, timings: dict,
                 faces: dict | None = None) -> tuple[dict, Finished | None]:
         """Check, encode, store and record one image (with what the face pass found, if it ran)."""
-        task = result.item.task
+        delivery = result.item.delivery
         t0 = time.perf_counter()
-        verdict = self.checker.check(pixels) if self.checker and (task.get("safety") or {}).get("checkContent") is True else None
+        verdict = self.checker.check(pixels) if self.checker and delivery.check_content else None
         self.summary.flagged += bool(verdict and verdict.nsfw)
         t1 = time.perf_counter()
         # the file's extension (output.filename's {ext}, from outputFormat) picks the encoder
@@ -492,7 +493,7 @@ class _BatchRunner:
         self.summary.rendered += 1
         timings = {**timings, "check": round(t1 - t0, 4), "encode": round(t2 - t1, 4), "write": round(t3 - t2, 4)}
         engine_seconds = timings["engine_per_image"] + timings.get("faces", 0.0)  # the face pass is engine time too
-        cost = cost_of(engine_seconds) if task.get("includeCost") is True else None
+        cost = cost_of(engine_seconds) if delivery.include_cost else None
         record = result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
                                output_sha256=hashlib.sha256(data).hexdigest(), output_bytes=len(data),
                                timings=timings, engine=self.engine_identity, batch=batch_info, cost=cost,
@@ -501,8 +502,8 @@ class _BatchRunner:
             record.update(faces)  # "faces" (one entry per detection) and "face_detector"
         done = Finished(item_id=record["item_id"], result_index=record["result_index"], path=result.output_path,
                         filename=record["output"]["path"], seed=result.seed, task_uuid=record["taskUUID"],
-                        image_uuid=record["imageUUID"], output_type=task.get("outputType") or "URL",
-                        upload_endpoint=task.get("uploadEndpoint"), webhook_url=task.get("webhookURL"),
+                        image_uuid=record["imageUUID"], output_type=delivery.output_type,
+                        upload_endpoint=delivery.upload_endpoint, webhook_url=delivery.webhook_url,
                         cost=cost, nsfw=verdict.nsfw if verdict else None)
         return record, done
 

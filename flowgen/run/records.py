@@ -49,7 +49,7 @@ def result_record(
         "schema": SCHEMA_VERSION,
         "taskType": "imageInference",
         # the recipe's taskUUID, else one derived from the item: the same on every rerun
-        "taskUUID": str(task.get("taskUUID") or uuid_from_key(f"task:{item.item_id}")),
+        "taskUUID": item.delivery.task_uuid or uuid_from_key(f"task:{item.item_id}"),
         "imageUUID": _image_uuid(result.content_hash, output_sha256) if output_sha256 else None,
         "item_id": item.item_id,
         "item_key": item.key,
@@ -71,7 +71,7 @@ def result_record(
             "format": result.job.output_format,
         },
         "batch": batch,
-        "outputType": str(task.get("outputType") or "URL"),
+        "outputType": item.delivery.output_type,
         **({"cost": cost} if cost is not None else {}),
         **({"safety": safety, "NSFWContent": safety["NSFWContent"]} if safety is not None else {}),
         "timings": timings or {},

@@ -10,10 +10,15 @@ import pytest
 from click.testing import CliRunner
 
 from flowgen.cli import main
+from flowgen.plan.compile import compile_plan
 from flowgen.plan.from_recipe import plan_recipe
-from flowgen.plan.job import Job, Signature
+from flowgen.plan.job import FacePass, Job, Signature
 from flowgen.plan.model import Canary, RecipeSource
+from flowgen.plan.task import Delivery, ResolvedTask
+from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
+from flowgen.run.executor import execute
+from flowgen.run.faces import face_settings, refine_settings
 from flowgen.run.manifest import Manifest, load_watermarks
 
 
@@ -94,3 +99,52 @@ def test_run_records_the_recipe_its_set_options_and_out_with_the_run(tmp_path, m
     assert result.exit_code == 0, result.output
     with Manifest(out, create=False) as manifest:
         assert manifest.last_recipe() == {"path": str(recipe.resolve()), "overrides": ["task.steps=3"], "out_option": True}
+
+
+FULL_TASK = {"positivePrompt": "a portrait", "negativePrompt": "blurry", "width": 128, "height": 128, "steps": 2,
+             "numberResults": 3, "seed": 40, "outputFormat": "png", "outputQuality": 80, "taskUUID": "uuid-1",
+             "outputType": "base64Data", "uploadEndpoint": "https://bucket.example/x.png?sig=1",
+             "webhookURL": "https://hooks.example/h", "deliveryMethod": "async", "includeCost": True,
+             "safety": {"checkContent": True}, "ttl": 3600,
+             "ultralytics": {"steps": 12, "strength": 0.4, "negativePrompt": "ugly"}}
+
+
+def test_a_resolved_task_is_read_once_into_typed_values():
+    resolved = ResolvedTask.from_task(FULL_TASK, guidance=None, references=["/r/a.png"], reference_hashes=["aa"])
+    assert resolved.number_results == 3 and resolved.seed == 40
+    assert resolved.job == Job.from_task(FULL_TASK, guidance=None, references=["/r/a.png"], reference_hashes=["aa"])
+    assert (resolved.job.prompt, resolved.job.output_format, resolved.job.output_quality) == ("a portrait", "PNG", 80)
+    assert resolved.job.face_pass == FacePass("a portrait", "ugly", steps=12, strength=0.4)
+    assert resolved.delivery == Delivery(task_uuid="uuid-1", output_type="base64Data",
+                                         upload_endpoint="https://bucket.example/x.png?sig=1",
+                                         webhook_url="https://hooks.example/h", method="async", include_cost=True,
+                                         check_content=True, ttl=3600)
+    bare = ResolvedTask.from_task({"positivePrompt": "p", "width": 128, "height": 128, "steps": 2}, guidance=None)
+    assert (bare.number_results, bare.seed, bare.job.face_pass, bare.delivery) == (1, None, None, Delivery())
+    # the engine's face settings: the job's face pass, as the raw task's reading gives them
+    assert refine_settings(resolved.job.face_pass) == face_settings(FULL_TASK)
+    assert refine_settings(None) is None
+
+
+def test_the_run_renders_finishes_and_delivers_from_the_typed_values_not_the_task_dict(tmp_path, monkeypatch):
+    """After planning the executor reads nothing of an item by field name: with every task dict
+    emptied, the face pass, the cost, the taskUUID and the outputType still come from the plan."""
+    monkeypatch.delenv("FLOWGEN_FACE_DETECTOR", raising=False)
+    task = {k: v for k, v in FULL_TASK.items() if k not in ("uploadEndpoint", "webhookURL", "safety", "deliveryMethod")}
+    items = [Item(key="only", values={}, task=task)]
+    plan = compile_plan(recipe_name="r", recipe_seed=1, items=items, out_dir=tmp_path / "out", model="tiny",
+                        model_identity={"m": 1}, filename=lambda it, i, ext: f"{it.key}_{i}.{ext}", distilled=False,
+                        recipe_hash="h")
+    assert [r.seed for r in plan.results] == [40, 41, 42] and plan.items[0].number_results == 3
+    for item in plan.items:
+        item.task.clear()
+    engine = FakeEngine()
+    summary = execute(plan, engine)
+    assert (summary.rendered, summary.failed) == (3, 0)
+    assert engine.calls[0].prompts[:3] == ["a portrait"] * 3 and engine.calls[0].steps == 2
+    assert [(settings.steps, settings.strength, settings.negative_prompt) for settings, _ in engine.face_calls] == [
+        (12, 0.4, "ugly")] * 3
+    with Manifest(tmp_path / "out", create=False) as manifest:
+        records = list(manifest.records())
+    assert {(r["taskUUID"], r["outputType"], r["output"]["format"]) for r in records} == {("uuid-1", "base64Data", "PNG")}
+    assert all(r.get("cost") is not None and r["faces"] for r in records)  # includeCost, the face pass
