@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -9,7 +10,7 @@ import click
 
 from flowgen.run.dtype import checked_dtype, resolve_dtype
 from flowgen.run.manifest import Manifest
-from flowgen.run.regen import regenerate, resolve_targets
+from flowgen.run.regen import cost_line, regenerate, resolve_targets
 
 
 def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None, dtype: str | None = None) -> int:
@@ -17,13 +18,16 @@ def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: st
 
     dtype: --dtype for every result (None: the dtype recorded for each; $FLOWGEN_DTYPE is not read,
     so a replay is faithful by default). Returns 0, or 1 when a result could not be regenerated or
-    (with verify) its sha256 differs.
+    (with verify) its sha256 differs. Ends with what the replay cost (cost_line): each engine call
+    computes a whole batch of the recorded size, however few of its results were asked for.
     """
     compute_dtype = resolve_dtype(checked_dtype(dtype, f"--dtype {dtype!r}")) if dtype is not None else None
     with Manifest(out_dir, create=False) as manifest:
         records = resolve_targets(manifest, list(targets))
     destination = Path(to_dir) if to_dir else Path(out_dir) / "regen"
+    started = time.perf_counter()
     outcomes = regenerate(records, destination, dtype=compute_dtype)
+    seconds = time.perf_counter() - started
     code = 0
     for outcome in outcomes:
         name = f"{outcome.item_id}#{outcome.result_index}"
@@ -39,4 +43,5 @@ def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: st
             code = code or (0 if outcome.matches else 1)
         else:
             click.echo(f"wrote     {name} {outcome.path}{other}")
+    click.echo(cost_line(outcomes, seconds))
     return code

@@ -1,9 +1,14 @@
 """Regenerate recorded results from the manifest alone (no recipe needed).
 
-Each result is re-rendered in a batch filled with copies of itself, as large as the group it was
-sampled in (the engine samples each reference-set group of a batch together; without references
-that is the whole padded batch), so the engine runs the same compiled program; with identical
-software and hardware the file is byte-identical to the original (`--verify` checks the sha256).
+Each result is re-rendered in a batch as large as the one it was sampled in, with its recorded
+reference layout, so the engine runs the same compiled program; with identical software and
+hardware the file is byte-identical to the original (`--verify` checks the sha256). The batch
+size cannot be smaller: XLA's arithmetic depends on it (on CPU a tiny-model row rendered at batch
+1 or 2 instead of 8 differs by one level in some pixels, in the sampling loop and in the VAE
+decode alike). What can be saved is saved: results that replay alike share a call (an item's
+results, the items of one batch), copies of the last of them fill the batch (their prompt is
+encoded once, their references prepared once), and only the requested results are encoded and
+written.
 It renders in the dtype recorded for the result unless another one is asked for. The engine
 request is built as a run builds it: from the record's Job (job_of) by BatchRequest.for_jobs, with
 the references opened by the run's ReferenceLoader.
@@ -39,6 +44,8 @@ class RegenOutcome:
     dtype: str = BASE_DTYPE  # the dtype of this render
     recorded_dtype: str = BASE_DTYPE
     error: str | None = None
+    batch_size: int | None = None  # the recorded batch size it was rendered at
+    call: int | None = None  # the engine call that rendered it (results of one call share its cost)
 
     @property
     def matches(self) -> bool:
@@ -65,89 +72,159 @@ def resolve_targets(manifest: Manifest, targets: list[str]) -> list[dict[str, An
 
 def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable[[str, str], Engine] | None = None,
                dtype: str | None = None) -> list[RegenOutcome]:
-    """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record.
+    """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record, in order.
 
-    dtype: a resolved dtype for every record; None renders each in the dtype recorded for it.
-    engine_for(model, dtype) makes the engine (default: a PipelineEngine).
+    Results that replay with the same program and arithmetic (replay_key) share engine calls, up to
+    their recorded batch size per call: an item's results, or several items of one batch, cost one
+    call rather than one each. dtype: a resolved dtype for every record; None renders each in the
+    dtype recorded for it. engine_for(model, dtype) makes the engine (default: a PipelineEngine),
+    only when a result is left to render.
     """
     engines: dict[tuple[str, str], Engine] = {}
     engine_for = engine_for or _pipeline_engine
     loader = ReferenceLoader()
-    outcomes = []
+    outcomes: list[RegenOutcome] = []
+    calls: dict[tuple, list[tuple[dict[str, Any], Job, list, RegenOutcome]]] = {}
     for record in records:
         recorded = record.get("dtype") or BASE_DTYPE
-        key = (record["model"]["name"], dtype or recorded)
-        if key not in engines:
-            engines[key] = engine_for(*key)
+        engine_key = (record["model"]["name"], dtype or recorded)
         outcome = RegenOutcome(record["item_id"], record["result_index"], None, None, record["output"]["sha256"],
-                               dtype=key[1], recorded_dtype=recorded)
-        outcomes.append(_regen_one(record, to_dir, engines[key], loader, outcome))
+                               dtype=engine_key[1], recorded_dtype=recorded)
+        outcomes.append(outcome)
+        inputs = _inputs(record, loader, outcome)
+        if inputs is not None:
+            job, refs = inputs
+            calls.setdefault((engine_key, replay_key(record, job)), []).append((record, job, refs, outcome))
+    number = 0
+    for (engine_key, _), rows in calls.items():
+        if engine_key not in engines:
+            engines[engine_key] = engine_for(*engine_key)
+        size = recorded_batch_size(rows[0][0])
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
+            rendered = replay_rows([(record, job, refs) for record, job, refs, _ in chunk], engines[engine_key])
+            for (record, job, _, outcome), pixels in zip(chunk, rendered):
+                outcome.batch_size, outcome.call = size, number
+                if isinstance(pixels, ReplayError):  # one result failing must not hide the others' verdicts
+                    outcome.error = str(pixels)
+                else:
+                    _write(record, job, pixels, to_dir, outcome)
+            number += 1
     return outcomes
 
 
-def _regen_one(record: dict[str, Any], to_dir: Path, engine: Engine, loader: ReferenceLoader,
-               outcome: RegenOutcome) -> RegenOutcome:
+def _inputs(record: dict[str, Any], loader: ReferenceLoader, outcome: RegenOutcome) -> tuple[Job, list] | None:
+    """The record's job and decoded references, or None with outcome.error saying why not."""
     if record["status"] != "ok" or not record.get("batch"):
         outcome.error = f"never rendered (status {record['status']})"
-        return outcome
+        return None
     job = job_of(record)
     try:
         refs = []
         for path, digest in zip(job.references, job.reference_hashes):
             if reference_sha256(path) != digest:  # a regular file of bounded size, or ValueError
                 outcome.error = f"reference {path} changed since the run"
-                return outcome
+                return None
             refs.append(loader.load(path))
         for path, digest, _ in job.loras:
             if sha256_file(path) != digest:
                 outcome.error = f"LoRA {path} changed since the run"
-                return outcome
+                return None
     except (OSError, ValueError) as err:
         outcome.error = str(err)
-        return outcome
-    try:
-        pixels = replay(record, job, refs, engine)
-    except ReplayError as err:  # one result failing must not hide the others' verdicts
-        outcome.error = str(err)
-        return outcome
+        return None
+    return job, refs
+
+
+def _write(record: dict[str, Any], job: Job, pixels, to_dir: Path, outcome: RegenOutcome) -> None:
     rel = Path(record["output"]["path"])
     target = to_dir / (rel if not rel.is_absolute() else rel.name)
-    data = encode_image(pixels, target.suffix.lstrip(".").lower(), job.output_quality,
-                        metadata_from_record(record))
+    data = encode_image(pixels, target.suffix.lstrip(".").lower(), job.output_quality, metadata_from_record(record))
     atomic_write_bytes(target, data)
     outcome.path, outcome.sha256 = target, hashlib.sha256(data).hexdigest()
-    return outcome
 
 
 class ReplayError(Exception):
     """A recorded result could not be rendered again; the message is one line."""
 
 
-def replay(record: dict[str, Any], job: Job, refs: list, engine: Engine):
-    """The image of `record` rendered again exactly as the run rendered it (the regen and canary
-    path): its recorded batch size and reference layout fix the arithmetic, the row's copies fill
-    the batch, a step cache's recorded decisions are replayed (they depend on the batch mates),
-    and the face pass runs as the run applied it. Raises ReplayError."""
+def recorded_batch_size(record: dict[str, Any]) -> int:
+    """The batch size the record's image was sampled at, which its replay must use."""
     batch = record["batch"]
     # records from before one-loop batches carry group_size instead, the batch their loop had
-    size = int(batch.get("group_size") or batch["size"])
-    layout = None
-    if "reference_layout" in batch:
-        layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
-        if "step_cache_computed" in batch:
-            layout["step_cache_computed"] = str(batch["step_cache_computed"])
-    try:
-        output = engine.generate_batch(BatchRequest.for_jobs([(job, int(record["seed"]), refs)], size, layout=layout))
-    except Exception as err:
-        raise ReplayError(f"engine error: {_first_line(err)}") from err
-    pixels = output.images[0]
-    settings = face_settings(record["params"])
-    if settings is not None:
-        try:
-            pixels = engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image
-        except Exception as err:
-            raise ReplayError(f"face refinement error: {_first_line(err)}") from err
+    return int(batch.get("group_size") or batch["size"])
+
+
+def recorded_layout(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The reference layout (and step-cache decisions) to force on the replay; None for records
+    older than recorded layouts (the engine chooses, as it did then)."""
+    batch = record["batch"]
+    if "reference_layout" not in batch:
+        return None
+    layout = {"reference_layout": batch["reference_layout"], "reference_length": int(batch.get("reference_length", 0))}
+    if "step_cache_computed" in batch:
+        layout["step_cache_computed"] = str(batch["step_cache_computed"])
+    return layout
+
+
+def replay_key(record: dict[str, Any], job: Job) -> tuple:
+    """Results with equal keys replay in one engine call: one compiled program (the job's signature:
+    size, steps, guidance, scheduler, step cache, LoRAs; the recorded batch size), one forced
+    layout (and step-cache decisions), and — where the layout shares one reference set among the
+    rows — the same references. A row's arithmetic depends on the batch's shape and layout, not on
+    its batch mates' values, so any such rows may share a call. A record without a recorded layout
+    replays alone (the engine would choose the layout from the rows it is given)."""
+    layout = recorded_layout(record)
+    if layout is None:
+        return ("alone", record["item_id"], record["result_index"])
+    shared = job.reference_set if layout["reference_layout"] == "shared" else None
+    return (job.signature, recorded_batch_size(record), tuple(sorted(layout.items())), shared)
+
+
+def replay(record: dict[str, Any], job: Job, refs: list, engine: Engine):
+    """The image of `record` rendered again exactly as the run rendered it (the canary's path; see
+    replay_rows). Raises ReplayError."""
+    [pixels] = replay_rows([(record, job, refs)], engine)
+    if isinstance(pixels, ReplayError):
+        raise pixels
     return pixels
+
+
+def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) -> list:
+    """The images of `rows` (record, job, decoded references) — which share a replay_key and are at
+    most the recorded batch size — rendered again exactly as the run rendered them, in one engine
+    call: the recorded batch size and reference layout fix the arithmetic (XLA's results depend on
+    the batch size, so a smaller batch would change the bytes), copies of the last row fill the
+    batch, a step cache's recorded decisions are replayed (they depend on the batch mates), and the
+    face pass runs as the run applied it. One entry per row: the pixels, or a ReplayError."""
+    first = rows[0][0]
+    request = BatchRequest.for_jobs([(job, int(record["seed"]), refs) for record, job, refs in rows],
+                                    recorded_batch_size(first), layout=recorded_layout(first))
+    try:
+        output = engine.generate_batch(request)
+    except Exception as err:  # noqa: BLE001 - reported per result, the other calls go on
+        return [ReplayError(f"engine error: {_first_line(err)}")] * len(rows)
+    results: list = []
+    for (record, job, _), pixels in zip(rows, output.images):
+        settings = face_settings(record["params"])
+        if settings is not None:
+            try:
+                pixels = engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image
+            except Exception as err:  # noqa: BLE001
+                pixels = ReplayError(f"face refinement error: {_first_line(err)}")
+        results.append(pixels)
+    return results
+
+
+def cost_line(outcomes: list[RegenOutcome], seconds: float) -> str:
+    """What the replay cost: engine calls, rows computed for the results rendered, and why."""
+    calls = {outcome.call: outcome.batch_size for outcome in outcomes if outcome.call is not None}
+    if not calls:
+        return f"cost: no engine call, {seconds:.1f} s"
+    results = sum(1 for outcome in outcomes if outcome.call is not None)
+    sizes = ", ".join(str(size) for size in sorted(set(calls.values())))
+    return (f"cost: {results} result(s) in {len(calls)} engine call(s) at the recorded batch size {sizes} "
+            f"({sum(calls.values())} rows computed: another batch size would change the bytes), {seconds:.1f} s")
 
 
 def _first_line(err: Exception) -> str:
