@@ -115,7 +115,7 @@ def best_compile(products: int, surfaces: int, model: str, repeat: int) -> dict:
 def bench_run(results: int, model: str, size: int, steps: int) -> dict:
     from flowgen.plan.from_recipe import plan_recipe
     from flowgen.run.engine import PipelineEngine
-    from flowgen.run.executor import execute
+    from flowgen.run.executor import against_folder, execute
     from flowgen.run.settings import max_batch_setting
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -125,8 +125,8 @@ def bench_run(results: int, model: str, size: int, steps: int) -> dict:
         engine = PipelineEngine(plan.engine_model)
         warm = plan_recipe(write_recipe(Path(tmp), 1, plan.max_batch, model, size, steps), Path(tmp) / "warm", [],
                            plan.max_batch)
-        execute(warm, engine)  # load + compile outside the timed run
-        summary = execute(plan, engine)
+        execute(against_folder(warm), engine)  # load + compile outside the timed run
+        summary = execute(against_folder(plan), engine)
     stages = summary.stage_seconds
     overhead = stages["encode"] + stages["write"] + stages["manifest"]
     return {"results": summary.rendered, "seconds": summary.seconds, "images_per_s": summary.images_per_second,

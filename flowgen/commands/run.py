@@ -15,7 +15,7 @@ from flowgen.plan.from_recipe import plan_recipe, recipe_source
 from flowgen.run.crash import one_line
 from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.engine import PipelineEngine
-from flowgen.run.executor import RunSummary, execute, new_run_id, preflight
+from flowgen.run.executor import RunSummary, against_folder, execute, new_run_id, preflight
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import folder_busy_check
 from flowgen.run.manifest import Manifest, load_watermarks, run_log_path
@@ -58,13 +58,13 @@ def _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget,
     plan = replace(plan, source=recipe_source(recipe, overrides, out_dir is not None and not out_from_recipe))
     engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
     if run_id is None and (detach or _all_async(plan)):
-        preflight(plan, engine, limit, verify_files=False)  # every refusal the run would make, made here
+        preflight(against_folder(plan, verify_files=False), engine, limit)  # every refusal the run would make, made here
         return _detach(plan, recipe, out_dir is None, overrides, limit, fail_fast, max_batch, dtype, budget,
                        deliver_flagged, require_delivery)
     progress = default_progress()
     stop = StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))
     with stop:
-        summary = execute(plan, engine, limit=limit, fail_fast=fail_fast, progress=progress, stop=stop,
+        summary = execute(against_folder(plan), engine, limit=limit, fail_fast=fail_fast, progress=progress, stop=stop,
                           budget=budget, deliver_flagged=deliver_flagged, run_id=run_id)
     print_summary(summary, str(plan.out_dir), engine.load_seconds, require_delivery)
     return exit_code(summary, require_delivery)

@@ -7,9 +7,9 @@
     run_plan.blocked     # ... of them, those that cannot (e.g. an unreadable reference)
     run_plan.batches()   # the runnable results grouped into engine calls (computed once)
 
-`flowgen plan` reports one, `execute()` runs one (built under the output folder's lock, or reused
-when it was built against the manifest state the lock finds), and a server can hold one between
-planning and running.
+`flowgen plan` reports one, `execute()` runs one (flowgen.run.executor.against_folder builds it;
+the run reuses it when it was built against the manifest state it finds under the output folder's
+lock, else builds it again there), and a server can hold one between planning and running.
 """
 
 from __future__ import annotations

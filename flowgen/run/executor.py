@@ -87,8 +87,19 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + os.urandom(3).hex()
 
 
+def against_folder(plan: Plan, verify_files: bool = True) -> RunPlan:
+    """`plan` against its output folder's manifest as it is now (against nothing when the folder
+    has none yet): the value `execute` runs. Takes no lock and writes nothing.
+    verify_files=False trusts the manifest for unchanged outputs instead of hashing them again (what
+    `run --detach` checks with before the background run checks again)."""
+    if not manifest_path(plan.out_dir).exists():
+        return plan.against({})
+    with Manifest(plan.out_dir, create=False) as manifest:
+        return plan.against(manifest.index(), manifest.get, verify_files)
+
+
 def execute(
-    plan: Plan | RunPlan,
+    run_plan: RunPlan,
     engine: Engine,
     *,
     limit: int | None = None,
@@ -100,11 +111,12 @@ def execute(
     delivery_options: dict | None = None,
     run_id: str | None = None,
 ) -> RunSummary:
-    """Render every result of `plan` that the manifest does not already hold (see module doc).
+    """Render every result of `run_plan` that the manifest does not already hold (see module doc).
 
-    plan: a Plan, or a RunPlan (Plan.against): the run value is taken as given when it was built,
-    outputs verified, against the manifest state found under the folder's lock, else built again
-    from its plan there. Either way the diff and the batches come from that one value.
+    run_plan: a plan against its output folder's manifest (`against_folder(plan)`, or one a caller
+    holds from Plan.against): taken as given when it was built, outputs verified, against the
+    manifest state found under the folder's lock, else built again from its plan there. Either way
+    the diff and the batches come from that one value.
     budget: USD of engine time this run may spend (flowgen.run.cost); the run stops before a batch
     that would exceed it. deliver_flagged: deliver results the content check flagged too.
     delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits).
@@ -113,22 +125,20 @@ def execute(
     after it started when a file cannot be used (StorageError: a corrupt manifest, a full disk);
     RunCrashed when an unexpected exception ended it (its traceback in the run's log). Either way
     the run is recorded as failed with the reason, and no image is left on disk without its row."""
-    given = plan if isinstance(plan, RunPlan) else None
-    plan = given.plan if given is not None else plan
+    plan = run_plan.plan
     spending = Budget(budget)
     progress = progress or NullProgress()
     stop = stop or StopRequest()
     start = time.perf_counter()
     summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
-    given, early, checker = preflight(given or plan, engine, limit)
+    early, checker = preflight(run_plan, engine, limit)
     with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
         index = manifest.index()
-        reused = given is not None and given.is_current(index)
-        run_plan = given if reused else plan.against(index, manifest.get)
-        run_plan = run_plan.limited(limit)
-        summary.unchanged = len(run_plan.diff.unchanged)
-        blocked, runnable = run_plan.blocked, run_plan.runnable
-        summary.not_run += run_plan.held_back
+        reused = run_plan.is_current(index)
+        todo = (run_plan if reused else plan.against(index, manifest.get)).limited(limit)
+        summary.unchanged = len(todo.diff.unchanged)
+        blocked, runnable = todo.blocked, todo.runnable
+        summary.not_run += todo.held_back
         if not reused and (len(runnable) != len(early) or any(a is not b for a, b in zip(runnable, early))):
             # the manifest changed meanwhile: check again for what runs now
             checker = _refusals(plan, engine, runnable)
@@ -136,7 +146,7 @@ def execute(
         stale = remove_stale_temps(_output_folders(plan))  # what killed runs were writing
         if stale:
             progress.note(f"removed {len(stale)} temp file(s) that killed runs left, e.g. {stale[0]}")
-        summary.removed = len(run_plan.diff.removed)
+        summary.removed = len(todo.diff.removed)
         manifest.record_plan((r.rid for r in plan.results), plan.retained_item_ids,
                              plan.source.as_record() if plan.source is not None else None)
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
@@ -156,13 +166,13 @@ def execute(
                                                                        summary.run_id)
                 if summary.canary_failures:
                     summary.not_run += len(blocked) + len(runnable)
-                    blocked, runnable, run_plan = (), (), run_plan.limited(0)
+                    blocked, runnable, todo = (), (), todo.limited(0)
             if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
                 progress.note(set_aside_note(blocked))  # said now, not only in the end-of-run summary
                 _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
                 summary.failed += len(blocked)
                 summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
-            batches = run_plan.batches() if not (fail_fast and blocked) else ()
+            batches = todo.batches() if not (fail_fast and blocked) else ()
             summary.stopped_early = bool(fail_fast and blocked)
             progress.start(len(runnable), len(batches))
             set_aside = len(blocked)  # failed before rendering: the progress counts them with the first batch
@@ -205,26 +215,17 @@ def execute(
     return summary
 
 
-def preflight(plan: Plan | RunPlan, engine: Engine, limit: int | None = None,
-              verify_files: bool = True) -> tuple[RunPlan | None, Sequence[PlannedResult], object]:
+def preflight(run_plan: RunPlan, engine: Engine, limit: int | None = None) -> tuple[Sequence[PlannedResult], object]:
     """Everything that refuses a run before anything is written, without taking the folder: raises
     FlowgenError (missing weights, content checker or face detector; nothing the plan holds can run).
-    `run --detach` calls it before starting the background process. Returns (the plan against the
-    folder's manifest, or None when there is none yet; the results that would run; the content
-    checker the run needs, or None): the run reuses them when the manifest is unchanged under its lock.
-    verify_files=False trusts the manifest for unchanged outputs instead of hashing them again (what
-    `run --detach` checks with before the background run checks again)."""
-    given = plan if isinstance(plan, RunPlan) else None
-    bare: Plan = plan.plan if isinstance(plan, RunPlan) else plan
+    `run --detach` calls it before starting the background process. Returns (the results that would
+    run, the content checker the run needs or None): the run reuses them when the manifest is
+    unchanged under its lock."""
     # a run refused before it starts (missing weights, ...) leaves nothing behind: the refusals are
-    # decided before the lock is taken (which creates the output folder) and before anything is
-    # written; the diff they need is built now and reused under the lock if the manifest is unchanged
-    if given is None and manifest_path(bare.out_dir).exists():
-        with Manifest(bare.out_dir, create=False) as manifest:
-            given = bare.against(manifest.index(), manifest.get, verify_files)
-    early = given.limited(limit).runnable if given is not None else [r for r in bare.results if not r.item.error][:limit]
-    _refuse_when_nothing_can_run(bare)
-    return given, early, _refusals(bare, engine, early)
+    # decided before the lock is taken (which creates the output folder) and before anything is written
+    early = run_plan.limited(limit).runnable
+    _refuse_when_nothing_can_run(run_plan.plan)
+    return early, _refusals(run_plan.plan, engine, early)
 
 
 def _refuse_when_nothing_can_run(plan: Plan) -> None:

@@ -21,7 +21,7 @@ from flowgen.net import ALLOW_ENV
 from flowgen.recipe.api import Item
 from flowgen.run.deliver import resend
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import STATE_DIR, Manifest
 from tests.workflow.direct_runs import item, plan_of
 
@@ -54,7 +54,7 @@ def test_no_signature_or_webhook_secret_is_written_outside_the_0600_sink_url_fil
     items = [Item(key="a", values={"upload_url": upload, "sku": "a"},
                   task={**task, "uploadEndpoint": upload.replace("{filename}", "a_0.png"), "webhookURL": hook})]
     out = tmp_path / "out"
-    summary = execute(plan_of(items, out), FakeEngine(), delivery_options=FAST)
+    summary = execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options=FAST)
     assert summary.deliveries == {"ok": 1, "failed": 1, "withheld": 0}
     assert puts == [SIGNATURE] and hooks == [TOKEN, TOKEN]  # sent exactly as given
 
@@ -85,7 +85,7 @@ def test_runs_refuse_internal_destinations_unless_allowed_and_redeliver_sends_th
     monkeypatch.delenv(ALLOW_ENV, raising=False)
     httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
     out = tmp_path / "out"
-    summary = execute(plan_of([item("a", webhookURL=httpserver.url_for("/hook"))], out), FakeEngine(),
+    summary = execute(against_folder(plan_of([item("a", webhookURL=httpserver.url_for("/hook"))], out)), FakeEngine(),
                       delivery_options=FAST)
     assert summary.deliveries["failed"] == 1 and httpserver.log == []
     webhook = deliveries(out)["webhook"]
@@ -103,7 +103,7 @@ def test_a_bad_allow_list_entry_stops_the_run_with_one_line(tmp_path, monkeypatc
     from flowgen.errors import FlowgenError
 
     with pytest.raises(FlowgenError) as err:
-        execute(plan_of([item("a", webhookURL="https://hooks.example/x")], tmp_path / "out"), FakeEngine(),
+        execute(against_folder(plan_of([item("a", webhookURL="https://hooks.example/x")], tmp_path / "out")), FakeEngine(),
                 delivery_options=FAST)
     assert "FLOWGEN_ALLOW_HOSTS: 'not a host' is not a host name" in str(err.value)
     assert "\n" not in str(err.value)

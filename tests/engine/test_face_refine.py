@@ -363,13 +363,13 @@ def _face_plan(out, **faces):
 
 def test_the_run_refines_per_result_records_the_faces_and_regen_replays_it(tmp_path, monkeypatch):
     from flowgen.run.engine import FakeEngine
-    from flowgen.run.executor import execute
+    from flowgen.run.executor import against_folder, execute
     from flowgen.run.manifest import Manifest
     from flowgen.run.regen import regenerate
 
     monkeypatch.delenv("FLOWGEN_FACE_DETECTOR", raising=False)
     out, engine = tmp_path / "out", FakeEngine()
-    summary = execute(_face_plan(out, steps=6), engine)
+    summary = execute(against_folder(_face_plan(out, steps=6)), engine)
     assert (summary.rendered, summary.failed) == (2, 0)
     ((settings, seed),) = engine.face_calls  # only the item that asks for it
     assert (settings.positive_prompt, settings.steps, settings.strength) == ("prompt faces", 6, 0.3)
@@ -384,13 +384,13 @@ def test_the_run_refines_per_result_records_the_faces_and_regen_replays_it(tmp_p
 
 def test_a_bad_face_detector_stops_the_run_before_anything_renders(tmp_path, monkeypatch):
     from flowgen.run.engine import FakeEngine
-    from flowgen.run.executor import execute
+    from flowgen.run.executor import against_folder, execute
     from flowgen.run.manifest import Manifest
 
     monkeypatch.setenv("FLOWGEN_FACE_DETECTOR", str(tmp_path / "missing.onnx"))
     engine = FakeEngine()
     with pytest.raises(FaceDetectorUnavailable, match="missing.onnx: file not found"):
-        execute(_face_plan(tmp_path / "out"), engine)
+        execute(against_folder(_face_plan(tmp_path / "out")), engine)
     assert engine.calls == []
     with Manifest(tmp_path / "out") as manifest:
         assert list(manifest.records()) == []

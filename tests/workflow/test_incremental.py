@@ -14,7 +14,7 @@ from PIL import Image
 from flowgen.cli import main
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest, load_watermarks
 from tests.workflow.incremental_recipe import run, write_recipe, write_rows
 
@@ -79,7 +79,7 @@ def test_a_run_that_does_not_finish_everything_keeps_the_old_watermark(tmp_path,
     write_rows(tmp_path, [("A-1", "a"), ("B-2", "b"), ("C-3", "c"), ("D-4", "d")])
     out = tmp_path / "out" / "nightly"
     plan = plan_recipe(recipe, None, max_batch=1, watermarks=load_watermarks)
-    summary = execute(plan, FakeEngine(), limit=1)  # one of the two new rows held back
+    summary = execute(against_folder(plan), FakeEngine(), limit=1)  # one of the two new rows held back
     assert (summary.rendered, summary.not_run, summary.exit_code) == (1, 1, 0)
     assert load_watermarks(out)["products"]["entries"] == ["A-1", "B-2"]  # not advanced
     again = plan_recipe(recipe, None, watermarks=load_watermarks)

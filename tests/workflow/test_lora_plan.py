@@ -14,7 +14,7 @@ from flowgen.errors import RecipeError
 from flowgen.plan import compile_plan, make_batches
 from flowgen.recipe.api import Item, validate_task
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 from flowgen.run.regen import regenerate, resolve_targets
 
@@ -72,7 +72,7 @@ def test_different_lora_sets_run_in_different_batches(lora_dir, tmp_path):
     groups = sorted(sorted(r.item.key for r in b.results) for b in batches)
     assert groups == [["a0", "a1", "a2"], ["b0", "b1"], ["c0", "c1"], ["d"]]
     engine = FakeEngine()
-    execute(plan, engine)
+    execute(against_folder(plan), engine)
     sent = sorted((c.loras or []) and [(Path(p).name, w) for p, w in c.loras] for c in engine.calls)
     assert sent == [[], [("brand.safetensors", -0.5)], [("brand.safetensors", 0.8)], [("ink.safetensors", 1.0)]]
 
@@ -80,13 +80,13 @@ def test_different_lora_sets_run_in_different_batches(lora_dir, tmp_path):
 def test_a_changed_lora_file_re_renders_only_its_items(lora_dir, tmp_path):
     out = tmp_path / "out"
     items = [item("a", [{"model": "brand"}]), item("b", [{"model": "ink"}]), item("c")]
-    first = execute(plan_of(items, out), FakeEngine())
+    first = execute(against_folder(plan_of(items, out)), FakeEngine())
     assert first.rendered == 3
-    unchanged = execute(plan_of(items, out), FakeEngine())
+    unchanged = execute(against_folder(plan_of(items, out)), FakeEngine())
     assert (unchanged.rendered, unchanged.unchanged) == (0, 3)
     retrained = write_lora(lora_dir / "ink.safetensors", seed=7).read_bytes()
     engine = FakeEngine()
-    again = execute(plan_of(items, out), engine)
+    again = execute(against_folder(plan_of(items, out)), engine)
     assert (again.rendered, again.unchanged) == (1, 2)
     assert [c.prompts[0] for c in engine.calls] == ["prompt b"]
     with Manifest(out) as manifest:
@@ -97,10 +97,10 @@ def test_a_changed_lora_file_re_renders_only_its_items(lora_dir, tmp_path):
 
 def test_moving_a_lora_file_changes_nothing(lora_dir, tmp_path):
     out = tmp_path / "out"
-    execute(plan_of([item("a", [{"model": "brand"}])], out), FakeEngine())
+    execute(against_folder(plan_of([item("a", [{"model": "brand"}])], out)), FakeEngine())
     moved = tmp_path / "elsewhere.safetensors"
     moved.write_bytes((lora_dir / "brand.safetensors").read_bytes())
-    again = execute(plan_of([item("a", [{"model": str(moved), "weight": 1}])], out), FakeEngine())
+    again = execute(against_folder(plan_of([item("a", [{"model": str(moved), "weight": 1}])], out)), FakeEngine())
     assert (again.rendered, again.unchanged) == (0, 1)
 
 
@@ -119,7 +119,7 @@ def test_missing_file_and_other_stage_are_one_line_errors(lora_dir, tmp_path):
 def test_regen_replays_a_lora_item_identically(lora_dir, tmp_path):
     out = tmp_path / "out"
     plan = plan_of([item("a", [{"model": "brand", "weight": 0.8}]), item("b")], out)
-    execute(plan, FakeEngine())
+    execute(against_folder(plan), FakeEngine())
     with Manifest(out) as manifest:
         records = resolve_targets(manifest, [plan.results[0].item.item_id])
     engines = []
@@ -145,7 +145,7 @@ def test_a_file_that_is_no_lora_flowgen_reads_fails_validate_and_plan(lora_dir, 
 def test_regen_refuses_when_a_lora_changed_since_the_run(lora_dir, tmp_path):
     out = tmp_path / "out"
     plan = plan_of([item("a", [{"model": "ink"}])], out)
-    execute(plan, FakeEngine())
+    execute(against_folder(plan), FakeEngine())
     write_lora(lora_dir / "ink.safetensors", seed=9)
     with Manifest(out) as manifest:
         records = resolve_targets(manifest, [plan.results[0].item.item_id])

@@ -7,7 +7,7 @@ from pathlib import Path
 from flowgen.plan import compile_plan, diff_plan
 from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 
 
@@ -30,7 +30,7 @@ def diff_against(out, items):
 
 
 def test_diff_names_new_unchanged_changed_removed(tmp_path):
-    execute(plan_of([item("a"), item("b"), item("c"), item("gone")], tmp_path), FakeEngine())
+    execute(against_folder(plan_of([item("a"), item("b"), item("c"), item("gone")], tmp_path)), FakeEngine())
     (tmp_path / "c_0.png").unlink()
     _, diff = diff_against(tmp_path, [item("a"), item("b", steps=3, positivePrompt="other"), item("c"), item("new", numberResults=2)])
     assert [r.item.key for r in diff.unchanged] == ["a"]
@@ -43,7 +43,7 @@ def test_diff_names_new_unchanged_changed_removed(tmp_path):
 
 
 def test_modified_output_file_is_changed(tmp_path):
-    execute(plan_of([item("a")], tmp_path), FakeEngine())
+    execute(against_folder(plan_of([item("a")], tmp_path)), FakeEngine())
     (tmp_path / "a_0.png").write_bytes(b"tampered")
     _, diff = diff_against(tmp_path, [item("a")])
     assert [reasons for _, reasons in diff.changed] == [["output modified"]]

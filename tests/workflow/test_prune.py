@@ -147,13 +147,13 @@ def test_prune_needs_a_manifest_and_a_recipe(tmp_path):
     assert missing.exit_code == 2 and "no flowgen manifest" in missing.output
     from flowgen.plan import compile_plan
     from flowgen.recipe.api import Item
-    from flowgen.run.executor import execute
+    from flowgen.run.executor import against_folder, execute
 
     item = Item(key="k", values={}, task={"positivePrompt": "p", "width": 64, "height": 64, "steps": 1, "numberResults": 1,
                                          "outputFormat": "PNG"}, references=())
     plan = compile_plan(recipe_name="r", recipe_seed=1, items=[item], out_dir=tmp_path / "bare",
                         filename=lambda it, i, ext: f"{it.key}_{i}.{ext}", model="tiny", model_identity={"m": 1},
                         distilled=False, recipe_hash="h", max_batch=1)
-    execute(plan, FakeEngine())  # a run with no recipe file behind it (as from Python)
+    execute(against_folder(plan), FakeEngine())  # a run with no recipe file behind it (as from Python)
     result = cli("prune", str(tmp_path / "bare"))
     assert result.exit_code == 2 and "--recipe RECIPE" in result.output, result.output

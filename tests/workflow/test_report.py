@@ -22,7 +22,7 @@ from PIL import Image
 from flowgen.cli import main as cli
 from flowgen.report.thumbnails import THUMBNAIL_SIDE, thumbnail_data_uri
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 from tests.workflow.direct_runs import item, plan_of, reference
 
@@ -63,10 +63,10 @@ def folder(tmp_path_factory):
     bad = tmp / "broken-packshot.png"
     bad.write_bytes(b"\x89PNG not really")
     good = reference(tmp)
-    execute(plan_of([item("a-tricky", refs=(good,), positivePrompt=TRICKY_PROMPT), item("b-bad", refs=(bad,)),
-                     item("c-two", numberResults=2)], out), FakeEngine())
+    execute(against_folder(plan_of([item("a-tricky", refs=(good,), positivePrompt=TRICKY_PROMPT), item("b-bad", refs=(bad,)),
+                     item("c-two", numberResults=2)], out)), FakeEngine())
     # a second run, stopped by --fail-fast when e-boom's batch (the first) failed: d-wide never ran
-    execute(plan_of([item("e-boom", width=80), item("d-wide", width=96)], out), Boom(), fail_fast=True)
+    execute(against_folder(plan_of([item("e-boom", width=80), item("d-wide", width=96)], out)), Boom(), fail_fast=True)
     with Manifest(out) as manifest:
         records = {(r["item_key"], r["result_index"]): r for r in manifest.records()}
         (out / records[("c-two", 1)]["output"]["path"]).unlink()  # an ok result whose file went away

@@ -21,7 +21,7 @@ from werkzeug import Response
 from flowgen.delivery.http import RetryPolicy
 from flowgen.delivery.webhook import SIGNATURE_HEADER, verify_signature
 from flowgen.run.engine import BatchOutput, FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 from flowgen.run.deliver import resend
 from tests.workflow.direct_runs import FAST, deliveries, item, plan_of
@@ -47,7 +47,7 @@ def test_each_result_posts_one_signed_webhook_shaped_like_the_spec(tmp_path, htt
     httpserver.expect_request("/hook", method="POST").respond_with_data("ok")
     out = tmp_path / "out"
     items = [item(f"k{i}", webhookURL=httpserver.url_for("/hook"), includeCost=True, numberResults=2) for i in range(2)]
-    summary = execute(plan_of(items, out), FakeEngine(delay_per_image=0.01), delivery_options=FAST)
+    summary = execute(against_folder(plan_of(items, out)), FakeEngine(delay_per_image=0.01), delivery_options=FAST)
     assert summary.rendered == 4 and summary.deliveries == {"ok": 4, "failed": 0, "withheld": 0}
     bodies = []
     for request, _ in httpserver.log:
@@ -74,7 +74,7 @@ def test_base64_and_data_uri_payloads_carry_the_file_bytes(tmp_path, httpserver)
     out = tmp_path / "out"
     items = [item("b64", webhookURL=httpserver.url_for("/hook"), outputType="base64Data"),
              item("uri", webhookURL=httpserver.url_for("/hook"), outputType="dataURI", outputFormat="WEBP")]
-    execute(plan_of(items, out), FakeEngine(), delivery_options=FAST)
+    execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options=FAST)
     with Manifest(out) as manifest:
         files = {r["imageUUID"]: (out / r["output"]["path"]).read_bytes() for r in manifest.records()}
     bodies = {b["imageUUID"]: b for b in received(httpserver)}
@@ -99,7 +99,7 @@ def test_a_failing_webhook_is_retried_given_up_recorded_and_redelivered(tmp_path
     out = tmp_path / "out"
     httpserver.expect_request("/hook").respond_with_data("down", status=503)
     items = [item(f"k{i}", webhookURL=httpserver.url_for("/hook")) for i in range(2)]
-    summary = execute(plan_of(items, out), FakeEngine(), delivery_options=FAST)
+    summary = execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options=FAST)
     assert summary.deliveries["failed"] == 2 and len(httpserver.log) == 6  # 3 attempts each
     state = deliveries(out)
     assert all(d["state"] == "failed" and d["attempts"] == 3 and "503" in d["error"] for d in state.values())
@@ -111,7 +111,7 @@ def test_a_failing_webhook_is_retried_given_up_recorded_and_redelivered(tmp_path
     # a rerun renders nothing and does not resend what gave up; redeliver sends exactly that
     httpserver.clear()
     httpserver.expect_request("/hook").respond_with_data("ok")
-    again = execute(plan_of(items, out), FakeEngine(), delivery_options=FAST)
+    again = execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options=FAST)
     assert again.rendered == 0 and len(httpserver.log) == 0
     with Manifest(out) as manifest:
         counts = resend(manifest, "redeliver-1", out, ("failed",), **FAST)
@@ -134,7 +134,7 @@ def test_a_timeout_is_retried(tmp_path, threaded_server):
     httpserver.expect_request("/hook").respond_with_handler(slow_then_fine)
     out = tmp_path / "out"
     policy = {"policy": RetryPolicy(max_attempts=3, base_delay_s=0.0, timeout_s=0.3, sleep=lambda s: None)}
-    execute(plan_of([item("k0", webhookURL=httpserver.url_for("/hook"))], out), FakeEngine(), delivery_options=policy)
+    execute(against_folder(plan_of([item("k0", webhookURL=httpserver.url_for("/hook"))], out)), FakeEngine(), delivery_options=policy)
     (state,) = deliveries(out).values()
     assert state["state"] == "ok" and state["attempts"] == 2
 
@@ -156,7 +156,7 @@ def test_upload_to_an_s3_emulator_through_a_presigned_url_reads_back_identical(t
         httpserver.expect_request("/hook").respond_with_data("ok")
         out = tmp_path / "out"
         items = [item("a", uploadEndpoint=url, webhookURL=httpserver.url_for("/hook"))]
-        summary = execute(plan_of(items, out), FakeEngine(), delivery_options=FAST)
+        summary = execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options=FAST)
         assert summary.deliveries["ok"] == 2
         with Manifest(out) as manifest:
             (record,) = manifest.records()
@@ -178,11 +178,11 @@ KILLED_DURING_DELIVERY = textwrap.dedent("""
     import sys
     from flowgen.delivery.http import RetryPolicy
     from flowgen.run.engine import FakeEngine
-    from flowgen.run.executor import execute
+    from flowgen.run.executor import against_folder, execute
     from tests.workflow.direct_runs import item, plan_of
     out, url = sys.argv[1], sys.argv[2]
     items = [item(f"k{i}", webhookURL=url) for i in range(3)]
-    execute(plan_of(items, out), FakeEngine(), delivery_options={"policy": RetryPolicy(timeout_s=60)})
+    execute(against_folder(plan_of(items, out)), FakeEngine(), delivery_options={"policy": RetryPolicy(timeout_s=60)})
 """)
 
 
@@ -210,7 +210,7 @@ def test_kill_9_during_delivery_then_a_rerun_delivers_each_result_at_most_once_m
 
     httpserver.clear()
     httpserver.expect_request("/hook").respond_with_data("ok")
-    summary = execute(plan_of([item(f"k{i}", webhookURL=httpserver.url_for("/hook")) for i in range(3)], out),
+    summary = execute(against_folder(plan_of([item(f"k{i}", webhookURL=httpserver.url_for("/hook")) for i in range(3)], out)),
                       FakeEngine(), delivery_options=FAST)
     assert summary.rendered == 0 and summary.died_runs  # nothing rendered twice; the dead run named
     bodies = received(httpserver)
@@ -240,7 +240,7 @@ def test_the_content_check_verdict_is_recorded_and_a_flag_withholds_delivery(tmp
     httpserver.expect_request("/hook").respond_with_data("ok")
     hook = httpserver.url_for("/hook")
     out = tmp_path / "clean"
-    summary = execute(plan_of([item("a", width=256, height=256, webhookURL=hook, safety={"checkContent": True})], out),
+    summary = execute(against_folder(plan_of([item("a", width=256, height=256, webhookURL=hook, safety={"checkContent": True})], out)),
                       PhotoEngine(), delivery_options=FAST)
     with Manifest(out) as manifest:
         (record,) = manifest.records()
@@ -254,7 +254,7 @@ def test_the_content_check_verdict_is_recorded_and_a_flag_withholds_delivery(tmp
     httpserver.clear()
     httpserver.expect_request("/hook").respond_with_data("ok")
     out = tmp_path / "flagged"
-    summary = execute(plan_of([item("a", width=256, height=256, webhookURL=hook, safety={"checkContent": True})], out),
+    summary = execute(against_folder(plan_of([item("a", width=256, height=256, webhookURL=hook, safety={"checkContent": True})], out)),
                       PhotoEngine(), delivery_options=FAST)
     with Manifest(out) as manifest:
         (record,) = manifest.records()
@@ -272,6 +272,6 @@ def test_a_budget_stops_the_run_before_a_batch_that_would_exceed_it(tmp_path, mo
     out = tmp_path / "out"
     items = [item(f"k{i}") for i in range(12)]  # 3 batches of 4
     engine = FakeEngine(delay_per_image=0.05)  # ≈ 0.2 s = $0.20 per batch
-    summary = execute(plan_of(items, out, max_batch=4), engine, budget=0.3)
+    summary = execute(against_folder(plan_of(items, out, max_batch=4)), engine, budget=0.3)
     assert summary.budget_stopped and summary.rendered == 4 and summary.not_run == 8
     assert 0.15 < summary.spent <= 0.3

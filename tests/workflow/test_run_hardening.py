@@ -28,7 +28,7 @@ from flowgen.commands import run as run_module
 from flowgen.commands.status import status_report
 from flowgen.run import executor
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path
 from flowgen.run.progress import PlainProgress
@@ -135,7 +135,7 @@ def test_a_second_ctrl_c_mid_batch_is_recorded_interrupted_and_its_images_remove
 
     monkeypatch.setattr(executor, "encode_image", encode_then_abort)
     with pytest.raises(KeyboardInterrupt):
-        execute(plan_of([item("a"), item("b"), item("c")], tmp_path), FakeEngine())
+        execute(against_folder(plan_of([item("a"), item("b"), item("c")], tmp_path)), FakeEngine())
     with Manifest(tmp_path) as manifest:
         assert manifest.runs()[-1]["status"] == "interrupted" and list(manifest.records()) == []
     assert images(tmp_path) == []
@@ -205,7 +205,7 @@ def test_a_full_disk_while_writing_an_image_is_one_line_and_keeps_what_was_recor
 
 def test_status_on_a_full_disk_still_shows_the_folder_and_notes_the_export_it_could_not_refresh(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    execute(plan_of([item("a")], out), FakeEngine())
+    execute(against_folder(plan_of([item("a")], out)), FakeEngine())
     export = (out / "manifest.jsonl").read_bytes()
 
     def disk_full(fd):
@@ -223,7 +223,7 @@ def test_status_on_a_full_disk_still_shows_the_folder_and_notes_the_export_it_co
 
 def test_a_full_database_is_one_line_and_its_rows_stay_as_they_were(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    execute(plan_of([item("a"), item("b")], out), FakeEngine())
+    execute(against_folder(plan_of([item("a"), item("b")], out)), FakeEngine())
     before = sorted(json.dumps(r, sort_keys=True) for r in Manifest(out).records())
     real_connect = sqlite3.connect
 
@@ -236,7 +236,7 @@ def test_a_full_database_is_one_line_and_its_rows_stay_as_they_were(tmp_path, mo
     monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: real_connect(*a, factory=FullDisk, **k))
     bigger = [item("a"), item("b"), item("c", width=128), item("d", steps=3), item("e", height=128)]
     with pytest.raises(Exception) as raised:
-        execute(plan_of(bigger, out), FakeEngine())
+        execute(against_folder(plan_of(bigger, out)), FakeEngine())
     monkeypatch.undo()
 
     assert type(raised.value).__name__ == "StorageError" and raised.value.exit_code == 2
@@ -330,7 +330,7 @@ def test_a_symlinked_folder_inside_out_is_never_written_through(tmp_path):
     elsewhere.mkdir()
     (out / "img").symlink_to(elsewhere, target_is_directory=True)
 
-    summary = execute(plan_of([item("a"), item("b")], out), FakeEngine())
+    summary = execute(against_folder(plan_of([item("a"), item("b")], out)), FakeEngine())
 
     assert (summary.rendered, summary.failed) == (0, 2)
     assert list(elsewhere.iterdir()) == []
@@ -363,7 +363,7 @@ def test_prune_leaves_a_file_behind_a_symlinked_folder_in_place_and_says_so(tmp_
 
 def test_gc_leaves_a_file_behind_a_symlinked_folder_in_place(tmp_path):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
-    execute(plan_of([item("short", ttl=60)], out), FakeEngine())
+    execute(against_folder(plan_of([item("short", ttl=60)], out)), FakeEngine())
     _moved_behind_a_symlink(out, elsewhere)
 
     from flowgen.commands.deliveries import gc_command
@@ -380,7 +380,7 @@ def test_gc_leaves_a_file_behind_a_symlinked_folder_in_place(tmp_path):
 
 def test_the_next_run_removes_temp_files_of_dead_processes_only(tmp_path):
     out = tmp_path / "out"
-    execute(plan_of([item("a")], out), FakeEngine())
+    execute(against_folder(plan_of([item("a")], out)), FakeEngine())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -389,7 +389,7 @@ def test_the_next_run_removes_temp_files_of_dead_processes_only(tmp_path):
         kept = out / "img" / f".c_0.png.{live.pid}.tmp"
         for path in stale + [kept]:
             path.write_bytes(b"half an image")
-        summary = execute(plan_of([item("a"), item("b")], out), FakeEngine())
+        summary = execute(against_folder(plan_of([item("a"), item("b")], out)), FakeEngine())
         assert summary.rendered == 1
         assert not any(path.exists() for path in stale) and kept.exists()
     finally:
@@ -469,7 +469,7 @@ def test_the_progress_line_counts_the_results_set_aside(tmp_path):
     Image.fromarray(np.full((64, 64, 3), 9, np.uint8)).save(good)
     stream = io.StringIO()
     items = [item("a"), item("b", refs=(bad,)), item("c"), item("d")]
-    summary = execute(plan_of(items, tmp_path / "out"), FakeEngine(), progress=PlainProgress(stream))
+    summary = execute(against_folder(plan_of(items, tmp_path / "out")), FakeEngine(), progress=PlainProgress(stream))
     assert (summary.rendered, summary.failed) == (3, 1)
     last = stream.getvalue().strip().splitlines()[-1]
     assert last.startswith("[3/3]") and last.endswith(", 1 failed"), stream.getvalue()

@@ -16,7 +16,7 @@ from flowgen.cli import main
 from flowgen.commands.status import LEGEND
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.manifest import Manifest
 from flowgen.run.progress import NullProgress
@@ -99,7 +99,7 @@ def test_status_after_ctrl_c_shows_the_interrupted_run_and_what_is_left(tmp_path
         def advance(self, done, failed):
             stop.request()  # as the first Ctrl-C does: the run stops after this batch
 
-    summary = execute(plan_recipe(recipe, None, max_batch=2), FakeEngine(), stop=stop, progress=StopAfterFirstBatch())
+    summary = execute(against_folder(plan_recipe(recipe, None, max_batch=2)), FakeEngine(), stop=stop, progress=StopAfterFirstBatch())
     assert summary.interrupted and summary.rendered == 2
     status = cli("status", str(tmp_path / "out"))
     lines = status.output.splitlines()
@@ -112,7 +112,7 @@ def test_status_explains_every_word_it_prints(tmp_path):
     recipe = write_recipe(tmp_path, things=["a", "b"])
     out = tmp_path / "out"
     plan = plan_recipe(recipe, None)
-    execute(plan, FakeEngine())
+    execute(against_folder(plan), FakeEngine())
     with Manifest(out) as manifest:  # a failed result, a withheld delivery, and a run that died mid-way
         record = manifest.get(*plan.results[0].rid)
         record.update(status="failed", error="engine error: boom")
@@ -132,7 +132,7 @@ def test_status_explains_every_word_it_prints(tmp_path):
 
 def test_status_of_a_manifest_without_a_recorded_plan_says_so(tmp_path):
     recipe = write_recipe(tmp_path, things=["a", "b"])
-    execute(plan_recipe(recipe, None), FakeEngine())
+    execute(against_folder(plan_recipe(recipe, None)), FakeEngine())
     with Manifest(tmp_path / "out") as manifest:  # as an older flowgen left it: no planned set
         manifest.conn.execute("DELETE FROM meta WHERE key='planned_recorded'")
     first = cli("status", str(tmp_path / "out")).output.splitlines()[0]
@@ -177,7 +177,7 @@ output: {dir: out, filename: "{product.sku}_{result}.{ext}"}
 
 def test_plan_names_each_changed_field_once(tmp_path):
     recipe = write_recipe(tmp_path, things=["a"])
-    execute(plan_recipe(recipe, None), FakeEngine())
+    execute(against_folder(plan_recipe(recipe, None)), FakeEngine())
     write_recipe(tmp_path, things=["a"], model="runware:400@4", width=256)  # another model, another width
     report = json.loads(cli("plan", str(recipe), "--json").output)
     fields = report["diff"]["changed"][0]["fields"]
@@ -207,7 +207,7 @@ def test_a_refused_run_leaves_an_existing_folder_as_it_was(tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = write_recipe(tmp_path, things=["a", "b"])
-    execute(plan_recipe(recipe, None), FakeEngine())
+    execute(against_folder(plan_recipe(recipe, None)), FakeEngine())
     out = tmp_path / "out"
     before = tree(out)
     write_recipe(tmp_path, things=["a", "b"], model="runware:400@6")  # weights not on this machine
@@ -238,7 +238,7 @@ def test_results_set_aside_are_announced_before_rendering(tmp_path):
 
     plan = plan_recipe(recipe, None)
     assert [bool(item.error) for item in plan.items] == [True, False, False]  # a.png is unreadable
-    summary = execute(plan, FakeEngine(), progress=Recording())
+    summary = execute(against_folder(plan), FakeEngine(), progress=Recording())
     assert summary.failed == 1 and summary.rendered == 2
     assert events[0][0] == "note" and events[1] == ("start", "2"), events
     assert events[0][1].startswith("1 result(s) set aside (recorded as failed, not rendered): ")

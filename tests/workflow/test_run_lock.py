@@ -14,7 +14,7 @@ import pytest
 
 from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.lock import FolderBusy, RunLock, folder_state, lock_path
 from flowgen.run.manifest import Manifest
 from tests.workflow.direct_runs import item, plan_of
@@ -25,12 +25,12 @@ def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
     with RunLock(out, "run-A"):
         assert folder_state(out)[0] == "running"
         with pytest.raises(FolderBusy) as err:
-            execute(plan_of([item("k0")], out), FakeEngine())
+            execute(against_folder(plan_of([item("k0")], out)), FakeEngine())
         message = str(err.value)
         assert "run-A" in message and f"pid {os.getpid()}" in message and "\n" not in message
         assert not (out / "img").exists()  # nothing rendered by the refused run
     assert folder_state(out)[0] == "idle"
-    summary = execute(plan_of([item("k0")], out), FakeEngine())  # free again
+    summary = execute(against_folder(plan_of([item("k0")], out)), FakeEngine())  # free again
     assert summary.rendered == 1
 
 
@@ -64,14 +64,14 @@ def test_a_run_killed_with_minus_9_reads_died_and_the_next_run_takes_over(tmp_pa
         assert proc.stdout.readline().strip() == "held"
         assert folder_state(out)[0] == "running"
         with pytest.raises(FolderBusy):
-            execute(plan_of([item("k0")], out), FakeEngine())
+            execute(against_folder(plan_of([item("k0")], out)), FakeEngine())
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     with Manifest(out) as manifest:
         report = status_report(manifest)
     assert report["state"] == "idle" and report["last_run"]["status"] == "died"
-    summary = execute(plan_of([item("k0")], out), FakeEngine())
+    summary = execute(against_folder(plan_of([item("k0")], out)), FakeEngine())
     assert summary.rendered == 1 and summary.died_runs == ["run-killed"]
     with Manifest(out) as manifest:
         statuses = {run["run_id"]: run["status"] for run in manifest.runs()}

@@ -15,7 +15,7 @@ from flowgen.cli import main as cli
 from flowgen.commands.deliveries import gc_command
 from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 from tests.workflow.direct_runs import FAST, deliveries, item, plan_of
 
@@ -56,7 +56,7 @@ def test_a_detached_run_returns_its_id_at_once_and_status_shows_it_to_completion
 def test_gc_removes_url_results_past_their_ttl_and_a_rerun_leaves_them_gone(tmp_path):
     out = tmp_path / "out"
     items = [item("short", ttl=60), item("long", ttl=86400), item("kept"), item("b64", ttl=None, outputType="base64Data")]
-    execute(plan_of(items, out), FakeEngine())
+    execute(against_folder(plan_of(items, out)), FakeEngine())
     with Manifest(out) as manifest:
         files = {r["item_key"]: out / r["output"]["path"] for r in manifest.records()}
     gc_command(str(out), dry_run=True, now=time.time() + 120)
@@ -66,16 +66,16 @@ def test_gc_removes_url_results_past_their_ttl_and_a_rerun_leaves_them_gone(tmp_
     with Manifest(out) as manifest:
         report = status_report(manifest)
     assert report["expired"] == 1 and not report["missing_outputs"]
-    rerun = execute(plan_of(items, out), FakeEngine())
+    rerun = execute(against_folder(plan_of(items, out)), FakeEngine())
     assert rerun.rendered == 0 and not files["short"].exists()  # expired stays expired
     changed = [item("short", ttl=60, steps=3)] + items[1:]
-    assert execute(plan_of(changed, out), FakeEngine()).rendered == 1 and files["short"].exists()  # a change renders again
+    assert execute(against_folder(plan_of(changed, out)), FakeEngine()).rendered == 1 and files["short"].exists()  # a change renders again
 
 
 def test_redeliver_from_the_command_line_sends_what_failed(tmp_path, httpserver):
     httpserver.expect_request("/hook").respond_with_data("no", status=500)
     out = tmp_path / "out"
-    execute(plan_of([item("k0", webhookURL=httpserver.url_for("/hook"))], out), FakeEngine(), delivery_options=FAST)
+    execute(against_folder(plan_of([item("k0", webhookURL=httpserver.url_for("/hook"))], out)), FakeEngine(), delivery_options=FAST)
     assert {d["state"] for d in deliveries(out).values()} == {"failed"}
     httpserver.clear()
     httpserver.expect_request("/hook").respond_with_data("ok")
@@ -99,7 +99,7 @@ def test_plan_estimates_cost_from_what_earlier_runs_measured(tmp_path, monkeypat
     from flowgen.plan.from_recipe import plan_recipe
 
     plan = plan_recipe(str(path), str(out), ["datasets.n.values=[a, b]"])
-    execute(plan, FakeEngine(delay_per_image=0.05))
+    execute(against_folder(plan), FakeEngine(delay_per_image=0.05))
     with Manifest(out) as manifest:
         per_image = [r["timings"]["engine_per_image"] for r in manifest.records()]
     report = json.loads(CliRunner().invoke(cli, ["plan", str(path), "--out", str(out), "--json"]).stdout)

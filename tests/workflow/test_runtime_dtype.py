@@ -19,7 +19,7 @@ from flowgen.recipe.api import Item
 from flowgen.run import engine as run_engine
 from flowgen.run import regen as run_regen
 from flowgen.run.engine import FakeEngine, PipelineEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
 from flowgen.run.progress import PlainProgress, RichProgress
 
@@ -141,7 +141,7 @@ def test_every_record_carries_the_plan_dtype(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"junk")
     items = [item("ok"), Item(key="broken", values={}, task=item("x").task, references=(bad,))]
-    summary = execute(plan_of(items, tmp_path / "out", dtype="bfloat16"), FakeEngine(dtype="bfloat16"))
+    summary = execute(against_folder(plan_of(items, tmp_path / "out", dtype="bfloat16")), FakeEngine(dtype="bfloat16"))
     assert (summary.rendered, summary.failed) == (1, 1)
     rows = {r["item_key"]: r for r in records(tmp_path / "out")}
     assert {k: r["dtype"] for k, r in rows.items()} == {"ok": "bfloat16", "broken": "bfloat16"}
@@ -150,7 +150,7 @@ def test_every_record_carries_the_plan_dtype(tmp_path):
 
 def test_an_engine_in_another_dtype_than_the_plan_is_refused(tmp_path):
     with pytest.raises(ValueError, match="bfloat16"):
-        execute(plan_of([item("a")], tmp_path), FakeEngine(dtype="bfloat16"))
+        execute(against_folder(plan_of([item("a")], tmp_path)), FakeEngine(dtype="bfloat16"))
     assert not (tmp_path / "a_0.png").exists()
 
 
@@ -236,7 +236,7 @@ class Recording:
 
 def test_each_sampling_step_reaches_the_progress_before_its_batch_completes(tmp_path):
     progress = Recording()
-    summary = execute(plan_of([item(f"k{i}") for i in range(6)], tmp_path), FakeEngine(), progress=progress)
+    summary = execute(against_folder(plan_of([item(f"k{i}") for i in range(6)], tmp_path)), FakeEngine(), progress=progress)
     assert summary.rendered == 6
     batch = [("step", k, 4) for k in (1, 2, 3, 4)]
     assert progress.events == [("start", 6, 2), *batch, ("advance", 4, 0), *batch, ("advance", 2, 0)]
@@ -244,7 +244,7 @@ def test_each_sampling_step_reaches_the_progress_before_its_batch_completes(tmp_
 
 def test_a_failing_step_report_neither_fails_the_batch_nor_the_run(tmp_path):
     progress = Recording(fail_steps=True)
-    summary = execute(plan_of([item(f"k{i}") for i in range(6)], tmp_path), FakeEngine(), progress=progress)
+    summary = execute(against_folder(plan_of([item(f"k{i}") for i in range(6)], tmp_path)), FakeEngine(), progress=progress)
     assert (summary.rendered, summary.failed, summary.exit_code) == (6, 0, 0)
     assert [e for e in progress.events if e[0] == "step"] == [("step", 1, 4)]  # reports stop after the failure
 

@@ -14,10 +14,11 @@ from flowgen.plan.compile import compile_plan
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.job import FacePass, Job, Signature
 from flowgen.plan.model import Canary, RecipeSource
+from flowgen.plan.run_plan import RunPlan
 from flowgen.plan.task import Delivery, ResolvedTask
 from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import execute
+from flowgen.run.executor import against_folder, execute
 from flowgen.run.faces import face_settings, refine_settings
 from flowgen.run.manifest import Manifest, load_watermarks
 
@@ -139,7 +140,7 @@ def test_the_run_renders_finishes_and_delivers_from_the_typed_values_not_the_tas
     for item in plan.items:
         item.task.clear()
     engine = FakeEngine()
-    summary = execute(plan, engine)
+    summary = execute(against_folder(plan), engine)
     assert (summary.rendered, summary.failed) == (3, 0)
     assert engine.calls[0].prompts[:3] == ["a portrait"] * 3 and engine.calls[0].steps == 2
     assert [(settings.steps, settings.strength, settings.negative_prompt) for settings, _ in engine.face_calls] == [
@@ -148,3 +149,20 @@ def test_the_run_renders_finishes_and_delivers_from_the_typed_values_not_the_tas
         records = list(manifest.records())
     assert {(r["taskUUID"], r["outputType"], r["output"]["format"]) for r in records} == {("uuid-1", "base64Data", "PNG")}
     assert all(r.get("cost") is not None and r["faces"] for r in records)  # includeCost, the face pass
+
+
+def test_execute_runs_the_run_plan_its_caller_builds_against_the_folder(tmp_path):
+    out = tmp_path / "out"
+    items = [Item(key=f"k{i}", values={}, task={"positivePrompt": f"p{i}", "width": 128, "height": 128, "steps": 2,
+                                                 "outputFormat": "PNG"}) for i in range(3)]
+    plan = compile_plan(recipe_name="r", recipe_seed=1, items=items, out_dir=out, model="tiny", model_identity={"m": 1},
+                        filename=lambda it, i, ext: f"{it.key}_{i}.{ext}", distilled=False, recipe_hash="h")
+    fresh = against_folder(plan)
+    assert isinstance(fresh, RunPlan) and len(fresh.runnable) == 3 and not out.exists()  # reads, writes nothing
+    assert execute(fresh, FakeEngine()).rendered == 3
+    (out / "k1_0.png").write_bytes(b"edited by hand")
+    assert [r.item.key for r in against_folder(plan).to_run] == ["k1"]  # outputs re-hashed
+    assert against_folder(plan, verify_files=False).to_run == ()  # the manifest trusted (run --detach's check)
+    engine = FakeEngine()
+    summary = execute(against_folder(plan), engine)
+    assert (summary.rendered, summary.unchanged, [c.prompts[:1] for c in engine.calls]) == (1, 2, [["p1"]])
