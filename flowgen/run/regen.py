@@ -3,9 +3,9 @@
 Each result is re-rendered in a batch as large as the one it was sampled in, with its recorded
 reference layout, so the engine runs the same compiled program; with identical software and
 hardware the file is byte-identical to the original (`--verify` checks the sha256). The batch
-size cannot be smaller: XLA's arithmetic depends on it (on CPU a tiny-model row rendered at batch
-1 or 2 instead of 8 differs by one level in some pixels, in the sampling loop and in the VAE
-decode alike). What can be saved is saved: results that replay alike share a call (an item's
+size cannot be smaller: XLA's arithmetic depends on it (measured on CPU with the tiny model: the
+sampling loop gives a row of a batch of 8 floats ~1e-5 away from the same row at batch 1, the VAE
+decode differs by batch size too, and at 256x256 some pixels then differ by one level). What can be saved is saved: results that replay alike share a call (an item's
 results, the items of one batch), copies of the last of them fill the batch (their prompt is
 encoded once, their references prepared once), and only the requested results are encoded and
 written.

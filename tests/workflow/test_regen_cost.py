@@ -2,42 +2,30 @@
 recorded batch size (an item's results, or several items of a batch, were one call each), the cost
 is said on the last line, and the grouped replay stays bit for bit on the real tiny model.
 
-Why the recorded batch size stays: on XLA:CPU a row rendered at batch 1 or 2 instead of 8 differs
-in some pixels by one level (in the sampling loop and in the VAE decode alike), so a smaller batch
-cannot reproduce the file; test_a_smaller_batch_changes_the_bytes keeps that finding checked.
+Why the recorded batch size stays (measured, not a contract, so not pinned by a test): on XLA:CPU
+the tiny model's sampling loop gives a row of a batch of 8 floats ~1e-5 away from the same row at
+batch 1, and the VAE decode differs by batch size too; at 256x256 some pixels then differ by one
+level. A smaller batch cannot promise the recorded bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
 
 from flowgen.cli import main
-from flowgen.plan import compile_plan
-from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import execute
 from flowgen.run.manifest import Manifest
 from flowgen.run.regen import job_of, regenerate, replay_key, resolve_targets
+from tests.workflow.direct_runs import item, plan_of, reference
 
 
-def item(key: str, refs=(), **task) -> Item:
-    base = {"positivePrompt": f"prompt {key}", "width": 64, "height": 64, "steps": 2, "numberResults": 1,
-            "outputFormat": "PNG"}
-    return Item(key=key, values={}, task={**base, **task}, references=tuple(Path(r) for r in refs))
-
-
-def rendered(tmp_path: Path, items: list[Item], max_batch: int = 4) -> Path:
+def rendered(tmp_path: Path, items: list) -> Path:
     out = tmp_path / "out"
-    plan = compile_plan(recipe_name="r", recipe_seed=3, items=items, out_dir=out,
-                        filename=lambda it, i, ext: f"{it.key}_{i}.{ext}", model="tiny", model_identity={"m": 1},
-                        distilled=False, recipe_hash="h", max_batch=max_batch)
-    assert execute(plan, FakeEngine()).exit_code == 0
+    assert execute(plan_of(items, out).against({}), FakeEngine()).exit_code == 0  # a new folder: against nothing
     return out
 
 
@@ -74,9 +62,7 @@ def test_items_of_several_batches_share_calls_up_to_the_batch_size(tmp_path):
 
 
 def test_only_rows_that_replay_alike_share_a_call(tmp_path):
-    one, two = tmp_path / "one.png", tmp_path / "two.png"
-    for path, value in ((one, 40), (two, 90)):
-        Image.fromarray(np.full((64, 64, 3), value, np.uint8)).save(path)
+    one, two = reference(tmp_path, "one.png", 40), reference(tmp_path, "two.png", 90)
     out = rendered(tmp_path, [item("a", refs=(one,)), item("b", refs=(two,)), item("c", refs=(one,)),
                               item("d", refs=(one,), steps=3)])
     a, b, c, d = (records_of(out, [item_id(out, key)])[0] for key in "abcd")
@@ -136,22 +122,3 @@ def test_two_items_of_a_batch_of_eight_replay_in_one_call_bit_for_bit(tiny_run, 
     outcomes = regenerate(records, tmp_path / "again")
     assert [o.matches for o in outcomes] == [True] * 4, outcomes
     assert pipe.counters["denoise"] - loops == 1  # four results, one sampling loop of 8 (was four)
-
-
-def test_a_smaller_batch_changes_the_bytes(tiny_run):
-    """The finding that keeps the recorded batch size: rendered alone, a row of the batch of 8 differs."""
-    import jax
-
-    from flowgen.run import engine as run_engine
-
-    if jax.default_backend() != "cpu":
-        pytest.skip("measured on XLA:CPU; other backends are not claimed here")
-    from flowgen.run.engine import BatchRequest
-
-    [record] = records_of(tiny_run, [item_id(tiny_run, "subject=a bowl of lemons") + "#1"])
-    engine = run_engine.PipelineEngine("flux2-klein-tiny", record["dtype"])
-    alone = engine.generate_batch(BatchRequest.for_jobs([(job_of(record), int(record["seed"]), [])], 1)).images[0]
-    recorded = np.asarray(Image.open(tiny_run / record["output"]["path"]).convert("RGB"))
-    assert not np.array_equal(alone, recorded)
-    assert np.abs(alone.astype(int) - recorded.astype(int)).max() <= 2  # the same image, other arithmetic
-    assert hashlib.sha256((tiny_run / record["output"]["path"]).read_bytes()).hexdigest() == record["output"]["sha256"]
