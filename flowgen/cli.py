@@ -298,16 +298,18 @@ def init(directory, force):
 
 
 @main.command(epilog=help_epilog(
-    ["flowgen serve                                   # http://127.0.0.1:8080/v1, every model card",
+    ["flowgen serve                                   # http://127.0.0.1:8080/v1, every card whose weights are here",
      "flowgen serve --model flowgen:1@1               # the embedded tiny model (no weights needed)",
      "flowgen serve --host 0.0.0.0 --model runware:400@6  # needs $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE"],
     [(0, "stopped with Ctrl-C after finishing (or failing) every accepted task"),
-     (2, "bad input: no API key for a non-loopback --host, an unknown --model, an unusable --data-dir")]))
+     (2, "bad input: no API key for a non-loopback --host, an unknown --model or one without its weights, "
+         "an unusable --data-dir")]))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on; other than loopback only with $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
 @click.option("--model", "models", multiple=True, metavar="CARD",
-              help="Serve this model (card name or AIR id; repeatable). Default: every model card.")
+              help="Serve this model (card name or AIR id; repeatable); its weights must be on this machine. "
+                   "Default: every model card whose weights are here.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where tasks, results and images are kept (default: `serve` in flowgen's cache folder, $FLOWGEN_CACHE).")
 @max_batch_option

@@ -1,7 +1,8 @@
 """`flowgen serve`: the Runware task protocol on one port (REST + WebSocket), on uvicorn.
 
-Checks everything before listening (keys vs host, models, the data dir), so a bad setting is one
-`error:` line and exit 2, not a traceback from inside the server.
+Checks everything before listening (keys vs host, models and their weights, the data dir), so a
+bad setting is one `error:` line and exit 2, not a traceback from inside the server; says in one
+line what it serves when it starts, and in one line that it stopped.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ def default_data_dir() -> Path:
 
 
 def served_cards(names: Sequence[str]) -> list[ModelCard]:
-    """The cards named by --model (card names or AIR ids); every built-in card when none is named
-    (each loads its weights on its first task)."""
+    """The cards named by --model (card names or AIR ids), each with its weights on this machine
+    (refused with `run`'s message otherwise: the card's own missing_weights()); when none is
+    named, every built-in card whose weights are here (the tiny one always is)."""
     from flowgen.serve.tasks import TINY_AIR
 
     if not names:
-        return list_cards()
+        return [card for card in list_cards() if card.missing_weights() is None]
     cards = []
     for name in names:
         if name.strip().lower() == TINY_AIR:
@@ -39,6 +41,9 @@ def served_cards(names: Sequence[str]) -> list[ModelCard]:
             card = resolve_model(name)
         except (FlowgenError, LookupError, ValueError, OSError) as err:
             raise FlowgenError(f"--model {name}: {' '.join(str(err).split())}") from None
+        problem = card.missing_weights()
+        if problem is not None:
+            raise FlowgenError(f"--model {name}: {problem}")
         cards.append(card)
     return cards
 
@@ -52,13 +57,12 @@ def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | N
     except ImportError as err:
         raise FlowgenError(f"flowgen serve needs the serve extra ({err.name} is missing): "
                            "pip install 'flowgen[serve]'") from None
+    from flowgen.net.policy import DestinationPolicy
     from flowgen.run.dtype import dtype_setting
     from flowgen.run.engine import PipelineEngine
     from flowgen.run.settings import max_batch_setting
     from flowgen.serve.auth import check_can_listen, load_keys
     from flowgen.serve.batcher import Batcher
-
-    from flowgen.net.policy import DestinationPolicy
 
     keys = load_keys()
     destinations = DestinationPolicy.from_env(allow_hosts)  # a bad entry: one error line, before listening
@@ -80,12 +84,15 @@ def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | N
 
     batcher = Batcher(engine_for, window_s=window_ms / 1000, max_batch=max_batch_setting(max_batch))
     app = create_app(batcher=batcher, data_dir=folder, models=cards, keys=keys, destinations=destinations)
-    click.echo(f"flowgen serve: http://{host}:{port}/v1 (REST and WebSocket), data in {folder}, "
+    served = ", ".join(app.state.server.service.models.label(card) for card in cards)
+    click.echo(f"flowgen serve: http://{host}:{port}/v1 (REST and WebSocket), models {served}, data in {folder}, "
                f"{'API keys required' if keys else 'no API key (loopback only)'}", err=True)
     # a WebSocket frame up to twice the body limit still reaches the app, which answers it with the
     # protocol's requestTooLarge error; only a larger one makes uvicorn drop the connection
     uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=2 * MAX_BODY_BYTES,
                 timeout_graceful_shutdown=60)
+    click.echo(f"flowgen serve: stopped; every accepted task finished or is recorded as interrupted in {folder}",
+               err=True)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -33,11 +33,18 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from flowgen.engine.cards import ModelCard
-from flowgen.serve.auth import KeyCheck, bearer_key, key_digest
 from flowgen.net.policy import DestinationPolicy
+from flowgen.serve.auth import KeyCheck, bearer_key, key_digest
 from flowgen.serve.inputs import ImageInputs, InputLimits
-from flowgen.serve.protocol import (MIME_TYPES, BodyErrors, ProtocolError, check_task_size, errors_frame,
-                                    parse_tasks, task_type_of)
+from flowgen.serve.protocol import (
+    MIME_TYPES,
+    BodyErrors,
+    ProtocolError,
+    check_task_size,
+    errors_frame,
+    parse_tasks,
+    task_type_of,
+)
 from flowgen.serve.store import Store
 from flowgen.serve.tasks import MAX_UNFINISHED_PER_KEY, ServedModels, TaskService
 

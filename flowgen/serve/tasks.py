@@ -28,24 +28,35 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from flowgen.net.redact import redacted_task
 from flowgen.engine.cards import ModelCard
 from flowgen.engine.images import MAX_SERVE_INPUT_PIXELS
 from flowgen.errors import FlowgenError
+from flowgen.net.redact import redacted_task
 from flowgen.plan.compile import guidance_for, output_ext
 from flowgen.plan.job import Job
 from flowgen.plan.loras import LoraResolver
 from flowgen.plan.seeds import result_seed
 from flowgen.recipe.spec import MAX_REFERENCES, SPEC_CFG_DEFAULT, SPEC_DEFAULTS
-from flowgen.recipe.validation import (card_defaults, clean_task, find_card, merge_tasks, merged_problems,
-                                       task_problems)
+from flowgen.recipe.validation import (
+    card_defaults,
+    clean_task,
+    find_card,
+    merge_tasks,
+    merged_problems,
+    task_problems,
+)
 from flowgen.run.cost import cost_of
 from flowgen.run.faces import check_detector, face_settings
 from flowgen.run.outputs import encode_image
 from flowgen.run.references import ReferenceLoader
 from flowgen.serve.deliveries import ServeDeliveries, finished_for
 from flowgen.serve.inputs import ImageInputs
-from flowgen.serve.protocol import ProtocolError, output_value, problem_error, task_uuid_of
+from flowgen.serve.protocol import (
+    ProtocolError,
+    output_value,
+    problem_error,
+    task_uuid_of,
+)
 from flowgen.serve.store import Store, StoredImage
 
 SHUTDOWN = "the server shut down before this task finished; send it again (the same taskUUID runs it anew)"
@@ -172,7 +183,7 @@ class TaskService:
         for index, seed in enumerate(seeds):
             try:
                 future = self.batcher.submit(card.name, job, seed, decoded)
-            except Exception as err:  # noqa: BLE001 - the batcher is closing: fail what was accepted
+            except Exception as err:
                 self._failed(running, err)
                 break
             future.add_done_callback(lambda f, i=index, s=seed: self._result(running, request, i, s, f))
@@ -256,7 +267,7 @@ class TaskService:
             finished = finished_for(running.task_uuid, index, request, stored, image.path)
             self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw,
                                   sinks=self.deliveries.first_states(finished))
-        except Exception as err:  # noqa: BLE001 - one task fails, the server keeps serving
+        except Exception as err:
             self._failed(running, err)
             return
         url = self.store.image_url(running.base_url, image) if running.base_url else None
