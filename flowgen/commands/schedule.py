@@ -5,6 +5,7 @@ with a note naming it; a bad recipe, or no schedule at all, is an error before a
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Sequence
 
 import click
@@ -38,7 +39,7 @@ def build_scheduler(recipes: Sequence[str], max_batch: int | None = None, dtype:
                            "(see docs/recipes.md, Schedules)")
     for path in unscheduled:  # `flowgen schedule --once recipes/*.yaml` also matches recipes run by hand
         log(f"schedule: {path}: skipped, it has no `schedule:`")
-    folders = {}
+    folders: dict[Path, str] = {}
     for entry in entries:
         if entry.out_dir in folders:
             raise FlowgenError(f"{entry.recipe}: writes to {entry.out_dir} like {folders[entry.out_dir]}; "

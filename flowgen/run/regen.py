@@ -204,21 +204,23 @@ def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) ->
         output = engine.generate_batch(request)
     except Exception as err:  # noqa: BLE001 - reported per result, the other calls go on
         return [ReplayError(f"engine error: {_first_line(err)}")] * len(rows)
-    results: list = []
+    results: list[Any] = []
     for (record, job, _), pixels in zip(rows, output.images):
         settings = face_settings(record["params"])
-        if settings is not None:
-            try:
-                pixels = engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image
-            except Exception as err:  # noqa: BLE001
-                pixels = ReplayError(f"face refinement error: {_first_line(err)}")
-        results.append(pixels)
+        if settings is None:
+            results.append(pixels)
+            continue
+        try:
+            results.append(engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image)
+        except Exception as err:  # noqa: BLE001 - this result fails, its batch mates stand
+            results.append(ReplayError(f"face refinement error: {_first_line(err)}"))
     return results
 
 
 def cost_line(outcomes: list[RegenOutcome], seconds: float) -> str:
     """What the replay cost: engine calls, rows computed for the results rendered, and why."""
-    calls = {outcome.call: outcome.batch_size for outcome in outcomes if outcome.call is not None}
+    calls: dict[int, int] = {outcome.call: outcome.batch_size for outcome in outcomes
+                             if outcome.call is not None and outcome.batch_size is not None}
     if not calls:
         return f"cost: no engine call, {seconds:.1f} s"
     results = sum(1 for outcome in outcomes if outcome.call is not None)
