@@ -428,6 +428,16 @@ def test_fifty_thousand_unknown_fields_are_refused_before_validation(client):
     assert elapsed < 1.0, elapsed
 
 
+def test_a_body_of_millions_of_small_values_is_refused_before_it_is_parsed(client):
+    body = ("[" + ",".join(['{"a":1}'] * 3_000_000) + "]").encode()  # 24 MB, within the body limit
+    start = time.monotonic()
+    response = client.post("/v1", content=body, headers={**AUTH_A, "content-type": "application/json"})
+    elapsed = time.monotonic() - start
+    assert response.status_code == 413 and response.json()["errors"][0]["code"] == "requestTooLarge"
+    assert "100,000 JSON values" in response.json()["errors"][0]["message"]
+    assert elapsed < 2.0, elapsed  # parsing it alone held the event loop for ~1.4 s, answering it took minutes
+
+
 # --- 10. runware-sdk's mediaStorage upload; serve refuses a model without weights ---------------------
 
 
