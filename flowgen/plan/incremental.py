@@ -56,7 +56,7 @@ class Selection:
     datasets: list[DatasetSelection] = field(default_factory=list)
     next_watermarks: Watermarks = field(default_factory=dict)  # recorded by a successful run
 
-    def increment(self) -> "Increment":
+    def increment(self) -> Increment:
         """What the plan keeps of it (everything but the items)."""
         return Increment(tuple(self.datasets), frozenset(self.retained_item_ids), self.next_watermarks)
 

@@ -9,6 +9,7 @@ stays on the item for what is about the task as written: its hash, the record's 
 
 from __future__ import annotations
 
+from os import PathLike
 from typing import Any, Mapping, NamedTuple, Sequence
 
 DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.step_cache_settings.PRESETS)
@@ -82,7 +83,7 @@ class FacePass(NamedTuple):
     guidance: float | None = None  # the face pass's CFGScale
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any]) -> "FacePass | None":
+    def from_task(cls, task: Mapping[str, Any]) -> FacePass | None:
         """The face pass a resolved task asks for, or None."""
         faces = task.get("ultralytics")
         if not isinstance(faces, Mapping):
@@ -119,7 +120,7 @@ class Job(NamedTuple):
     face_pass: FacePass | None = None  # the face pass on each decoded image (ultralytics), None without one
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str] = (),
+    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str | PathLike[str]] = (),
                   reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> "Job":
         """The job of a resolved task; `guidance` is decided by the caller (the planner's rule, or
         the value recorded for the batch when replaying); `loras` are the task's LoRA files as resolved

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from flowgen.plan.hashing import BASE_DTYPE
 from flowgen.plan.incremental import Increment
 from flowgen.plan.job import Job, Signature
-from flowgen.plan.task import Delivery
+from flowgen.plan.task import NO_DELIVERY, Delivery
 
 if TYPE_CHECKING:  # pragma: no cover
     from flowgen.plan.run_plan import ManifestIndex, RunPlan
@@ -39,7 +39,7 @@ class PlannedItem:
     reference_sizes: tuple[tuple[int, int], ...]
     item_hash: str
     error: str | None = None  # set when the item cannot run (e.g. an unreadable reference)
-    delivery: Delivery = Delivery()
+    delivery: Delivery = NO_DELIVERY
     number_results: int = 1
 
     @property

@@ -15,7 +15,9 @@ hash, the record's params, the embedded metadata.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any, NamedTuple
 
 from flowgen.plan.job import Job
 
@@ -36,9 +38,9 @@ class Delivery(NamedTuple):
     ttl: int | None = None  # seconds the image is kept (`flowgen gc`, the server's store)
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any]) -> "Delivery":
+    def from_task(cls, task: Mapping[str, Any]) -> Delivery:
         if _DELIVERY_FIELDS.isdisjoint(task):  # the usual task (a plan may hold 100k+): the defaults
-            return _NO_DELIVERY
+            return NO_DELIVERY
         get = task.get
         return tuple.__new__(cls, (  # positional, in field order: one per item of a big plan
             _text(get("taskUUID")),
@@ -54,7 +56,7 @@ class Delivery(NamedTuple):
 
 _DELIVERY_FIELDS = frozenset({"taskUUID", "outputType", "uploadEndpoint", "webhookURL", "deliveryMethod", "includeCost",
                               "safety", "ttl"})
-_NO_DELIVERY = Delivery()
+NO_DELIVERY = Delivery()  # a task that names none of the delivery fields
 
 
 class ResolvedTask(NamedTuple):
@@ -66,8 +68,8 @@ class ResolvedTask(NamedTuple):
     seed: int | None = None  # the task's fixed seed (result i uses seed + i); None: derived per result
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str] = (),
-                  reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> "ResolvedTask":
+    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str | PathLike[str]] = (),
+                  reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> ResolvedTask:
         """`guidance`, the references' content hashes and the LoRA files are decided by the caller
         (see Job.from_task)."""
         seed = task.get("seed")
