@@ -53,7 +53,7 @@ MAX_TASKS_PER_KEY = MAX_UNFINISHED_PER_KEY  # imageInference tasks one API key m
 # Threads for the blocking part of accepting a task (fetching, decoding and storing its images,
 # resolving LoRAs): a pool of their own, so however many a client sends, the threads that answer
 # getResponse, stats and image files (anyio's) stay free, and ping never leaves the event loop.
-INPUT_WORKERS = 16
+INPUT_WORKERS = 32  # fetches wait on the network: 8 keys x 4 fetches in flight (inputs.py) before one queues
 
 log = logging.getLogger("flowgen.serve")
 
@@ -220,7 +220,7 @@ class Server:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                text = message.get("text") if message.get("text") is not None else message.get("bytes") or b""
+                text: str | bytes = message.get("text") or message.get("bytes") or b""
                 try:
                     await handle(text)
                 except Exception as err:  # a frame fails; the connection and what it is owed stay

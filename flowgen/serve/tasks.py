@@ -381,9 +381,9 @@ class TaskService:
         if request.get("uploadEndpoint"):  # as runs: the uploaded file's URL, once the upload worked
             url = self.deliveries.store_url(record["taskUUID"], result["resultIndex"]) or url
         if record["taskType"] == "mediaStorage":  # runware-sdk's media shape
-            item = {"taskType": "mediaStorage", "taskUUID": record["taskUUID"], "operation": "upload",
-                    "mediaUUID": result["imageUUID"], "mediaURL": url}
-            return {**item, "status": "success"} if polled else item
+            media = {"taskType": "mediaStorage", "taskUUID": record["taskUUID"], "operation": "upload",
+                     "mediaUUID": result["imageUUID"], "mediaURL": url}
+            return {**media, "status": "success"} if polled else media
         item: dict[str, Any] = {"taskType": record["taskType"], "taskUUID": record["taskUUID"],
                                 "imageUUID": result["imageUUID"]}
         output_type = request.get("outputType", "URL")

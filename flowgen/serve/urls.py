@@ -3,8 +3,9 @@
 An imageUUID is derived from the image's bytes, so it can be guessed by anyone who has the image:
 it is never enough to fetch it. A URL the server hands out carries an HMAC-SHA256 of the name and
 its expiry time, under a secret kept in the data dir (`url-signing.key`, mode 0600, made on first
-start), so the URLs it gave before a restart still work; a URL stops answering at its expiry, at
-the latest URL_LIFETIME_S after it was handed out (getResponse hands out a fresh one). A request
+start), so the URLs it gave before a restart still work; a URL stops answering at its expiry,
+URL_LIFETIME_S (rounded up to the hour) after it was handed out, or at the image's ttl if sooner
+(getResponse hands out a fresh one). A request
 without a valid signature is answered as if the image did not exist, unless it carries the API key
 of a key that owns the image (`Authorization: Bearer KEY`).
 """
@@ -20,7 +21,10 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-URL_LIFETIME_S = 24 * 3600  # the longest a handed-out image URL works (a shorter ttl ends it sooner)
+URL_LIFETIME_S = 24 * 3600  # how long a handed-out image URL works at least (a shorter ttl ends it sooner)
+# expiries are rounded up to this step, so the URLs of one image handed out within it (the sync
+# answer and the webhook of a result, say) are the same string
+URL_EXPIRY_STEP_S = 3600
 SECRET_FILE = "url-signing.key"
 
 
@@ -40,9 +44,10 @@ class ImageURLs:
         return cls(bytes.fromhex(path.read_text().strip()))
 
     def url(self, base_url: str, name: str, image_expires: float | None, now: float | None = None) -> str:
-        """The signed URL of image file `name` (`<imageUUID>.<ext>`), valid until URL_LIFETIME_S
-        from now or the image's own expiry (its ttl), whichever comes first."""
+        """The signed URL of image file `name` (`<imageUUID>.<ext>`), valid for URL_LIFETIME_S from
+        now (rounded up to URL_EXPIRY_STEP_S), or until the image's own expiry (its ttl) if sooner."""
         expires = (now if now is not None else time.time()) + URL_LIFETIME_S
+        expires = math.ceil(expires / URL_EXPIRY_STEP_S) * URL_EXPIRY_STEP_S
         if image_expires is not None:
             expires = min(expires, image_expires)
         expires_at = math.ceil(expires)

@@ -138,7 +138,7 @@ def test_another_key_cannot_read_reuse_or_fetch_a_keys_task(tmp_path):
         assert client.get(forged).status_code == 404
         name = bare.rsplit("/", 1)[1]
         store = client.app.state.server.service.store
-        expired = store.urls.url("http://testserver", name, None, now=time.time() - URL_LIFETIME_S - 5)
+        expired = store.urls.url("http://testserver", name, None, now=time.time() - URL_LIFETIME_S - 2 * 3600)
         response = client.get(expired)
         assert response.status_code == 410 and response.json()["errors"][0]["code"] == "imageExpired"
 
