@@ -5,7 +5,6 @@ from __future__ import annotations
 import click
 
 from flowgen.errors import RecipeError
-from flowgen.plan.task import number_results
 
 
 def validate_command(recipe_path: str, overrides: list[str]) -> None:
@@ -17,7 +16,7 @@ def validate_command(recipe_path: str, overrides: list[str]) -> None:
     recipe, items, problems = recipe_problems(recipe_path, overrides)  # every stage's problems at once
     if problems:
         raise RecipeError(problems)
-    results = sum(number_results(item.task) for item in items)
+    results = sum(item.number_results for item in items)
     references = len({path for item in items for path in item.references})
     card = f" (card {recipe.card.name})" if getattr(recipe.card, "name", None) else ""
     click.echo(

@@ -525,3 +525,8 @@ class Item:
     values: dict[str, Any]
     task: dict[str, Any]
     references: tuple[Path, ...] = field(default_factory=tuple)
+
+    @property
+    def number_results(self) -> int:
+        """How many images the task asks for (the spec's default is 1)."""
+        return int(self.task.get("numberResults") or 1)
