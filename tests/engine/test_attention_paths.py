@@ -46,6 +46,7 @@ def test_gpu_path_in_bfloat16_falls_back_without_cudnn():
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(expected), atol=3e-2)
 
 
+@pytest.mark.slow
 def test_whole_model_on_the_gpu_path_matches_the_cpu_path(monkeypatch):
     tr = Transformer.random(TINY, seed=1)
     rng = np.random.default_rng(2)

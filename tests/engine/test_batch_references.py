@@ -108,6 +108,7 @@ def _edits(count: int = 8):
     return prompts, refs, [1000 + i for i in range(count)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["kv", "plain"])
 def test_batch_of_distinct_references_is_one_loop_within_float32_noise(which, kv_pipe, plain_pipe):
     pipe = kv_pipe if which == "kv" else plain_pipe
@@ -128,6 +129,7 @@ def test_batch_of_distinct_references_is_one_loop_within_float32_noise(which, kv
     assert len({img.tobytes() for img in batch.images}) == 8
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["kv", "plain"])
 def test_a_recorded_layout_replays_bit_for_bit(which, kv_pipe, plain_pipe):
     pipe = kv_pipe if which == "kv" else plain_pipe
@@ -141,6 +143,7 @@ def test_a_recorded_layout_replays_bit_for_bit(which, kv_pipe, plain_pipe):
         np.testing.assert_array_equal(replay.images[0], batch.images[row])
 
 
+@pytest.mark.slow
 def test_reference_sizes_in_one_bucket_share_a_compiled_loop(kv_pipe):
     prompts, refs, seeds = _edits(2)
     kv_pipe.generate(prompts, references=refs, seeds=seeds, steps=STEPS, **SIZE)  # 20 and 48 tokens
@@ -150,6 +153,7 @@ def test_reference_sizes_in_one_bucket_share_a_compiled_loop(kv_pipe):
     assert denoise.TRACE_COUNTS["denoise"] == before
 
 
+@pytest.mark.slow
 def test_a_layout_that_cannot_hold_the_references_is_refused(kv_pipe):
     prompts, refs, seeds = _edits(2)
     with pytest.raises(RecipeError, match="reference_length"):

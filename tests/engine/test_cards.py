@@ -247,6 +247,7 @@ def test_cards_ship_in_the_package_data():
         assert '"flowgen.models": "models"' in text and '"flowgen.models": ["*.yaml"]' in text
 
 
+@pytest.mark.slow
 def test_non_editable_wheel_contains_and_finds_the_cards(tmp_path):
     """Build a wheel from a copy of the project, install it with --target, list cards from there."""
     import subprocess

@@ -189,6 +189,7 @@ def test_img2img_start_index_is_diffusers_get_timesteps():
             assert img2img_start(strength, steps) == begin, (steps, strength)
 
 
+@pytest.mark.slow
 def test_img2img_noises_the_encoded_image_to_diffusers_sigma_and_samples_the_rest(pipe, astronaut, monkeypatch):
     import torch
 
@@ -235,6 +236,7 @@ def test_img2img_refuses_bad_arguments(pipe, astronaut):
 # ---- the whole pass on the photo ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_refining_the_face_changes_only_its_padded_feathered_region(pipe, astronaut):
     settings = small()
     result = refine_faces(pipe, astronaut, settings, seed=SEED)

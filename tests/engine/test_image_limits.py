@@ -254,6 +254,7 @@ print(json.dumps({"before": before, "after": after, "peak": resource.getrusage(r
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RSS and ru_maxrss as Linux reports them")
 def test_rss_stays_bounded_after_decoding_four_8000x8000_pngs(tmp_path):
     paths = [solid_png(tmp_path / f"big{i}.png", 8000, 8000, (40 * i, 120, 200)) for i in range(4)]

@@ -185,6 +185,7 @@ def merged(models, entries):
     return merged_params(ours.params, CFG, [(read_lora(path, CFG), weight) for path, weight in entries])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_matches_diffusers(models, inputs, with_adapters, tmp_path, fmt):
     path = FORMATS[fmt](tmp_path / f"{fmt}.safetensors")
@@ -196,6 +197,7 @@ def test_each_format_matches_diffusers(models, inputs, with_adapters, tmp_path, 
     assert_close(velocity_ours(models[1], merged(models, [(path, 1.0)]), inputs), reference, fmt)
 
 
+@pytest.mark.slow
 def test_two_loras_with_weights_07_and_minus_05(models, inputs, with_adapters, tmp_path):
     first = FORMATS["diffusers"](tmp_path / "a.safetensors")
     second = FORMATS["kohya"](tmp_path / "b.safetensors")
@@ -273,6 +275,7 @@ def test_a_lora_for_another_size_is_refused_naming_both_sizes(tmp_path):
     assert read_lora(path, four_b).patches[0].target == "double_blocks.0.img_attn.qkv.weight"
 
 
+@pytest.mark.slow
 def test_kv_pipeline_with_a_lora_matches_diffusers_and_keys_the_reference_cache(tmp_path):
     """Flux2KleinKVPipeline.load_lora_weights vs Pipeline.generate(loras=...), with a reference image:
     the cached reference K/V must follow the weights (LoRA, then base, then LoRA again)."""

@@ -27,6 +27,9 @@ from flowgen.engine.config import Flux2Config
 from flowgen.engine.ids import image_ids, reference_ids, text_ids
 from flowgen.engine.transformer import Transformer
 
+# tiny-model pipelines rendered with and without step caches: minutes on CPU
+pytestmark = pytest.mark.slow
+
 CONFIG = Flux2Config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
                      axes_dim=(8, 8, 8, 8))
 B, H, W, T, R = 2, 4, 4, 8, 12

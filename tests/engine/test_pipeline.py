@@ -55,6 +55,7 @@ def test_seed_noise_is_jax_normal_of_the_seed():
     assert not np.array_equal(seed_noise(5, (8,)), seed_noise(5 + 2**40, (8,)))  # high bits count
 
 
+@pytest.mark.slow
 def test_images_do_not_depend_on_batch_mates(pipe):
     a = ("a red fox", 11, [picture(1)])
     b = ("a blue boat", 22, None)
@@ -75,6 +76,7 @@ def test_images_do_not_depend_on_batch_mates(pipe):
     assert not np.array_equal(ab[0], cab[0])  # same prompt, other seed and references
 
 
+@pytest.mark.slow
 def test_cfg_images_do_not_depend_on_batch_mates(base_pipe):
     def run(prompts, seeds, negatives):
         return base_pipe.generate(prompts, seeds=seeds, steps=STEPS, guidance=3.0, negative_prompts=negatives,
@@ -88,6 +90,7 @@ def test_cfg_images_do_not_depend_on_batch_mates(base_pipe):
     assert not np.array_equal(ab[1], other_negative)  # the negative prompt is used
 
 
+@pytest.mark.slow
 def test_work_is_done_once_per_distinct_input(pipe):
     pipe.counters.clear()
     pipe.clear_caches()
@@ -108,6 +111,7 @@ def test_work_is_done_once_per_distinct_input(pipe):
     assert (pipe.counters["text_encode"], pipe.counters["reference_prepass"]) == (2, 2)
 
 
+@pytest.mark.slow
 def test_same_shapes_do_not_retrace(pipe):
     pipe.generate(["warm"], seeds=[1], steps=STEPS, **SIZE)
     before = denoise.TRACE_COUNTS["denoise"]
@@ -115,6 +119,7 @@ def test_same_shapes_do_not_retrace(pipe):
     assert denoise.TRACE_COUNTS["denoise"] == before
 
 
+@pytest.mark.slow
 def test_latents_are_used_as_given(pipe):
     noise = np.asarray(seed_noise(5, (128, 3, 2)))[None]
     from_latents = pipe.generate(["fox"], latents=noise, steps=STEPS, **SIZE).images[0]

@@ -25,6 +25,9 @@ from tests.engine.fixtures_pipeline import (
     write_tiny_pipelines,
 )
 
+# whole pipelines against diffusers on the same random weights
+pytestmark = pytest.mark.slow
+
 torch.set_grad_enabled(False)
 PSNR_F32 = 45.0  # every item
 BF16_ERROR_RATIO = 1.5  # flowgen bf16's distance to float64, relative to diffusers bf16's

@@ -30,6 +30,9 @@ from flowgen.engine.transformer_blocks import modulate
 from flowgen.errors import RecipeError
 from tests.engine import step_cache_reference as ref
 
+# every test renders or compiles whole denoising loops: minutes on CPU
+pytestmark = pytest.mark.slow
+
 CONFIG = Flux2Config(hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48,
                      axes_dim=(8, 8, 8, 8))
 B, H, W, T = 2, 4, 4, 8

@@ -72,6 +72,7 @@ def test_components_load_with_no_missing_or_unexpected_keys(folder):
     assert max(tokenizer.get_vocab().values()) < encoder.config.vocab_size
 
 
+@pytest.mark.slow
 def test_pipeline_runs_and_is_lively(folder):
     import torch
     from diffusers import Flux2KleinKVPipeline

@@ -27,6 +27,7 @@ def tiny(tensors):
     return Transformer.from_bfl_tensors(TINY, tensors)
 
 
+@pytest.mark.slow
 def test_four_step_loops_trace_once(tiny):
     rng = np.random.default_rng(0)
     h, w, n_txt = 3, 4, 5
@@ -71,6 +72,7 @@ def test_from_bfl_tensors_places_every_tensor(tiny, tensors):
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_track_float32(tiny, tensors):
     f32 = tiny
     bf16 = Transformer.from_bfl_tensors(TINY, tensors, dtype="bfloat16")

@@ -295,6 +295,7 @@ def _mods(raw: np.ndarray, sets: int):
     return tuple(tuple(jnp.asarray(c) for c in chunks[3 * i : 3 * i + 3]) for i in range(sets))
 
 
+@pytest.mark.slow
 def test_double_block_at_9b_width():
     from diffusers.models.transformers.transformer_flux2 import Flux2TransformerBlock
 
@@ -331,6 +332,7 @@ def test_double_block_at_9b_width():
     assert_close(got_txt, want_txt.numpy(), "double block 9B width, txt")
 
 
+@pytest.mark.slow
 def test_single_block_at_9b_width():
     import jax.numpy as jnp
     from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock

@@ -25,6 +25,9 @@ from flowgen.engine.weights import vae_keys
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_pipeline import sharpen_vae_
 
+# VAE encode/decode against diffusers on the same random weights
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 H, W = 48, 80  # non-square, multiples of 16
 TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=8)

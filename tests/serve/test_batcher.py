@@ -248,6 +248,7 @@ def test_stats_count_real_images_not_padding():
     assert stats == {"queue_depth": 0, "batches": 2, "images": 4, "mean_batch_size": 2.0, "max_batch_size": 3}
 
 
+@pytest.mark.slow
 def test_tiny_model_images_equal_the_runs():
     """The embedded tiny model: three requests padded to a batch of 4, one sampling loop, the
     repeated prompt encoded once, pixels equal to the run's."""

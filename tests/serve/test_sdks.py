@@ -35,6 +35,9 @@ from flowgen.serve.batcher import Batcher
 from tests.serve.sdk_clients import run_client
 from tests.serve.serve_process import free_port
 
+# the official SDKs in their own venvs against a real server
+pytestmark = pytest.mark.slow
+
 KEY = "sdk-test-key"
 TINY = "flowgen:1@1"
 

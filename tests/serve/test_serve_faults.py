@@ -17,6 +17,9 @@ import pytest
 
 from tests.serve.serve_process import KEY, ServeProcess, free_port
 
+# real `flowgen serve` processes, killed and restarted
+pytestmark = pytest.mark.slow
+
 
 def tiny_task(**fields) -> dict:
     out = {"taskType": "imageInference", "taskUUID": str(uuid.uuid4()), "model": "flowgen:1@1",

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from starlette.testclient import TestClient
 
 from tests.png_files import header_only_png, solid_png
@@ -58,6 +59,7 @@ print(json.dumps({"before": before, "after": after}))
 """
 
 
+@pytest.mark.slow
 def test_serving_four_49mp_references_leaves_rss_bounded(tmp_path):
     # 7000x7000 = 49 MP: just under the server's limit, 196 MB each as decoded RGB
     paths = [solid_png(tmp_path / f"ref{i}.png", 7000, 7000, (30 * i, 90, 160)) for i in range(4)]

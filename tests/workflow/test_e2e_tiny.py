@@ -27,6 +27,9 @@ from flowgen.commands.regen import regen_command
 from flowgen.commands.run import run_command
 from flowgen.run.manifest import Manifest, manifest_path
 
+# end-to-end runs of the tiny model through the CLI, kill -9 included
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=2"]
 QUICK = SMALL + ["task.numberResults=4"]  # 4 results per item: one item fills one batch of 4

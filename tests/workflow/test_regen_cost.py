@@ -22,6 +22,9 @@ from flowgen.run.manifest import Manifest
 from flowgen.run.regen import job_of, regenerate, replay_key, resolve_targets
 from tests.workflow.direct_runs import item, plan_of, reference
 
+# renders a batch of eight on the tiny model first
+pytestmark = pytest.mark.slow
+
 
 def rendered(tmp_path: Path, items: list) -> Path:
     out = tmp_path / "out"

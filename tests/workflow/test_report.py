@@ -189,6 +189,7 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+@pytest.mark.slow  # a real browser
 def test_report_in_headless_chromium(folder, html, tmp_path):
     binary = chromium()
     if binary is None:

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=1", "task.numberResults=2"]
 
 
+@pytest.mark.slow
 def test_a_detached_run_returns_its_id_at_once_and_status_shows_it_to_completion(tmp_path):
     shutil.copy(ROOT / "recipes" / "quickstart.yaml", tmp_path / "quickstart.yaml")
     out = tmp_path / "out"
