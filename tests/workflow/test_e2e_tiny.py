@@ -27,9 +27,6 @@ from flowgen.commands.regen import regen_command
 from flowgen.commands.run import run_command
 from flowgen.run.manifest import Manifest, manifest_path
 
-# end-to-end runs of the tiny model through the CLI, kill -9 included
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=2"]
 QUICK = SMALL + ["task.numberResults=4"]  # 4 results per item: one item fills one batch of 4
@@ -114,6 +111,7 @@ def test_reordered_rows_give_identical_bytes_and_an_added_row_runs_alone(quickst
     assert_valid_manifest(tmp_path / "out", 20)
 
 
+@pytest.mark.slow
 def test_product_photos_with_references_and_regen_verify(recipes, tmp_path, capsys):
     out = tmp_path / "products"
     assert run_command(str(recipes / "product-photos.yaml"), str(out), PRODUCTS, None, False) == 0
@@ -128,6 +126,7 @@ def test_product_photos_with_references_and_regen_verify(recipes, tmp_path, caps
     assert capsys.readouterr().out.count("identical") == 2
 
 
+@pytest.mark.slow
 def test_a_catalogue_of_distinct_packshots_batches_together_and_regens_identically(tmp_path, capsys):
     """Eight products, each its own packshot in one of three sizes: two batches of 4, one sampling
     loop each (the references are stacked per row), and every image replays bit for bit."""
@@ -173,6 +172,7 @@ def test_quickstart_regen_by_item_id_is_identical(quickstart, tmp_path):
     assert result.output.count("identical") == 4
 
 
+@pytest.mark.slow
 def test_unreadable_reference_fails_its_items_only_and_fail_fast_stops(recipes, tmp_path):
     broken = tmp_path / "recipes"
     shutil.copytree(recipes, broken)
@@ -190,6 +190,7 @@ def test_unreadable_reference_fails_its_items_only_and_fail_fast_stops(recipes, 
     assert {r["status"] for r in records(fast)} == {"failed"}
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_completes_without_duplicates(quickstart, recipes, tmp_path):
     out = tmp_path / "killed"
     env = {**os.environ, "FLOWGEN_MAX_BATCH": "4", "JAX_PLATFORMS": "cpu"}
