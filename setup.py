@@ -1,7 +1,7 @@
 """Packaging glue that pyproject.toml cannot express on its own (all metadata lives there).
 
 The model cards are data in the top-level models/ folder; they ship inside the package as
-flowgen/models/*.yaml, so `flowgen.engine.cards` finds them after a non-editable install too;
+flowgen/models/*.yaml, so `flowgen.engine.catalog.cards` finds them after a non-editable install too;
 the report's template (flowgen/report/*.j2) ships the same way.
 """
 

@@ -6,7 +6,7 @@ token) and attention (q·kᵀ and p·v); embeddings, norms and modulation are < 
 
 from __future__ import annotations
 
-from flowgen.engine.config import Flux2Config
+from flowgen.engine.transformer.config import Flux2Config
 
 
 def block_flops(cfg: Flux2Config, rows: int, keys: int) -> float:

@@ -21,11 +21,11 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # diffusers sha
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from flowgen.engine import ids
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.transformer import Transformer
 from flops import step_flops  # bench/flops.py (the script's folder is on sys.path)
+
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.config import Flux2Config
 
 TINY = Flux2Config(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=4, context_in_dim=384, axes_dim=(16, 16, 16, 16))
 SHARED_EDITS = 8
@@ -47,7 +47,7 @@ def report(name: str, seconds: float, flops: float | None):
 
 
 def flowgen_rows(cfg, grid, n_txt, n_refs, repeats):
-    tr = Transformer.random(cfg, dtype="bfloat16")
+    tr = CompiledTransformer.random(cfg, dtype="bfloat16")
     key = jax.random.key(0)
     img = jax.random.normal(key, (1, grid * grid, 128), jnp.bfloat16)
     ref = jax.random.normal(key, (1, n_refs * grid * grid, 128), jnp.bfloat16)

@@ -22,12 +22,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 import torch
-
-from flowgen.engine import ids
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.transformer import Transformer
-from flowgen.engine.weights.transformer_keys import DiffusersAsBfl
 from flops import block_flops, step_flops  # bench/flops.py (the script's folder is on sys.path)
+
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.keys import DiffusersAsBfl
 
 CONFIG = Flux2Config(
     hidden_size=512, num_heads=8, depth=2, depth_single_blocks=4, context_in_dim=512, axes_dim=(16, 16, 16, 16)
@@ -107,7 +107,7 @@ def workload_gflops(num_refs: int) -> dict[str, float]:
 # ---- flowgen ------------------------------------------------------------------------------------
 
 
-def flowgen_plain(tr: Transformer, w: Workload):
+def flowgen_plain(tr: CompiledTransformer, w: Workload):
     x_ids = np.concatenate([w.img_ids, w.ref_ids])
     ref = jax.numpy.asarray(w.ref)
     img = jax.numpy.asarray(w.img)
@@ -118,24 +118,24 @@ def flowgen_plain(tr: Transformer, w: Workload):
     return img.block_until_ready()
 
 
-def flowgen_cached_steps(tr: Transformer, w: Workload, kv):
+def flowgen_cached_steps(tr: CompiledTransformer, w: Workload, kv):
     img = jax.numpy.asarray(w.img)
     for t, t_next in zip(SIGMAS[:-1], SIGMAS[1:]):
         img = img + (t_next - t) * tr(img, w.img_ids, t, w.txt, w.txt_ids, ref_kv=kv)
     return img.block_until_ready()
 
 
-def flowgen_kv(tr: Transformer, w: Workload):
+def flowgen_kv(tr: CompiledTransformer, w: Workload):
     return flowgen_cached_steps(tr, w, tr.reference_kv(w.ref, w.ref_ids))
 
 
-def flowgen_kv_shared(tr: Transformer, w: Workload):
+def flowgen_kv_shared(tr: CompiledTransformer, w: Workload):
     kv = tr.reference_kv(w.ref, w.ref_ids)
     for _ in range(SHARED_EDITS):
         flowgen_cached_steps(tr, w, kv)
 
 
-def flowgen_kv_shared_batched(tr: Transformer, w: Workload):
+def flowgen_kv_shared_batched(tr: CompiledTransformer, w: Workload):
     """The 8 edits as one batch of 8; the batch-1 reference K/V serves all of them."""
     kv = tr.reference_kv(w.ref, w.ref_ids)
     img = jax.numpy.asarray(np.repeat(w.img, SHARED_EDITS, axis=0))
@@ -197,7 +197,7 @@ def main():
 
     plain_model, kv_model = diffusers_model()
     tensors = DiffusersAsBfl({k: v.numpy() for k, v in plain_model.state_dict().items()})
-    tr = Transformer.from_bfl_tensors(CONFIG, tensors, dtype="float32")
+    tr = CompiledTransformer.from_bfl_tensors(CONFIG, tensors, dtype="float32")
 
     # same weights, same answer (sanity, so the timings compare like with like)
     w = Workload(1)

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 def bench_config(size_gb: float):
     """H=1024 (8 heads of 128), 2 double blocks, and as many single blocks as reach `size_gb` in fp32."""
-    from flowgen.engine.config import Flux2Config
-    from flowgen.engine.transformer_params import expected_bfl_shapes
+    from flowgen.engine.transformer.config import Flux2Config
+    from flowgen.engine.transformer.params import expected_bfl_shapes
 
     def nbytes(cfg):
         return 4 * sum(int(np.prod(s)) for s in expected_bfl_shapes(cfg).values())
@@ -62,8 +62,8 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], rng: np.ra
 
 
 def write_checkpoints(cfg, root: Path) -> dict[str, tuple[Path, int]]:
-    from flowgen.engine.transformer_params import expected_bfl_shapes
-    from flowgen.engine.weights.transformer_keys import diffusers_shapes
+    from flowgen.engine.transformer.keys import diffusers_shapes
+    from flowgen.engine.transformer.params import expected_bfl_shapes
 
     rng = np.random.default_rng(0)
     bfl = expected_bfl_shapes(cfg)

@@ -44,13 +44,17 @@ SECTION = "## Pipeline (bench/pipeline.py)"
 def write_model(root: Path) -> Path:
     """The mid-size random KV pipeline folder (diffusers layout)."""
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinKVPipeline
-    from diffusers import Flux2Transformer2DModel
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinKVPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from flowgen.engine.config import Flux2Config
-    from flowgen.engine.tiny_model import SCHEDULER_CONFIG
-    from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
+    from flowgen.engine.catalog.tiny_model import SCHEDULER_CONFIG
+    from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
+    from flowgen.engine.transformer.config import Flux2Config
 
     torch.manual_seed(0)
     cfg = Flux2Config(hidden_size=512, num_heads=4, depth=2, depth_single_blocks=4, context_in_dim=3 * 256)
@@ -146,8 +150,8 @@ def run_diffusers(pipe, latents, refs, size):
 
 def text_encoder_saving(folder: Path, repeats: int) -> tuple[float, float]:
     """Seconds per prompt (batch 1, 512 tokens) for Klein's layers vs all 36 layers."""
-    from flowgen.engine.text_encoder import load_text_encoder
-    from flowgen.engine.tokenizer import load_tokenizer
+    from flowgen.engine.text.qwen3 import load_text_encoder
+    from flowgen.engine.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(folder / "tokenizer", 512)
     ids, mask = tok([PROMPTS[0]])

@@ -157,7 +157,7 @@ def through_server(args, engine, warm: float) -> int:
     import httpx
     import uvicorn
 
-    from flowgen.engine.cards import list_cards
+    from flowgen.engine.catalog.cards import list_cards
     from flowgen.serve.app import create_app
 
     key = "bench-key"

@@ -146,12 +146,12 @@ def cond_vs_host(base, size, repeats):
     import jax
     import jax.numpy as jnp
 
-    from flowgen.engine import denoise
-    from flowgen.engine.ids import image_ids, pack, text_ids
     from flowgen.engine.pipeline import seed_noise
+    from flowgen.engine.sampling import loop as denoise
     from flowgen.engine.sampling import names
     from flowgen.engine.sampling.base import FlowEuler
-    from flowgen.engine.step_cache_settings import resolve
+    from flowgen.engine.sampling.step_cache_settings import resolve
+    from flowgen.engine.transformer.positions import image_ids, pack, text_ids
     from tests.engine.step_cache_reference import host_loop
 
     tr, steps = base.transformer, 28

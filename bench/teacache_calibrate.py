@@ -51,11 +51,11 @@ def trajectory_signals(pipe, prompt: str, seed: int, size: int, steps: int, max_
     import jax.numpy as jnp
     from flax import nnx
 
-    from flowgen.engine.denoise import model_time
-    from flowgen.engine.ids import image_ids, pack, text_ids
     from flowgen.engine.pipeline import seed_noise
     from flowgen.engine.sampling import names
-    from flowgen.engine.transformer_blocks import modulate
+    from flowgen.engine.sampling.loop import model_time
+    from flowgen.engine.transformer.blocks import modulate
+    from flowgen.engine.transformer.positions import image_ids, pack, text_ids
 
     tr = pipe.transformer
     h = w = size // 16
@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flowgen.engine.pipeline import Pipeline
-    from flowgen.engine.step_cache_settings import FLUX1_TEACACHE_COEFFICIENTS
+    from flowgen.engine.sampling.step_cache_settings import FLUX1_TEACACHE_COEFFICIENTS
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:

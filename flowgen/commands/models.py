@@ -13,8 +13,7 @@ from typing import Any
 
 import click
 
-from flowgen.engine.cards import ModelCard, list_cards
-from flowgen.engine.weights import locate
+from flowgen.engine import ModelCard, flowgen_cache_dir, list_cards
 
 _SIZES = {"klein-9b": "9B", "klein-4b": "4B", "custom": "custom"}
 
@@ -81,7 +80,7 @@ def served_id(card: ModelCard) -> str:
 def weights_status(card: ModelCard) -> dict[str, Any]:
     """present, path (when present), looked_in (where flowgen looks), source and problem (when absent)."""
     if card.tiny is not None:
-        folder = locate.flowgen_cache_dir() / "models"
+        folder = flowgen_cache_dir() / "models"
         return {"present": True, "embedded": True, "path": None, "looked_in": str(folder),
                 "source": "embedded in flowgen (random weights, written on first use)", "problem": None}
     problem = card.missing_weights()

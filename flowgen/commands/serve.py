@@ -13,13 +13,13 @@ from typing import Sequence
 
 import click
 
-from flowgen.engine.cards import ModelCard, list_cards, resolve_model
+from flowgen.engine import ModelCard, list_cards, resolve_model
 from flowgen.errors import FlowgenError
 
 
 def default_data_dir() -> Path:
     """`serve` in flowgen's cache folder ($FLOWGEN_CACHE, else $XDG_CACHE_HOME/flowgen, else ~/.cache/flowgen)."""
-    from flowgen.engine.weights.locate import flowgen_cache_dir
+    from flowgen.engine import flowgen_cache_dir
 
     return flowgen_cache_dir() / "serve"
 

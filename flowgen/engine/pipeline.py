@@ -5,19 +5,19 @@
     out.images[0]        # (1024, 1024, 3) uint8
     out.timings          # seconds per stage: text, references, denoise, decode
     out.layouts[0]       # what replays image 0 bit for bit: reference layout, length, batch
-    pipe.img2img([pixels], ["a face"], strength=0.3, steps=20, seeds=[7])   # refine (face_refine)
+    pipe.img2img([pixels], ["a face"], strength=0.3, steps=20, seeds=[7])   # refine (faces/refine.py)
 
 Computes what diffusers' `Flux2KleinKVPipeline` (KV models) and `Flux2KleinPipeline` (plain and
 base models) compute, batched so that an item's image never depends on its batch mates beyond
 float32 summation order:
-* each distinct prompt is encoded once, at batch 1 (`prompt_cache`);
+* each distinct prompt is encoded once, at batch 1 (`text/prompt_cache.py`);
 * each reference image is VAE-encoded once, at batch 1; the KV model runs one reference pre-pass
-  per distinct reference set and every step reads the cached K/V (`reference_cache`);
-* the whole batch runs one jitted sampling loop (`denoise`), whatever its rows' reference sets:
-  they are stacked per row, padded and masked (`batch_references`); then it is decoded at once;
+  per distinct reference set and every step reads the cached K/V (`references/cache.py`);
+* the whole batch runs one jitted sampling loop (`sampling/loop.py`), whatever its rows' reference sets:
+  they are stacked per row, padded and masked (`references/batch_layout.py`); then it is decoded at once;
 * seeds become noise per seed: `normal(key(seed), (128, H/16, W/16))`; stochastic samplers draw
-  their per-step noise from the same seed (`denoise.noise_keys`);
-* `loras=` are merged into the transformer's weights for the call (`lora_merge`), from the kept
+  their per-step noise from the same seed (`sampling/loop.py` `noise_keys`);
+* `loras=` are merged into the transformer's weights for the call (`lora/merge.py`), from the kept
   base weights whenever the set changes; the reference K/V cache is keyed by the weights.
 """
 
@@ -35,20 +35,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine.batch_references import Layout, batch_references
-from flowgen.engine.cards import ModelCard
-from flowgen.engine.denoise import Conditioning, Denoiser, noise_keys
-from flowgen.engine.ids import image_ids, pack, text_ids, unpack
-from flowgen.engine.images import default_output_size
-from flowgen.engine.lora_merge import LoraWeights
-from flowgen.engine.pipeline_request import PIXELS_PER_TOKEN, Request, check_request
-from flowgen.engine.pipeline_source import ModelSource, resolve_source
-from flowgen.engine.prompt_cache import PromptEncoder
-from flowgen.engine.reference_cache import PreparedSet, ReferenceCache, prepare_set
-from flowgen.engine import step_cache_settings
+from flowgen.engine.catalog.cards import ModelCard
+from flowgen.engine.errors import EngineInputError
+from flowgen.engine.lora.merge import LoraWeights
+from flowgen.engine.references.batch_layout import Layout, batch_references
+from flowgen.engine.references.cache import PreparedSet, ReferenceCache, prepare_set
+from flowgen.engine.references.images import default_output_size
+from flowgen.engine.request import PIXELS_PER_TOKEN, Request, check_request
 from flowgen.engine.runtime import RuntimeConfig
-from flowgen.engine.sampling import names
-from flowgen.errors import CheckpointError, ImageInputError, RecipeError
+from flowgen.engine.sampling import names, step_cache_settings
+from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
+from flowgen.engine.source import ModelSource, resolve_source
+from flowgen.engine.text.prompt_cache import PromptEncoder
+from flowgen.engine.transformer.positions import image_ids, pack, text_ids, unpack
+from flowgen.errors import CheckpointError, ImageInputError
 
 log = logging.getLogger(__name__)
 STAGES = ("text", "references", "denoise", "decode")
@@ -128,9 +128,9 @@ class Pipeline:
         runtime: dtype and attention kernel (default: per backend, see `RuntimeConfig`); `dtype=`
         is a shorthand for `RuntimeConfig(dtype=...)`.
         """
-        from flowgen.engine.text_encoder import load_text_encoder
-        from flowgen.engine.tokenizer import load_tokenizer
-        from flowgen.engine.transformer_loading import load_transformer
+        from flowgen.engine.text.qwen3 import load_text_encoder
+        from flowgen.engine.text.tokenizer import load_tokenizer
+        from flowgen.engine.transformer.checkpoint import load_transformer
         from flowgen.engine.vae import load_vae
 
         runtime = runtime or RuntimeConfig(dtype=dtype)
@@ -176,7 +176,7 @@ class Pipeline:
         acceleration (spec preset, default "high") and accelerator_options (the spec's
         acceleratorOptions dict): step caches (`step_cache_settings.resolve`).
         loras: [(.safetensors path, weight −4..4)] merged into the transformer for this call (every
-        prompt shares them; `lora_merge`); None or [] = the base weights.
+        prompt shares them; `lora/merge.py`); None or [] = the base weights.
         Raises FlowgenError subclasses for bad arguments.
         """
         req = check_request(prompts, references, width, height, steps, seeds, latents, guidance, negative_prompts,
@@ -187,7 +187,7 @@ class Pipeline:
         try:
             choice = names.resolve(scheduler)
         except names.SchedulerRefused as err:
-            raise RecipeError(str(err)) from None
+            raise EngineInputError(str(err)) from None
         forced = None if layout is None else Layout.from_dict(layout, len(req.prompts))
         self.params, weights_key = self.loras.use(loras)
         self.references.use_weights(weights_key, self.params)  # cached reference K/V are per weights
@@ -197,7 +197,8 @@ class Pipeline:
         replay = (layout or {}).get("step_cache_computed")
         if step_cache is not None and replay is not None:
             if len(replay) != req.steps or set(replay) - {"0", "1"}:
-                raise RecipeError(f"layout: step_cache_computed must be {req.steps} characters 0/1; got {replay!r}")
+                raise EngineInputError(f"layout: step_cache_computed must be {req.steps} characters 0/1; "
+                                       f"got {replay!r}")
             step_cache = dataclasses.replace(step_cache, replay=replay)
         length = int(max_sequence_length or self.max_sequence_length)
         timings = dict.fromkeys(STAGES, 0.0)
@@ -247,13 +248,13 @@ class Pipeline:
                             distilled=self.distilled, default_steps=self.default_steps,
                             default_guidance=self.default_guidance)
         if req.seeds is None:
-            raise RecipeError("img2img: give seeds (one per prompt): they draw the noise added to each image")
+            raise EngineInputError("img2img: give seeds (one per prompt): they draw the noise added to each image")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            raise RecipeError(f"strength: {strength!r} is not allowed; use a number from 0 to 1")
+            raise EngineInputError(f"strength: {strength!r} is not allowed; use a number from 0 to 1")
         try:
             choice = names.resolve(scheduler)
         except names.SchedulerRefused as err:
-            raise RecipeError(str(err)) from None
+            raise EngineInputError(str(err)) from None
         timings = dict.fromkeys(("text", "encode", "denoise", "decode"), 0.0)
         start_index = img2img_start(strength, req.steps)
         if start_index >= req.steps:  # nothing to sample: the images are the answer
@@ -375,8 +376,8 @@ class Pipeline:
         if req.latents is not None:
             latents = req.latents[idx]
             if latents.shape[1:] != shape:
-                raise RecipeError(f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; "
-                                  f"got {req.latents.shape}")
+                raise EngineInputError(f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; "
+                                       f"got {req.latents.shape}")
             noise = jnp.asarray(latents.astype(np.float32))
         else:
             noise = jnp.stack([seed_noise(req.seeds[i], shape) for i in idx])

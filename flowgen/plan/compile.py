@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from flowgen.engine.step_cache_settings import resolve as resolve_step_cache
+from flowgen.engine import resolve_step_cache
 from flowgen.errors import RecipeError
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.hashing import BASE_DTYPE, ItemHasher, model_key, result_hash

@@ -71,7 +71,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 class FileHashCache:
     """sha256 of files, remembered per (path, size, mtime) so shared references are read once.
 
-    hash_file: how a file is hashed (references pass flowgen.engine.reference_files.reference_sha256,
+    hash_file: how a file is hashed (references pass flowgen.engine.references.files.reference_sha256,
     which refuses a FIFO or a device instead of reading it forever)."""
 
     def __init__(self, hash_file: Callable[[str], str] = sha256_file) -> None:

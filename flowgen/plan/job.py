@@ -12,7 +12,7 @@ from __future__ import annotations
 from os import PathLike
 from typing import Any, Mapping, NamedTuple, Sequence
 
-DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.step_cache_settings.PRESETS)
+DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.sampling.step_cache_settings.PRESETS)
 
 DEFAULT_SCHEDULER = "Default"
 

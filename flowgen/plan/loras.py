@@ -3,7 +3,7 @@
     resolve = LoraResolver()
     resolve(task, "item key")   # ((path, sha256, weight), ...); () without LoRAs
 
-Names are resolved by flowgen.engine.lora_source (a path, a name in $FLOWGEN_LORA_DIR, or an
+Names are resolved by flowgen.engine.lora.source (a path, a name in $FLOWGEN_LORA_DIR, or an
 AIR-like id); each distinct list is resolved, its files' tensor names checked and their bytes
 hashed once per plan. A missing file, or one that is not a LoRA flowgen reads, is a RecipeError
 naming the field, the item and the file.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from flowgen.engine.lora_source import checked_lora_path
+from flowgen.engine import EngineInputError, checked_lora_path
 from flowgen.errors import RecipeError
 from flowgen.plan.hashing import FileHashCache
 
@@ -37,7 +37,10 @@ class LoraResolver:
 
     def _one(self, index: int, model: Any, weight: Any, item_key: str) -> tuple[str, str, float]:
         where = f"task.lora[{index}].model" + (f" (item {item_key!r})" if item_key else "")
-        path = checked_lora_path(str(model), where)
+        try:
+            path = checked_lora_path(str(model), where)
+        except EngineInputError as err:  # the engine's refusal, as the recipe field it came from
+            raise RecipeError(str(err)) from None
         try:
             digest = self._file_hash(path)
         except OSError as err:

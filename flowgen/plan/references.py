@@ -1,8 +1,8 @@
 """Reference images at plan time: content hash and pixel size, read once per file.
 
-Files are opened as everywhere else (flowgen.engine.reference_files: a regular file of bounded size,
+Files are opened as everywhere else (flowgen.engine.references.files: a regular file of bounded size,
 so a FIFO or /dev/zero is an item error, not an endless read) and judged by the engine's header
-check (flowgen.engine.images.image_header: the pixel limit), so plan refuses what run would.
+check (flowgen.engine.references.images.image_header: the pixel limit), so plan refuses what run would.
 """
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flowgen.engine.images import image_header
-from flowgen.engine.reference_files import ReferenceImageError, reference_sha256
+from flowgen.engine import ReferenceImageError, image_header, reference_sha256
 from flowgen.plan.hashing import FileHashCache
 
 

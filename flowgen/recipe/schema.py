@@ -30,7 +30,7 @@ from typing import Annotated, Any, Iterable, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from flowgen.engine.cards import ModelCard  # the typed model card (a JAX-free bottom layer)
+from flowgen.engine import ModelCard  # the typed model card (JAX-free)
 from flowgen.recipe import spec
 from flowgen.recipe.naming import FilenameRenderer
 
@@ -475,7 +475,7 @@ class Recipe(Strict):
 
     @property
     def card(self) -> ModelCard | None:
-        """The recipe's model card (flowgen.engine.cards), or None when its model resolves to none."""
+        """The recipe's model card (flowgen.engine.catalog.cards), or None when its model resolves to none."""
         return self._card
 
     @property

@@ -20,7 +20,7 @@ MAX_REFERENCES = 4  # inputs.referenceImages: min items 1, max items 4
 
 # One reference image (flowgen's own checks, not the page's): each side >= 64 px and an aspect
 # ratio <= 8, as diffusers' Klein pipelines require; at most 150 MP, the most the engine decodes
-# (flowgen/engine/images.py MAX_DECODE_PIXELS), so `validate` accepts what `run` accepts.
+# (flowgen/engine/references/images.py MAX_DECODE_PIXELS), so `validate` accepts what `run` accepts.
 REFERENCE_MIN_SIDE = 64
 REFERENCE_MAX_ASPECT = 8
 REFERENCE_MAX_PIXELS = 150_000_000

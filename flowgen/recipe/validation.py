@@ -26,10 +26,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from pydantic import BaseModel, ValidationError
 
-from flowgen.engine import cards as model_cards  # JAX-free bottom layer: the typed model cards
-from flowgen.engine.capabilities import capabilities  # JAX-free: what the local engine supports
-from flowgen.engine import step_cache_settings  # JAX-free: the step-cache option rules
-from flowgen.engine.cards import ModelCard
+from flowgen import engine as model_engine  # its cards, looked up per call (resolve_model)
+from flowgen.engine import ModelCard, capabilities, step_cache_option_problems  # JAX-free names
 from flowgen.errors import FlowgenError
 from flowgen.recipe.schema import Item, TaskFields, shown, submodel_at
 from flowgen.recipe.spec import DISTILLED_AIRS, MAX_REFERENCES, REFERENCE_MAX_ASPECT, REFERENCE_MAX_PIXELS, REFERENCE_MIN_SIDE
@@ -125,7 +123,7 @@ def _cache_step_problems(task: dict, where: str) -> list[str]:
         return []
     start, end = _float(options.get("cacheStartStep")), _float(options.get("cacheEndStep"))
     steps = _float(task.get("steps"))
-    problems = [f"{where}.acceleratorOptions: {problem}" for problem in step_cache_settings.option_problems(options)]
+    problems = [f"{where}.acceleratorOptions: {problem}" for problem in step_cache_option_problems(options)]
     if start is not None and end is not None and not start < end:
         problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be greater than cacheStartStep ({start:g}), got {end:g}")
     if end is not None and steps is not None and end > steps:
@@ -251,7 +249,7 @@ def timezone_problem(value: Any) -> str | None:
 #
 # Every field is first validated against the API spec (TaskFields); this table then decides what
 # flowgen does with a valid value, from what the engine says it supports
-# (flowgen.engine.capabilities: schedulers run / refused, acceleration values, lora,
+# (flowgen.engine.catalog.capabilities: schedulers run / refused, acceleration values, lora,
 # acceleratorOptions, ultralytics, reference inputs). Refusing beats silently ignoring: a recipe that
 # asks for a webhook or a LoRA must not "succeed" without one. docs/recipes.md mirrors this table.
 # Scheduler names outside the spec are the spec validation's to report.
@@ -301,10 +299,10 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
 
 
 def lora_problems(entries: list, where: str) -> list[str]:
-    """Each LoRA's file exists (a path, or a name in the LoRA folder: flowgen.engine.lora_source) and
+    """Each LoRA's file exists (a path, or a name in the LoRA folder: flowgen.engine.lora.source) and
     holds only tensors of a format flowgen reads, and its `transformer` stage fits FLUX.2 [klein],
     which has one. Templated models are judged per item."""
-    from flowgen.engine.lora_source import checked_lora_path
+    from flowgen.engine import checked_lora_path
 
     problems = []
     for index, entry in enumerate(entries):
@@ -323,7 +321,7 @@ def lora_problems(entries: list, where: str) -> list[str]:
 
 
 def reference_kind(ref: str) -> str:
-    """Which of flowgen.engine.capabilities.REFERENCE_KINDS a reference string is."""
+    """Which of flowgen.engine.catalog.capabilities.REFERENCE_KINDS a reference string is."""
     if ref.startswith(("http://", "https://")):
         return "url"
     if ref.startswith("data:"):
@@ -333,7 +331,7 @@ def reference_kind(ref: str) -> str:
 
 # --- Model cards: which model a recipe names and whether it is distilled --------------------------
 #
-# Cards are flowgen.engine.cards.ModelCard (typed, JAX-free): `resolve_model(name) -> ModelCard`.
+# Cards are flowgen.engine.catalog.cards.ModelCard (typed, JAX-free): `resolve_model(name) -> ModelCard`.
 # A model no card resolves is a recipe problem; only then (card None) do the curated Runware AIR ids
 # fall back to a small table (spec.DISTILLED_AIRS) and other models get no model-specific rules.
 
@@ -344,7 +342,7 @@ DISTILLED_STEPS = 4
 def find_card(model: str) -> tuple[ModelCard | None, str | None]:
     """(card, None) when found; (None, problem) when no card resolves the name."""
     try:
-        return model_cards.resolve_model(model), None
+        return model_engine.resolve_model(model), None
     except (FlowgenError, LookupError, ValueError, OSError) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         return None, f"model: {message}"
@@ -451,8 +449,8 @@ def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, An
 #
 # Limits (spec.py): at most 4 references per item (the spec's and the engine's capabilities().max_references),
 # each side >= 64 px, aspect ratio <= 8, at most 150 MP. The file is opened as every reference is
-# (flowgen.engine.reference_files: a regular file, at most 1 GiB) and its header judged by the
-# engine's own pixel check (flowgen.engine.images.image_header), so a file whose header claims
+# (flowgen.engine.references.files: a regular file, at most 1 GiB) and its header judged by the
+# engine's own pixel check (flowgen.engine.references.images.image_header), so a file whose header claims
 # 20000x20000 is rejected before any pixel is decoded, and a FIFO or /dev/zero before any byte is read.
 
 
@@ -464,8 +462,7 @@ def image_problem(path: Path, *, max_pixels: int = REFERENCE_MAX_PIXELS) -> str 
     completes a sentence about the file ('does not exist', 'is 13000x13000 (...); the limit is ...').
     max_pixels: the server passes its lower limit for inputs (images.MAX_SERVE_INPUT_PIXELS)."""
     # PIL + numpy: imported when a reference is checked
-    from flowgen.engine.images import image_header
-    from flowgen.engine.reference_files import ReferenceImageError
+    from flowgen.engine import ReferenceImageError, image_header
 
     try:
         width, height = image_header(path, max_pixels=max_pixels).size

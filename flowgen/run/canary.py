@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flowgen.engine.reference_files import reference_sha256
+from flowgen.engine import reference_sha256
 from flowgen.plan.hashing import sha256_file
 from flowgen.plan.model import Canary, Plan
 from flowgen.run.engine import Engine

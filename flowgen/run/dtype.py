@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 
-from flowgen.engine.runtime import RuntimeConfig
+from flowgen.engine import RuntimeConfig
 from flowgen.errors import FlowgenError
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")

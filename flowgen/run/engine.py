@@ -90,7 +90,7 @@ class PipelineEngine:
     """flowgen.engine.Pipeline behind the Engine protocol; weights load on first use."""
 
     def __init__(self, model: Any, dtype: str = "float32"):
-        from flowgen.engine.runtime import RuntimeConfig
+        from flowgen.engine import RuntimeConfig
 
         self.model = model  # a card, a card name / AIR id, or a pipeline folder
         self.runtime = RuntimeConfig(dtype=dtype)  # a resolved dtype: the one the plan hashed
@@ -117,7 +117,7 @@ class PipelineEngine:
     def preflight(self) -> None:
         """Raise CheckpointError now if the weights are not on this machine (nothing is loaded)."""
         if self._pipe is None and self._key not in _LOADED:
-            from flowgen.engine.pipeline_source import resolve_source
+            from flowgen.engine import resolve_source
 
             resolve_source(self.model)
 
@@ -147,8 +147,8 @@ class PipelineEngine:
         return dict(self.pipe.identity())
 
     def refine_faces(self, pixels: np.ndarray, settings, seed: int, loras=None):
-        """The face pass on one decoded image (flowgen.engine.face_refine); a FaceRefineResult."""
-        from flowgen.engine.face_refine import refine_faces
+        """The face pass on one decoded image (flowgen.engine.faces.refine); a FaceRefineResult."""
+        from flowgen.engine import refine_faces
 
         return refine_faces(self.pipe, pixels, settings, seed, loras=loras)
 
@@ -192,7 +192,7 @@ class FakeEngine:
     def refine_faces(self, pixels: np.ndarray, settings, seed: int, loras=None):
         """A stand-in face pass: an 8x8 corner "face" recoloured from (settings, seed), so changing
         either changes the file as the real pass would."""
-        from flowgen.engine.face_refine import FaceRefineResult
+        from flowgen.engine import FaceRefineResult
 
         self.face_calls.append((settings, seed))
         out = np.array(pixels, dtype=np.uint8, copy=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping, Sequence
 
-from flowgen.engine.face_refine import FaceRefineSettings
+from flowgen.engine import FaceRefineSettings
 from flowgen.plan.job import FacePass
 
 FACE_DETECTOR_ENV = "FLOWGEN_FACE_DETECTOR"
@@ -37,7 +37,7 @@ def face_settings(task: Mapping[str, Any]) -> FaceRefineSettings | None:
 def load_detector() -> None:
     """Load the face detector now (before anything renders): a missing package or a bad
     $FLOWGEN_FACE_DETECTOR is a user error (FaceDetectorUnavailable)."""
-    from flowgen.engine.face_detect import face_detector
+    from flowgen.engine import face_detector
 
     face_detector(detector_path())
 

@@ -1,7 +1,7 @@
 """Reference images at run time: the one place a run (and regen, canary, serve) decodes them.
 
-Decoding is flowgen.engine.images.load_image's (JAX-free: PIL + numpy), with its limits: the file is
-opened by flowgen.engine.reference_files (a regular file of bounded size), a header claiming more
+Decoding is flowgen.engine.references.images.load_image's (JAX-free: PIL + numpy), with its limits: the file is
+opened by flowgen.engine.references.files (a regular file of bounded size), a header claiming more
 pixels than the limit is refused before any pixel is decoded, and the EXIF orientation is applied.
 The loader then converts to RGB, as runs always have, and at once resizes a large reference to the
 area the engine prepares it at (reduced_for_preparation; the engine's result is bit-identical), so
@@ -14,9 +14,7 @@ import threading
 
 from PIL import Image
 
-from flowgen.engine.byte_lru import ByteLRU
-from flowgen.engine.host_memory import release_free_heap
-from flowgen.engine.images import load_image, reduced_for_preparation
+from flowgen.engine import ByteLRU, load_image, reduced_for_preparation, release_free_heap
 from flowgen.errors import ImageInputError
 
 # Many items share a reference set; a reduced reference is at most ~1 MP, 4 MiB as PIL holds RGB
@@ -31,7 +29,7 @@ def image_bytes(image: Image.Image) -> int:
 
 class ReferenceLoader:
     """Decodes reference files, keeping at most `cache_bytes` of decoded images (least recently used
-    out). `max_pixels`: the pixel limit (default: recipes', flowgen.engine.images.MAX_DECODE_PIXELS;
+    out). `max_pixels`: the pixel limit (default: recipes', flowgen.engine.references.images.MAX_DECODE_PIXELS;
     the server passes its lower MAX_SERVE_INPUT_PIXELS). Safe to share between threads (the server
     does); decoding runs outside the lock."""
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from flowgen.engine.reference_files import reference_sha256
+from flowgen.engine import reference_sha256
 from flowgen.errors import FlowgenError
 from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.plan.job import Job
@@ -246,7 +246,7 @@ def job_of(record: dict[str, Any]) -> Job:
 
 def _pipeline_engine(model: str, dtype: str) -> Engine:
     try:
-        from flowgen.engine.cards import resolve_model
+        from flowgen.engine import resolve_model
 
         return PipelineEngine(resolve_model(model), dtype)
     except ImportError:  # pragma: no cover - engine without cards

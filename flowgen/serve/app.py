@@ -32,7 +32,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from flowgen.engine.cards import ModelCard
+from flowgen.engine import ModelCard
 from flowgen.net.policy import DestinationPolicy
 from flowgen.serve.auth import KeyCheck, bearer_key, key_digest
 from flowgen.serve.inputs import ImageInputs, InputLimits

@@ -12,7 +12,7 @@ as in `flowgen run` (flowgen.run.executor):
 * rows are ordered as the planner orders them (`_ordered`): largest reference set first, each
   contiguous, then by prompt, so a shared set runs with one K/V and neighbours share prompts
   (the engine computes a reference set's K/V and a prompt's embedding once and keeps them for
-  later batches: flowgen.engine.reference_cache, prompt_cache);
+  later batches: flowgen.engine.references.cache, prompt_cache);
 * each result carries the executor's `batch` record (size, position, layout), so its pixels are
   what `flowgen run` renders for that job and seed at that size and position, and regen replays it.
 """

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from flowgen.engine.images import MAX_SERVE_INPUT_PIXELS
+from flowgen.engine import MAX_SERVE_INPUT_PIXELS
 from flowgen.net.fetch import FetchError, FetchSlots, TooManyFetches, fetch_bytes
 from flowgen.net.policy import DestinationPolicy
 from flowgen.net.redact import redact_url

@@ -28,8 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from flowgen.engine.cards import ModelCard
-from flowgen.engine.images import MAX_SERVE_INPUT_PIXELS
+from flowgen.engine import MAX_SERVE_INPUT_PIXELS, ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.net.redact import redacted_task
 from flowgen.plan.compile import guidance_for, output_ext

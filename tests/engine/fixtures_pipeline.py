@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.tiny_model import SCHEDULER_CONFIG
-from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
+from flowgen.engine.catalog.tiny_model import SCHEDULER_CONFIG
+from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
+from flowgen.engine.transformer.config import Flux2Config
 from tests.engine.fixtures_text import TINY_VOCAB, write_tiny_text_encoder
 
 QWEN_HIDDEN = 32  # fixtures_text.TINY_QWEN3
@@ -69,8 +69,13 @@ def write_tiny_pipelines(root: str | Path, seed: int = 0) -> tuple[dict[str, Pat
     import copy
 
     import torch
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from diffusers import Flux2KleinKVPipeline, Flux2KleinPipeline
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinKVPipeline,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
     from transformers import AutoTokenizer
 
     root = Path(root)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
+from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
 
 TINY_VOCAB = 384  # tokenizer and embedding share it
 TINY_QWEN3 = dict(

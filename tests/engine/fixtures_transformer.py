@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowgen.engine.config import Flux2Config
+from flowgen.engine.transformer.config import Flux2Config
 
 TINY = Flux2Config(
     hidden_size=64, num_heads=2, depth=2, depth_single_blocks=2, context_in_dim=48, axes_dim=(8, 8, 8, 8)

@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowgen.engine import dit
-from flowgen.engine import step_cache as sc
-from flowgen.engine.attention import attention_path
-from flowgen.engine.denoise import model_time
-from flowgen.engine.step_cache_settings import StepCache
-from flowgen.engine.transformer_blocks import modulate
+from flowgen.engine.sampling import step_cache as sc
+from flowgen.engine.sampling.loop import model_time
+from flowgen.engine.sampling.step_cache_settings import StepCache
+from flowgen.engine.transformer import model as transformer
+from flowgen.engine.transformer.attention import attention_path
+from flowgen.engine.transformer.blocks import modulate
 
 
 class Reference:
@@ -77,48 +77,48 @@ def rel_l1(a, b) -> float:
 # ---- the host-driven form: three jitted stages, decisions on the host ---------------------------
 
 
-def _stages(stages: sc.DiTStages, cache: StepCache):
+def _stages(stages: transformer.TransformerStages, cache: StepCache):
     """Three jitted programs over the DiT's stages: front (and the signal), middle, back + final."""
 
     def embedded(params, x, rope_img, t, txt, rope_txt):
         model = nnx.merge(stages.graphdef, params)
-        inputs, streams = dit.embed(model, x, rope_img, t, txt, rope_txt)
+        inputs, streams = transformer.embed(model, x, rope_img, t, txt, rope_txt)
         return model, inputs, streams, sc.block_ranges(stages, params, cache, None)
 
     def tokens(streams, n_txt):  # what the middle adds to (as the engine: image, or joint with back blocks)
-        return dit.image_tokens(streams, n_txt) if cache.back == 0 else dit.joint_tokens(streams)
+        return transformer.image_tokens(streams, n_txt) if cache.back == 0 else transformer.joint_tokens(streams)
 
     @jax.jit
     def front(params, x, rope_img, t, txt, rope_txt):
         with attention_path(stages.attention):
             model, inputs, streams, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
-            out = dit.run_blocks(inputs, streams, ranges.front)
+            out = transformer.run_blocks(inputs, streams, ranges.front)
             img = streams[0]
             if cache.kind == "teacache":
                 (shift, scale, _), _ = inputs.mod_img
                 signal = modulate(img, shift, scale, model.double_blocks.eps).astype(jnp.float32)
             else:
-                signal = (dit.image_tokens(out, inputs.n_txt) - img).astype(jnp.float32)
+                signal = (transformer.image_tokens(out, inputs.n_txt) - img).astype(jnp.float32)
             return out, tokens(out, inputs.n_txt), signal
 
     @jax.jit
     def middle(params, x, rope_img, t, txt, rope_txt, out):
         with attention_path(stages.attention):
             _, inputs, _, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
-            return tokens(dit.run_blocks(inputs, out, ranges.middle), inputs.n_txt)
+            return tokens(transformer.run_blocks(inputs, out, ranges.middle), inputs.n_txt)
 
     @jax.jit
     def back(params, x, rope_img, t, txt, rope_txt, base):
         with attention_path(stages.attention):
             model, inputs, _, ranges = embedded(params, x, rope_img, t, txt, rope_txt)
             if cache.back:
-                base = dit.image_tokens(dit.run_blocks(inputs, base, ranges.back), inputs.n_txt)
-            return dit.velocity(model, inputs, base)
+                base = transformer.image_tokens(transformer.run_blocks(inputs, base, ranges.back), inputs.n_txt)
+            return transformer.velocity(model, inputs, base)
 
     return front, middle, back
 
 
-def host_loop(stages: sc.DiTStages, params, cache: StepCache, x, sigmas, txt, rope_img, rope_txt):
+def host_loop(stages: transformer.TransformerStages, params, cache: StepCache, x, sigmas, txt, rope_img, rope_txt):
     """Flow-Euler sampling (no CFG, no references) with the cache decided on the host by `Reference`.
     Returns (x, computed, distances)."""
     front, middle, back = _stages(stages, cache)

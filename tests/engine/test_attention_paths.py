@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgen.engine import attention as attn
-from flowgen.engine import dit, ids
-from flowgen.engine.transformer import Transformer
+from flowgen.engine.transformer import attention as attn
+from flowgen.engine.transformer import model as transformer
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.compiled import CompiledTransformer
 from tests.engine.fixtures_transformer import TINY
 
 
@@ -48,7 +49,7 @@ def test_gpu_path_in_bfloat16_falls_back_without_cudnn():
 
 @pytest.mark.slow
 def test_whole_model_on_the_gpu_path_matches_the_cpu_path(monkeypatch):
-    tr = Transformer.random(TINY, seed=1)
+    tr = CompiledTransformer.random(TINY, seed=1)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 12, 128)).astype(np.float32)
     txt = rng.standard_normal((2, 5, TINY.context_in_dim)).astype(np.float32)
@@ -60,8 +61,8 @@ def test_whole_model_on_the_gpu_path_matches_the_cpu_path(monkeypatch):
     def run():  # a new function each call, so jit traces afresh and sees the patched path choice
         def prepass_then_cached_step(params):
             module = nnx.merge(tr.graphdef, params)
-            kv = dit.reference_prepass(module, jnp.asarray(ref), rope_r)  # batch 1, serves batch 2
-            return dit.forward(module, jnp.asarray(x), rope_x, t, jnp.asarray(txt), rope_t, kv)
+            kv = transformer.reference_prepass(module, jnp.asarray(ref), rope_r)  # batch 1, serves batch 2
+            return transformer.forward(module, jnp.asarray(x), rope_x, t, jnp.asarray(txt), rope_t, kv)
 
         return np.asarray(jax.jit(prepass_then_cached_step)(tr.params))
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine import attention as attn
-from flowgen.engine import denoise
+from flowgen.engine.transformer import attention as attn
+from flowgen.engine.sampling import loop as denoise
 from flowgen.engine.pipeline import Pipeline
-from flowgen.engine.reference_cache import bucket_lengths, length_bucket
-from flowgen.errors import RecipeError
+from flowgen.engine.references.cache import bucket_lengths, length_bucket
+from flowgen.engine.errors import EngineInputError
 
 STEPS = 2
 MAX_LEN = 24
@@ -156,9 +156,9 @@ def test_reference_sizes_in_one_bucket_share_a_compiled_loop(kv_pipe):
 @pytest.mark.slow
 def test_a_layout_that_cannot_hold_the_references_is_refused(kv_pipe):
     prompts, refs, seeds = _edits(2)
-    with pytest.raises(RecipeError, match="reference_length"):
+    with pytest.raises(EngineInputError, match="reference_length"):
         kv_pipe.generate(prompts, references=refs, seeds=seeds, steps=STEPS,
                          layout={"reference_layout": "rows", "reference_length": 16}, **SIZE)
-    with pytest.raises(RecipeError, match="shared"):
+    with pytest.raises(EngineInputError, match="shared"):
         kv_pipe.generate(prompts, references=refs, seeds=seeds, steps=STEPS,
                          layout={"reference_layout": "shared", "reference_length": 64}, **SIZE)

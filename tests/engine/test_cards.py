@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowgen.engine import cards, tiny_model
+from flowgen.engine.catalog import cards
+from flowgen.engine.catalog import tiny_model
 from flowgen.engine.weights import locate
 from flowgen.errors import CheckpointError
 
@@ -270,7 +271,7 @@ def test_non_editable_wheel_contains_and_finds_the_cards(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         assert {f"flowgen/models/{n}.yaml" for n in EXPECTED} <= set(zf.namelist())
     subprocess.run(pip + ["install", str(wheel), "--no-deps", "--target", str(tmp_path / "site")], check=True)
-    code = "import flowgen.engine.cards as c; print(c.cards_dir()); print(' '.join(x.name for x in c.list_cards()))"
+    code = "import flowgen.engine.catalog.cards as c; print(c.cards_dir()); print(' '.join(x.name for x in c.list_cards()))"
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.split("\n")

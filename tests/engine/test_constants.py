@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from flowgen.engine import ids, time_embedding
-from flowgen.engine.dit import timestep_embedding
-from flowgen.engine.rope import rope_tables
+from flowgen.engine.catalog.tiny_model import SCHEDULER_CONFIG
 from flowgen.engine.sampling import flow_schedule
-from flowgen.engine.text_encoder import Qwen3EncoderConfig, _inv_freq, _rope_tables
-from flowgen.engine.tiny_model import SCHEDULER_CONFIG
+from flowgen.engine.text.qwen3 import Qwen3EncoderConfig, _inv_freq, _rope_tables
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer import time_embedding
+from flowgen.engine.transformer.model import timestep_embedding
+from flowgen.engine.transformer.rope import rope_tables
 
 torch.set_grad_enabled(False)
 SIN_COS_ULP = 2.0**-24  # one ulp of float32 values in [0.5, 1): what torch's and XLA's sin/cos may differ by
@@ -129,7 +130,7 @@ def test_bfloat16_pipeline_time_features_match_diffusers(tiny_diffusers):
     """The whole bf16 chain under jit: sigma -> denoise.model_time -> embedding, against the Klein
     pipeline's `t.to(bf16) / 1000` and the transformer's `timestep.to(bf16) * 1000` (the double
     rounding that gives 768, not BFL's 764, at 1024², 4 steps)."""
-    from flowgen.engine.denoise import model_time
+    from flowgen.engine.sampling.loop import model_time
 
     sigma = np.concatenate([flow_schedule.sigmas(n, tokens)[:-1]
                             for n in (1, 2, 4, 8, 28, 50) for tokens in (4, 256, 1024, 4096, 16384)])

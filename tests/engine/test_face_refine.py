@@ -11,9 +11,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np
 import pytest
 
-from flowgen.engine import face_detect
-from flowgen.engine.face_detect import Face, FaceDetectorUnavailable, NudeNetFaces, YoloFaces, decode_yolov8, nms
-from flowgen.engine.face_refine import (FaceRefineSettings, blur_reach, crop_box, feathered_mask, fitted_blur, padded_box,
+from flowgen.engine.faces import detect as face_detect
+from flowgen.engine.faces.detect import Face, FaceDetectorUnavailable, NudeNetFaces, YoloFaces, decode_yolov8, nms
+from flowgen.engine.faces.refine import (FaceRefineSettings, blur_reach, crop_box, feathered_mask, fitted_blur, padded_box,
                                         paste, refine_faces)
 
 pytest.importorskip("nudenet")
@@ -41,7 +41,7 @@ def astronaut() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
-    from flowgen.engine import tiny_model
+    from flowgen.engine.catalog import tiny_model
     from flowgen.engine.pipeline import Pipeline
 
     return Pipeline.from_pretrained(tiny_model.write_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
@@ -159,7 +159,7 @@ def _diffusers_scheduler(steps: int):
     it for 64² px (16 tokens)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from flowgen.engine import tiny_model
+    from flowgen.engine.catalog import tiny_model
     from flowgen.engine.sampling import flow_schedule
 
     config = {k: v for k, v in tiny_model.SCHEDULER_CONFIG.items() if not k.startswith("_")}
@@ -193,7 +193,7 @@ def test_img2img_start_index_is_diffusers_get_timesteps():
 def test_img2img_noises_the_encoded_image_to_diffusers_sigma_and_samples_the_rest(pipe, astronaut, monkeypatch):
     import torch
 
-    from flowgen.engine.ids import pack
+    from flowgen.engine.transformer.positions import pack
     from flowgen.engine.pipeline import img2img_start, seed_noise
 
     image = np.ascontiguousarray(astronaut[100:164, 180:244])  # 64x64: 16 tokens

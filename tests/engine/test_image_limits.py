@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine import images
+from flowgen.engine.references import images
 from flowgen.engine.byte_lru import ByteLRU
-from flowgen.engine.images import (
+from flowgen.engine.references.images import (
     MAX_SERVE_INPUT_PIXELS,
     image_header,
     load_image,
     prepare_reference,
 )
-from flowgen.engine.reference_files import ReferenceImageError
+from flowgen.engine.references.files import ReferenceImageError
 from flowgen.errors import ImageInputError
 from flowgen.plan.references import ReferenceInspector
 from flowgen.recipe.validation import image_problem
@@ -209,7 +209,7 @@ def test_the_loader_cache_is_bounded_by_bytes_not_entries(tmp_path):
 def test_the_engine_reference_cache_bounds_latents_and_kv_by_bytes():
     import jax.numpy as jnp
 
-    from flowgen.engine.reference_cache import CachedKV, PreparedSet, ReferenceCache
+    from flowgen.engine.references.cache import CachedKV, PreparedSet, ReferenceCache
 
     class FakeVae:
         def encode(self, pixels):  # (1, H, W, 3) -> (1, 32, H/8, W/8) float32, as the VAE shapes it

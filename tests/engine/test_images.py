@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine import images
+from flowgen.engine.references import images
 from flowgen.errors import ImageInputError
 
 

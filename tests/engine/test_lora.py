@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from flowgen.engine import ids
-from flowgen.engine.config import NAMED_CONFIGS
-from flowgen.engine.lora import read_lora
-from flowgen.engine.lora_merge import LoraWeights, merged_params
-from flowgen.engine.transformer import Transformer
-from flowgen.engine.transformer_params import param_location
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.config import NAMED_CONFIGS
+from flowgen.engine.lora.files import read_lora
+from flowgen.engine.lora.merge import LoraWeights, merged_params
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.params import param_location
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_transformer import diffusers_to_bfl
 from tests.engine.fixtures_pipeline import TRANSFORMER as CFG
@@ -37,14 +37,14 @@ SENSITIVE = 0.05  # a LoRA must move the reference's velocity by at least this s
 
 @pytest.fixture(scope="module")
 def models():
-    """(diffusers transformer, flowgen Transformer) with the same sharpened weights."""
+    """(diffusers transformer, flowgen CompiledTransformer) with the same sharpened weights."""
     from diffusers import Flux2Transformer2DModel
 
     config = dict(CFG.to_diffusers())
     config.pop("_class_name")
     reference = Flux2Transformer2DModel(**config).eval()
     sharpen_transformer_(reference)
-    ours = Transformer.from_bfl_tensors(CFG, diffusers_to_bfl(reference.state_dict()))
+    ours = CompiledTransformer.from_bfl_tensors(CFG, diffusers_to_bfl(reference.state_dict()))
     return reference, ours
 
 
@@ -64,7 +64,7 @@ def velocity_reference(model, inputs) -> np.ndarray:
 
 
 def velocity_ours(transformer, params, inputs) -> np.ndarray:
-    merged = Transformer(transformer.config, transformer.graphdef, params, transformer.dtype)
+    merged = CompiledTransformer(transformer.config, transformer.graphdef, params, transformer.dtype)
     return np.asarray(merged(inputs["x"], inputs["x_ids"], inputs["t"], inputs["txt"], inputs["txt_ids"]))
 
 
@@ -311,7 +311,7 @@ def test_kv_pipeline_with_a_lora_matches_diffusers_and_keys_the_reference_cache(
     assert ours.counters["lora_merge"] == 2
 
     # the workflow's adapter passes the batch's LoRAs and checks they are the files the plan hashed
-    from flowgen.engine.lora import file_sha256
+    from flowgen.engine.lora.files import file_sha256
     from flowgen.run.engine import BatchRequest, PipelineEngine
 
     engine = PipelineEngine(folders["kv"])

@@ -1,4 +1,4 @@
-"""One forward: `dit.forward` is its stages (embed -> blocks -> final layer), and the step-cached
+"""One forward: `transformer.forward` is its stages (embed -> blocks -> final layer), and the step-cached
 loop is built from the same stages.
 
 * the stages over any split of the block stack (the cache's front / middle / back ranges) give the
@@ -22,10 +22,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from flowgen.engine import dit, step_cache
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.ids import image_ids, reference_ids, text_ids
-from flowgen.engine.transformer import Transformer
+from flowgen.engine.transformer import model as transformer
+from flowgen.engine.sampling import step_cache
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.positions import image_ids, reference_ids, text_ids
+from flowgen.engine.transformer.compiled import CompiledTransformer
 
 # tiny-model pipelines rendered with and without step caches: minutes on CPU
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ TOTAL = CONFIG.depth + CONFIG.depth_single_blocks
 
 @pytest.fixture(scope="module")
 def inputs():
-    tr = Transformer.random(CONFIG, seed=0)
+    tr = CompiledTransformer.random(CONFIG, seed=0)
     x = jax.random.normal(jax.random.key(0), (B, H * W, 128))
     txt = jax.random.normal(jax.random.key(1), (B, T, 48))
     t = jnp.asarray([0.9, 0.4], jnp.float32)
@@ -54,10 +55,10 @@ def _staged(graphdef, start, stop, params, args, ref_kv, key_lengths):
     """The stages over blocks [0, start), [start, stop), [stop, total), as the cached loop runs them."""
     model = nnx.merge(graphdef, params)
     x, rope_img, t, txt, rope_txt = args
-    step_inputs, streams = dit.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
+    step_inputs, streams = transformer.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
     for a, b in ((0, start), (start, stop), (stop, TOTAL)):
-        streams = dit.run_blocks(step_inputs, streams, dit.block_range(model, ref_kv, a, b))
-    return dit.velocity(model, step_inputs, dit.image_tokens(streams, step_inputs.n_txt))
+        streams = transformer.run_blocks(step_inputs, streams, transformer.block_range(model, ref_kv, a, b))
+    return transformer.velocity(model, step_inputs, transformer.image_tokens(streams, step_inputs.n_txt))
 
 
 @pytest.mark.parametrize("with_refs", [False, True])
@@ -138,7 +139,7 @@ def test_the_cache_module_runs_the_transformer_only_through_its_stages():
     tree = ast.parse(inspect.getsource(step_cache))
     imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
-    assert not [pair for pair in imported if pair[0] in ("flowgen.engine.transformer_blocks", "flowgen.engine.rope")]
+    assert not [pair for pair in imported if pair[0] in ("flowgen.engine.transformer.blocks", "flowgen.engine.transformer.rope")]
     called = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
@@ -146,5 +147,5 @@ def test_the_cache_module_runs_the_transformer_only_through_its_stages():
             called.add(f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None)
     assert not called & (_DIT_HELPERS | _DIT_LAYERS)
     stages_used = {node.attr for node in ast.walk(tree)
-                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dit"}
+                   if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "transformer"}
     assert {"embed", "run_blocks", "block_range", "velocity"} <= stages_used

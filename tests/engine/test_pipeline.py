@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine import denoise
+from flowgen.engine.sampling import loop as denoise
 from flowgen.engine.pipeline import Pipeline, seed_noise
-from flowgen.errors import FlowgenError, ImageInputError, RecipeError
+from flowgen.engine.errors import EngineInputError
+from flowgen.errors import FlowgenError, ImageInputError
 
 SIZE = dict(width=32, height=48)
 STEPS = 2
@@ -128,16 +129,16 @@ def test_latents_are_used_as_given(pipe):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    (dict(width=40), RecipeError),
-    (dict(height=8), RecipeError),
-    (dict(steps=0), RecipeError),
-    (dict(seeds=[1, 2]), RecipeError),
-    (dict(latents=np.zeros((1, 128, 3, 2), np.float32)), RecipeError),  # and seeds: both given
+    (dict(width=40), EngineInputError),
+    (dict(height=8), EngineInputError),
+    (dict(steps=0), EngineInputError),
+    (dict(seeds=[1, 2]), EngineInputError),
+    (dict(latents=np.zeros((1, 128, 3, 2), np.float32)), EngineInputError),  # and seeds: both given
     (dict(references=[[picture(i) for i in range(5)]]), ImageInputError),
     (dict(references=[[np.zeros((64, 64), np.float32)]]), ImageInputError),
     (dict(references=[[picture(1, (32, 64))]]), ImageInputError),  # side below 64 px
-    (dict(guidance=-1.0), RecipeError),
-    (dict(negative_prompts=["a", "b"]), RecipeError),
+    (dict(guidance=-1.0), EngineInputError),
+    (dict(negative_prompts=["a", "b"]), EngineInputError),
 ])
 def test_bad_arguments_raise_one_line_errors(pipe, kwargs, error):
     args = dict(prompts=["fox"], seeds=[1], steps=1, **SIZE)

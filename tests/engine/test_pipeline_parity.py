@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flowgen.engine.pipeline import Pipeline
-from flowgen.engine.pipeline_source import resolve_source
+from flowgen.engine.source import resolve_source
 from tests.engine.fixtures_pipeline import (
     MAX_SEQUENCE_LENGTH,
     psnr,

@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 import torch
 
-from flowgen.engine import denoise
 from flowgen.engine.sampling import flow_schedule, multistep, names, samplers, schedules
+from flowgen.engine.sampling import loop as denoise
 from flowgen.engine.sampling.base import FlowEuler, Sampler
 from tests.engine.fixtures_scheduler import KLEIN_SCHEDULER_CONFIG
 

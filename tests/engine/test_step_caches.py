@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flowgen.engine import denoise
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.ids import image_ids, reference_ids, text_ids
+from flowgen.engine.sampling import loop as denoise
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.positions import image_ids, reference_ids, text_ids
 from flowgen.engine.sampling import names
-from flowgen.engine.step_cache_settings import PRESETS, StepCache, resolve, window
-from flowgen.engine.transformer import Transformer
-from flowgen.engine.transformer_blocks import modulate
-from flowgen.errors import RecipeError
+from flowgen.engine.sampling.step_cache_settings import PRESETS, StepCache, resolve, window
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.blocks import modulate
+from flowgen.engine.errors import EngineInputError
 from tests.engine import step_cache_reference as ref
 
 # every test renders or compiles whole denoising loops: minutes on CPU
@@ -41,7 +41,7 @@ STEPS = 12
 
 @pytest.fixture(scope="module")
 def model():
-    tr = Transformer.random(CONFIG, seed=0)
+    tr = CompiledTransformer.random(CONFIG, seed=0)
     x = jax.random.normal(jax.random.key(0), (B, H * W, 128))
     txt = jax.random.normal(jax.random.key(1), (2 * B, T, 48))  # positives, then negatives (CFG)
     return tr, x, txt
@@ -189,9 +189,9 @@ def test_resolve_maps_options_and_presets():
     high = resolve("high", None, steps=50, distilled=False)
     assert (high.kind, high.threshold, high.start) == ("fbcache", 0.12, 5)
     assert window({"cacheStartStep": 4, "cacheStartStepPercentage": 50}, 10) == (4, 10)
-    with pytest.raises(RecipeError, match="acceleratorOptions: teaCache, fbCache and dbCache are alternatives"):
+    with pytest.raises(EngineInputError, match="acceleratorOptions: teaCache, fbCache and dbCache are alternatives"):
         resolve("high", {"teaCache": True, "fbCache": True}, steps=28, distilled=False)
-    with pytest.raises(RecipeError, match="acceleration: 'max' is not allowed"):
+    with pytest.raises(EngineInputError, match="acceleration: 'max' is not allowed"):
         resolve("max", None, steps=28, distilled=False)
 
 
@@ -240,5 +240,5 @@ def test_pipeline_records_decisions_and_regen_replays_them_bit_for_bit(tmp_path_
     np.testing.assert_array_equal(again.images[0], out.images[1])
     plain = pipe.generate(["a blue car"], seeds=[4], width=32, height=32, steps=8, acceleration="none")
     assert plain.step_caches == [] and "step_cache_computed" not in plain.layouts[0]
-    with pytest.raises(RecipeError, match="step_cache_computed must be 8 characters"):
+    with pytest.raises(EngineInputError, match="step_cache_computed must be 8 characters"):
         pipe.generate(["a blue car"], seeds=[4], layout={**layout, "step_cache_computed": "11"}, **kwargs)

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3ForCausalLM
 
-from flowgen.engine.text_encoder import Qwen3EncoderConfig, load_text_encoder
-from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
-from flowgen.engine.tokenizer import load_tokenizer
+from flowgen.engine.text.qwen3 import Qwen3EncoderConfig, load_text_encoder
+from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
+from flowgen.engine.text.tokenizer import load_tokenizer
 from flowgen.engine.weights.safetensors_io import LazyTensors
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_text import TINY_VOCAB, write_tiny_text_encoder

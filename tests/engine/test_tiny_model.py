@@ -7,7 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from flowgen.engine import tiny_model
+from flowgen.engine.catalog import tiny_model
 
 # sha256 over the weight and config files written for seed 0 (tokenizer excluded: it belongs to
 # tiny_tokenizer.py). If this changes, the bytes changed: bump tiny_model.FORMAT_VERSION, then update.

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
-from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
-from flowgen.engine.tokenizer import load_tokenizer
+from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
+from flowgen.engine.text.tokenizer import load_tokenizer
 from flowgen.errors import CheckpointError
 
 LITERAL = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -90,7 +90,7 @@ def test_single_prompt_and_special_token_ids(folder):
 def test_tiny_tokenizer_is_deterministic(folder, tmp_path):
     """Same bytes in this process and in another one with a different hash seed."""
     write_tiny_tokenizer(tmp_path / "again")
-    code = f"from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer; write_tiny_tokenizer({str(tmp_path / 'other')!r})"
+    code = f"from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer; write_tiny_tokenizer({str(tmp_path / 'other')!r})"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -1,20 +1,20 @@
-"""The runtime side of the Transformer: no retracing across steps, key-table facts, weight validation."""
+"""The runtime side of the CompiledTransformer: no retracing across steps, key-table facts, weight validation."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from flowgen.engine import ids
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.transformer import TRACE_COUNTS, Transformer
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.compiled import TRACE_COUNTS, CompiledTransformer
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_transformer import TINY
 
 
 def _random_bfl(config: Flux2Config, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in Transformer.expected_bfl_shapes(config).items()}
+    return {k: rng.standard_normal(s).astype(np.float32) * 0.1 for k, s in CompiledTransformer.expected_bfl_shapes(config).items()}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def tensors():
 
 @pytest.fixture(scope="module")
 def tiny(tensors):
-    return Transformer.from_bfl_tensors(TINY, tensors)
+    return CompiledTransformer.from_bfl_tensors(TINY, tensors)
 
 
 @pytest.mark.slow
@@ -53,12 +53,12 @@ def test_four_step_loops_trace_once(tiny):
 
 
 def test_klein_9b_key_table():
-    shapes = Transformer.expected_bfl_shapes(Flux2Config.named("klein-9b"))
+    shapes = CompiledTransformer.expected_bfl_shapes(Flux2Config.named("klein-9b"))
     assert len(shapes) == 201
     assert sum(int(np.prod(s)) for s in shapes.values()) == 9_078_581_248
     assert shapes["single_blocks.23.linear1.weight"] == (36864, 4096)
     assert shapes["final_layer.adaLN_modulation.1.weight"] == (8192, 4096)
-    klein4b = Transformer.expected_bfl_shapes(Flux2Config.named("klein-4b"))
+    klein4b = CompiledTransformer.expected_bfl_shapes(Flux2Config.named("klein-4b"))
     assert (len(klein4b), sum(int(np.prod(s)) for s in klein4b.values())) == (149, 3_875_544_576)
 
 
@@ -75,7 +75,7 @@ def test_from_bfl_tensors_places_every_tensor(tiny, tensors):
 @pytest.mark.slow
 def test_bfloat16_weights_track_float32(tiny, tensors):
     f32 = tiny
-    bf16 = Transformer.from_bfl_tensors(TINY, tensors, dtype="bfloat16")
+    bf16 = CompiledTransformer.from_bfl_tensors(TINY, tensors, dtype="bfloat16")
     assert bf16.params["img_in"]["kernel"].dtype == np.dtype("bfloat16")
     assert bf16.params["single_blocks"]["norm"]["query_norm"]["scale"].dtype == np.float32
     rng = np.random.default_rng(1)
@@ -98,11 +98,11 @@ def test_bad_weights_raise_checkpoint_error(edit, needle, tensors):
     tensors = dict(tensors)
     edit(tensors)
     with pytest.raises(CheckpointError) as err:
-        Transformer.from_bfl_tensors(TINY, tensors)
+        CompiledTransformer.from_bfl_tensors(TINY, tensors)
     assert needle in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_unsupported_dtype_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="float16"):
-        Transformer.random(TINY, dtype="float16")
+        CompiledTransformer.random(TINY, dtype="float16")

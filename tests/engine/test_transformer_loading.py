@@ -21,11 +21,12 @@ from diffusers import Flux2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
 from safetensors.torch import save_file
 
-from flowgen.engine import ids, load_transformer
-from flowgen.engine.config import NAMED_CONFIGS, Flux2Config
-from flowgen.engine.transformer import Transformer
-from flowgen.engine.transformer_loading import Checkpoint, infer_config
-from flowgen.engine.weights.transformer_keys import DiffusersAsBfl, bfl_to_diffusers, diffusers_shapes
+from flowgen.engine import load_transformer
+from flowgen.engine.transformer import positions as ids
+from flowgen.engine.transformer.checkpoint import Checkpoint, infer_config
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.config import NAMED_CONFIGS, Flux2Config
+from flowgen.engine.transformer.keys import DiffusersAsBfl, bfl_to_diffusers, diffusers_shapes
 from flowgen.errors import CheckpointError
 
 TINY = Flux2Config(
@@ -70,7 +71,7 @@ def bfl(state_dict) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def expected_params(bfl):
-    return Transformer.from_bfl_tensors(TINY, bfl).params
+    return CompiledTransformer.from_bfl_tensors(TINY, bfl).params
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_comfy_prefix_is_stripped_and_other_models_ignored(tmp_path, bfl, expect
 def test_bf16_file_gives_float32_params_of_the_rounded_weights(tmp_path, bfl, expected_params):
     tr = load_transformer(_write(tmp_path / "bf16.safetensors", bfl, torch.bfloat16), dtype="float32")
     rounded = {k: v.astype(ml_dtypes.bfloat16) for k, v in bfl.items()}
-    _assert_same_params(tr.params, Transformer.from_bfl_tensors(TINY, rounded).params)
+    _assert_same_params(tr.params, CompiledTransformer.from_bfl_tensors(TINY, rounded).params)
     leaves = jax.tree_util.tree_leaves(tr.params)
     assert all(leaf.dtype == np.float32 for leaf in leaves)
     assert any(not np.array_equal(a, b) for a, b in zip(leaves, jax.tree_util.tree_leaves(expected_params)))
@@ -170,7 +171,7 @@ def test_bf16_file_gives_float32_params_of_the_rounded_weights(tmp_path, bfl, ex
 
 def test_float32_file_to_bfloat16_params(folders, bfl):
     tr = load_transformer(folders / "single", dtype="bfloat16")
-    _assert_same_params(tr.params, Transformer.from_bfl_tensors(TINY, bfl, dtype="bfloat16").params)
+    _assert_same_params(tr.params, CompiledTransformer.from_bfl_tensors(TINY, bfl, dtype="bfloat16").params)
     leaves = jax.tree_util.tree_leaves_with_path(tr.params)
     kernels = [leaf for path, leaf in leaves if "kernel" in jax.tree_util.keystr(path)]
     assert kernels and all(k.dtype == ml_dtypes.bfloat16 for k in kernels)
@@ -225,7 +226,7 @@ def test_loaded_model_matches_diffusers_forward(reference, folders, tmp_path, bf
         else:
             q, k, v = np.split(bfl["double_blocks.0.img_attn.qkv.weight"], 3)
             wrong["double_blocks.0.img_attn.qkv.weight"] = np.concatenate([k, q, v])
-        mislabelled = Transformer.from_bfl_tensors(TINY, wrong)
+        mislabelled = CompiledTransformer.from_bfl_tensors(TINY, wrong)
         mislabelled.forward_fn = loaded.forward_fn  # same graph: reuse the compiled forward
         bad_err, _ = _max_error(mislabelled(x, x_ids, t, txt, txt_ids), expected)
         print(f"{mistake} mislabelled: max|d| = {bad_err:.2e}")
@@ -245,7 +246,7 @@ class _ShapesOnly(dict):
 @pytest.mark.parametrize("name", ["klein-9b", "klein-4b"])
 def test_infer_config_recovers_the_real_sizes(name):
     cfg = NAMED_CONFIGS[name]
-    shapes = Transformer.expected_bfl_shapes(cfg)
+    shapes = CompiledTransformer.expected_bfl_shapes(cfg)
     assert infer_config(Checkpoint("x.safetensors", _ShapesOnly(shapes), "bfl", None)) == cfg
     diffusers = _ShapesOnly(diffusers_shapes(shapes))
     assert infer_config(Checkpoint("x.safetensors", diffusers, "diffusers", None)) == cfg
@@ -254,7 +255,7 @@ def test_infer_config_recovers_the_real_sizes(name):
 def test_infer_config_with_other_head_dim_and_mlp_ratio():
     cfg = Flux2Config(hidden_size=48, num_heads=4, depth=2, depth_single_blocks=3, mlp_ratio=2.5, in_channels=8,
                       context_in_dim=24, axes_dim=(3, 3, 3, 3), timestep_dim=16)
-    shapes = _ShapesOnly(Transformer.expected_bfl_shapes(cfg))
+    shapes = _ShapesOnly(CompiledTransformer.expected_bfl_shapes(cfg))
     assert infer_config(Checkpoint("x.safetensors", shapes, "bfl", None)) == cfg
 
 

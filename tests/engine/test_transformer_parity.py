@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowgen.engine import ids
+from flowgen.engine.transformer import positions as ids
 from tests.engine.fixtures_transformer import TINY
 
 torch.set_grad_enabled(False)
@@ -109,7 +109,7 @@ def sharp_models():
     1000·t) reach the modulation and any error in the embedding shows in the velocity."""
     from diffusers import Flux2Transformer2DModel
 
-    from flowgen.engine.transformer import Transformer
+    from flowgen.engine.transformer.compiled import CompiledTransformer
     from tests.engine.fixtures_transformer import diffusers_to_bfl
     from tests.engine.fixtures_pipeline import TRANSFORMER, sharpen_transformer_
 
@@ -117,7 +117,7 @@ def sharp_models():
     config.pop("_class_name")
     model = Flux2Transformer2DModel(**config).eval()
     sharpen_transformer_(model)
-    ours = Transformer.from_bfl_tensors(TRANSFORMER, diffusers_to_bfl(
+    ours = CompiledTransformer.from_bfl_tensors(TRANSFORMER, diffusers_to_bfl(
         {k: v.numpy() for k, v in model.state_dict().items()}
     ))
     return model, copy.deepcopy(model).double(), ours
@@ -279,7 +279,7 @@ def _ropes():
     import jax.numpy as jnp
     from diffusers.models.transformers.transformer_flux2 import Flux2PosEmbed
 
-    from flowgen.engine.rope import rope_tables
+    from flowgen.engine.transformer.rope import rope_tables
 
     axes = (WIDTH // HEADS // 4,) * 4
     img_ids, txt_ids = ids.image_ids(4, N_IMG // 4), ids.text_ids(N_TXT)
@@ -299,7 +299,7 @@ def _mods(raw: np.ndarray, sets: int):
 def test_double_block_at_9b_width():
     from diffusers.models.transformers.transformer_flux2 import Flux2TransformerBlock
 
-    from flowgen.engine.transformer_blocks import DoubleStreamBlock
+    from flowgen.engine.transformer.blocks import DoubleStreamBlock
 
     rng = np.random.default_rng(1)
     block = _meta_block(Flux2TransformerBlock)
@@ -337,7 +337,7 @@ def test_single_block_at_9b_width():
     import jax.numpy as jnp
     from diffusers.models.transformers.transformer_flux2 import Flux2SingleTransformerBlock
 
-    from flowgen.engine.transformer_blocks import SingleStreamBlock
+    from flowgen.engine.transformer.blocks import SingleStreamBlock
 
     rng = np.random.default_rng(2)
     block = _meta_block(Flux2SingleTransformerBlock)

@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 from PIL import Image
 
-from flowgen.engine.cards import list_cards
+from flowgen.engine.catalog.cards import list_cards
 from flowgen.plan.job import Job
 from flowgen.plan.seeds import result_seed
 from flowgen.run.engine import BatchRequest, FakeEngine

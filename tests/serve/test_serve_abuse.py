@@ -495,7 +495,7 @@ def test_serve_refuses_a_model_whose_weights_are_missing_as_run_does(tmp_path, m
     from huggingface_hub import constants
 
     from flowgen.cli import main
-    from flowgen.engine.cards import resolve_model
+    from flowgen.engine.catalog.cards import resolve_model
 
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))

@@ -16,7 +16,7 @@ from flowgen import __version__
 from flowgen.cli import main
 from flowgen.commands import run as run_module
 from flowgen.commands.init import starter_files
-from flowgen.engine.cards import list_cards
+from flowgen.engine.catalog.cards import list_cards
 from flowgen.run.engine import FakeEngine
 
 ROOT = Path(__file__).resolve().parents[2]

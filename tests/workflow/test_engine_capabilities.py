@@ -10,14 +10,14 @@ from types import MappingProxyType
 import numpy as np
 from safetensors.numpy import save_file
 
-from flowgen.engine.capabilities import Capabilities, capabilities
+from flowgen.engine.catalog.capabilities import Capabilities, capabilities
 from flowgen.engine.sampling import names
 from flowgen.recipe import validation
 
 
 def test_capabilities_are_jax_free_and_say_what_the_engine_does():
-    code = ("import sys; from flowgen.engine.capabilities import capabilities; capabilities(); "
-            "import flowgen.engine.cards, flowgen.recipe.api; assert 'jax' not in sys.modules")
+    code = ("import sys; from flowgen.engine.catalog.capabilities import capabilities; capabilities(); "
+            "import flowgen.engine.catalog.cards, flowgen.recipe.api; assert 'jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
     caps = capabilities()
     assert isinstance(caps, Capabilities) and capabilities() is caps
@@ -25,7 +25,7 @@ def test_capabilities_are_jax_free_and_say_what_the_engine_does():
     assert caps.acceleration == ("none", "low", "medium", "high") and caps.dtypes == ("float32", "bfloat16")
     assert caps.accelerator_options is True  # step caches
     assert caps.lora is True  # LoRAs merged per batch
-    assert caps.ultralytics is True  # the face pass (flowgen.engine.face_refine)
+    assert caps.ultralytics is True  # the face pass (flowgen.engine.faces.refine)
     assert caps.max_references == 4 and caps.reference_inputs == ("file",)
 
 

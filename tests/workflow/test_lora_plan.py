@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from flowgen.engine.lora_source import lora_path
+from flowgen.engine.errors import EngineInputError
+from flowgen.engine.lora.source import lora_path
 from flowgen.errors import RecipeError
 from flowgen.plan import compile_plan, make_batches
 from flowgen.recipe.api import Item, validate_task
@@ -57,9 +58,9 @@ def test_names_resolve_in_the_lora_folder(lora_dir, tmp_path):
     assert lora_path("ink.safetensors") == lora_dir / "ink.safetensors"
     assert lora_path("civitai:123@456") == lora_dir / "civitai_123_456.safetensors"
     assert lora_path(str(lora_dir / "brand.safetensors")) == lora_dir / "brand.safetensors"
-    with pytest.raises(RecipeError, match=r"^task.lora\[0\].model: LoRA file not found: .*missing.safetensors"):
+    with pytest.raises(EngineInputError, match=r"^task.lora\[0\].model: LoRA file not found: .*missing.safetensors"):
         lora_path("missing", "task.lora[0].model")
-    with pytest.raises(RecipeError, match="may not contain '..'"):
+    with pytest.raises(EngineInputError, match="may not contain '..'"):
         lora_path("../brand")
 
 

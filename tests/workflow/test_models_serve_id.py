@@ -8,7 +8,7 @@ import json
 from click.testing import CliRunner
 
 from flowgen.cli import main
-from flowgen.engine.cards import list_cards
+from flowgen.engine.catalog.cards import list_cards
 from flowgen.serve.tasks import ServedModels
 
 

@@ -89,7 +89,7 @@ def test_plan_recipe_does_not_read_the_environment(tmp_path, monkeypatch):
 
 
 def test_the_reference_loader_uses_the_engine_decoder_and_its_limits(tmp_path, monkeypatch):
-    from flowgen.engine import images
+    from flowgen.engine.references import images
 
     path = tmp_path / "p.png"
     Image.fromarray(np.full((64, 80), 200, np.uint8), mode="L").save(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowgen.engine import cards
+from flowgen.engine.catalog import cards
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.hashing import model_key
 
@@ -102,7 +102,7 @@ def test_a_plan_made_before_the_download_matches_the_one_after(tmp_path, hf_cach
 
 
 def test_the_weights_digests_are_recorded_by_the_engine_source_not_hashed(tmp_path, hf_cache):
-    from flowgen.engine.pipeline_source import resolve_source  # JAX-free: no weights are loaded
+    from flowgen.engine.source import resolve_source  # JAX-free: no weights are loaded
 
     fake_snapshot(hf_cache, REPO)
     source = resolve_source("runware:400@6")

@@ -11,8 +11,8 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 from flowgen.commands.validate import validate_command
-from flowgen.engine import cards as model_cards
-from flowgen.engine.cards import ModelCard
+from flowgen.engine.catalog import cards as model_cards
+from flowgen.engine.catalog.cards import ModelCard
 from flowgen.errors import CheckpointError, RecipeError
 from flowgen.recipe.api import Item, check_references, expand_items, load_recipe, validate_task
 from flowgen.recipe.loading import apply_override, parse_override
@@ -239,7 +239,7 @@ def header_only_png(path: Path, width: int, height: int) -> Path:
 
 
 def test_reference_pixel_limit_is_the_engines(tmp_path):
-    """At most 150 MP, as the engine decodes (flowgen/engine/images.py), whatever PIL's own 89 MP warning says."""
+    """At most 150 MP, as the engine decodes (flowgen/engine/references/images.py), whatever PIL's own 89 MP warning says."""
     phone = header_only_png(tmp_path / "phone.png", 8064, 6048)  # a 48 MP phone photo
     large = header_only_png(tmp_path / "large.png", 12000, 12000)  # 144 MP: over PIL's warning, under the limit
     over = header_only_png(tmp_path / "over.png", 13000, 13000)  # 169 MP: over the limit, under PIL's error

@@ -2,7 +2,7 @@
 
 A FIFO, /dev/zero (or a symlink to it) and an oversized file passed `validate`'s own check but sent
 `plan` and `run` into an endless read. Now validate, plan (hashing), run, regen, canary and serve all
-go through flowgen.engine.reference_files: a one-line error naming the file, at once. Every call
+go through flowgen.engine.references.files: a one-line error naming the file, at once. Every call
 that could hang runs under a time limit, so a regression fails instead of stalling CI.
 """
 
@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine import reference_files
-from flowgen.engine.images import image_header, load_image
-from flowgen.engine.reference_files import (
+from flowgen.engine.references import files as reference_files
+from flowgen.engine.references.files import (
     MAX_REFERENCE_BYTES,
     ReferenceImageError,
     open_reference,
     reference_sha256,
 )
+from flowgen.engine.references.images import image_header, load_image
 from flowgen.plan.references import ReferenceInspector
 from flowgen.recipe.validation import image_problem
 from flowgen.run.references import ReferenceLoader

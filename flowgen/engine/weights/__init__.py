@@ -1,1 +1,1 @@
-"""Reading checkpoints: safetensors files, sharded folders, and key mappings per model."""
+"""Reading checkpoints: safetensors files and sharded folders, and where a card's weights are on disk."""

@@ -33,7 +33,7 @@ def tiny_folder(name: str, seed: int) -> Path:
     files. Writers fill a private temporary folder and rename it into place; when several processes
     race, one rename wins and the others discard their copy.
     """
-    from flowgen.engine import tiny_model
+    from flowgen.engine.catalog import tiny_model
 
     spec = tiny_model.identity(seed)["spec_sha256"][:12]
     root = flowgen_cache_dir() / "models"

@@ -1,13 +1,13 @@
-"""Runtime wrapper of the FLUX.2 [klein] DiT: weights as runtime arguments of jitted pure functions.
+"""The FLUX.2 [klein] transformer, compiled: weights as runtime arguments of jitted pure functions.
 
-    tr = Transformer.from_bfl_tensors(config, tensors, dtype="bfloat16")
+    tr = CompiledTransformer.from_bfl_tensors(config, tensors, dtype="bfloat16")
     v = tr(x, x_ids, t, txt, txt_ids)                 # plain step (refs concatenated by the caller)
     kv = tr.reference_kv(ref, ref_ids)                # KV model: reference pre-pass, once per edit
     v = tr(x, x_ids, t, txt, txt_ids, ref_kv=kv)      # cached step (all steps, step 0 included)
 
 `tr.forward_fn(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` and
 `tr.prepass_fn(params, ref, rope_ref, key_lengths)` are the jitted pure functions (callable inside
-another jit; the unjitted `dit.forward` / `dit.reference_prepass` take the merged module instead);
+another jit; the unjitted `model.forward` / `model.reference_prepass` take the merged module instead);
 RoPE tables come from `tr.rope(ids)`. `key_lengths` (B,) masks each row's padded tail (rows of
 different reference lengths in one batch); None: every key is valid.
 
@@ -26,13 +26,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flowgen.engine.attention import PATHS, attention_path
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.dit import Flux2DiT, ReferenceKV, forward, reference_prepass
 from flowgen.engine.host_memory import keep_freed_buffers
-from flowgen.engine.rope import rope_tables
-from flowgen.engine.step_cache import DiTStages
-from flowgen.engine.transformer_params import convert_bfl_tensors, expected_bfl_shapes
+from flowgen.engine.transformer.attention import PATHS, attention_path
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.model import (
+    Flux2Transformer,
+    ReferenceKV,
+    TransformerStages,
+    forward,
+    reference_prepass,
+)
+from flowgen.engine.transformer.params import convert_bfl_tensors, expected_bfl_shapes
+from flowgen.engine.transformer.rope import rope_tables
 from flowgen.errors import CheckpointError
 
 # Incremented while tracing (not while running): lets tests check that steps do not retrace.
@@ -66,8 +71,9 @@ _forward_jit = jax.jit(_forward_pure, static_argnums=(0, 1))
 _prepass_jit = jax.jit(_prepass_pure, static_argnums=(0, 1))
 
 
-class Transformer:
-    """A FLUX.2 [klein] DiT with its weights; call it like the reference transformer (see module doc)."""
+class CompiledTransformer:
+    """A FLUX.2 [klein] transformer with its weights, forward and pre-pass jit-compiled; call it like the
+    reference transformer (see module doc)."""
 
     def __init__(self, config: Flux2Config, graphdef, params, dtype, attention: str | None = None):
         self.config = config
@@ -88,11 +94,11 @@ class Transformer:
 
     @classmethod
     def _abstract(cls, config: Flux2Config, dtype):
-        model = nnx.eval_shape(lambda: Flux2DiT(config, rngs=nnx.Rngs(0), dtype=dtype))
+        model = nnx.eval_shape(lambda: Flux2Transformer(config, rngs=nnx.Rngs(0), dtype=dtype))
         return nnx.split(model)
 
     @classmethod
-    def from_bfl_tensors(cls, config: Flux2Config, tensors: Mapping, dtype="float32") -> "Transformer":
+    def from_bfl_tensors(cls, config: Flux2Config, tensors: Mapping, dtype="float32") -> "CompiledTransformer":
         """Build from BFL-named tensors (torch (out, in) layout, numpy/ml_dtypes), converting one at a time."""
         dtype = _dtype(dtype)
         graphdef, abstract = cls._abstract(config, dtype)
@@ -101,12 +107,12 @@ class Transformer:
         return cls(config, graphdef, abstract, dtype)
 
     @classmethod
-    def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> "Transformer":
+    def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> "CompiledTransformer":
         """Random weights (normal, std 1/sqrt(fan_in); norm scales 1) — for benchmarks and smoke tests."""
         dtype = _dtype(dtype)
         graphdef, _ = cls._abstract(config, dtype)
         # one compiled program creates every parameter on device (eager init compiles per shape)
-        params = jax.jit(lambda: nnx.state(Flux2DiT(config, rngs=nnx.Rngs(seed), dtype=dtype)))()
+        params = jax.jit(lambda: nnx.state(Flux2Transformer(config, rngs=nnx.Rngs(seed), dtype=dtype)))()
         return cls(config, graphdef, params, dtype)
 
     # ---- running --------------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class Transformer:
         self.attention = path
         self.forward_fn = functools.partial(_forward_jit, self.graphdef, path)
         self.prepass_fn = functools.partial(_prepass_jit, self.graphdef, path)
-        self.stages = DiTStages(self.graphdef, path)  # what the step-cached loop runs (step_cache.py)
+        self.stages = TransformerStages(self.graphdef, path)  # what the step-cached loop runs (sampling/step_cache.py)
 
     def rope(self, ids) -> tuple[jax.Array, jax.Array]:
         """Device RoPE tables for position ids (N, 4) (cached per distinct ids)."""
@@ -150,7 +156,7 @@ class Transformer:
         """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128).
 
         key_lengths (B,): real tokens per row when rows are padded to one length. params: weights
-        to use instead of the loaded ones (LoRA-merged, see lora_merge)."""
+        to use instead of the loaded ones (LoRA-merged, see lora/merge.py)."""
         lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
         return self.prepass_fn(self.params if params is None else params, jnp.asarray(ref), self.rope(ref_ids),
                                lengths)

@@ -40,11 +40,10 @@ class Capabilities:
 @functools.lru_cache(maxsize=None)
 def capabilities() -> Capabilities:
     """The capabilities of this flowgen's engine (the same object on every call)."""
-    from flowgen.engine.images import MAX_DECODE_PIXELS, MAX_REFERENCES
+    from flowgen.engine.references.images import MAX_DECODE_PIXELS, MAX_REFERENCES
     from flowgen.engine.runtime import DTYPES
     from flowgen.engine.sampling import names
-
-    from flowgen.engine.step_cache_settings import ACCELERATIONS
+    from flowgen.engine.sampling.step_cache_settings import ACCELERATIONS
 
     acceleration = ACCELERATIONS  # presets of step caches (step_cache_settings.PRESETS)
     return Capabilities(

@@ -18,7 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from flowgen.errors import FlowgenError, RecipeError
+from flowgen.engine.errors import EngineInputError
+from flowgen.errors import FlowgenError
 
 LORA_DIR_ENV = "FLOWGEN_LORA_DIR"
 DEFAULT_LORA_DIR = "~/.cache/flowgen/loras"
@@ -42,19 +43,19 @@ def air_file_name(model: str) -> str | None:
 
 def checked_lora_path(model: str, where: str = "lora.model") -> Path:
     """lora_path, then the file's tensor names (header only): a file that is not a safetensors LoRA
-    flowgen reads is a RecipeError now, not a failed batch later. (Sizes are checked when loaded.)"""
+    flowgen reads is an EngineInputError now, not a failed batch later. (Sizes are checked when loaded.)"""
     path = lora_path(model, where)
     stat = path.stat()
     problem = _file_problem(str(path), stat.st_size, stat.st_mtime_ns)
     if problem:
-        raise RecipeError(f"{where}: {problem}")
+        raise EngineInputError(f"{where}: {problem}")
     return path
 
 
 @functools.lru_cache(maxsize=256)
 def _file_problem(path: str, size: int, mtime_ns: int) -> str | None:
     """Why a LoRA file cannot be read (None: it can), remembered per file version."""
-    from flowgen.engine.lora import unknown_tensors, unknown_tensors_message
+    from flowgen.engine.lora.files import unknown_tensors, unknown_tensors_message
 
     try:
         unknown = unknown_tensors(path)
@@ -64,10 +65,10 @@ def _file_problem(path: str, size: int, mtime_ns: int) -> str | None:
 
 
 def lora_path(model: str, where: str = "lora.model") -> Path:
-    """The .safetensors file `model` names; RecipeError (one line naming `where` and the file) if none."""
+    """The .safetensors file `model` names; EngineInputError (one line naming `where` and the file) if none."""
     text = model.strip()
     if not text:
-        raise RecipeError(f"{where}: empty LoRA model name")
+        raise EngineInputError(f"{where}: empty LoRA model name")
     expanded = Path(text).expanduser()
     if expanded.is_absolute():
         candidates = [expanded]
@@ -76,15 +77,15 @@ def lora_path(model: str, where: str = "lora.model") -> Path:
         folder = lora_dir()
         name = air_file_name(text) or text
         if ".." in Path(name).parts:
-            raise RecipeError(f"{where}: {text!r} may not contain '..'; give an absolute path for a file outside "
-                              f"the LoRA folder ({folder})")
+            raise EngineInputError(f"{where}: {text!r} may not contain '..'; give an absolute path for a file outside "
+                                   f"the LoRA folder ({folder})")
         candidates = [folder / name] if name.endswith(SUFFIX) else [folder / (name + SUFFIX), folder / name]
         shown = f"{candidates[0]} (LoRA folder ${LORA_DIR_ENV} = {folder})"
     for candidate in candidates:
         if candidate.is_file():
             if candidate.suffix != SUFFIX:
-                raise RecipeError(f"{where}: {candidate} is not a {SUFFIX} file (only safetensors LoRAs are read)")
+                raise EngineInputError(f"{where}: {candidate} is not a {SUFFIX} file (only safetensors LoRAs are read)")
             return candidate
     if candidates[0].is_dir():
-        raise RecipeError(f"{where}: {candidates[0]} is a folder; name the LoRA's {SUFFIX} file")
-    raise RecipeError(f"{where}: LoRA file not found: {shown}")
+        raise EngineInputError(f"{where}: {candidates[0]} is a folder; name the LoRA's {SUFFIX} file")
+    raise EngineInputError(f"{where}: LoRA file not found: {shown}")

@@ -104,10 +104,10 @@ class ModelCard(_Strict):
 
     def transformer_config(self):
         """The Flux2Config this card's transformer has (for 'custom': read from the weights folder)."""
-        from flowgen.engine.config import Flux2Config
+        from flowgen.engine.transformer.config import Flux2Config
 
         if self.architecture == "tiny":
-            from flowgen.engine.tiny_model import TRANSFORMER
+            from flowgen.engine.catalog.tiny_model import TRANSFORMER
 
             return TRANSFORMER
         if self.architecture == "custom":
@@ -156,7 +156,7 @@ class ModelCard(_Strict):
         out = {"name": self.name, "air": self.air, "architecture": self.architecture, "kv": self.kv,
                "distilled": self.distilled}
         if self.tiny is not None:
-            from flowgen.engine import tiny_model
+            from flowgen.engine.catalog import tiny_model
 
             out["tiny"] = tiny_model.identity(self.tiny.seed)
             return out
@@ -206,7 +206,7 @@ def cards_dir() -> Path:
             return Path(str(packaged))
     except (ModuleNotFoundError, TypeError):
         pass
-    return Path(__file__).resolve().parents[2] / "models"
+    return Path(__file__).resolve().parents[3] / "models"  # flowgen/engine/catalog/cards.py -> the repository root
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,7 +280,7 @@ def resolve_model(model: str | None = None, *, variant: str | None = None) -> Mo
 
 
 def _card_from_folder(folder: Path) -> ModelCard:
-    from flowgen.engine.config import NAMED_CONFIGS, Flux2Config
+    from flowgen.engine.transformer.config import NAMED_CONFIGS, Flux2Config
 
     index = locate.read_json(folder / "model_index.json", what="model_index.json")
     pipeline = index.get("_class_name")
@@ -290,7 +290,7 @@ def _card_from_folder(folder: Path) -> ModelCard:
     kv = _PIPELINE_CLASSES[pipeline]
     distilled = True if kv else bool(index.get("is_distilled", False))
     config = Flux2Config.from_diffusers(folder / "transformer")
-    from flowgen.engine.tiny_model import TRANSFORMER as TINY
+    from flowgen.engine.catalog.tiny_model import TRANSFORMER as TINY
 
     architecture = next((n for n in ("klein-9b", "klein-4b") if NAMED_CONFIGS[n] == config),
                         "tiny" if config == TINY else "custom")
@@ -327,7 +327,7 @@ def _card_from_single_file(file: Path, variant: str | None) -> ModelCard:
 
 def _single_file_architecture(file: Path) -> str:
     """klein-9b or klein-4b, read from the tensor shapes of a BFL single-file transformer."""
-    from flowgen.engine.config import NAMED_CONFIGS
+    from flowgen.engine.transformer.config import NAMED_CONFIGS
     from flowgen.engine.weights.safetensors_io import open_safetensors
 
     tensors = open_safetensors(file)
@@ -348,7 +348,7 @@ def _single_file_architecture(file: Path) -> str:
 
 
 def _check_tiny_sizes(card: ModelCard, path: Path) -> None:
-    from flowgen.engine import tiny_model
+    from flowgen.engine.catalog import tiny_model
 
     actual = tiny_model.sizes()
     if card.tiny.sizes and card.tiny.sizes != actual:

@@ -1,4 +1,4 @@
-"""Face detection for the face refinement pass (`face_refine`): uint8 RGB image -> face boxes.
+"""Face detection for the face refinement pass (`faces/refine.py`): uint8 RGB image -> face boxes.
 
     detector = face_detector()                    # NudeNet's ONNX detector (FACE_FEMALE / FACE_MALE)
     detector = face_detector("face_yolov8n.onnx") # or a YOLOv8 detection model exported to ONNX

@@ -6,7 +6,7 @@
     result.faces      # per detection: label, score, box, and the region it changed (or why not)
     result.detector   # which detector found them (its model file's sha256)
 
-Per face scoring at least `confidence` (`face_detect`: NudeNet's face classes by default, or a
+Per face scoring at least `confidence` (`faces/detect.py`: NudeNet's face classes by default, or a
 YOLOv8 .onnx file):
 1. the padded box: the detection box grown by `mask_padding` pixels on each side, inside the image;
 2. the crop: the smallest square around the padded box that fits in the image (the padded box's
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from flowgen.engine.face_detect import Face, FaceDetector, face_detector
+from flowgen.engine.faces.detect import Face, FaceDetector, face_detector
 
 PIXELS_PER_TOKEN = 16
 
@@ -65,7 +65,7 @@ class FaceRefineResult:
     image: np.ndarray  # (H, W, 3) uint8
     faces: list[dict[str, Any]] = field(default_factory=list)  # one entry per detection, best first
     seconds: float = 0.0
-    detector: dict[str, Any] = field(default_factory=dict)  # the detector's identity (face_detect)
+    detector: dict[str, Any] = field(default_factory=dict)  # the detector's identity (faces/detect.py)
 
     @property
     def refined(self) -> int:

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgen.engine.lora import MAX_WEIGHT, LoraFile, Patch, read_lora
-from flowgen.engine.transformer_params import param_location
-from flowgen.engine.weights.transformer_keys import expected_bfl_shapes
-from flowgen.errors import CheckpointError, RecipeError
+from flowgen.engine.errors import EngineInputError
+from flowgen.engine.lora.files import MAX_WEIGHT, LoraFile, Patch, read_lora
+from flowgen.engine.transformer.keys import expected_bfl_shapes
+from flowgen.engine.transformer.params import param_location
+from flowgen.errors import CheckpointError
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # GPUs would otherwise multiply float32 in TF32
 
@@ -106,13 +107,13 @@ def check_loras(loras) -> list[tuple[Path, float]]:
         elif isinstance(entry, (tuple, list)) and len(entry) == 2:
             path, weight = entry
         else:
-            raise RecipeError(f"loras[{index}]: give (path, weight) or {{'model': path, 'weight': w}}")
+            raise EngineInputError(f"loras[{index}]: give (path, weight) or {{'model': path, 'weight': w}}")
         if not isinstance(path, (str, os.PathLike)):
-            raise RecipeError(f"loras[{index}]: the LoRA must be a .safetensors path, got {type(path).__name__}")
+            raise EngineInputError(f"loras[{index}]: the LoRA must be a .safetensors path, got {type(path).__name__}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
                 or abs(weight) > MAX_WEIGHT:
-            raise RecipeError(f"loras[{index}].weight: {weight!r} is not allowed; use a number from "
-                              f"{-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+            raise EngineInputError(f"loras[{index}].weight: {weight!r} is not allowed; use a number from "
+                                   f"{-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
         out.append((Path(path), float(weight)))
     return out
 

@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flowgen.engine.config import NAMED_CONFIGS, Flux2Config
 from flowgen.engine.host_memory import release_free_heap
-from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
-from flowgen.engine.weights.transformer_keys import (
+from flowgen.engine.transformer.config import NAMED_CONFIGS, Flux2Config
+from flowgen.engine.transformer.keys import (
     DiffusersAsBfl,
     diffusers_shapes,
     rule_for_bfl,
     rule_for_diffusers,
 )
+from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
 from flowgen.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from flowgen.engine.transformer import Transformer
+    from flowgen.engine.transformer.compiled import CompiledTransformer
 
 COMFY_PREFIX = "model.diffusion_model."
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -68,19 +68,19 @@ class Checkpoint:
 
 def load_transformer(
     path: str | Path, dtype: str = "float32", config: Flux2Config | str | dict | Path | None = None
-) -> "Transformer":
+) -> "CompiledTransformer":
     """Load a FLUX.2 [klein] transformer; parameters come out in `dtype` whatever the file's dtype.
 
     `config`: None reads the folder's `config.json`, or infers the sizes from tensor shapes for a
     single file; a name such as "klein-9b"; a `Flux2Config`; or a diffusers config (dict or path).
     Raises CheckpointError (one line, naming the file and tensors) for anything that does not fit.
     """
-    from flowgen.engine.transformer import Transformer  # the model module is heavy; import on use
+    from flowgen.engine.transformer.compiled import CompiledTransformer  # the model module is heavy; import on use
 
     checkpoint = open_checkpoint(path)
     cfg, cfg_origin = resolve_config(config, checkpoint)
-    check_tensors(checkpoint, Transformer.expected_bfl_shapes(cfg), cfg_origin)
-    transformer = Transformer.from_bfl_tensors(cfg, _GivingBackMemory(checkpoint.bfl), dtype=dtype)
+    check_tensors(checkpoint, CompiledTransformer.expected_bfl_shapes(cfg), cfg_origin)
+    transformer = CompiledTransformer.from_bfl_tensors(cfg, _GivingBackMemory(checkpoint.bfl), dtype=dtype)
     release_free_heap()
     return transformer
 

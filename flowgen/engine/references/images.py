@@ -11,7 +11,7 @@ One deliberate difference: we apply the EXIF orientation first (`ImageOps.exif_t
 does not (PIL's `Image.open` ignores the tag), so a portrait phone photo would reach the model lying on
 its side. For images without an orientation tag the result is identical to diffusers'.
 
-Files are opened by flowgen.engine.reference_files (regular files of bounded size only), and every
+Files are opened by flowgen.engine.references.files (regular files of bounded size only), and every
 path that reads one (validate, plan, run, regen, serve) judges the header with `image_header` first:
 more pixels than the limit is refused before any pixel is decoded. A run's loader then applies step 2
 at once (`reduced_for_preparation`), so the full-size pixels live only while being resized. PIL's
@@ -34,7 +34,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from flowgen.engine.reference_files import ReferenceImageError, open_reference
+from flowgen.engine.references.files import ReferenceImageError, open_reference
 from flowgen.errors import ImageInputError
 
 MAX_REFERENCES = 4

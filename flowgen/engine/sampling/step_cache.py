@@ -1,8 +1,8 @@
 """Step caches inside the compiled sampling loop (TeaCache, FBCache, DBCache; settings in
 `step_cache_settings`).
 
-A cached step is `dit.forward` built from the same stages (`dit.embed`, `dit.run_blocks`,
-`dit.velocity`), with the block stack split into three `dit.block_range`s:
+A cached step is the transformer's `forward` (transformer/model.py) built from the same stages (`embed`,
+`run_blocks`, `velocity`), with the block stack split into three `block_range`s:
 
     embed + front blocks  (always)  -> the signal, and the decision (one scalar for the batch)
     middle blocks         (lax.cond: run and store their residual, or add the stored residual)
@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgen.engine import dit
-from flowgen.engine.attention import attention_path
-from flowgen.engine.step_cache_settings import StepCache
+from flowgen.engine.sampling.step_cache_settings import StepCache
+from flowgen.engine.transformer import model as transformer
+from flowgen.engine.transformer.attention import attention_path
+from flowgen.engine.transformer.model import TransformerStages
 
 
 class StepCacheState(NamedTuple):
@@ -42,13 +43,6 @@ class StepCacheState(NamedTuple):
     computed: jax.Array  # (steps,) bool: the step ran its middle blocks
 
 
-class DiTStages(NamedTuple):
-    """What the cached loop needs of a transformer (hashable: graphdef and attention path)."""
-
-    graphdef: object
-    attention: str | None
-
-
 def relative_l1(a: jax.Array, b: jax.Array) -> jax.Array:
     """max over rows of mean|a − b| / mean|b|, in float32 (a, b: (B, ...))."""
     a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -58,27 +52,27 @@ def relative_l1(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.max(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny))
 
 
-# ---- the cached step, from the DiT's stages (dit.py) --------------------------------------------
+# ---- the cached step, from the transformer's stages (transformer/model.py) ----------------------
 
 
 class CacheRanges(NamedTuple):
-    """A cache's split of the block stack (`dit.BlockRange`s with their reference K/V)."""
+    """A cache's split of the block stack (`transformer.BlockRange`s with their reference K/V)."""
 
-    front: dit.BlockRange  # always run; its residual is FB/DB's signal (empty for TeaCache)
-    middle: dit.BlockRange  # run, or replaced by the residual it added on the last computed step
-    back: dit.BlockRange  # always run, on the computed or reused middle (DBCache; else empty)
+    front: transformer.BlockRange  # always run; its residual is FB/DB's signal (empty for TeaCache)
+    middle: transformer.BlockRange  # run, or replaced by the residual it added on the last computed step
+    back: transformer.BlockRange  # always run, on the computed or reused middle (DBCache; else empty)
 
 
-def block_ranges(stages: DiTStages, params, cache: StepCache, ref_kv) -> CacheRanges:
+def block_ranges(stages: TransformerStages, params, cache: StepCache, ref_kv) -> CacheRanges:
     """The cache's three ranges, sliced once before the loop: slicing inside a step would copy the
     weights every step."""
     model = nnx.merge(stages.graphdef, params)
-    total = sum(dit.num_blocks(model))
+    total = sum(transformer.num_blocks(model))
     bounds = (0, cache.front, total - cache.back, total)
-    return CacheRanges(*(dit.block_range(model, ref_kv, a, b) for a, b in itertools.pairwise(bounds)))
+    return CacheRanges(*(transformer.block_range(model, ref_kv, a, b) for a, b in itertools.pairwise(bounds)))
 
 
-def initial_state(stages: DiTStages, params, cache: StepCache, tokens_shape, txt_len: int, steps: int,
+def initial_state(stages: TransformerStages, params, cache: StepCache, tokens_shape, txt_len: int, steps: int,
                   dtype) -> StepCacheState:
     """Zero buffers shaped like the signal and the residual of a (W, N', C) token batch."""
     width, n_img = tokens_shape[0], tokens_shape[1]
@@ -92,26 +86,26 @@ def initial_state(stages: DiTStages, params, cache: StepCache, tokens_shape, txt
         distances=jnp.zeros((steps,), jnp.float32), computed=jnp.zeros((steps,), bool))
 
 
-def cached_forward(stages: DiTStages, cache: StepCache, ranges: CacheRanges, params, x, rope_img, t, txt, rope_txt,
+def cached_forward(stages: TransformerStages, cache: StepCache, ranges: CacheRanges, params, x, rope_img, t, txt, rope_txt,
                    key_lengths, state: StepCacheState, i, steps: int, decided=None):
-    """`dit.forward` with the middle range cached: velocity (W, N', C) float32, the new state and
+    """`transformer.forward` with the middle range cached: velocity (W, N', C) float32, the new state and
     the skip decision. ranges: `block_ranges(...)` (they carry the reference K/V), made before the
     loop. decided=None: this call decides step i and updates the state; else a traced bool (skip)
     from the step's first call, and the state is returned unchanged."""
     with attention_path(stages.attention):
         model = nnx.merge(stages.graphdef, params)
-        inputs, streams = dit.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
-        front = dit.run_blocks(inputs, streams, ranges.front)
+        inputs, streams = transformer.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
+        front = transformer.run_blocks(inputs, streams, ranges.front)
         if decided is None:
             skip, state = _decide(cache, state, model, inputs, streams, front, i, steps)
         else:
             skip = decided
 
         def tokens(streams):  # what the middle adds to: the image stream, or the joint one if back blocks follow
-            return dit.joint_tokens(streams) if cache.back else dit.image_tokens(streams, inputs.n_txt)
+            return transformer.joint_tokens(streams) if cache.back else transformer.image_tokens(streams, inputs.n_txt)
 
         def computed(residual):
-            out = tokens(dit.run_blocks(inputs, front, ranges.middle))
+            out = tokens(transformer.run_blocks(inputs, front, ranges.middle))
             return out, (out - tokens(front)).astype(residual.dtype)
 
         def reused(residual):
@@ -120,21 +114,21 @@ def cached_forward(stages: DiTStages, cache: StepCache, ranges: CacheRanges, par
 
         out, residual = jax.lax.cond(skip, reused, computed, state.residual)
         if cache.back:
-            out = dit.image_tokens(dit.run_blocks(inputs, out, ranges.back), inputs.n_txt)
-        velocity = dit.velocity(model, inputs, out)
+            out = transformer.image_tokens(transformer.run_blocks(inputs, out, ranges.back), inputs.n_txt)
+        velocity = transformer.velocity(model, inputs, out)
     if decided is None:
         state = state._replace(residual=residual)
     return velocity, state, skip
 
 
-def _decide(cache: StepCache, state: StepCacheState, model, inputs: dit.StepInputs, streams, front, i,
+def _decide(cache: StepCache, state: StepCacheState, model, inputs: transformer.StepInputs, streams, front, i,
             steps: int):
     """The skip decision of step i and the state after it (residual excepted)."""
-    img = dit.image_tokens(streams, inputs.n_txt)
+    img = transformer.image_tokens(streams, inputs.n_txt)
     if cache.kind == "teacache":  # block 0's modulated image input
         signal = model.double_blocks.attention_input(img, inputs.mod_img).astype(jnp.float32)
     else:  # the front blocks' residual on the image stream
-        signal = (dit.image_tokens(front, inputs.n_txt) - img).astype(jnp.float32)
+        signal = (transformer.image_tokens(front, inputs.n_txt) - img).astype(jnp.float32)
     distance = jnp.where(i == 0, jnp.nan, relative_l1(signal, state.anchor))
     in_window = (i >= cache.start) & (i < cache.end) & (i > 0) & (state.consecutive < cache.max_consecutive)
     accumulated = state.accumulated
@@ -176,17 +170,17 @@ class _StepModel:
 
 
 def sample_cached(sampler, model_using: Callable, run, state: StepCacheState, x, sigmas, noise, on_step=None):
-    """`denoise.sample` with a step cache: model_using(forward) -> the sampler's model(x, sigma)
+    """`loop.sample` with a step cache: model_using(forward) -> the sampler's model(x, sigma)
     around a transformer forward(tokens, times); run(tokens, times, state, i, decided) is
     `cached_forward` bound to the batch. Returns (x, final cache state)."""
 
     def body(i, carry):
         x, sampler_state, cache_state = carry
-        transformer = _StepModel(run, cache_state, i)
-        x, sampler_state = sampler.step(model_using(transformer), i, x, sampler_state, sigmas, noise)
+        step_model = _StepModel(run, cache_state, i)
+        x, sampler_state = sampler.step(model_using(step_model), i, x, sampler_state, sigmas, noise)
         if on_step is not None:
             on_step(i)
-        return x, sampler_state, transformer.state
+        return x, sampler_state, step_model.state
 
     x, _, state = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, sampler.init_state(x), state))
     return x, state

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowgen.engine.images import MAX_REFERENCES
-from flowgen.errors import ImageInputError, RecipeError
+from flowgen.engine.errors import EngineInputError
+from flowgen.engine.references.images import MAX_REFERENCES
+from flowgen.errors import ImageInputError
 
 PIXELS_PER_TOKEN = 16  # VAE x8, then 2x2 patchify
 MAX_SIDE = 4096
@@ -33,35 +34,35 @@ def check_request(prompts, references, width, height, steps, seeds, latents, gui
                   *, distilled: bool, default_steps: int, default_guidance: float | None) -> Request:
     """Validate and normalise the arguments of `Pipeline.generate` (see its docstring)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise RecipeError("prompts: give a non-empty list of strings")
+        raise EngineInputError("prompts: give a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
-        raise RecipeError("prompts: every prompt must be a string")
+        raise EngineInputError("prompts: every prompt must be a string")
     batch = len(prompts)
     refs = _references(references, batch)
     for name, side in (("width", width), ("height", height)):
         if side is not None and (not isinstance(side, (int, np.integer)) or side < PIXELS_PER_TOKEN
                                  or side > MAX_SIDE or side % PIXELS_PER_TOKEN):
-            raise RecipeError(f"{name}: {side!r} is not allowed; use a multiple of {PIXELS_PER_TOKEN} "
-                              f"between {PIXELS_PER_TOKEN} and {MAX_SIDE}")
+            raise EngineInputError(f"{name}: {side!r} is not allowed; use a multiple of {PIXELS_PER_TOKEN} "
+                                   f"between {PIXELS_PER_TOKEN} and {MAX_SIDE}")
     steps = default_steps if steps is None else steps
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-        raise RecipeError(f"steps: {steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
+        raise EngineInputError(f"steps: {steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
     if (seeds is None) == (latents is None):
-        raise RecipeError("give exactly one of seeds (one per prompt) or latents")
+        raise EngineInputError("give exactly one of seeds (one per prompt) or latents")
     if seeds is not None:
         seeds = list(seeds)
         if len(seeds) != batch:
-            raise RecipeError(f"seeds: {len(seeds)} given for {batch} prompts; give one per prompt")
+            raise EngineInputError(f"seeds: {len(seeds)} given for {batch} prompts; give one per prompt")
         if not all(isinstance(s, (int, np.integer)) and 0 <= s <= SEED_MAX for s in seeds):
-            raise RecipeError(f"seeds: every seed must be an integer from 0 to {SEED_MAX}")
+            raise EngineInputError(f"seeds: every seed must be an integer from 0 to {SEED_MAX}")
         seeds = [int(s) for s in seeds]
     if latents is not None:
         latents = np.asarray(latents)
         if latents.ndim != 4 or latents.shape[0] != batch:
-            raise RecipeError(f"latents: expected (B={batch}, C, H/16, W/16); got {latents.shape}")
+            raise EngineInputError(f"latents: expected (B={batch}, C, H/16, W/16); got {latents.shape}")
     negatives = [""] * batch if negative_prompts is None else list(negative_prompts)
     if len(negatives) != batch or not all(isinstance(p, str) for p in negatives):
-        raise RecipeError(f"negative_prompts: give one string per prompt ({batch})")
+        raise EngineInputError(f"negative_prompts: give one string per prompt ({batch})")
     return Request(list(prompts), refs, width and int(width), height and int(height), int(steps), seeds, latents,
                    _guidance(guidance, distilled, default_guidance), negatives)
 
@@ -89,7 +90,7 @@ def _guidance(guidance, distilled: bool, default: float | None) -> float | None:
     Distilled models ignore guidance (as diffusers does); base models use CFG when w > 1.
     """
     if guidance is not None and (not isinstance(guidance, (int, float)) or not np.isfinite(guidance) or guidance < 0):
-        raise RecipeError(f"guidance: {guidance!r} is not allowed; use a number >= 0")
+        raise EngineInputError(f"guidance: {guidance!r} is not allowed; use a number >= 0")
     if distilled:
         return None
     guidance = default if guidance is None else float(guidance)

@@ -1,13 +1,13 @@
-"""The FLUX.2 [klein] DiT as a Flax NNX module, and its computations.
+"""The FLUX.2 [klein] transformer (a DiT) as a Flax NNX module, and its computations.
 
 * `forward` — plain step over [txt, img] tokens; optionally with cached reference K/V
   (`ref_kv`) appended as extra keys in every layer (the KV model's cached step; also step 0).
   It is the composition of its stages `embed` -> `run_blocks` over a `block_range` -> `velocity`,
-  which the step caches (step_cache.py) run over parts of the block stack.
+  which the step caches (sampling/step_cache.py) run over parts of the block stack.
 * `reference_prepass` — reference tokens alone, modulated at t = 0, attending only among
   themselves (double blocks use the image-stream weights); returns every layer's post-RoPE K/V.
 
-Both take the module (merged from params inside jit by `transformer.Transformer`) and RoPE
+Both take the module (merged from params inside jit by `compiled.CompiledTransformer`) and RoPE
 tables from `rope.rope_tables` (host float64 angles, so the jitted code sees float32 cos/sin).
 """
 
@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgen.engine import time_embedding
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.transformer_blocks import (
+from flowgen.engine.transformer import time_embedding
+from flowgen.engine.transformer.blocks import (
     KV,
     DoubleStreamBlock,
     Linear,
@@ -31,6 +30,7 @@ from flowgen.engine.transformer_blocks import (
     modulate,
     scan_layers,
 )
+from flowgen.engine.transformer.config import Flux2Config
 
 
 class ReferenceKV(NamedTuple):
@@ -95,7 +95,7 @@ class LastLayer(nnx.Module):
         return self.linear(modulate(x, shift, scale, self.eps))
 
 
-class Flux2DiT(nnx.Module):
+class Flux2Transformer(nnx.Module):
     def __init__(self, config: Flux2Config, *, rngs: nnx.Rngs, dtype=jnp.float32):
         c, h = config, config.hidden_size
         self.dtype = jnp.dtype(dtype)
@@ -119,9 +119,17 @@ class Flux2DiT(nnx.Module):
 #
 #   embed -> run_blocks(block_range(...)) -> velocity
 #
-# `forward` is exactly that composition; the step-cached loop (step_cache.py) runs the same stages
+# `forward` is exactly that composition; the step-cached loop (sampling/step_cache.py) runs the same stages
 # over three block ranges (front, middle, back) so that a step can reuse the middle's residual.
 # The reference K/V cache is an argument of the blocks: `block_range` hands each range its layers' K/V.
+
+class TransformerStages(NamedTuple):
+    """What the step-cached loop needs of a compiled transformer to run these stages (hashable: its
+    graphdef and attention path are static arguments of the loop's jit)."""
+
+    graphdef: object
+    attention: str | None
+
 
 # The token streams between stages: (img, txt) while in the double blocks, the joint [txt, img]
 # array once the single blocks have started.
@@ -152,7 +160,7 @@ class BlockRange(NamedTuple):
     single_kv: KV | None
 
 
-def embed(model: Flux2DiT, x, rope_img: Rope, t, txt, rope_txt: Rope, key_lengths=None) -> tuple[StepInputs, Streams]:
+def embed(model: Flux2Transformer, x, rope_img: Rope, t, txt, rope_txt: Rope, key_lengths=None) -> tuple[StepInputs, Streams]:
     """The head: time embedding, modulations, RoPE tables and the embedded (img, txt) streams."""
     x, txt = x.astype(model.dtype), txt.astype(model.dtype)
     vec = model.vec(t)
@@ -170,12 +178,12 @@ def _joint_rope(rope_img: Rope, rope_txt: Rope) -> Rope:
     return tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
 
 
-def num_blocks(model: Flux2DiT) -> tuple[int, int]:
+def num_blocks(model: Flux2Transformer) -> tuple[int, int]:
     """(double, single) stack depths."""
     return model.double_blocks.img_attn.qkv.kernel.shape[0], model.single_blocks.linear1.kernel.shape[0]
 
 
-def block_range(model: Flux2DiT, ref_kv: ReferenceKV | None = None, start: int = 0,
+def block_range(model: Flux2Transformer, ref_kv: ReferenceKV | None = None, start: int = 0,
                 stop: int | None = None) -> BlockRange:
     """Blocks [start, stop) (default: all) with their slice of the reference K/V.
 
@@ -230,13 +238,13 @@ def joint_tokens(streams: Streams) -> jnp.ndarray:
     return jnp.concatenate([streams[1], streams[0]], axis=1) if isinstance(streams, tuple) else streams
 
 
-def velocity(model: Flux2DiT, inputs: StepInputs, img: jnp.ndarray) -> jnp.ndarray:
+def velocity(model: Flux2Transformer, inputs: StepInputs, img: jnp.ndarray) -> jnp.ndarray:
     """The final layer: image tokens (B, N, H) -> velocity (B, N, C) in float32."""
     return model.final_layer(img, inputs.vec).astype(jnp.float32)
 
 
 def forward(
-    model: Flux2DiT,
+    model: Flux2Transformer,
     x: jnp.ndarray,
     rope_img: Rope,
     t: jnp.ndarray,
@@ -254,7 +262,7 @@ def forward(
     return velocity(model, inputs, image_tokens(streams, inputs.n_txt))
 
 
-def reference_prepass(model: Flux2DiT, ref: jnp.ndarray, rope_ref: Rope, key_lengths=None) -> ReferenceKV:
+def reference_prepass(model: Flux2Transformer, ref: jnp.ndarray, rope_ref: Rope, key_lengths=None) -> ReferenceKV:
     """K/V of reference tokens (B, R, C) in every layer: t = 0 modulation, reference-only attention.
 
     key_lengths (B,): real tokens per row; the padded tail is masked as keys (its own K/V come out

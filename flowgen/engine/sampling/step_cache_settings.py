@@ -6,7 +6,7 @@ skipped: then the sampling loop is exactly the uncached one.
     cache = resolve("high", {"fbCache": True, "fbCacheThreshold": 0.1}, steps=28, distilled=False)
     cache.kind, cache.threshold, cache.start, cache.end      # "fbcache", 0.1, 0, 28
 
-Three algorithms (docs/recipes.md, "Step caches"), one state machine (`step_cache.py`):
+Three algorithms (docs/recipes.md, "Step caches"), one state machine (`sampling/step_cache.py`):
 
 * teacache — distance = polynomial-rescaled relative L1 change of block 0's modulated input since
   the previous step, accumulated; skip while the sum stays below `threshold`, reset on every
@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from flowgen.errors import RecipeError
+from flowgen.engine.errors import EngineInputError
 
 KINDS = ("teacache", "fbcache", "dbcache")
 ACCELERATIONS = ("none", "low", "medium", "high")
@@ -109,11 +109,11 @@ def resolve(acceleration: str | None, options: Mapping[str, Any] | None, *, step
     skip then reuses a residual from a step that moved the image a quarter of the way."""
     acceleration = acceleration or DEFAULT_ACCELERATION
     if acceleration not in PRESETS:
-        raise RecipeError(f"acceleration: {acceleration!r} is not allowed; use one of {', '.join(ACCELERATIONS)}")
+        raise EngineInputError(f"acceleration: {acceleration!r} is not allowed; use one of {', '.join(ACCELERATIONS)}")
     options = dict(options or {})
     problems = option_problems(options)
     if problems:
-        raise RecipeError(f"acceleratorOptions: {problems[0]}")
+        raise EngineInputError(f"acceleratorOptions: {problems[0]}")
     if not _enabled(options):
         if distilled or steps <= PRESET_MIN_STEPS or not PRESETS[acceleration]:
             return None
@@ -142,6 +142,6 @@ def window(options: Mapping[str, Any], steps: int) -> tuple[int, int]:
     start = 0 if start is None else int(start)
     end = steps if end is None else min(int(end), steps)
     if not start < end:
-        raise RecipeError(f"acceleratorOptions: the caching window [{start}, {end}) of {steps} steps is empty; "
-                          "cacheEndStep must be greater than cacheStartStep")
+        raise EngineInputError(f"acceleratorOptions: the caching window [{start}, {end}) of {steps} steps is empty; "
+                               "cacheEndStep must be greater than cacheStartStep")
     return start, end

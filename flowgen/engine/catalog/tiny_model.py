@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from flowgen.engine.config import Flux2Config
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.keys import diffusers_shapes, expected_bfl_shapes
 from flowgen.engine.vae_config import VAEConfig
-from flowgen.engine.weights.transformer_keys import diffusers_shapes, expected_bfl_shapes
 from flowgen.engine.weights.vae_keys import diffusers_shapes as vae_shapes
 
 # Bump when the bytes written for a seed change (weight init, layout, configs): it is part of the
@@ -69,7 +69,7 @@ _SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses files without i
 def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     """Write the tiny pipeline folder (created if missing; existing files are overwritten). Returns it."""
     # Imported here: the tokenizer is trained on the spot and only needed when writing.
-    from flowgen.engine.tiny_tokenizer import write_tiny_tokenizer
+    from flowgen.engine.text.tiny_tokenizer import write_tiny_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

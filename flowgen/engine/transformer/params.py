@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine.config import Flux2Config
-from flowgen.engine.weights.transformer_keys import expected_bfl_shapes  # noqa: F401  (re-exported)
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.keys import expected_bfl_shapes  # noqa: F401  (re-exported)
 from flowgen.errors import CheckpointError
 
 _STACKED = ("double_blocks", "single_blocks")

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flowgen.engine.attention import attention
-from flowgen.engine.rope import apply_rope
+from flowgen.engine.transformer.attention import attention
+from flowgen.engine.transformer.rope import apply_rope
 
 Rope = tuple[jnp.ndarray, jnp.ndarray]  # (cos, sin), each (N, head_dim / 2), float32
 KV = tuple[jnp.ndarray, jnp.ndarray]  # post-RoPE K and V, each (B, heads, N, head_dim)

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine.dit import ReferenceKV
-from flowgen.engine.reference_cache import PreparedSet, ReferenceCache, ReferenceTokens
-from flowgen.errors import RecipeError
+from flowgen.engine.errors import EngineInputError
+from flowgen.engine.references.cache import PreparedSet, ReferenceCache, ReferenceTokens
+from flowgen.engine.transformer.model import ReferenceKV
 
 LAYOUTS = ("none", "shared", "rows")
 
@@ -48,8 +48,8 @@ class Layout:
         kind = data.get("reference_layout")
         length = data.get("reference_length", 0)
         if kind not in LAYOUTS or not isinstance(length, int) or length < 0:
-            raise RecipeError(f"layout: expected reference_layout in {', '.join(LAYOUTS)} and a reference_length "
-                              f">= 0; got {data!r}")
+            raise EngineInputError(f"layout: expected reference_layout in {', '.join(LAYOUTS)} and a reference_length "
+                                   f">= 0; got {data!r}")
         return cls(kind, length, batch)
 
 
@@ -135,12 +135,12 @@ def _check_forced(forced: Layout, ref_sets, cache, kv_model: bool, batch: int) -
     present = [refs for refs in ref_sets if refs is not None]
     needed = max((_padded_length(refs, cache, kv_model) for refs in present), default=0)
     if forced.reference_layout == "none" and present:
-        raise RecipeError("layout: 'none' was asked for a batch with references")
+        raise EngineInputError("layout: 'none' was asked for a batch with references")
     if forced.reference_layout == "shared" and (len(present) != batch or len({r.key for r in present}) != 1):
-        raise RecipeError("layout: 'shared' needs the same reference set on every row")
+        raise EngineInputError("layout: 'shared' needs the same reference set on every row")
     if forced.reference_layout != "none" and forced.reference_length < needed:
-        raise RecipeError(f"layout: reference_length {forced.reference_length} is shorter than these references "
-                          f"need ({needed})")
+        raise EngineInputError(f"layout: reference_length {forced.reference_length} is shorter than these references "
+                               f"need ({needed})")
     return forced
 
 

@@ -1,6 +1,6 @@
 """Where a pipeline's weights live and what kind of model they are, before anything is loaded.
 
-Everything goes through the model cards (`flowgen.engine.cards.resolve_model`): a card name, an
+Everything goes through the model cards (`flowgen.engine.catalog.cards.resolve_model`): a card name, an
 AIR id, a card's Hugging Face repo, a diffusers pipeline folder (its `model_index.json` says KV or
 plain Klein and whether the model is step-distilled), or a BFL single-file transformer.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flowgen.engine.cards import ModelCard, resolve_model
+from flowgen.engine.catalog.cards import ModelCard, resolve_model
 from flowgen.errors import CheckpointError
 
 

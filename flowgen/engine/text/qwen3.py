@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from flowgen.engine.weights import qwen3_keys
+from flowgen.engine.text import keys as qwen3_keys
 from flowgen.engine.weights.safetensors_io import open_safetensors
 from flowgen.errors import CheckpointError
 

@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from flowgen.errors import ImageInputError
 
-# The largest reference file read: any file within the pixel limit (flowgen.engine.images), even an
+# The largest reference file read: any file within the pixel limit (flowgen.engine.references.images), even an
 # uncompressed 16-bit 150 MP TIFF (~900 MB); a compressed photo is far smaller. Larger is refused
 # before a byte is read. (Reads stream: the limit bounds time, not memory.)
 MAX_REFERENCE_BYTES = 1024 * 1024 * 1024

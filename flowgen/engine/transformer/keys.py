@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from flowgen.engine.config import Flux2Config
+from flowgen.engine.transformer.config import Flux2Config
 
 # Top-level modules, renamed as a whole (the parameter suffix is kept: always ".weight").
 TOP_LEVEL = {

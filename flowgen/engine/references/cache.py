@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from flowgen.engine.byte_lru import ByteLRU
-from flowgen.engine.dit import ReferenceKV
-from flowgen.engine.ids import pack, reference_ids
-from flowgen.engine.images import MAX_REFERENCES, prepare_references
+from flowgen.engine.references.images import MAX_REFERENCES, prepare_references
+from flowgen.engine.transformer.model import ReferenceKV
+from flowgen.engine.transformer.positions import pack, reference_ids
 from flowgen.errors import ImageInputError
 
 # Device memory the cache may hold. Latents: 2 MiB per 1 MP reference in float32, so 64 of them.

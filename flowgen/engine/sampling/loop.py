@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine import step_cache as step_caches
+from flowgen.engine.sampling import step_cache as step_caches
 from flowgen.engine.sampling.base import Sampler
 from flowgen.engine.sampling.flow_schedule import NUM_TRAIN_TIMESTEPS
 
@@ -178,7 +178,7 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
     if step_cache is None:
         plain = lambda tokens, times: forward(params, tokens, rope_img, times, cond.txt, cond.rope_txt, ref_kv, lengths)  # noqa: E731
         return sample(sampler, model_using(plain), x, sigmas, keys, on_step)
-    # step caches (step_cache.py): the loop also returns the cache's per-step record
+    # step caches (sampling/step_cache.py): the loop also returns the cache's per-step record
     steps = sigmas.shape[0] - 1
     n_tokens = n + (0 if ref_tokens is None else ref_tokens.shape[1])
     state = step_caches.initial_state(stages, params, step_cache, (width, n_tokens), cond.txt.shape[1], steps, x.dtype)
@@ -198,12 +198,12 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
 class Denoiser:
     """Runs the whole sampling loop for a transformer's jitted pure forward.
 
-    `forward(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` is `Transformer.forward_fn`.
+    `forward(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` is `CompiledTransformer.forward_fn`.
     """
 
     def __init__(self, forward, stages=None):
         # `forward` is a static argument of one module-level jit: pipelines sharing a transformer
-        # share compiled loops. `stages` (`Transformer.stages`) lets the loop run step caches.
+        # share compiled loops. `stages` (`CompiledTransformer.stages`) lets the loop run step caches.
         self.forward = forward
         self.stages = stages
 

@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from flowgen.engine.config import NAMED_CONFIGS, Flux2Config
-from flowgen.engine.weights.safetensors_io import open_safetensors
-from flowgen.engine.weights.transformer_keys import (
+from flowgen.engine.transformer.config import NAMED_CONFIGS, Flux2Config
+from flowgen.engine.transformer.keys import (
     DOUBLE_BLOCK,
     DOUBLE_BLOCK_FUSED,
     SINGLE_BLOCK,
@@ -51,6 +50,7 @@ from flowgen.engine.weights.transformer_keys import (
     rule_for_bfl,
     rule_for_diffusers,
 )
+from flowgen.engine.weights.safetensors_io import open_safetensors
 from flowgen.errors import CheckpointError
 
 MAX_WEIGHT = 4.0  # the spec's range for lora[].weight

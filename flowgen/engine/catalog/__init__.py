@@ -1,0 +1,1 @@
+"""What models there are and what the engine supports, without JAX: model cards, capabilities, the tiny model."""
