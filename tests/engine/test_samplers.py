@@ -449,6 +449,7 @@ def test_second_order_samplers_converge_faster_than_euler(x0):
 STOCHASTIC = [name for name, (_, _, _, stochastic) in names.SAMPLERS.items() if stochastic]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", STOCHASTIC)
 def test_stochastic_samplers_are_deterministic_per_row(x0, sampler_name):
     sampler = names.SchedulerChoice(sampler_name, sampler_name, "default").sampler()
@@ -472,6 +473,7 @@ def test_deterministic_samplers_ignore_the_seed(x0, sampler_name):
     np.testing.assert_array_equal(out, run(sampler, x0, sigmas, seeds=(3, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler_name", list(names.SAMPLERS))
 def test_a_one_step_schedule_denoises(x0, sampler_name):
     """[1, 0]: every sampler returns the model's x0 (log-SNR samplers ask the model at 1 − ε)."""
