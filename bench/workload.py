@@ -517,10 +517,12 @@ def report(args, workload: Workload, edits: list[dict], runs: list[tuple[str, Ru
         f"{len(workload.skus)} SKUs ({two} with two packshots) × {len(workload.backgrounds)} background prompts = "
         f"{workload.images} edits, {args.size}², {STEPS} steps, float32, bench/pipeline.py's mid-size random KV model; "
         f"{args.threads} thread(s) per side; {args.repeats} interleaved round(s), fastest round per side shown. "
-        f"flowgen: `flowgen run` in a child process (the CLI, plus a JAX compile-event listener), {settings}. "
+        f"flowgen: `flowgen run` in a child process (the CLI, plus timers on JAX's compile events and on the model load), {settings}. "
         f"diffusers {diffusers_version()}: `Flux2KleinKVPipeline`, the same seeds (torch generators), JPEG {JPEG_QUALITY} "
         f"like flowgen. {platform.machine()}, {os.cpu_count()} CPU, jax {jax.__version__}, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average at start {args.load_at_start:.1f}."
+        f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC, load average {args.load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end (this bench adds up to "
+        f"{args.threads}; the rest is other jobs)."
     )
     notes = (
         "Start-up: what is outside the run and the load (interpreter, imports, planning, exit). flowgen's compile "
