@@ -595,7 +595,7 @@ def main() -> None:
     args = parser.parse_args()
     available = len(os.sched_getaffinity(0))
     args.threads_given = args.threads is not None
-    args.threads = args.threads or available
+    args.threads = available if args.threads is None else args.threads
     if args.child == "flowgen":
         return flowgen_child(args.result, args.threads, args.cli_args)
     if args.child:
