@@ -110,9 +110,12 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     ["flowgen run recipes/quickstart.yaml",
      "flowgen run recipe.yaml --set task.numberResults=1 --limit 10",
      "flowgen run recipe.yaml --detach      # prints the run id at once",
-     "flowgen run recipe.yaml --require-delivery   # from cron: non-zero when an upload or webhook gave up"],
+     "flowgen run recipe.yaml --require-delivery   # from cron: non-zero when an upload or webhook gave up",
+     "flowgen run recipe.yaml --shard 0/4   # one of 4 processes (SLURM array, Kubernetes indexed Job)",
+     "flowgen run recipe.yaml --ray         # batches on a Ray actor pool (--ray=auto: the cluster here)"],
     [(0, "every result rendered or unchanged (or left for later by --limit / --budget)"),
-     (1, "some results failed (the others were rendered; `flowgen status` lists the failures)"),
+     (1, "some results failed (the others were rendered; `flowgen status` lists the failures), or --distributed: "
+         "a peer process died (run every process again)"),
      (2, "bad input, missing weights, a busy output folder (nothing was run), or a manifest that cannot be "
          "read or written (a corrupt file, a full disk: the data stays as it was)"),
      (3, "--require-delivery: every result is fine, but a delivery gave up (`flowgen redeliver` resends it)"),
@@ -134,17 +137,34 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
 @click.option("--require-delivery", is_flag=True,
               help="Exit 3 when every result is fine but an upload or webhook gave up after its retries "
                    "(default: exit 0; the failed deliveries are recorded and `flowgen redeliver` resends them).")
+@click.option("--shard", metavar="K/N",
+              help="Run shard K of N (0 <= K < N): this process's deterministic share of the plan's batches, recorded "
+                   "in its own manifest shard; `flowgen merge` folds them (default: $FLOWGEN_SHARD).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Render the batches on a Ray actor pool (needs flowgen[ray]): alone, a local cluster of its own; "
+                   "--ray=auto the cluster running here; --ray=HOST:PORT or ray://HOST:10001 another one.")
+@click.option("--distributed", is_flag=True,
+              help="One process of a multi-controller JAX job (jax.distributed): $FLOWGEN_COORDINATOR, "
+                   "$FLOWGEN_NUM_PROCESSES, $FLOWGEN_PROCESS_ID, or JAX's detection on TPU / SLURM; each process "
+                   "runs its share, process 0 merges.")
+@click.option("--heartbeat-timeout", type=click.IntRange(min=1), default=60, show_default=True, metavar="SECONDS",
+              help="--distributed: a peer silent this long is dead; the others stop with one line.")
+@click.option("--init-timeout", type=click.IntRange(min=1), default=300, show_default=True, metavar="SECONDS",
+              help="--distributed: how long to wait for every process (and the coordinator) to join.")
 @click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
 @click.option("--out-from-recipe", is_flag=True, hidden=True)  # the detached child's --out is the recipe's own
 @user_errors
 def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach,
-        require_delivery, run_id, out_from_recipe):
+        require_delivery, shard, ray_address, distributed, heartbeat_timeout, init_timeout, run_id, out_from_recipe):
     """Run RECIPE: render every missing or changed result, deliver it, and update the manifest."""
     from flowgen.commands import run_command
+    from flowgen.run.distributed import DistributedSettings
 
+    settings = DistributedSettings(heartbeat_timeout, init_timeout) if distributed else None
     sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype, budget=budget,
                          deliver_flagged=deliver_flagged, detach=detach, run_id=run_id,
-                         require_delivery=require_delivery, out_from_recipe=out_from_recipe))
+                         require_delivery=require_delivery, out_from_recipe=out_from_recipe, shard=shard,
+                         ray_address=ray_address, distributed=settings))
 
 
 @main.command(epilog=help_epilog(
@@ -267,6 +287,19 @@ def prune(out_dir, recipe, yes):
     from flowgen.commands import prune_command
 
     prune_command(out_dir, recipe, yes)
+
+
+@main.command(epilog=help_epilog(
+    ["flowgen merge out/shoes            # after `flowgen run recipe.yaml --shard K/N` on every process"],
+    [(0, "folded (shards still running are folded as far as they got, and kept)"),
+     (2, "bad input: OUT_DIR holds neither a manifest nor shard manifests, or one cannot be read")]))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@user_errors
+def merge(out_dir):
+    """Fold the manifest shards of `run --shard` / `--distributed` into OUT_DIR's manifest (idempotent)."""
+    from flowgen.commands import merge_command
+
+    merge_command(out_dir)
 
 
 @main.command(epilog=help_epilog(

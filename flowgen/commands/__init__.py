@@ -18,6 +18,7 @@ _COMMANDS = {
     "report_command": "flowgen.commands.report",
     "schedule_command": "flowgen.commands.schedule",
     "prune_command": "flowgen.commands.prune",
+    "merge_command": "flowgen.commands.merge",
     "models_command": "flowgen.commands.models",
     "init_command": "flowgen.commands.init",
     "serve_command": "flowgen.commands.serve",

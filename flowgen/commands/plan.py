@@ -17,6 +17,7 @@ from flowgen.plan.run_plan import RunPlan
 from flowgen.run import cost
 from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
 from flowgen.run.manifest import Manifest, load_watermarks, manifest_path
+from flowgen.run.merge import fold_shards
 from flowgen.run.settings import max_batch_setting
 
 SHOW_ITEMS = 20
@@ -47,7 +48,8 @@ def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_
 def load_run_plan(plan: Plan) -> tuple[RunPlan, list[dict], dict[str, Any] | None]:
     """The plan against the output folder's manifest (everything is new when there is none), the
     manifest's records (what earlier runs measured, for the cost estimate), and the recipe the last
-    run used ({"path", "overrides"}, or None)."""
+    run used ({"path", "overrides"}, or None). What shard runs recorded is folded in first."""
+    fold_shards(plan.out_dir)  # (flowgen.run.merge)
     if not manifest_path(plan.out_dir).exists():
         return plan.against({}), [], None
     with Manifest(plan.out_dir, create=False) as manifest:

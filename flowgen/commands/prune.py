@@ -21,6 +21,7 @@ from flowgen.plan.from_recipe import plan_recipe
 from flowgen.run.executor import new_run_id
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, load_watermarks
+from flowgen.run.merge import fold_shards
 from flowgen.run.output_paths import outside_reason
 
 SHOW = 50  # results listed one per line; beyond that, a count
@@ -28,6 +29,7 @@ SHOW = 50  # results listed one per line; beyond that, a count
 
 def prune_command(out_dir: str, recipe: str | None, yes: bool) -> None:
     """List (or with `yes` remove) the results of OUT_DIR that RECIPE (default: the last run's) no longer holds."""
+    fold_shards(out_dir)  # what shard runs recorded (flowgen.run.merge); running shards hold the lock below
     with Manifest(out_dir, create=False) as manifest:  # no manifest here: a user error
         path, overrides = _recipe_to_compare(out_dir, recipe, manifest.last_recipe())
     plan = plan_recipe(path, out_dir, overrides, watermarks=load_watermarks)

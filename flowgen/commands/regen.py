@@ -10,6 +10,7 @@ import click
 
 from flowgen.run.dtype import checked_dtype, resolve_dtype
 from flowgen.run.manifest import Manifest
+from flowgen.run.merge import fold_shards
 from flowgen.run.regen import cost_line, regenerate, resolve_targets
 
 
@@ -22,6 +23,7 @@ def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: st
     computes a whole batch of the recorded size, however few of its results were asked for.
     """
     compute_dtype = resolve_dtype(checked_dtype(dtype, f"--dtype {dtype!r}")) if dtype is not None else None
+    fold_shards(out_dir)  # what shard runs recorded (flowgen.run.merge)
     with Manifest(out_dir, create=False) as manifest:
         records = resolve_targets(manifest, list(targets))
     destination = Path(to_dir) if to_dir else Path(out_dir) / "regen"

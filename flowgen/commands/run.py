@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
+from pathlib import Path
 from typing import Sequence
 
 import click
@@ -18,9 +20,12 @@ from flowgen.run.engine import PipelineEngine
 from flowgen.run.executor import RunSummary, against_folder, execute, new_run_id, preflight
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import folder_busy_check
+from flowgen.run.distributed import DistributedSettings
 from flowgen.run.manifest import Manifest, load_watermarks, run_log_path
+from flowgen.run.merge import fold_shards
 from flowgen.run.progress import default_progress
 from flowgen.run.settings import max_batch_setting
+from flowgen.run.shards import SHARD_ENV, Shard
 
 
 DELIVERY_FAILED_EXIT = 3  # --require-delivery: every result is fine, but a delivery gave up
@@ -29,7 +34,8 @@ DELIVERY_FAILED_EXIT = 3  # --require-delivery: every result is fine, but a deli
 def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limit: int | None, fail_fast: bool,
                 max_batch: int | None = None, dtype: str | None = None, *, budget: float | None = None,
                 deliver_flagged: bool = False, detach: bool = False, run_id: str | None = None,
-                require_delivery: bool = False, out_from_recipe: bool = False) -> int:
+                require_delivery: bool = False, out_from_recipe: bool = False, shard: str | None = None,
+                ray_address: str | None = None, distributed: DistributedSettings | None = None) -> int:
     """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 3 with require_delivery when a
     delivery gave up, 130 after Ctrl-C).
 
@@ -38,36 +44,80 @@ def run_command(recipe: str, out_dir: str | None, overrides: Sequence[str], limi
     task): validate, plan and make every refusal here, then run in a background process and return
     its run id at once. run_id: set in that background process (the id its parent printed), which is
     always given the output folder (out_from_recipe: the user gave no --out, the recipe named it).
+    Many processes (flowgen.run.shards): shard ('K/N', else $FLOWGEN_SHARD) runs that share of the
+    plan; ray_address ('local' for a cluster of its own) renders the batches on a Ray actor pool
+    (flowgen.run.ray_runner); distributed runs this process's share of a multi-controller JAX job
+    (flowgen.run.distributed).
     User errors before anything runs raise FlowgenError (exit 2 via the CLI); a crash raises
     RunCrashed (exit 70) once the run is recorded as failed.
     """
     try:
+        spread = _spread(shard, ray_address, distributed, detach)  # bad options: refused before anything is read
+        if isinstance(spread, DistributedSettings):
+            from flowgen.run.distributed import run_distributed
+
+            return run_distributed(spread, lambda share, stop: _run(
+                recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, False, run_id,
+                require_delivery, out_from_recipe, share, stop=stop))
         return _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged,
-                    detach, run_id, require_delivery, out_from_recipe)
+                    detach, run_id, require_delivery, out_from_recipe, spread)[0]
     except BaseException as err:
         if run_id is not None and out_dir is not None:  # a detached run: its death is recorded for `status`
             _record_unstarted_death(out_dir, run_id, err)
         raise
 
 
+def _spread(shard: str | None, ray_address: str | None, distributed: DistributedSettings | None,
+            detach: bool) -> Shard | str | DistributedSettings | None:
+    """How the run is spread over processes: a Shard, a Ray address, distributed settings, or None (here alone)."""
+    sharded = shard is not None or bool(os.environ.get(SHARD_ENV))
+    chosen = [flag for flag, given in (("--shard" if shard is not None else f"${SHARD_ENV}", sharded),
+                                       ("--ray", ray_address is not None), ("--distributed", distributed is not None))
+              if given]
+    if len(chosen) > 1:
+        raise FlowgenError(f"{' and '.join(chosen)} cannot be combined: --shard K/N runs one share, --distributed "
+                           "takes its share from the JAX process id and count, --ray renders every batch on a Ray cluster")
+    if chosen and detach:
+        raise FlowgenError(f"--detach cannot be combined with {chosen[0]}: the launcher (SLURM, Kubernetes, Ray) keeps "
+                           "the process; run it in the foreground")
+    if distributed is not None:
+        return distributed
+    if ray_address is not None:
+        return ray_address
+    return Shard.from_option(shard)
+
+
 def _run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach, run_id,
-         require_delivery, out_from_recipe) -> int:
+         require_delivery, out_from_recipe, spread=None, *, stop=None) -> tuple[int, Path]:
+    """(exit code, output folder) of the run."""
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
     plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
     # recorded with the run: `prune` plans again with the same --set options, `status` says --out in its hints
     plan = replace(plan, source=recipe_source(recipe, overrides, out_dir is not None and not out_from_recipe))
     engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
-    if run_id is None and (detach or _all_async(plan)):
+    share = spread if isinstance(spread, Shard) else None
+    if share is not None and share.index != 0 and plan.canary is not None:
+        plan = replace(plan, canary=None)  # the canary is checked once, by shard 0 (docs/cli.md, Many machines)
+    if share is None:
+        fold_shards(plan.out_dir)  # a plain run reads, and then writes, what shard runs recorded (flowgen.run.merge)
+    if run_id is None and spread is None and (detach or _all_async(plan)):
         preflight(against_folder(plan, verify_files=False), engine, limit)  # every refusal the run would make, made here
         return _detach(plan, recipe, out_dir is None, overrides, limit, fail_fast, max_batch, dtype, budget,
-                       deliver_flagged, require_delivery)
+                       deliver_flagged, require_delivery), plan.out_dir
     progress = default_progress()
-    stop = StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))
-    with stop:
+    stop = stop or StopRequest(on_first=lambda: progress.note("stopping after the current batch (Ctrl-C again to abort)"))
+    rendering = None
+    if isinstance(spread, str):  # --ray: connected (or refused, one line) before anything is written
+        from flowgen.run.ray_runner import RayRendering
+
+        rendering = RayRendering.connect(plan, spread, progress)
+    with stop, rendering or nullcontext():
         summary = execute(against_folder(plan), engine, limit=limit, fail_fast=fail_fast, progress=progress, stop=stop,
-                          budget=budget, deliver_flagged=deliver_flagged, run_id=run_id)
-    print_summary(summary, str(plan.out_dir), engine.load_seconds, require_delivery)
-    return exit_code(summary, require_delivery)
+                          budget=budget, deliver_flagged=deliver_flagged, run_id=run_id, share=share,
+                          render_batches=rendering)
+    shown = f"{plan.out_dir} (shard {share})" if share is not None else str(plan.out_dir)
+    print_summary(summary, shown, engine.load_seconds if rendering is None else rendering.load_seconds, require_delivery)
+    return exit_code(summary, require_delivery), plan.out_dir
 
 
 def exit_code(summary: RunSummary, require_delivery: bool = False) -> int:

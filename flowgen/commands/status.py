@@ -22,6 +22,7 @@ import click
 from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
 from flowgen.errors import StorageError
 from flowgen.run.manifest import JSONL_NAME, Manifest
+from flowgen.run.merge import fold_shards
 
 SHOW_FAILURES = 20
 
@@ -56,7 +57,8 @@ LEGEND: dict[str, dict[str, str]] = {
 
 
 def status_command(out_dir: str, as_json: bool) -> None:
-    """Summarise OUT_DIR's manifest (and refresh its manifest.jsonl export)."""
+    """Summarise OUT_DIR's manifest (and refresh its manifest.jsonl export), shard runs' folded in."""
+    fold_shards(out_dir)  # what shard runs recorded (flowgen.run.merge)
     with Manifest(out_dir, create=False) as manifest:
         report = status_report(manifest)
         try:

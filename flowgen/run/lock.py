@@ -55,8 +55,10 @@ def lock_path(out_dir: str | Path) -> Path:
 class RunLock:
     """Context manager: hold `out_dir` for `run_id`, or raise FolderBusy naming the holder."""
 
-    def __init__(self, out_dir: str | Path, run_id: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS):
-        self.path = lock_path(out_dir)
+    def __init__(self, out_dir: str | Path, run_id: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
+                 path: Path | None = None):
+        self.out_dir = Path(out_dir)
+        self.path = path or lock_path(out_dir)  # a shard's own lock file (flowgen.run.shards), else the folder's
         self.run_id = run_id
         self.heartbeat_seconds = heartbeat_seconds
         self.started_at = time.time()
@@ -70,9 +72,7 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd, fcntl.LOCK_EX, attempts=3):  # a `status` probe holds it for an instant
             os.close(fd)
-            holder = read_holder(self.path)
-            who = holder.describe() if holder else "another run"
-            raise FolderBusy(f"{self.path.parent.parent}: {who} is using this output folder; "
+            raise FolderBusy(f"{self.out_dir}: {_who_holds(self.out_dir, self.path)} is using this output folder; "
                              "wait for it to finish or stop it (Ctrl-C), then run again") from None
         self._fd = fd
         self.beat()
@@ -106,11 +106,23 @@ class RunLock:
                 pass
 
 
+def _who_holds(out_dir: Path, path: Path) -> str:
+    """Who holds a lock that could not be taken: the shard runs holding the folder (each holds the
+    folder's lock shared, flowgen.run.shards), else the holder its lock file names."""
+    from flowgen.run.shards import shard_states
+
+    shards = shard_states(out_dir) if path == lock_path(out_dir) else []
+    if shards:
+        return ", ".join(f"shard {name}: {holder.describe() if holder else 'a run'}" for name, _, holder in shards)
+    holder = read_holder(path)
+    return holder.describe() if holder else "another run"
+
+
 def folder_busy_check(out_dir: str | Path) -> None:
     """Raise FolderBusy now if a run holds `out_dir` (before starting one in the background)."""
     state, holder = folder_state(out_dir)
     if state != "idle":
-        who = holder.describe() if holder else "another run"
+        who = _who_holds(Path(out_dir), lock_path(out_dir))
         raise FolderBusy(f"{out_dir}: {who} is using this output folder; wait for it to finish or stop it, then run again")
 
 
@@ -153,8 +165,19 @@ def folder_state(out_dir: str | Path, now: float | None = None) -> tuple[str, Ho
     last holder or None) when no run holds it.
 
     Probing holds a shared lock for an instant when the lock is free; a run starting in that
-    instant retries (RunLock tries three times, 0.1 s apart)."""
-    path = lock_path(out_dir)
+    instant retries (RunLock tries three times, 0.1 s apart). While shard runs hold the folder
+    (flowgen.run.shards), it is the first running shard's state and holder."""
+    state, holder = lock_state(lock_path(out_dir), now)
+    if state == "idle":
+        from flowgen.run.shards import shard_states
+
+        for _, shard_state, shard_holder in shard_states(out_dir, now):
+            return shard_state, shard_holder
+    return state, holder
+
+
+def lock_state(path: Path, now: float | None = None) -> tuple[str, Holder | None]:
+    """folder_state of one lock file: ("running" | "stale" | "idle", what its file says)."""
     holder = read_holder(path)
     if not path.exists():
         return "idle", None

@@ -1,0 +1,17 @@
+"""How a run's batches are rendered: here, one by one (render_locally), or elsewhere (a Ray actor
+pool, flowgen.run.ray_runner). Either way the executor records what comes back, batch by batch, in
+the batches' order, so the manifest has one writer and the progress one place."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+from flowgen.plan.model import Batch
+
+# (the executor's batch runner, the batches) -> for each batch in order: (records, finished results)
+BatchRendering = Callable[[Any, Sequence[Batch]], Iterator[tuple[list[dict], list]]]
+
+
+def render_locally(runner, batches: Sequence[Batch]) -> Iterator[tuple[list[dict], list]]:
+    """Each batch with this process's engine, when the executor asks for it (after its checks)."""
+    return (runner.run(batch) for batch in batches)

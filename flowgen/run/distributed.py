@@ -1,0 +1,241 @@
+"""Multi-controller JAX (`flowgen run RECIPE --distributed`): every host runs the same command.
+
+Each process joins the job with jax.distributed.initialize — from FLOWGEN_COORDINATOR (HOST:PORT
+of process 0), FLOWGEN_NUM_PROCESSES and FLOWGEN_PROCESS_ID, or JAX's own cluster detection (TPU
+slices, SLURM, Open MPI) for what they leave unset — and then runs its share of the plan exactly as
+`--shard K/N` does (flowgen.run.shards, K = process id, N = process count): its canonical batches,
+its own lock and manifest shard. Process 0 folds the shards into the main manifest once every
+process is done. The processes render without collectives, each on its own devices: one global mesh
+with the batch on `data` is issue 20's work.
+
+A dead peer ends the run on every survivor with one line, not a core dump:
+- jax_enable_recoverability keeps a process alive when a peer dies; a watcher thread reads the
+  coordination service's live processes every second and stops the run after its current batch
+  (everything rendered is recorded); the process then says which peer died and exits 1.
+- When process 0 dies, the coordination service dies with it and XLA aborts every other process at
+  once (SIGABRT, whatever the flags). So the command runs the JAX work in a child process and
+  supervises it: XLA's log lines go to a file, and a child killed by a signal becomes one line.
+A peer that never starts stops the others at --init-timeout; a peer that stops sending heartbeats
+is dead after --heartbeat-timeout. Run every process again to complete the plan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from flowgen.errors import FlowgenError
+from flowgen.run.crash import one_line
+from flowgen.run.interrupt import StopRequest
+from flowgen.run.shards import Shard
+
+COORDINATOR_ENV = "FLOWGEN_COORDINATOR"
+NUM_PROCESSES_ENV = "FLOWGEN_NUM_PROCESSES"
+PROCESS_ID_ENV = "FLOWGEN_PROCESS_ID"
+_CHILD_ENV = "_FLOWGEN_DISTRIBUTED_CHILD"  # set by the supervising parent for the process that runs JAX
+_ANNOUNCE = re.compile(r"^distributed: process (\d+) of (\d+)")
+# XLA / absl log lines ("F1207 18:03:13.591021    7130 client.h:80] ...") and what follows a fatal one
+_NATIVE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
+POLL_SECONDS = 1.0
+DEFAULT_HEARTBEAT_TIMEOUT = 60
+DEFAULT_INIT_TIMEOUT = 300
+
+
+@dataclass(frozen=True)
+class DistributedSettings:
+    """--heartbeat-timeout and --init-timeout, in seconds."""
+
+    heartbeat_timeout: int = DEFAULT_HEARTBEAT_TIMEOUT
+    init_timeout: int = DEFAULT_INIT_TIMEOUT
+
+
+RunShare = Callable[[Shard, StopRequest], "tuple[int, Path]"]  # runs a share; returns (exit code, output folder)
+
+
+def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
+    """This process's part of the job: as the supervising parent, the exit code of the child that
+    runs it; as that child, join the job, run the share, wait for the others (see the module doc)."""
+    if os.environ.get(_CHILD_ENV) != "1":
+        return _supervise()
+    shard, client = _join(settings)
+    click.echo(f"distributed: process {shard.index} of {shard.count}", err=True)  # the parent names it so
+    stop = StopRequest(on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)", err=True))
+    watch = _PeerWatch(client, shard, stop)
+    watch.start()
+    try:
+        code, out_dir = run_share(shard, stop)
+        if watch.dead is None:
+            client.key_value_set(f"flowgen/done/{shard.index}", str(code))
+            _wait(watch, lambda: all(client.key_value_try_get(f"flowgen/done/{k}") is not None
+                                     for k in range(shard.count)))
+    except BaseException:
+        watch.close()
+        raise
+    if watch.dead is not None:
+        _dead_peer_exit(shard, watch.dead)
+    if shard.index == 0:
+        from flowgen.run.merge import fold_shards
+
+        fold_shards(out_dir)
+        client.key_value_set("flowgen/merged", "1")
+    else:
+        _wait(watch, lambda: client.key_value_try_get("flowgen/merged") is not None)
+    watch.close()
+    if watch.dead is not None:
+        _dead_peer_exit(shard, watch.dead)
+    import jax
+
+    jax.distributed.shutdown()  # every process is done: the shutdown barrier passes at once
+    return code
+
+
+def _join(settings: DistributedSettings):
+    """jax.distributed.initialize from the FLOWGEN_ variables (or JAX's detection); (Shard, client)."""
+    coordinator = os.environ.get(COORDINATOR_ENV) or None
+    count = _int_env(NUM_PROCESSES_ENV, minimum=1)
+    index = _int_env(PROCESS_ID_ENV, minimum=0)
+    if count is not None and index is not None and index >= count:
+        raise FlowgenError(f"${PROCESS_ID_ENV}={index}: must be below ${NUM_PROCESSES_ENV}={count} "
+                           f"(processes are numbered 0 to {count - 1})")
+    import jax
+    from jax._src.distributed import global_state  # the coordination client: live processes, key-value store
+
+    jax.config.update("jax_enable_recoverability", True)  # a dead peer must not abort the survivors
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index,
+                                   initialization_timeout=settings.init_timeout,
+                                   heartbeat_timeout_seconds=settings.heartbeat_timeout)
+    except Exception as err:  # no coordinator given and none detected, or it could not be reached in time
+        raise FlowgenError(f"--distributed: cannot join the JAX job ({one_line(err)}); set {COORDINATOR_ENV}=HOST:PORT "
+                           f"(process 0's address), {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or run under a "
+                           "launcher JAX detects (TPU slice, SLURM, Open MPI)") from None
+    return Shard(jax.process_index(), jax.process_count()), global_state.client
+
+
+def _int_env(name: str, minimum: int) -> int | None:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < minimum:
+        raise FlowgenError(f"${name}={text!r}: expected a whole number >= {minimum}")
+    return int(text)
+
+
+class _PeerWatch(threading.Thread):
+    """Reads the live processes every POLL_SECONDS; a missing one is dead: stop the run, remember who."""
+
+    def __init__(self, client, shard: Shard, stop: StopRequest):
+        super().__init__(name="flowgen-peers", daemon=True)
+        self.client, self.shard, self.stop = client, shard, stop
+        self.dead: str | None = None
+        self._closed = threading.Event()
+
+    def run(self) -> None:
+        everyone = list(range(self.shard.count))
+        while not self._closed.wait(POLL_SECONDS):
+            try:
+                live = set(self.client.get_live_nodes(everyone))
+            except Exception as err:
+                self.dead = f"the JAX coordination service cannot be reached ({one_line(err)})"
+            else:
+                gone = [k for k in everyone if k not in live]
+                if gone:
+                    self.dead = "process " + ", ".join(map(str, gone)) + " stopped sending heartbeats (died?)"
+            if self.dead is not None:
+                self.stop.request()
+                return
+
+    def close(self) -> None:
+        self._closed.set()
+
+
+def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> None:
+    """Until `done()` holds or a peer died (no time limit while every peer lives: one may have more to render)."""
+    while watch.dead is None and not done():
+        time.sleep(POLL_SECONDS / 4)
+
+
+def _dead_peer_exit(shard: Shard, why: str) -> None:
+    """One line, then exit 1 at once: jax.distributed.shutdown would wait for the dead peer."""
+    click.echo(f"error: distributed run, process {shard.index} of {shard.count}: {why}; this process stopped after its "
+               "current batch and everything it rendered is recorded; run every process again to complete the plan",
+               err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+# --- the supervising parent ------------------------------------------------------------------
+
+
+def _supervise() -> int:
+    """Run this same command in a child that does the JAX work; pass its output through (XLA's own
+    log lines to a file) and turn its death by a signal into one line."""
+    args = [sys.executable, "-m", "flowgen.cli", *sys.argv[1:]]
+    child = subprocess.Popen(args, env={**os.environ, _CHILD_ENV: "1"}, stderr=subprocess.PIPE, text=True,
+                             errors="replace", preexec_fn=_child_setup)
+    forwarded = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in (signal.SIGTERM,)}
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child (same process group)
+    native: deque[str] = deque(maxlen=400)
+    who = "this process"
+    dying = False
+    try:
+        assert child.stderr is not None
+        for line in child.stderr:
+            announced = _ANNOUNCE.match(line)
+            if announced:
+                who = f"process {announced[1]} of {announced[2]}"
+            if dying or _NATIVE.match(line):
+                native.append(line)
+                dying = dying or line.startswith("F")  # a fatal line: what follows is its stack trace
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+        code = child.wait()
+    finally:
+        for sig, handler in forwarded.items():
+            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, previous_int)
+    if code >= 0:
+        return code
+    fatal = next((line for line in native if line.startswith("F")), None)
+    reason = fatal.split("]", 1)[1].strip().split(". ")[0] if fatal else f"killed by {signal.Signals(-code).name}"
+    log = _keep(native)
+    click.echo(f"error: distributed run, {who} stopped: {reason} (a peer process, or process 0 with the coordination "
+               f"service, died or cannot be reached); what it rendered is recorded; run every process again to complete"
+               f" the plan{f' (XLA log: {log})' if log else ''}", err=True)
+    return 1
+
+
+def _child_setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # XLA's abort: no core file
+    try:  # the child dies with its parent (a launcher killing the parent must not leave the JAX process)
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+def _keep(lines: deque[str]) -> str | None:
+    if not lines:
+        return None
+    try:
+        fd, path = tempfile.mkstemp(prefix="flowgen-distributed-", suffix=".log")
+        with os.fdopen(fd, "w") as handle:
+            handle.writelines(lines)
+        return path
+    except OSError:
+        return None
