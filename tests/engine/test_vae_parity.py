@@ -25,9 +25,6 @@ from flowgen.engine.weights import vae_keys
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_pipeline import sharpen_vae_
 
-# VAE encode/decode against diffusers on the same random weights
-pytestmark = pytest.mark.slow
-
 TOL = 1e-4
 H, W = 48, 80  # non-square, multiples of 16
 TINY = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=8)
@@ -131,6 +128,7 @@ def test_attention_is_load_bearing(tiny):
             attn.to_k.weight.copy_(saved[1])
 
 
+@pytest.mark.slow
 def test_chunked_attention_equals_full_attention():
     """Large images attend over query blocks; the blocks (with a ragged last one) change nothing."""
     import jax.numpy as jnp
@@ -252,6 +250,7 @@ def test_real_flux2_ae_names_round_trip():
 # loading variants and errors
 
 
+@pytest.mark.slow
 def test_pipeline_root_and_bf16_weights(tiny, jax_vae, tmp_path):
     model, folder, images, _ = tiny
     root = tmp_path / "pipeline"
