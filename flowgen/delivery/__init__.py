@@ -32,6 +32,11 @@ strings (presigned signatures) never appear in a Delivery (flowgen.net.redact). 
 later resend needs are kept apart in a 0600 file: SinkURLs (sink_urls.py). Use check_url() at plan
 time to reject bad URLs before any image is rendered.
 
+Runs and the server send through one dispatcher and keep one log of what was sent:
+dispatch.Dispatcher (sinks in lanes per destination and API key, first states, resends) records
+into a log.DeliveryLog (a run's manifest, the server's store), both holding log.DeliveryTable's
+`deliveries` and `delivery_attempts` tables.
+
 Destinations: make_client() connects only to public addresses plus what $FLOWGEN_ALLOW_HOSTS
 allows (flowgen.net.policy), checked at connect time on every hop; a refused one is a "rejected"
 Delivery. Lanes (pool.py) bounds concurrent deliveries per destination / API key.

@@ -10,10 +10,13 @@ by as many neighbours as possible.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 from flowgen.gc_pause import paused_gc
+from flowgen.plan.job import Job
 from flowgen.plan.model import Batch, PlannedResult, Signature
+
+T = TypeVar("T")
 
 # A remainder is padded up to the next power of two when at most this share of it is padding
 # (7 -> 8, 3 -> 4); otherwise it is split into smaller powers of two (5 -> 4 + 1).
@@ -45,19 +48,27 @@ def chunk_sizes(n: int, max_batch: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _ordered(members: list[PlannedResult]) -> list[PlannedResult]:
-    """Largest reference-set groups first, each contiguous, then by prompt: a set that fills a whole
-    batch runs with one shared (copy-free) K/V, and neighbours share prompts."""
+def batch_order(rows: Sequence[T], job_of: Callable[[T], Job], then: Callable[[T], Any]) -> list[T]:
+    """The row order of a batch, for the planner's results and the server's requests alike: largest
+    reference-set groups first, each contiguous, then by prompt, then by `then` (a stable tie-break).
+    A set that fills a whole batch runs with one shared (copy-free) K/V, and neighbours share prompts."""
     counts: dict[str, int] = defaultdict(int)
-    for result in members:
-        counts[result.item.job.reference_set] += 1
+    for row in rows:
+        counts[job_of(row).reference_set] += 1
 
-    def key(result: PlannedResult) -> tuple:
-        item = result.item
-        job = item.job
-        return (-counts[job.reference_set], job.reference_set, job.prompt, item.item_id, result.result_index)
+    def key(row: T) -> tuple:
+        job = job_of(row)
+        return (-counts[job.reference_set], job.reference_set, job.prompt, then(row))
 
-    return sorted(members, key=key)
+    return sorted(rows, key=key)
+
+
+def _job(result: PlannedResult) -> Job:
+    return result.item.job
+
+
+def _rid(result: PlannedResult) -> tuple[str, int]:
+    return result.item.item_id, result.result_index
 
 
 def make_batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
@@ -73,14 +84,10 @@ def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
         groups[result.item.job.signature].append(result)  # dict keeps first-appearance order
     batches: list[Batch] = []
     for signature, members in groups.items():
-        members = _ordered(members)
+        members = batch_order(members, _job, _rid)
         start = 0
         for count, size in chunk_sizes(len(members), max_batch):
             batches.append(Batch(signature, tuple(members[start : start + count]), size))
             start += count
     return batches
 
-
-def signature_label(signature: Signature) -> str:
-    """Human-readable signature, e.g. '128x128, 4 steps, cfg 3.5' (Signature.label)."""
-    return signature.label

@@ -267,7 +267,7 @@ def _item_builder(recipe: Any) -> ItemBuilder | None:
     """The fast path, or None if it cannot even be set up (then _item meets the same trouble and
     behaves exactly as it always did)."""
     try:
-        return ItemBuilder(recipe, _base_defaults(recipe))
+        return ItemBuilder(recipe, base_defaults(recipe.card, recipe.distilled))
     except Exception:  # noqa: BLE001
         return None
 
@@ -283,7 +283,7 @@ def _item(recipe: Any, combo: dict, dataset_of: dict[str, str]) -> tuple[Item | 
         problems += problem
     if problems:
         return None, problems
-    task = merge_tasks(_base_defaults(recipe), parts[0], parts[1])
+    task = merge_tasks(base_defaults(recipe.card, recipe.distilled), parts[0], parts[1])
     task["model"] = recipe.model
     suffix = f" (item {key!r})" if key else ""
     found = task_problems(task, "task") + merged_problems(task, "task", recipe.model, recipe.distilled, recipe.card)
@@ -306,12 +306,13 @@ def _with_repeats(problem: str, repeats: dict[str, int]) -> str:
     return f"{problem} [and {more} more item{'s' if more > 1 else ''} with this problem]" if more else problem
 
 
-def _base_defaults(recipe: Any) -> dict:
-    """Spec defaults of the fields the engine uses, under the model card's defaults."""
+def base_defaults(card: Any, distilled: bool | None) -> dict:
+    """Spec defaults of the fields the engine uses, under the model card's defaults: the lowest
+    layer of every task, a recipe item's and a served one's (flowgen.serve.tasks)."""
     base = dict(SPEC_DEFAULTS)
-    if recipe.distilled is False:
+    if distilled is False:
         base["CFGScale"] = SPEC_CFG_DEFAULT  # guidance only where the model is known to use it
-    return {**base, **card_defaults(recipe.card, recipe.distilled)}
+    return {**base, **card_defaults(card, distilled)}
 
 
 def _render_part(template: dict, where: str, context: dict, combo: dict, dataset_of: dict) -> tuple[dict, list[str]]:

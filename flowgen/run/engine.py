@@ -80,6 +80,10 @@ class Engine(Protocol):
 
     def identity(self) -> dict[str, Any]: ...
 
+    def refine_faces(self, pixels: np.ndarray, settings: Any, seed: int, loras: Any = None) -> Any:
+        """The face pass on one decoded image (flowgen.run.render.finish_image calls it)."""
+        ...
+
 
 # Loaded pipelines by (model, dtype): one load per process even across several runs (a daemon or
 # a test session running many recipes pays for weights and compilation once).

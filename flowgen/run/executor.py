@@ -2,10 +2,10 @@
 
 Per batch, as separate steps: decode references (a bad one fails only its item); one engine call
 padded to the batch size (its sampling steps reported to the progress); per image: face pass
-(ultralytics, flowgen.run.faces) and content check (when asked), encode, store (atomic write of
-the file); record: the batch's records and their deliveries' first states committed in one
-transaction; deliver: uploads and webhooks sent in the background (flowgen.run.deliver) while
-the next batch renders.
+(ultralytics) and content check (when asked), encode (these three and the engine call are the
+render path `flowgen serve` shares: flowgen.run.render), store (atomic write of the file); record:
+the batch's records and their deliveries' first states committed in one transaction; deliver:
+uploads and webhooks sent in the background (flowgen.run.deliver) while the next batch renders.
 A crash at any moment leaves a consistent manifest; a rerun skips what is recorded and verified,
 and sends again the deliveries a killed run left pending.
 """
@@ -18,25 +18,27 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
+from flowgen.delivery.dispatch import Dispatcher, Finished
+from flowgen.delivery.log import SinkState
 from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, disk_full
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
 from flowgen.run.atomic import atomic_write_bytes, remove_stale_temps
-from flowgen.run.cost import Budget, cost_of, seconds_per_image
+from flowgen.run.cost import Budget, seconds_per_image
 from flowgen.run.crash import one_line, write_traceback
-from flowgen.run.deliver import Dispatcher, Finished, resend
-from flowgen.run.engine import BatchRequest, Engine
-from flowgen.run.faces import load_detector, refine_settings
+from flowgen.run.deliver import resend, run_dispatcher
+from flowgen.run.engine import Engine
+from flowgen.run.faces import load_detector
 from flowgen.run.interrupt import StopRequest
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path, run_log_path
 from flowgen.run.output_paths import outside_reason
-from flowgen.run.outputs import encode_image
 from flowgen.run.progress import NullProgress, Progress
 from flowgen.run.records import embedded_metadata, result_record
 from flowgen.run.references import ReferenceLoader
+from flowgen.run.render import FacePassError, FinishedImage, finish_image, render_batch
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ def execute(
             options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
             # a killed run's deliveries that never finished: sent again, once
             summary.deliveries = resend(manifest, summary.run_id, plan.out_dir, ("pending",), **options)
-            dispatcher = Dispatcher(manifest, summary.run_id, **options)
+            dispatcher = run_dispatcher(manifest, summary.run_id, **options)
             history = list(manifest.records()) if budget is not None else []
             if plan.canary is not None:  # before anything renders: a drifted engine stops the run here
                 from flowgen.run.canary import check_canary
@@ -342,7 +344,7 @@ def _content_checker(results: Sequence[PlannedResult]):
     return checker
 
 
-def _commit(manifest: Manifest, summary: RunSummary, records: list[dict], deliveries: list[tuple] = ()) -> None:
+def _commit(manifest: Manifest, summary: RunSummary, records: list[dict], deliveries: Iterable[SinkState] = ()) -> None:
     t0 = time.perf_counter()
     manifest.upsert(records, deliveries)
     summary.stage_seconds["manifest"] += time.perf_counter() - t0
@@ -404,40 +406,31 @@ class _BatchRunner:
                 records.append(self._fail(result, str(err)))
         if not slots:
             return records, finished
-        request = build_request(batch, slots)
-        request.on_step = lambda done: self._step(done, request.steps)
-        t0 = time.perf_counter()
         try:
-            output = self.engine.generate_batch(request)
+            rendered = render_batch(self.engine, [(r.job, r.seed, refs) for r, refs in slots], batch.size,
+                                    on_step=lambda done: self._step(done, batch.signature.steps))
         except Exception as err:  # the engine failing one batch must not end the run
             reason = f"engine error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return records + [self._fail(r, reason) for r, _ in slots], finished
-        engine_seconds = self.last_engine_seconds = time.perf_counter() - t0
-        self.summary.stage_seconds["engine"] += engine_seconds
+        self.last_engine_seconds = rendered.seconds
+        self.summary.stage_seconds["engine"] += rendered.seconds
         if self.engine_identity is None:
             self.engine_identity = self.engine.identity()
+        per_image = round(rendered.seconds_per_image, 4)  # as recorded: what the cost is of
+        engine_timings = {"engine_batch": round(rendered.seconds, 4), "engine_per_image": per_image,
+                          "engine_stages": {k: round(v, 4) for k, v in rendered.stages.items()}}
         for position, (result, _) in enumerate(slots):
-            # what regen needs to replay this image bit for bit: the batch size and the engine's
-            # reference layout (layout, padded reference length) of the one loop that made it
-            layout = output.layouts[position] if position < len(output.layouts) else {}
-            batch_info = {"size": batch.size, "position": position, "guidance": batch.signature.guidance,
-                          "signature": batch.signature.label,
-                          **{k: v for k, v in layout.items() if k != "batch"}}
-            if result.job.loras:  # which LoRA files (by content) were merged into the weights
-                batch_info["loras"] = [{"path": path, "sha256": digest, "weight": weight}
-                                       for path, digest, weight in result.job.loras]
-            timings = {"engine_batch": round(engine_seconds, 4), "engine_per_image": round(engine_seconds / batch.size, 4),
-                       "engine_stages": {k: round(v, 4) for k, v in output.timings.items()}}
-            pixels, faces = output.images[position], None
-            settings = refine_settings(result.job.face_pass)
-            if settings is not None:  # ultralytics: the face pass, before the check and the encode
-                try:
-                    pixels, faces = self._refine_faces(result, pixels, settings, timings)
-                except Exception as err:  # one image's face pass failing must not end the run
-                    records.append(self._fail(result, f"face refinement error: {type(err).__name__}: "
-                                                      f"{str(err).splitlines()[0] if str(err) else ''}"))
-                    continue
-            record, done = self._finish(result, pixels, batch_info, timings, faces)
+            try:
+                image = finish_image(self.engine, result.job, result.seed, rendered.images[position],
+                                     ext=result.output_path.suffix.lstrip(".").lower(),  # output.filename's {ext}
+                                     metadata=embedded_metadata(self.plan, result),
+                                     engine_seconds=per_image,
+                                     checker=self.checker if result.item.delivery.check_content else None,
+                                     include_cost=result.item.delivery.include_cost)
+            except FacePassError as err:  # one image's face pass failing must not end the run
+                records.append(self._fail(result, str(err)))
+                continue
+            record, done = self._store(result, image, rendered.batch_record(result.job, position), engine_timings)
             records.append(record)
             if done is not None and done.sinks():
                 finished.append(done)
@@ -458,58 +451,38 @@ class _BatchRunner:
         self.summary.failures.append((result.item.key, result.result_index, error))
         return self.failed(result, error)
 
-    def _refine_faces(self, result: PlannedResult, pixels, settings, timings: dict) -> tuple:
-        """(refined pixels, what the record says of it) of one image; its seconds go into the timings."""
-        t0 = time.perf_counter()
-        refined = self.engine.refine_faces(pixels, settings, result.seed, loras=result.job.engine_loras)
-        timings["faces"] = round(time.perf_counter() - t0, 4)
-        self.summary.stage_seconds["faces"] = self.summary.stage_seconds.get("faces", 0.0) + timings["faces"]
-        return refined.image, {"faces": refined.faces, "face_detector": refined.detector}
-
-    def _finish(self, result: PlannedResult, pixels, batch_info: dict, timings: dict,
-                faces: dict | None = None) -> tuple[dict, Finished | None]:
-        """Check, encode, store and record one image (with what the face pass found, if it ran)."""
-        delivery = result.item.delivery
-        t0 = time.perf_counter()
-        verdict = self.checker.check(pixels) if self.checker and delivery.check_content else None
-        self.summary.flagged += bool(verdict and verdict.nsfw)
-        t1 = time.perf_counter()
-        # the file's extension (output.filename's {ext}, from outputFormat) picks the encoder
-        data = encode_image(pixels, result.output_path.suffix.lstrip(".").lower(), result.job.output_quality,
-                            embedded_metadata(self.plan, result))
-        t2 = time.perf_counter()
+    def _store(self, result: PlannedResult, image: FinishedImage, batch_info: dict,
+               engine_timings: dict) -> tuple[dict, Finished | None]:
+        """Write one finished image (atomically) and make its record, and what its sinks need."""
+        for stage in ("faces", "check", "encode"):
+            if stage in image.timings:
+                self.summary.stage_seconds[stage] = self.summary.stage_seconds.get(stage, 0.0) + image.timings[stage]
+        self.summary.flagged += bool(image.nsfw)
         outside = outside_reason(self.plan.out_dir, result.output_path)
         if outside:  # a symlinked folder inside OUT: never written through
             return self._fail(result, f"not written: {outside}"), None
+        t0 = time.perf_counter()
         try:
-            atomic_write_bytes(result.output_path, data)  # the file sink: always, flagged or not
+            atomic_write_bytes(result.output_path, image.data)  # the file sink: always, flagged or not
         except OSError as err:
             if disk_full(err):  # every next write would fail too: the run stops here, one line
                 raise StorageError.about(result.output_path, err, "image") from None
             return self._fail(result, f"cannot write {result.output_path}: {err}"), None
         self.unrecorded.append(result.output_path)
-        t3 = time.perf_counter()
-        self.summary.stage_seconds["encode"] += t2 - t1
-        self.summary.stage_seconds["write"] += t3 - t2
+        write = time.perf_counter() - t0
+        self.summary.stage_seconds["write"] += write
         self.summary.rendered += 1
-        timings = {**timings, "check": round(t1 - t0, 4), "encode": round(t2 - t1, 4), "write": round(t3 - t2, 4)}
-        engine_seconds = timings["engine_per_image"] + timings.get("faces", 0.0)  # the face pass is engine time too
-        cost = cost_of(engine_seconds) if delivery.include_cost else None
+        timings = {**engine_timings, **image.timings, "write": round(write, 4)}
         record = result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
-                               output_sha256=hashlib.sha256(data).hexdigest(), output_bytes=len(data),
-                               timings=timings, engine=self.engine_identity, batch=batch_info, cost=cost,
-                               safety=verdict.as_record() if verdict else None)
-        if faces is not None:
-            record.update(faces)  # "faces" (one entry per detection) and "face_detector"
+                               output_sha256=hashlib.sha256(image.data).hexdigest(), output_bytes=len(image.data),
+                               timings=timings, engine=self.engine_identity, batch=batch_info, cost=image.cost,
+                               safety=image.verdict.as_record() if image.verdict else None)
+        if image.faces is not None:
+            record.update(image.faces)  # "faces" (one entry per detection) and "face_detector"
+        delivery = result.item.delivery
         done = Finished(item_id=record["item_id"], result_index=record["result_index"], path=result.output_path,
                         filename=record["output"]["path"], seed=result.seed, task_uuid=record["taskUUID"],
                         image_uuid=record["imageUUID"], output_type=delivery.output_type,
                         upload_endpoint=delivery.upload_endpoint, webhook_url=delivery.webhook_url,
-                        cost=cost, nsfw=verdict.nsfw if verdict else None)
+                        cost=image.cost, nsfw=image.nsfw, image_url=result.output_path.resolve().as_uri())
         return record, done
-
-
-def build_request(batch: Batch, slots: list[tuple[PlannedResult, list]]) -> BatchRequest:
-    """One engine request for `slots` (result, decoded references) from their jobs, padded up to
-    batch.size (BatchRequest.for_jobs)."""
-    return BatchRequest.for_jobs([(result.job, result.seed, refs) for result, refs in slots], batch.size)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from flowgen.delivery.log import DeliveryTable, SinkOutcome, SinkState
 from flowgen.errors import FlowgenError, storage_errors
 from flowgen.run.atomic import atomic_write_bytes
 
@@ -43,31 +44,6 @@ CREATE TABLE IF NOT EXISTS results (
     updated_at    REAL    NOT NULL,
     record        TEXT    NOT NULL,
     PRIMARY KEY (item_id, result_index)
-);
-CREATE TABLE IF NOT EXISTS deliveries (
-    item_id      TEXT    NOT NULL,
-    result_index INTEGER NOT NULL,
-    sink         TEXT    NOT NULL,  -- upload | webhook
-    state        TEXT    NOT NULL CHECK (state IN ('pending', 'ok', 'failed', 'withheld')),
-    target       TEXT,              -- scheme://host/path (query strings such as signatures removed)
-    url          TEXT,              -- upload: where the file now is (no query string)
-    attempts     INTEGER NOT NULL DEFAULT 0,
-    error        TEXT,
-    updated_at   REAL    NOT NULL,
-    PRIMARY KEY (item_id, result_index, sink)
-);
-CREATE TABLE IF NOT EXISTS delivery_attempts (
-    id           INTEGER PRIMARY KEY AUTOINCREMENT,
-    item_id      TEXT    NOT NULL,
-    result_index INTEGER NOT NULL,
-    sink         TEXT    NOT NULL,
-    run_id       TEXT    NOT NULL,
-    attempt      INTEGER NOT NULL,
-    started_at   TEXT    NOT NULL,
-    seconds      REAL,
-    status_code  INTEGER,
-    error        TEXT,
-    outcome      TEXT    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS expirations (  -- results whose file `flowgen gc` removed when their ttl ran out
     item_id      TEXT    NOT NULL,
@@ -160,7 +136,11 @@ def load_watermarks(out_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 
 class Manifest:
-    """Records of one output folder. Records are plain dicts (see flowgen.run.records)."""
+    """Records of one output folder. Records are plain dicts (see flowgen.run.records).
+
+    Also the run's DeliveryLog (flowgen.delivery.log): one connection, used from the run's thread only."""
+
+    thread_safe = False  # a dispatcher's outcomes are recorded by Dispatcher.collect() on the run's thread
 
     def __init__(self, out_dir: str | Path, *, create: bool = True):
         self.out_dir = Path(out_dir)
@@ -174,6 +154,8 @@ class Manifest:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=FULL")  # a committed batch survives power loss too
             self.conn.executescript(_SCHEMA)
+            self.delivery_log = DeliveryTable(self.conn)  # the shape the server's store keeps too
+            self.delivery_log.create()
             self._check_schema()
         except BaseException:
             self.conn.close()
@@ -196,21 +178,18 @@ class Manifest:
         self.close()
 
     # --- results -------------------------------------------------------------------------
-    def upsert(self, records: Iterable[dict[str, Any]], deliveries: Iterable[tuple] = ()) -> None:
+    def upsert(self, records: Iterable[dict[str, Any]], deliveries: Iterable[SinkState] = ()) -> None:
         """Insert or replace records in one transaction (all of a batch, or none of it), together
-        with their deliveries' first states: (item_id, result_index, sink, state, error) tuples."""
+        with their deliveries' first states (Dispatcher.first_states)."""
         rows = [_row(r) for r in records]
-        deliveries = [(*d, time.time()) for d in deliveries]
+        deliveries = list(deliveries)
         if not rows and not deliveries:
             return
         with self.conn.transaction():
             self.conn.executemany(_UPSERT, rows)
             self.conn.executemany("DELETE FROM expirations WHERE item_id=? AND result_index=?",
                                   [(r["item_id"], r["result_index"]) for r in rows])
-            self.conn.executemany(
-                """INSERT INTO deliveries (item_id, result_index, sink, state, error, updated_at) VALUES (?,?,?,?,?,?)
-                   ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
-                       error = excluded.error, updated_at = excluded.updated_at""", deliveries)
+            self.delivery_log.add_first_states(deliveries)
 
     def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
         row = self.conn.execute(
@@ -250,46 +229,27 @@ class Manifest:
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
 
-    # --- deliveries ----------------------------------------------------------------------
+    # --- deliveries (flowgen.delivery.log) ------------------------------------------------
     def set_delivery(self, item_id: str, result_index: int, sink: str, state: str, *, target: str | None = None,
                      url: str | None = None, error: str | None = None, attempts: int = 0) -> None:
         """Upsert one (result, sink) delivery state; `attempts` is added to the count so far."""
-        self.conn.execute(
-            """INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at)
-               VALUES (?,?,?,?,?,?,?,?,?)
-               ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
-                   target = COALESCE(excluded.target, target), url = COALESCE(excluded.url, url),
-                   attempts = attempts + excluded.attempts, error = excluded.error, updated_at = excluded.updated_at""",
-            (item_id, result_index, sink, state, target, url, attempts, error, time.time()),
-        )
+        self.delivery_log.set_state(item_id, result_index, sink, state, target=target, url=url, error=error,
+                                    attempts=attempts)
 
     def add_attempts(self, item_id: str, result_index: int, sink: str, run_id: str, attempts: Iterable[dict]) -> None:
         """Append delivery attempts (dicts with attempt, started_at, seconds, status_code, error, outcome)."""
-        self.conn.executemany(
-            """INSERT INTO delivery_attempts (item_id, result_index, sink, run_id, attempt, started_at, seconds,
-                                              status_code, error, outcome) VALUES (?,?,?,?,?,?,?,?,?,?)""",
-            [(item_id, result_index, sink, run_id, a["attempt"], a["started_at"], a.get("seconds"), a.get("status_code"),
-              a.get("error"), a["outcome"]) for a in attempts],
-        )
+        self.delivery_log.add_attempts(item_id, result_index, sink, run_id, attempts)
+
+    def record_delivery(self, outcome: SinkOutcome, run_id: str) -> None:
+        """A sink's outcome and its attempts (the dispatcher's DeliveryLog call)."""
+        self.delivery_log.record(outcome, run_id)
 
     def deliveries(self, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Delivery states, optionally only those in `states`, ordered by result then sink."""
-        query = "SELECT item_id, result_index, sink, state, target, url, attempts, error, updated_at FROM deliveries"
-        args: tuple = ()
-        if states is not None:
-            states = tuple(states)
-            query += f" WHERE state IN ({','.join('?' * len(states))})"
-            args = states
-        cursor = self.conn.execute(query + " ORDER BY item_id, result_index, sink", args)
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        return self.delivery_log.rows(states=states)
 
     def attempts(self, item_id: str, result_index: int) -> list[dict[str, Any]]:
-        cursor = self.conn.execute(
-            "SELECT sink, run_id, attempt, started_at, seconds, status_code, error, outcome FROM delivery_attempts "
-            "WHERE item_id=? AND result_index=? ORDER BY id", (item_id, result_index))
-        names = [d[0] for d in cursor.description]
-        return [dict(zip(names, row)) for row in cursor]
+        return self.delivery_log.attempts(item_id, result_index)
 
     # --- runs ----------------------------------------------------------------------------
     def launch_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str, log: str) -> None:

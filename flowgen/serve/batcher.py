@@ -25,13 +25,14 @@ import time
 from collections import defaultdict
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
-from flowgen.plan.batching import chunk_sizes, next_pow2, signature_label
+from flowgen.plan.batching import batch_order, chunk_sizes, next_pow2
 from flowgen.plan.job import Job
-from flowgen.run.engine import BatchRequest, Engine
+from flowgen.run.engine import Engine
+from flowgen.run.render import render_batch
 
 
 class BatcherClosed(RuntimeError):
@@ -44,6 +45,7 @@ class BatcherResult:
     engine_seconds: float  # this image's share of the batch's engine time (engine time / padded size, as runs count it)
     batch_size: int  # how many real requests shared its sampling loop
     batch_info: dict  # what regen needs to replay it: the executor's `batch` record
+    engine: Engine | None = None  # the engine that rendered it (the face pass reuses it, under engine_lock)
 
 
 @dataclass
@@ -189,33 +191,26 @@ class Batcher:
 
     def _run(self, batch: list[_Request]) -> None:
         """One engine call for `batch` (one group's requests); resolves every future in it."""
-        batch = ordered([r for r in batch if r.future.set_running_or_notify_cancel()])  # cancelled ones drop out
+        live = [r for r in batch if r.future.set_running_or_notify_cancel()]  # cancelled ones drop out
+        batch = batch_order(live, job_of=lambda r: r.job, then=lambda r: r.number)
         if not batch:
             return
         # the padded size chunk_sizes gave the taken chunk (still a power of two <= max_batch when
         # cancellations shrank it)
         size = next_pow2(len(batch))
         try:
-            request = BatchRequest.for_jobs([(r.job, r.seed, r.references) for r in batch], size)
             with self.engine_lock:
                 engine = self.engine(batch[0].model)
-                t0 = time.perf_counter()
-                output = engine.generate_batch(request)
-            if len(output.images) < len(batch):
-                raise RuntimeError(f"the engine returned {len(output.images)} images for a batch of {len(batch)}")
+                rendered = render_batch(engine, [(r.job, r.seed, r.references) for r in batch], size)
         except Exception as err:  # fails this batch only; the worker keeps serving
             for r in batch:
                 _fail(r.future, err)
             return
-        seconds = time.perf_counter() - t0
         self._count(len(batch))
         for position, r in enumerate(batch):
-            layout = output.layouts[position] if position < len(output.layouts) else {}
-            r.future.set_result(BatcherResult(
-                pixels=np.asarray(output.images[position], dtype=np.uint8),
-                engine_seconds=seconds / size,
-                batch_size=len(batch),
-                batch_info=batch_record(r.job, size, position, layout)))
+            r.future.set_result(BatcherResult(pixels=rendered.images[position],
+                                              engine_seconds=rendered.seconds_per_image, batch_size=len(batch),
+                                              batch_info=rendered.batch_record(r.job, position), engine=engine))
 
     def engine(self, model: str) -> Engine:
         """The engine of `model`, made on first use (the server's face pass reuses it)."""
@@ -229,25 +224,6 @@ class Batcher:
             counts.batches += 1
             counts.images += real
             counts.max_batch_size = max(counts.max_batch_size, real)
-
-
-def ordered(batch: list[_Request]) -> list[_Request]:
-    """The planner's row order (flowgen.plan.batching._ordered): largest reference-set groups
-    first, each contiguous, then by prompt; then arrival."""
-    counts: dict[str, int] = defaultdict(int)
-    for r in batch:
-        counts[r.job.reference_set] += 1
-    return sorted(batch, key=lambda r: (-counts[r.job.reference_set], r.job.reference_set, r.job.prompt, r.number))
-
-
-def batch_record(job: Job, size: int, position: int, layout: dict[str, Any]) -> dict:
-    """The `batch` record flowgen.run.executor writes for an image at `position` of a batch of
-    padded `size` (what regen replays), for a batch of `job`'s signature."""
-    info = {"size": size, "position": position, "guidance": job.guidance, "signature": signature_label(job.signature),
-            **{k: v for k, v in layout.items() if k != "batch"}}
-    if job.loras:  # which LoRA files (by content) were merged into the weights
-        info["loras"] = [{"path": path, "sha256": digest, "weight": weight} for path, digest, weight in job.loras]
-    return info
 
 
 def _fail(future: Future, error: BaseException) -> None:

@@ -27,8 +27,9 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from flowgen.delivery.log import DeliveryTable, SinkOutcome, SinkState
 from flowgen.run.atomic import atomic_write_bytes
 from flowgen.serve.auth import key_digest
 from flowgen.serve.urls import ImageURLs
@@ -65,18 +66,6 @@ CREATE TABLE IF NOT EXISTS image_owners (
   owner TEXT NOT NULL,             -- key_digest of a key that uploaded it or whose task rendered it
   PRIMARY KEY (image_uuid, owner)
 );
-CREATE TABLE IF NOT EXISTS deliveries (
-  task_uuid TEXT NOT NULL,
-  result_index INTEGER NOT NULL,
-  sink TEXT NOT NULL,              -- upload | webhook (flowgen.run.deliver.SINKS)
-  state TEXT NOT NULL,             -- pending | ok | failed | withheld
-  target TEXT,                     -- scheme://host/path (query strings removed)
-  url TEXT,                        -- upload: where the file now is (no query string)
-  attempts INTEGER NOT NULL DEFAULT 0,
-  error TEXT,
-  updated REAL NOT NULL,
-  PRIMARY KEY (task_uuid, result_index, sink)
-);
 CREATE TABLE IF NOT EXISTS sessions (
   session_uuid TEXT PRIMARY KEY,
   key_digest TEXT NOT NULL,        -- sha256 of the API key that opened it (a session is not a key)
@@ -107,6 +96,11 @@ def image_uuid_for(sha256: str) -> str:
 
 
 class Store:
+    """The server's records (see module doc); thread-safe. Also the server's DeliveryLog
+    (flowgen.delivery.log), written from the delivery threads as each sink finishes."""
+
+    thread_safe = True
+
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / "images"
@@ -120,6 +114,9 @@ class Store:
         columns = {row[1] for row in self.conn.execute("PRAGMA table_info(tasks)")}
         if "owner" not in columns:  # a store written before tasks had owners
             self.conn.execute("ALTER TABLE tasks ADD COLUMN owner TEXT")
+        self._deliveries = DeliveryTable(self.conn)  # the run manifest's shape: item_id is the taskUUID
+        _upgrade_deliveries(self.conn)
+        self._deliveries.create()
         self.fail_unfinished(RESTARTED)
 
     def close(self) -> None:
@@ -139,25 +136,24 @@ class Store:
             if row is not None:
                 if not (row[0] == task_type and row[3] == owner and _interrupted(row[1], row[2])):
                     return False
-                for table in ("tasks", "results", "deliveries"):
+                for table in ("tasks", "results"):
                     self.conn.execute(f"DELETE FROM {table} WHERE task_uuid = ?", (task_uuid,))
+                self._deliveries.delete(task_uuid)
             self.conn.execute("INSERT INTO tasks (task_uuid, task_type, status, request, expected, created, owner) "
                               "VALUES (?, ?, 'processing', ?, ?, ?, ?)",
                               (task_uuid, task_type, json.dumps(request), expected, time.time(), owner))
         return True
 
     def add_result(self, task_uuid: str, result_index: int, image_uuid: str, seed: int, cost: float | None,
-                   nsfw: bool | None = None, sinks: dict[str, str] | None = None) -> None:
+                   nsfw: bool | None = None, sinks: Iterable[SinkState] = ()) -> None:
         """Record one finished result; the task turns `success` when its last result arrives.
-        `sinks` ({sink: first state}) are recorded in the same transaction, so a server killed
-        before delivering finds them `pending` when it starts again."""
+        `sinks` (the dispatcher's first states) are recorded in the same transaction, so a server
+        killed before delivering finds them `pending` when it starts again."""
         with self._lock, self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")  # the result and its sinks: one transaction
             self.conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
                               (task_uuid, result_index, image_uuid, seed, cost, None if nsfw is None else int(nsfw)))
-            self.conn.executemany("INSERT OR IGNORE INTO deliveries (task_uuid, result_index, sink, state, updated) "
-                                  "VALUES (?, ?, ?, ?, ?)",
-                                  [(task_uuid, result_index, sink, state, time.time())
-                                   for sink, state in (sinks or {}).items()])
+            self._deliveries.add_first_states(sinks)
             self.conn.execute(
                 "UPDATE tasks SET status = 'success', finished = ? WHERE task_uuid = ? AND status = 'processing' "
                 "AND expected <= (SELECT COUNT(*) FROM results WHERE results.task_uuid = tasks.task_uuid)",
@@ -200,29 +196,23 @@ class Store:
 
     # --- deliveries (webhookURL, uploadEndpoint) ----------------------------------------------
 
+    def record_delivery(self, outcome: SinkOutcome, run_id: str) -> None:
+        """A sink's outcome and its attempts; `attempts` add to earlier tries' (a resend after a restart)."""
+        with self._lock, self.conn:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._deliveries.record(outcome, run_id)
+
     def set_delivery(self, task_uuid: str, result_index: int, sink: str, state: str, *, target: str | None,
-                     url: str | None, attempts: int, error: str | None) -> None:
-        """A sink's outcome; `attempts` adds to those of earlier tries (a resend after a restart)."""
+                     error: str | None) -> None:
+        """A sink's state decided without sending it (a resend that cannot be made)."""
         with self._lock:
-            self.conn.execute("UPDATE deliveries SET state = ?, target = ?, url = ?, attempts = attempts + ?, "
-                              "error = ?, updated = ? WHERE task_uuid = ? AND result_index = ? AND sink = ?",
-                              (state, target, url, attempts, error, time.time(), task_uuid, result_index, sink))
+            self._deliveries.set_state(task_uuid, result_index, sink, state, target=target, error=error)
 
     def deliveries(self, task_uuid: str | None = None, states: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
-        """Delivery rows (of one task, and/or in some states), in task and result order."""
-        where, args = [], []
-        if task_uuid is not None:
-            where.append("task_uuid = ?")
-            args.append(task_uuid)
-        if states:
-            where.append("state IN (" + ", ".join("?" * len(states)) + ")")
-            args.extend(states)
-        sql = ("SELECT task_uuid, result_index, sink, state, target, url, attempts, error FROM deliveries"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY task_uuid, result_index, sink")
+        """Delivery rows (flowgen.delivery.log; `item_id` is the taskUUID) of one task and/or in
+        some states, in task and result order."""
         with self._lock:
-            rows = self.conn.execute(sql, args).fetchall()
-        keys = ("taskUUID", "resultIndex", "sink", "state", "target", "url", "attempts", "error")
-        return [dict(zip(keys, row)) for row in rows]
+            return self._deliveries.rows(item_id=task_uuid, states=states)
 
     # --- images ------------------------------------------------------------------------------
 
@@ -301,6 +291,22 @@ class Store:
             new = str(uuid.uuid4())
             self.conn.execute("INSERT INTO sessions VALUES (?, ?, ?)", (new, digest, time.time()))
         return new
+
+
+def _upgrade_deliveries(conn: sqlite3.Connection) -> None:
+    """A store written before runs and the server shared one deliveries table (keyed by task_uuid,
+    stamped `updated`): its rows, moved into the shared shape."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+    if "task_uuid" not in columns:
+        return
+    with conn:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ALTER TABLE deliveries RENAME TO deliveries_before")
+        DeliveryTable(conn).create()
+        conn.execute("INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at) "
+                     "SELECT task_uuid, result_index, sink, state, target, url, attempts, error, updated "
+                     "FROM deliveries_before")
+        conn.execute("DROP TABLE deliveries_before")
 
 
 def _interrupted(status: str, errors: str | None) -> bool:

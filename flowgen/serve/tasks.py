@@ -13,16 +13,18 @@ type) is refused. A task a stopped server interrupted runs anew when its key sen
 the same taskUUID. At most `max_unfinished` imageInference tasks per key are unfinished at once,
 counted when a task is accepted (a task refused by validation never counts).
 
-LoRAs resolve as a recipe's do (flowgen.plan.loras) into the Job, so tasks with different LoRA
-sets never share a batch; the face pass (`ultralytics`) runs after the batcher's result, before
-encoding, as runs do; webhookURL / uploadEndpoint go through the runs' sinks (deliveries.py).
+A validated task is read once into a flowgen.plan.task.ResolvedTask, as the planner reads a
+recipe item's (its Job, with LoRAs resolved as a recipe's are, so tasks with different LoRA sets
+never share a batch; its Delivery; numberResults; seed). A result is finished as runs finish
+theirs (flowgen.run.render: face pass, content check, encode); webhookURL / uploadEndpoint go
+through the runs' dispatcher (deliveries.py). What is the server's own: validation's protocol
+errors, the task store, the answers.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -31,23 +33,22 @@ from typing import Any, Iterable
 from flowgen.engine import MAX_SERVE_INPUT_PIXELS, ModelCard
 from flowgen.errors import FlowgenError
 from flowgen.net.redact import redacted_task
-from flowgen.plan.compile import guidance_for, output_ext
-from flowgen.plan.job import Job
+from flowgen.plan.compile import extension_for, guidance_for
 from flowgen.plan.loras import LoraResolver
 from flowgen.plan.seeds import result_seed
-from flowgen.recipe.spec import MAX_REFERENCES, SPEC_CFG_DEFAULT, SPEC_DEFAULTS
+from flowgen.plan.task import ResolvedTask
+from flowgen.recipe.expansion import base_defaults
+from flowgen.recipe.spec import MAX_REFERENCES
 from flowgen.recipe.validation import (
-    card_defaults,
     clean_task,
     find_card,
     merge_tasks,
     merged_problems,
     task_problems,
 )
-from flowgen.run.cost import cost_of
-from flowgen.run.faces import check_detector, face_settings
-from flowgen.run.outputs import encode_image
+from flowgen.run.faces import load_detector
 from flowgen.run.references import ReferenceLoader
+from flowgen.run.render import finish_image
 from flowgen.serve.deliveries import ServeDeliveries, finished_for
 from flowgen.serve.inputs import ImageInputs
 from flowgen.serve.protocol import (
@@ -100,10 +101,9 @@ class _Running:
 
     task_uuid: str
     expected: int
+    resolved: ResolvedTask  # the task read once: its Job, its Delivery
     owner: str = ""  # key_digest of the key that sent it
-    model: str = ""  # the card name (the face pass asks the batcher's engine for it)
-    job: Job | None = None
-    faces: Any = None  # FaceRefineSettings when the task asks for the face pass
+    model: str = ""  # how results name the model (ServedModels.label)
     base_url: str | None = None  # where this server serves images (the webhook's imageURL)
     done: Future = field(default_factory=Future)  # resolves (to None) once every result is recorded
     finished: int = 0
@@ -138,22 +138,22 @@ class TaskService:
         self._check_unfinished(owner, task_uuid)  # cheap, before any fetch; _accept checks again
         card = self.models.card_for(raw.get("model"), task_uuid)
         task, paths, hashes = self._validated(raw, card, task_uuid, owner)
-        distilled = card.distilled
         try:
             loras = self.loras(task)
         except FlowgenError as err:  # a LoRA file that changed or vanished since the check above
             raise problem_error(str(err), "imageInference", task_uuid) from None
-        job = Job.from_task(task, guidance=guidance_for(task, distilled), references=paths, reference_hashes=hashes,
-                            loras=loras)
-        faces = face_settings(task)
-        if faces is not None:
+        # read once, as the planner reads a recipe item's task (flowgen.plan.compile)
+        resolved = ResolvedTask.from_task(task, guidance=guidance_for(task, card.distilled), references=paths,
+                                          reference_hashes=hashes, loras=loras)
+        job, delivery = resolved.job, resolved.delivery
+        if job.face_pass is not None:
             try:
-                check_detector([task])  # no detector here: refused now, not after rendering
+                load_detector()  # no detector here: refused now, not after rendering
             except FlowgenError as err:
                 raise ProtocolError("unsupportedParameter", f"task.ultralytics: {err}", parameter="ultralytics",
                                     task_type="imageInference", task_uuid=task_uuid) from None
-        count = int(task.get("numberResults", 1))
-        seed = task.get("seed")
+        count = resolved.number_results
+        seed = resolved.seed
         if seed is None:  # consecutive from a random base, all in range (as a fixed seed gives seed + i)
             seed = secrets.randbelow(SEED_RANGE - count + 1)
         seeds = [result_seed(seed, None, task_uuid, i) for i in range(count)]
@@ -162,15 +162,16 @@ class TaskService:
         except ValueError as err:
             raise ProtocolError("invalidReferenceImages", str(err), parameter="inputs.referenceImages",
                                 task_type="imageInference", task_uuid=task_uuid) from None
-        check = (task.get("safety") or {}).get("checkContent") is True
-        if check:
+        if delivery.check_content:
             self._content_checker(task_uuid)  # unavailable: refused now, not after rendering
-        request = {"model": self.models.label(card), "outputType": task.get("outputType", "URL"),
-                   "ext": output_ext(task), "outputQuality": task.get("outputQuality"),
-                   "includeCost": bool(task.get("includeCost")), "ttl": task.get("ttl"), "checkContent": check,
-                   "webhookURL": task.get("webhookURL"), "uploadEndpoint": task.get("uploadEndpoint"),
+        label = self.models.label(card)
+        # what the store keeps of the task, for its answers and a resend after a restart
+        request = {"model": label, "outputType": delivery.output_type,
+                   "ext": extension_for(job.output_format), "outputQuality": job.output_quality,
+                   "includeCost": delivery.include_cost, "ttl": delivery.ttl, "checkContent": delivery.check_content,
+                   "webhookURL": delivery.webhook_url, "uploadEndpoint": delivery.upload_endpoint,
                    "baseURL": base_url}  # where the server answering it serves images (a resend's webhook)
-        running = _Running(task_uuid, count, owner, card.name, job, faces, base_url)
+        running = _Running(task_uuid, count, resolved, owner, label, base_url)
         with self._lock:
             self._check_unfinished(owner, task_uuid)
             accepted = self.store.accept(task_uuid, "imageInference", _stored_request(request), count, owner)
@@ -235,7 +236,7 @@ class TaskService:
             inputs = dict(task.get("inputs") or {}) if isinstance(task.get("inputs"), dict) else {}
             inputs["referenceImages"] = [str(image.path) for image in stored]
             task["inputs"] = inputs
-        task = merge_tasks(_base_defaults(card), task)
+        task = merge_tasks(base_defaults(card, card.distilled), task)
         task["model"] = self.models.label(card)
         problems = task_problems(task, "task") + merged_problems(task, "task", task["model"], card.distilled, card)
         if problems:
@@ -243,36 +244,32 @@ class TaskService:
         return clean_task(task), [str(image.path) for image in stored], [image.sha256 for image in stored]
 
     def _result(self, running: _Running, request: dict, index: int, seed: int, future: Future) -> None:
-        """A batcher result: face pass, encode, store, record, hand to its sinks (on the batcher's
-        thread; the sinks run in the delivery pool)."""
+        """A batcher result: the run's finish (face pass, content check, encode: flowgen.run.render),
+        then store, record, hand to its sinks (on the batcher's thread; the sinks run in lanes)."""
+        job, delivery = running.resolved.job, running.resolved.delivery
+        ext = extension_for(job.output_format)
         try:
             result = future.result()
-            pixels, engine_seconds = result.pixels, result.engine_seconds
-            if running.faces is not None:
-                # the engine the batcher rendered with (this callback runs on its thread, or on the
-                # submitting worker when the batch beat add_done_callback), one call at a time
-                with self.batcher.engine_lock:
-                    t0 = time.perf_counter()
-                    engine = self.batcher.engine(running.model)
-                    pixels = engine.refine_faces(pixels, running.faces, seed, loras=running.job.engine_loras).image
-                    engine_seconds += time.perf_counter() - t0  # the face pass is engine time too (as runs count it)
-            metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": request["model"],
+            metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": running.model,
                         "taskUUID": running.task_uuid}
-            data = encode_image(pixels, request["ext"], request["outputQuality"], metadata)
-            image = self.store.put_image(data, request["ext"], request["ttl"], owner=running.owner)
-            cost = cost_of(engine_seconds) if request["includeCost"] else None
-            nsfw = self._checker.check(pixels).nsfw if request.get("checkContent") else None
-            stored = {"imageUUID": image.image_uuid, "seed": seed, "cost": cost, "NSFWContent": nsfw}
-            finished = finished_for(running.task_uuid, index, request, stored, image.path)
-            self.store.add_result(running.task_uuid, index, image.image_uuid, seed, cost, nsfw,
+            # the face pass runs on the engine the batcher rendered with, one engine call at a time
+            image = finish_image(result.engine, job, seed, result.pixels, ext=ext, metadata=metadata,
+                                 engine_seconds=result.engine_seconds,
+                                 checker=self._checker if delivery.check_content else None,
+                                 include_cost=delivery.include_cost, engine_lock=self.batcher.engine_lock)
+            stored = self.store.put_image(image.data, ext, delivery.ttl, owner=running.owner)
+            url = self.store.image_url(running.base_url, stored) if running.base_url else None
+            finished = finished_for(running.task_uuid, index, request,
+                                    {"imageUUID": stored.image_uuid, "seed": seed, "cost": image.cost,
+                                     "NSFWContent": image.nsfw}, stored.path, url, running.owner)
+            self.store.add_result(running.task_uuid, index, stored.image_uuid, seed, image.cost, image.nsfw,
                                   sinks=self.deliveries.first_states(finished))
         except Exception as err:
             self._failed(running, err)
             return
-        url = self.store.image_url(running.base_url, image) if running.base_url else None
         # a task with uploadEndpoint is answered once its uploads are recorded (its imageURL is theirs),
         # or after deliveries.UPLOAD_WAIT_S (its imageURL is this server's): a slow sink never holds it
-        self.deliveries.send(finished, url, on_uploaded=lambda: self._counted(running), owner=running.owner)
+        self.deliveries.send(finished, on_uploaded=lambda: self._counted(running))
 
     def _counted(self, running: _Running) -> None:
         """One more of the task's results is final; the last one finishes the task."""
@@ -409,14 +406,6 @@ class TaskService:
             self._finish(running)
         self.store.fail_unfinished(SHUTDOWN)
         self.inputs.close()
-
-
-def _base_defaults(card: ModelCard) -> dict:
-    """Spec defaults under the card's defaults, as flowgen.recipe.expansion._base_defaults builds them."""
-    base = dict(SPEC_DEFAULTS)
-    if card.distilled is False:
-        base["CFGScale"] = SPEC_CFG_DEFAULT
-    return {**base, **card_defaults(card, card.distilled)}
 
 
 def _reference_inputs(raw: dict[str, Any], task_uuid: str) -> list:

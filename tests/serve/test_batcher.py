@@ -14,7 +14,7 @@ from flowgen.plan.batching import make_batches
 from flowgen.plan.job import Job
 from flowgen.plan.model import PlannedItem, PlannedResult
 from flowgen.run.engine import FakeEngine
-from flowgen.run.executor import build_request
+from flowgen.run.render import render_batch
 from flowgen.serve.batcher import Batcher, BatcherClosed, BatcherResult
 
 TIMEOUT = 30  # seconds any one wait may take before a test fails (CPU is shared)
@@ -103,11 +103,11 @@ def planned(jobs_and_seeds: list[tuple[Job, int]]) -> list[PlannedResult]:
 
 def executor_images(engine, jobs_and_seeds, max_batch: int, decoded: dict) -> dict[int, tuple[np.ndarray, dict]]:
     """What `flowgen run` renders: submit number -> (pixels, batch size and position), via the
-    planner's batches and the executor's engine request."""
+    planner's batches and the executor's engine call."""
     out = {}
     for batch in make_batches(planned(jobs_and_seeds), max_batch):
-        slots = [(r, [decoded[p] for p in r.job.references]) for r in batch.results]
-        images = engine.generate_batch(build_request(batch, slots)).images
+        rows = [(r.job, r.seed, [decoded[p] for p in r.job.references]) for r in batch.results]
+        images = render_batch(engine, rows, batch.size).images
         for position, r in enumerate(batch.results):
             out[int(r.item.item_id)] = (images[position], {"size": batch.size, "position": position})
     return out

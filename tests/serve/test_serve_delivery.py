@@ -19,6 +19,7 @@ from starlette.testclient import TestClient
 from werkzeug import Response
 
 from flowgen.delivery.http import RetryPolicy
+from flowgen.delivery.log import SinkState
 from flowgen.delivery.webhook import SIGNATURE_HEADER, verify_signature
 from flowgen.run.engine import FakeEngine
 from flowgen.serve.app import create_app
@@ -129,7 +130,7 @@ def test_a_restart_sends_what_was_left_pending_once(tmp_path, httpserver):
     store.accept(task_uuid, "imageInference", {"outputType": "URL", "ext": "png",
                                                "webhookURL": httpserver.url_for("/hook"),
                                                "baseURL": "http://127.0.0.1:8080"}, 1, key_digest(KEY))
-    store.add_result(task_uuid, 0, image.image_uuid, 7, None, sinks={"webhook": "pending"})
+    store.add_result(task_uuid, 0, image.image_uuid, 7, None, sinks=[SinkState(task_uuid, 0, "webhook", "pending")])
     store.close()
     for _ in range(2):  # the second start finds nothing pending: nothing is sent twice
         app = make_app(data)

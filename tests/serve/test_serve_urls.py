@@ -29,6 +29,7 @@ from werkzeug import Response
 
 from flowgen.cli import main
 from flowgen.delivery.http import RetryPolicy
+from flowgen.delivery.log import SinkState
 from flowgen.delivery.sink_urls import FILE_NAME, SinkURLs
 from flowgen.net import ALLOW_ENV, DestinationPolicy, transport
 from flowgen.run.engine import FakeEngine
@@ -369,7 +370,7 @@ def test_a_restarted_server_resends_a_pending_sink_to_its_url_as_given_then_forg
     store.accept(task_uuid, "imageInference", _stored_request({"outputType": "URL", "ext": "png", "webhookURL": hook,
                                                                "baseURL": "http://127.0.0.1:8080"}), 1,
                  key_digest(KEY_A))
-    store.add_result(task_uuid, 0, image.image_uuid, 7, None, sinks={"webhook": "pending"})
+    store.add_result(task_uuid, 0, image.image_uuid, 7, None, sinks=[SinkState(task_uuid, 0, "webhook", "pending")])
     store.close()
     side = SinkURLs(data / FILE_NAME)
     side.keep([(task_uuid, 0, None, hook)])

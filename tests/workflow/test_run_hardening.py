@@ -26,7 +26,7 @@ from PIL import Image
 from flowgen.cli import main
 from flowgen.commands import run as run_module
 from flowgen.commands.status import status_report
-from flowgen.run import executor
+from flowgen.run import render  # where the executor encodes (flowgen.run.render.finish_image)
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import against_folder, execute
 from flowgen.run.lock import RunLock
@@ -92,7 +92,7 @@ def test_a_crash_is_recorded_failed_with_its_reason_logged_and_leaves_no_unrecor
                                                                                           monkeypatch):
     recipe = write_recipe(tmp_path)
     out = tmp_path / "out"
-    real_encode = executor.encode_image
+    real_encode = render.encode_image
     calls = []
 
     def encode_then_crash(*args, **kwargs):  # the first image is written, the second one crashes the loop
@@ -101,7 +101,7 @@ def test_a_crash_is_recorded_failed_with_its_reason_logged_and_leaves_no_unrecor
             raise ValueError("embedded null byte")
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(executor, "encode_image", encode_then_crash)
+    monkeypatch.setattr(render, "encode_image", encode_then_crash)
     result = cli("run", recipe)
 
     assert result.exit_code == 70, result.output
@@ -118,13 +118,13 @@ def test_a_crash_is_recorded_failed_with_its_reason_logged_and_leaves_no_unrecor
     shown = cli("status", out).stdout
     assert f"last run {run_id} (hardening): failed: ValueError: embedded null byte (log: {log})" in shown
 
-    monkeypatch.setattr(executor, "encode_image", real_encode)
+    monkeypatch.setattr(render, "encode_image", real_encode)
     again = cli("run", recipe)
     assert again.exit_code == 0 and "3 rendered" in again.stdout and len(images(out)) == 3
 
 
 def test_a_second_ctrl_c_mid_batch_is_recorded_interrupted_and_its_images_removed(tmp_path, monkeypatch):
-    real_encode = executor.encode_image
+    real_encode = render.encode_image
     calls = []
 
     def encode_then_abort(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_a_second_ctrl_c_mid_batch_is_recorded_interrupted_and_its_images_remove
             raise KeyboardInterrupt
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(executor, "encode_image", encode_then_abort)
+    monkeypatch.setattr(render, "encode_image", encode_then_abort)
     with pytest.raises(KeyboardInterrupt):
         execute(against_folder(plan_of([item("a"), item("b"), item("c")], tmp_path)), FakeEngine())
     with Manifest(tmp_path) as manifest:
