@@ -25,9 +25,6 @@ from tests.engine.fixtures_pipeline import (
     write_tiny_pipelines,
 )
 
-# whole pipelines against diffusers on the same random weights
-pytestmark = pytest.mark.slow
-
 torch.set_grad_enabled(False)
 PSNR_F32 = 45.0  # every item
 BF16_ERROR_RATIO = 1.5  # flowgen bf16's distance to float64, relative to diffusers bf16's
@@ -111,6 +108,7 @@ def test_sources_read_from_model_index(ours):
     assert (ours["base"].is_kv, ours["base"].distilled) == (False, False)
 
 
+@pytest.mark.slow
 def test_reference_fixture_is_sensitive(kv_reference):
     t2i, one, three = kv_reference[0], kv_reference[1], kv_reference[3]
     assert psnr(t2i[0], t2i[1]) < SENSITIVE, "prompts barely change the reference's images"
@@ -118,12 +116,14 @@ def test_reference_fixture_is_sensitive(kv_reference):
     assert psnr(one[0], three[0]) < SENSITIVE, "more references barely change the reference's images"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_refs", [0, 1, 3])
 def test_kv_pipeline_matches_diffusers(ours, kv_reference, latents, refs, num_refs):
     images = None if num_refs == 0 else refs[:num_refs]
     compare(run_ours(ours["kv"], latents, images), kv_reference[num_refs], PSNR_F32, f"kv {num_refs} refs")
 
 
+@pytest.mark.slow
 def test_distilled_pipeline_with_references_matches_diffusers(ours, theirs, latents, refs, kv_reference):
     reference = run_reference(theirs["distilled"], latents, refs[:2])
     assert psnr(reference[0], kv_reference[0][0]) < SENSITIVE
@@ -142,6 +142,7 @@ def rms(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)))
 
 
+@pytest.mark.slow
 def test_bfloat16_pipeline_error_is_diffusers_own(folders, theirs, latents, refs):
     """flowgen in bf16 is about as far from an exact (float64) diffusers run as diffusers' own bf16 run.
 
