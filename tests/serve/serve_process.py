@@ -29,7 +29,7 @@ class ServeProcess:
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ServeProcess":
+    def start(self) -> ServeProcess:
         env = {**os.environ, "FLOWGEN_API_KEYS": KEY, "JAX_PLATFORMS": "cpu"}
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "flowgen", "serve", "--model", "flowgen:1@1",

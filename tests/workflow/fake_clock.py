@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from flowgen.run.schedule import MAX_SLEEP_SECONDS
 
 
 def at(day: int, hour: int, minute: int = 0, second: int = 0) -> float:
     """December `day` 2026, UTC, as epoch seconds."""
-    return datetime(2026, 12, day, hour, minute, second, tzinfo=timezone.utc).timestamp()
+    return datetime(2026, 12, day, hour, minute, second, tzinfo=UTC).timestamp()
 
 
 class FakeClock:
