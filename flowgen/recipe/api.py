@@ -12,14 +12,23 @@ each naming the field path (``task.width: ...``) or the file (``recipe.yaml:3:5:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from flowgen.errors import RecipeError
 from flowgen.recipe.schema import Item, Recipe
 
-__all__ = ["Recipe", "Item", "RecipeError", "load_recipe", "expand_items", "validate_task", "check_references",
-           "recipe_problems", "extension_for"]
+__all__ = [
+    "Recipe",
+    "Item",
+    "RecipeError",
+    "load_recipe",
+    "expand_items",
+    "validate_task",
+    "check_references",
+    "recipe_problems",
+    "extension_for",
+]
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -60,10 +69,19 @@ def recipe_problems(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Re
     judged = {problem.split(":", 1)[0] for problem in problems}  # a field reported once, not again per item
     # a task field already found wrong is left out of the expansion (its default stands in), so that
     # every item still expands and the templates and references of all of them are checked
-    wrong = {path.split(".")[1] for path in judged if path.count(".") == 1 and path.split(".")[0] in ("task", "defaults")}
-    expanded = recipe if not wrong else recipe.model_copy(update={
-        "task": {k: v for k, v in recipe.task.items() if k not in wrong},
-        "defaults": {k: v for k, v in recipe.defaults.items() if k not in wrong}})
+    wrong = {
+        path.split(".")[1] for path in judged if path.count(".") == 1 and path.split(".")[0] in ("task", "defaults")
+    }
+    expanded = (
+        recipe
+        if not wrong
+        else recipe.model_copy(
+            update={
+                "task": {k: v for k, v in recipe.task.items() if k not in wrong},
+                "defaults": {k: v for k, v in recipe.defaults.items() if k not in wrong},
+            }
+        )
+    )
     items, found = expand_with_problems(expanded)
     problems = problems + [p for p in found if p.split(":", 1)[0] not in judged]
     return recipe, items, problems + check_references(items)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,13 @@ class Row:
 def load_dataset(name: str, spec: DatasetSpec, recipe_dir: Path) -> tuple[list[Row], list[str]]:
     """Read, filter and key one dataset; returns (rows, problems)."""
     where = f"datasets.{name}"
-    reader = {"csv": _read_csv, "jsonl": _read_jsonl, "images": _read_images, "values": _read_values}[spec.source]
-    records, problems = reader(getattr(spec, spec.source), recipe_dir, where)
+    readers: dict[str, Callable[[Any, Path, str], tuple[list, list[str]]]] = {
+        "csv": _read_csv,
+        "jsonl": _read_jsonl,
+        "images": _read_images,
+        "values": _read_values,
+    }
+    records, problems = readers[spec.source](getattr(spec, spec.source), recipe_dir, where)
     if problems:
         return [], problems
     records, problems = _apply_filter(records, spec.filter, where)
@@ -94,7 +100,9 @@ def _read_jsonl(relative: str, recipe_dir: Path, where: str) -> tuple[list, list
         except RecursionError:  # nested past the interpreter's limit, so deeper than MAX_DEPTH too
             data = _TOO_DEEP
         if data is _TOO_DEEP or deeper_than(data):
-            problems.append(f"{where}.jsonl: {origin} nests deeper than {MAX_DEPTH} levels; rows are limited to {MAX_DEPTH}")
+            problems.append(
+                f"{where}.jsonl: {origin} nests deeper than {MAX_DEPTH} levels; rows are limited to {MAX_DEPTH}"
+            )
             continue
         if not isinstance(data, dict):
             problems.append(f"{where}.jsonl: {origin} must be a JSON object, got {type(data).__name__}")

@@ -19,9 +19,10 @@ from __future__ import annotations
 import itertools
 import os
 import typing
+from collections.abc import Callable
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BeforeValidator
 
@@ -80,7 +81,9 @@ def factors(recipe: Any, problems: list[str]) -> list[list[Combo]]:
     for var, source in recipe.matrix.items():
         result.append([{var: row} for row in _source_rows(var, source, rows_of, f"matrix.{var}", problems)])
     for index, group in enumerate(recipe.zip):
-        columns = {var: _source_rows(var, source, rows_of, f"zip[{index}].{var}", problems) for var, source in group.items()}
+        columns = {
+            var: _source_rows(var, source, rows_of, f"zip[{index}].{var}", problems) for var, source in group.items()
+        }
         lengths = {var: len(rows) for var, rows in columns.items()}
         if len(set(lengths.values())) > 1:
             shown = ", ".join(f"{var} has {n}" for var, n in lengths.items())
@@ -137,7 +140,11 @@ def expand_keyed_combos(recipe: Any) -> tuple[list[tuple[str, Combo]], list[str]
         seen: dict[str, int] = {}
         for key, _ in keyed:
             seen[key] = seen.get(key, 0) + 1
-        problems += [f"matrix: {n} combinations share the key {key!r}; include entries must not repeat a combination" for key, n in seen.items() if n > 1]
+        problems += [
+            f"matrix: {n} combinations share the key {key!r}; include entries must not repeat a combination"
+            for key, n in seen.items()
+            if n > 1
+        ]
     return keyed, problems
 
 
@@ -171,7 +178,13 @@ def _data_matches(data: Any, pattern: Any) -> bool:
 
 
 def _apply_include(
-    combos: list[Combo], originals: int, entry: dict, variables: set[str], all_rows: dict, where: str, problems: list[str]
+    combos: list[Combo],
+    originals: int,
+    entry: dict,
+    variables: set[str],
+    all_rows: dict,
+    where: str,
+    problems: list[str],
 ) -> list[Combo]:
     matrix_part = {var: pattern for var, pattern in entry.items() if var in variables}
     extras: dict[str, Row] = {}
@@ -205,11 +218,15 @@ def _pick_row(var: str, pattern: Any, rows: list[Row], where: str, problems: lis
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        problems.append(f"{where}: {pattern!r} matches {len(found)} rows ({', '.join(r.key for r in found[:5])}); name exactly one")
+        problems.append(
+            f"{where}: {pattern!r} matches {len(found)} rows ({', '.join(r.key for r in found[:5])}); name exactly one"
+        )
         return None
     if not isinstance(pattern, (dict, list)) and not any(isinstance(r.data, dict) for r in rows):
         return Row(as_text(pattern), pattern, where)  # a new scalar value, as in CI matrices
-    problems.append(f"{where}: no row matches {pattern!r}" + (f"; keys: {', '.join(r.key for r in rows[:8])}" if rows else ""))
+    problems.append(
+        f"{where}: no row matches {pattern!r}" + (f"; keys: {', '.join(r.key for r in rows[:8])}" if rows else "")
+    )
     return None
 
 
@@ -240,7 +257,9 @@ def _expand(recipe: Any) -> tuple[list[Item], list[str]]:
         return [], problems
     dataset_of = _dataset_of_variables(recipe)
     builder = _item_builder(recipe) if keyed else None
-    items, problems, repeats = [], [], {}
+    items: list[Item] = []
+    problems = []
+    repeats: dict[str, int] = {}
     keyed.sort(key=itemgetter(0))  # keys are unique (checked above), so this is the order by key
     for key, combo in keyed:
         item = builder.build(key, combo) if builder is not None else None
@@ -321,7 +340,10 @@ def _render_part(template: dict, where: str, context: dict, combo: dict, dataset
         try:
             rendered[field] = render_tree(value, context)
         except TemplateProblem as problem:
-            problems.append(f"{where}.{field}: {problem.message}{_row_hint(problem.message, combo, dataset_of)}; available: {', '.join(available_fields(context))}")
+            problems.append(
+                f"{where}.{field}: {problem.message}{_row_hint(problem.message, combo, dataset_of)}; "
+                f"available: {', '.join(available_fields(context))}"
+            )
     return rendered, problems
 
 
@@ -353,7 +375,11 @@ def _unique_task_uuids(items: list[Item]) -> list[str]:
     for item in items:
         if "taskUUID" in item.task:
             owners.setdefault(item.task["taskUUID"], []).append(item.key)
-    return [f"task.taskUUID: must be unique per task; {uuid} is used by {len(keys)} items ({', '.join(keys[:3])})" for uuid, keys in owners.items() if len(keys) > 1]
+    return [
+        f"task.taskUUID: must be unique per task; {uuid} is used by {len(keys)} items ({', '.join(keys[:3])})"
+        for uuid, keys in owners.items()
+        if len(keys) > 1
+    ]
 
 
 def _filename_problems(recipe: Any, items: list[Item]) -> list[str]:
@@ -410,7 +436,9 @@ class ItemBuilder:
         self.recipe_dir = recipe.recipe_dir
         dynamic = [f for layer in (recipe.defaults, recipe.task) for f, v in layer.items() if _has_placeholder(v)]
         self.dynamic = tuple(dict.fromkeys(dynamic))
-        self.render_defaults = tuple((f, compile_tree(recipe.defaults[f])) for f in self.dynamic if f in recipe.defaults)
+        self.render_defaults = tuple(
+            (f, compile_tree(recipe.defaults[f])) for f in self.dynamic if f in recipe.defaults
+        )
         self.render_task = tuple((f, compile_tree(recipe.task[f])) for f in self.dynamic if f in recipe.task)
         self.base_dynamic = {f: base_defaults[f] for f in self.dynamic if f in base_defaults}
         # with one layer holding all dynamic fields, merging is taking that layer's fields as they are
@@ -444,7 +472,9 @@ class ItemBuilder:
         self.required = tuple(f for f in self.checked if f in REQUIRED)
 
         def rules(task: dict) -> list[str]:
-            return support_problems(task, "task") + model_rule_problems(task, "task", self.model, self.distilled, self.card)
+            return support_problems(task, "task") + model_rule_problems(
+                task, "task", self.model, self.distilled, self.card
+            )
 
         constant = constant_result(rules, raw, self.checked)
         if constant:
@@ -459,7 +489,9 @@ class ItemBuilder:
         values = {var: row.data for var, row in combo.items()}
         context = {**values, "name": self.name, "key": key}
         try:
-            rendered_defaults = {f: render(context) for f, render in self.render_defaults} if self.render_defaults else {}
+            rendered_defaults = (
+                {f: render(context) for f, render in self.render_defaults} if self.render_defaults else {}
+            )
             rendered_task = {f: render(context) for f, render in self.render_task} if self.render_task else {}
         except TemplateProblem:
             return None
@@ -508,7 +540,9 @@ class ItemBuilder:
                     return None
         if self.nested:
             try:
-                clean.update(TaskFields.model_validate({f: dynamic[f] for f in self.nested}).model_dump(exclude_none=True))
+                clean.update(
+                    TaskFields.model_validate({f: dynamic[f] for f in self.nested}).model_dump(exclude_none=True)
+                )
             except Exception:  # noqa: BLE001
                 return None
         return clean
@@ -532,14 +566,15 @@ def _has_placeholder(value: Any) -> bool:
 
 
 def _scalar_check(field: str) -> Callable[[Any], Any] | None:
-    """The validator of a field typed Optional[Annotated[Any, BeforeValidator(check)]], else None."""
+    """The validator of a scalar field typed `Annotated[int, integer(...)] | None` (any of schema's field
+    types: one BeforeValidator that returns the clean value), else None."""
     args = typing.get_args(TaskFields.model_fields[field].annotation)
     if len(args) != 2 or args[1] is not type(None) or typing.get_origin(args[0]) is not typing.Annotated:
         return None
     inner, *metadata = typing.get_args(args[0])
-    if inner is not Any or len(metadata) != 1 or not isinstance(metadata[0], BeforeValidator):
+    if inner not in (int, float, str, bool) or len(metadata) != 1 or not isinstance(metadata[0], BeforeValidator):
         return None
-    return metadata[0].func
+    return typing.cast(Callable[[Any], Any], metadata[0].func)  # schema's checks take the value alone (no info)
 
 
 def _copy(value: Any) -> Any:

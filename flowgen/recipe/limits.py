@@ -75,7 +75,11 @@ def deeper_than(value: object, limit: int = MAX_DEPTH) -> bool:
     while current:
         if level > limit:
             return True
-        current = [child for node in current if isinstance(node, (list, dict))
-                   for child in (node.values() if isinstance(node, dict) else node)]
+        current = [
+            child
+            for node in current
+            if isinstance(node, (list, dict))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
         level += 1
     return False

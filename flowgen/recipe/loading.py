@@ -29,7 +29,14 @@ from flowgen.recipe.expansion import RESERVED
 from flowgen.recipe.safe_yaml import parse_yaml, read_yaml_file
 from flowgen.recipe.schema import Recipe
 from flowgen.recipe.templates import TemplateProblem, is_template, template_fields
-from flowgen.recipe.validation import card_defaults, find_card, format_errors, merge_tasks, merged_problems, task_problems
+from flowgen.recipe.validation import (
+    card_defaults,
+    find_card,
+    format_errors,
+    merge_tasks,
+    merged_problems,
+    task_problems,
+)
 
 # --- load(): the stages ------------------------------------------------------------------------
 
@@ -53,7 +60,10 @@ def load_with_problems(path: Path, overrides: list[str]) -> tuple[Recipe, list[s
     shown = str(path)
     data = read_yaml_file(path, shown)
     if not isinstance(data, dict):
-        raise RecipeError(f"{shown}: a recipe must be a YAML mapping with keys such as {_TOP_KEYS}; got {'an empty file' if data is None else type(data).__name__}")
+        raise RecipeError(
+            f"{shown}: a recipe must be a YAML mapping with keys such as {_TOP_KEYS}; "
+            f"got {'an empty file' if data is None else type(data).__name__}"
+        )
     problems = apply_overrides(data, overrides)
     blocking = _plain_data_problems(data)
     recipe = _structure(data, problems + blocking)
@@ -93,15 +103,28 @@ def _plain_data_problems(data: dict) -> list[str]:
     try:
         json.dumps(data, allow_nan=False)
     except (TypeError, ValueError) as err:
-        return [f"recipe: holds a value that is not plain data ({err}); use strings, numbers, booleans, lists and mappings"]
+        return [
+            f"recipe: holds a value that is not plain data ({err}); use strings, numbers, booleans, lists and mappings"
+        ]
     return []
 
 
 def _model_problems(recipe: Recipe) -> list[str]:
     """Settle the one model of the recipe (top level, task.model or defaults.model) and find its card."""
-    named = {w: v for w, v in (("model", recipe.model), ("task.model", recipe.task.get("model")), ("defaults.model", recipe.defaults.get("model"))) if v}
+    named = {
+        w: v
+        for w, v in (
+            ("model", recipe.model),
+            ("task.model", recipe.task.get("model")),
+            ("defaults.model", recipe.defaults.get("model")),
+        )
+        if v
+    }
     if len(set(map(str, named.values()))) > 1:
-        return [f"model: set to different values in {', '.join(f'{w}={v!r}' for w, v in named.items())}; one recipe uses one model"]
+        return [
+            f"model: set to different values in {', '.join(f'{w}={v!r}' for w, v in named.items())}; "
+            "one recipe uses one model"
+        ]
     if not named:
         return []  # merged_problems reports the missing model
     where, model = next(iter(named.items()))
@@ -124,7 +147,8 @@ def _dataset_problems(recipe: Recipe) -> list[str]:
 
 def _matrix_problems(recipe: Recipe) -> list[str]:
     """Variables must be unique, not reserved, and name a dataset or list inline values."""
-    problems, owner = [], {}
+    problems: list[str] = []
+    owner: dict[str, str] = {}  # variable -> where it is defined
     sources = [(f"matrix.{var}", var, src) for var, src in recipe.matrix.items()]
     sources += [(f"zip[{i}].{var}", var, src) for i, group in enumerate(recipe.zip) for var, src in group.items()]
     for index, group in enumerate(recipe.zip):
@@ -160,7 +184,9 @@ def _pattern_problems(recipe: Recipe, owner: dict[str, str]) -> list[str]:
                 problems.append(f"{kind}[{index}]: must name at least one variable")
             for var in entry:
                 if kind == "exclude" and var not in owner:
-                    problems.append(f"{kind}[{index}].{var}: not a matrix variable; variables: {', '.join(owner) or 'none'}")
+                    problems.append(
+                        f"{kind}[{index}].{var}: not a matrix variable; variables: {', '.join(owner) or 'none'}"
+                    )
                 if var in RESERVED:
                     problems.append(f"{kind}[{index}].{var}: '{var}' is reserved for templates; rename the variable")
     return problems
@@ -168,11 +194,14 @@ def _pattern_problems(recipe: Recipe, owner: dict[str, str]) -> list[str]:
 
 def _output_problems(recipe: Recipe) -> list[str]:
     problems = []
-    for field, template, allowed in (("output.dir", recipe.output.dir, {"name"}), ("output.filename", recipe.output.filename, None)):
+    for field, template, allowed in (
+        ("output.dir", recipe.output.dir, {"name"}),
+        ("output.filename", recipe.output.filename, None),
+    ):
         try:
             names = template_fields(template)
-        except TemplateProblem as problem:
-            problems.append(f"{field}: {problem.message}")
+        except TemplateProblem as bad:
+            problems.append(f"{field}: {bad.message}")
             continue
         if allowed is not None and set(names) - allowed:
             problems.append(f"{field}: may only use {{name}}, got {{{sorted(set(names) - allowed)[0]}}}")
@@ -212,7 +241,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.split(".")
     bad = [segment for segment in path if not _SEGMENT.match(segment)]
     if bad:
-        raise RecipeError(f"--set {text!r}: bad key segment {bad[0]!r} in {key!r}; use names and list indexes joined by dots")
+        raise RecipeError(
+            f"--set {text!r}: bad key segment {bad[0]!r} in {key!r}; use names and list indexes joined by dots"
+        )
     try:
         value = parse_yaml(value_text, f"--set {key}")
     except RecipeError as err:

@@ -69,8 +69,10 @@ def _value_separator_problem(compiled: Any, context: dict[str, Any], rendered: s
     for placeholder, _ in compiled.slots:
         value = str(placeholder.value(context))
         if _separators(value):
-            return (f"gets a path separator from {{{placeholder.name}}} = {value!r}; values may not contain '/' or "
-                    "'\\' (write subfolders into output.filename itself)")
+            return (
+                f"gets a path separator from {{{placeholder.name}}} = {value!r}; values may not contain '/' or "
+                "'\\' (write subfolders into output.filename itself)"
+            )
     return None
 
 
@@ -80,8 +82,8 @@ def output_dir(recipe: Any, base: Path | str | None) -> Path:
         return Path(base).expanduser().resolve()
     try:
         rendered = render(recipe.output.dir, {"name": recipe.name})
-    except TemplateProblem as problem:
-        raise RecipeError(f"output.dir: {problem.message}; available: name") from None
+    except TemplateProblem as bad:
+        raise RecipeError(f"output.dir: {bad.message}; available: name") from None
     problem = path_problem(str(rendered))
     if problem:
         raise RecipeError(f"output.dir: {rendered!r} {problem}")
@@ -90,7 +92,14 @@ def output_dir(recipe: Any, base: Path | str | None) -> Path:
 
 def filename_context(recipe: Any, item: Item, result_index: int, ext: str) -> dict[str, Any]:
     """What output.filename may use: the item's variables plus name, key, slug, result, ext."""
-    return {**item.values, "name": recipe.name, "key": item.key, "slug": slug(item.key), "result": result_index, "ext": ext}
+    return {
+        **item.values,
+        "name": recipe.name,
+        "key": item.key,
+        "slug": slug(item.key),
+        "result": result_index,
+        "ext": ext,
+    }
 
 
 def render_filename(recipe: Any, item: Item, result_index: int, ext: str) -> str:
@@ -102,9 +111,9 @@ def render_filename(recipe: Any, item: Item, result_index: int, ext: str) -> str
         context = {**item.values, "name": recipe.name, "key": item.key, "result": result_index, "ext": ext}
     try:
         rendered = str(compiled.render(context))
-    except TemplateProblem as problem:
+    except TemplateProblem as bad:
         fields = ", ".join(available_fields(filename_context(recipe, item, result_index, ext)))
-        raise RecipeError(f"output.filename: {problem.message} (item {item.key!r}); available: {fields}") from None
+        raise RecipeError(f"output.filename: {bad.message} (item {item.key!r}); available: {fields}") from None
     problem = filename_problem(rendered) or _value_separator_problem(compiled, context, rendered)
     if problem:
         raise RecipeError(f"output.filename: {rendered!r} for item {item.key!r} {problem}")

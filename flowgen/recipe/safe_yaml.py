@@ -49,14 +49,23 @@ class _RecipeLoader(yaml.SafeLoader):
             mark = self.peek_event().start_mark
             node = super().compose_node(parent, index)
             if id(node) not in self._measured:  # the alias names a collection it is inside of
-                raise LimitExceeded(None, None, "an alias refers to the list or mapping that contains it, "
-                                    "which never ends; recipes cannot be recursive", mark)
+                raise LimitExceeded(
+                    None,
+                    None,
+                    "an alias refers to the list or mapping that contains it, "
+                    "which never ends; recipes cannot be recursive",
+                    mark,
+                )
             return node
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise LimitExceeded(None, None, f"nests deeper than {MAX_DEPTH} levels; recipes are limited "
-                                    f"to {MAX_DEPTH}", self.peek_event().start_mark)
+                raise LimitExceeded(
+                    None,
+                    None,
+                    f"nests deeper than {MAX_DEPTH} levels; recipes are limited to {MAX_DEPTH}",
+                    self.peek_event().start_mark,
+                )
             node = super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -72,12 +81,20 @@ class _RecipeLoader(yaml.SafeLoader):
             values = 1 + sum(count for count, _ in counts)
             depth = 1 + max((d for _, d in counts), default=0)
         if values > MAX_VALUES:
-            raise LimitExceeded(None, None, f"holds more than {MAX_VALUES:,} values with its aliases expanded; "
-                                f"recipes are limited to {MAX_VALUES:,} (put long lists in a dataset file)",
-                                node.start_mark)
+            raise LimitExceeded(
+                None,
+                None,
+                f"holds more than {MAX_VALUES:,} values with its aliases expanded; "
+                f"recipes are limited to {MAX_VALUES:,} (put long lists in a dataset file)",
+                node.start_mark,
+            )
         if depth > MAX_DEPTH:
-            raise LimitExceeded(None, None, f"nests deeper than {MAX_DEPTH} levels with its aliases expanded; "
-                                f"recipes are limited to {MAX_DEPTH}", node.start_mark)
+            raise LimitExceeded(
+                None,
+                None,
+                f"nests deeper than {MAX_DEPTH} levels with its aliases expanded; recipes are limited to {MAX_DEPTH}",
+                node.start_mark,
+            )
         self._measured[id(node)] = (values, depth)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -85,7 +102,9 @@ class _RecipeLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) and key is not None:
-                raise yaml.constructor.ConstructorError(None, None, "mapping keys must be plain scalars", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be plain scalars", key_node.start_mark
+                )
             if key in seen:
                 first = seen[key].start_mark
                 raise yaml.constructor.ConstructorError(

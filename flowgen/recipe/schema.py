@@ -1,9 +1,9 @@
 """The shapes of the recipe layer's data: pydantic models of a recipe and of a task, and the Item.
 
-- Field types (`integer`, `number`, `text`, `one_of`, ...): annotated types whose error messages say
-  what is allowed and what was given. Values coming from CSV cells arrive as strings, so numbers and
-  booleans also accept their plain string spelling ("8", "0.5", "true"); everything else is strict
-  (no bools as numbers, no floats with fractions as integers).
+- Field types (`integer`, `number`, `text`, `one_of`, ...): validators, used as `Annotated[int, integer(1, 50)]`,
+  whose error messages say what is allowed and what was given. Values coming from CSV cells arrive as
+  strings, so numbers and booleans also accept their plain string spelling ("8", "0.5", "true");
+  everything else is strict (no bools as numbers, no floats with fractions as integers).
 - TaskFields: the imageInference request for FLUX.2 [klein] as pydantic models, names exactly as the
   spec. Every field is optional here: which ones are required is checked on the merged task
   (defaults + task + top-level model) in validation.py, so `defaults:` can be validated alone.
@@ -24,11 +24,21 @@ import difflib
 import math
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Literal, Optional
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from flowgen.engine import ModelCard  # the typed model card (JAX-free)
 from flowgen.recipe import spec
@@ -68,7 +78,7 @@ def _as_float(value: Any) -> float | None:
     return None
 
 
-def integer(lo: int, hi: int | None = None, step: int | None = None):
+def integer(lo: int, hi: int | None = None, step: int | None = None) -> BeforeValidator:
     """An integer in [lo, hi] (hi None: no upper bound), optionally a multiple of `step`."""
     if step:
         allowed = f"a multiple of {step} between {lo} and {hi}"
@@ -83,10 +93,10 @@ def integer(lo: int, hi: int | None = None, step: int | None = None):
             raise ValueError(f"must be {allowed}, got {shown(value)}")
         return number
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def number(lo: float | None, hi: float | None, step: float | None = None):
+def number(lo: float | None, hi: float | None, step: float | None = None) -> BeforeValidator:
     """A float in [lo, hi] (either bound may be None), optionally on a grid of `step`."""
     if lo is not None and hi is not None:
         bounds = f"between {lo:g} and {hi:g}"
@@ -94,19 +104,21 @@ def number(lo: float | None, hi: float | None, step: float | None = None):
         bounds = f">= {lo:g}" if lo is not None else f"<= {hi:g}"
     grid = f" in steps of {step:g}" if step else ""
 
+    def fits(x: float) -> bool:
+        if not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi):
+            return False
+        return not step or abs(x / step - round(x / step)) <= 1e-6
+
     def check(value: Any) -> float:
         x = _as_float(value)
-        bad = x is None or not math.isfinite(x) or (lo is not None and x < lo) or (hi is not None and x > hi)
-        if not bad and step:
-            bad = abs(x / step - round(x / step)) > 1e-6
-        if bad:
+        if x is None or not fits(x):
             raise ValueError(f"must be a number {bounds}{grid}, got {shown(value)}")
         return x
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def text(min_len: int = 0, max_len: int | None = None):
+def text(min_len: int = 0, max_len: int | None = None) -> BeforeValidator:
     """A string of min_len..max_len characters."""
 
     def check(value: Any) -> str:
@@ -117,10 +129,10 @@ def text(min_len: int = 0, max_len: int | None = None):
             raise ValueError(f"must have {limit} characters, got {len(value)}")
         return value
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def boolean():
+def boolean() -> BeforeValidator:
     """true/false (also the strings "true"/"false" from CSV cells)."""
 
     def check(value: Any) -> bool:
@@ -130,10 +142,10 @@ def boolean():
             return value.strip().lower() == "true"
         raise ValueError(f"must be true or false, got {shown(value)}")
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def one_of(values: Iterable[str], what: str | None = None):
+def one_of(values: Iterable[str], what: str | None = None) -> BeforeValidator:
     """One of a fixed set of strings; long sets are named by `what` and get a did-you-mean hint."""
     allowed = tuple(values)
 
@@ -146,10 +158,10 @@ def one_of(values: Iterable[str], what: str | None = None):
             raise ValueError(f"must be one of the {len(allowed)} {what}{hint}, got {shown(value)}")
         raise ValueError(f"must be one of {', '.join(allowed)}, got {shown(value)}")
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def uri():
+def uri() -> BeforeValidator:
     """An absolute http(s) URL."""
 
     def check(value: Any) -> str:
@@ -157,10 +169,10 @@ def uri():
             raise ValueError(f"must be an http(s) URL, got {shown(value)}")
         return value
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def uuid_v4():
+def uuid_v4() -> BeforeValidator:
     """A UUID version 4 string."""
 
     def check(value: Any) -> str:
@@ -172,10 +184,10 @@ def uuid_v4():
             raise ValueError(f"must be a UUID v4, got {shown(value)}")
         return value
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def sized_list(lo: int, hi: int | None, noun: str):
+def sized_list(lo: int, hi: int | None, noun: str) -> AfterValidator:
     """Post-check on a list's length, with a message in the user's terms."""
 
     def check(value: list) -> list:
@@ -195,75 +207,77 @@ class _Fields(BaseModel):
 
 
 class Safety(_Fields):
-    checkContent: Optional[boolean()] = None
+    checkContent: Annotated[bool, boolean()] | None = None
 
 
 class Inputs(_Fields):
-    referenceImages: Optional[Annotated[list[text(1)], sized_list(1, spec.MAX_REFERENCES, "reference images")]] = None
+    referenceImages: (
+        Annotated[list[Annotated[str, text(1)]], sized_list(1, spec.MAX_REFERENCES, "reference images")] | None
+    ) = None
 
 
 class AcceleratorOptions(_Fields):
-    cacheEndStep: Optional[integer(1)] = None
-    cacheEndStepPercentage: Optional[integer(1, 100)] = None
-    cacheMaxConsecutiveSteps: Optional[integer(1, 5)] = None
-    cacheStartStep: Optional[integer(0)] = None
-    cacheStartStepPercentage: Optional[integer(0, 99)] = None
-    fbCache: Optional[boolean()] = None
-    fbCacheThreshold: Optional[number(0, 1, 0.01)] = None
-    teaCache: Optional[boolean()] = None
-    teaCacheDistance: Optional[number(0, 1, 0.01)] = None
-    dbCache: Optional[boolean()] = None
-    dbCacheThreshold: Optional[number(0, 1, 0.01)] = None
-    dbCacheSkipInterval: Optional[integer(1)] = None
+    cacheEndStep: Annotated[int, integer(1)] | None = None
+    cacheEndStepPercentage: Annotated[int, integer(1, 100)] | None = None
+    cacheMaxConsecutiveSteps: Annotated[int, integer(1, 5)] | None = None
+    cacheStartStep: Annotated[int, integer(0)] | None = None
+    cacheStartStepPercentage: Annotated[int, integer(0, 99)] | None = None
+    fbCache: Annotated[bool, boolean()] | None = None
+    fbCacheThreshold: Annotated[float, number(0, 1, 0.01)] | None = None
+    teaCache: Annotated[bool, boolean()] | None = None
+    teaCacheDistance: Annotated[float, number(0, 1, 0.01)] | None = None
+    dbCache: Annotated[bool, boolean()] | None = None
+    dbCacheThreshold: Annotated[float, number(0, 1, 0.01)] | None = None
+    dbCacheSkipInterval: Annotated[int, integer(1)] | None = None
 
 
 class Lora(_Fields):
-    model: text(1)
-    weight: Optional[number(-4, 4, 0.01)] = None
-    transformer: Optional[one_of(spec.LORA_TRANSFORMERS)] = None
+    model: Annotated[str, text(1)]
+    weight: Annotated[float, number(-4, 4, 0.01)] | None = None
+    transformer: Annotated[str, one_of(spec.LORA_TRANSFORMERS)] | None = None
 
 
 class Ultralytics(_Fields):
-    CFGScale: Optional[number(0, 50, 0.1)] = None
-    confidence: Optional[number(0, 1, 0.01)] = None
-    inpaintSize: Optional[integer(128, 2048)] = None
-    maskBlur: Optional[integer(0, 100)] = None
-    maskPadding: Optional[integer(0, 20)] = None
-    negativePrompt: Optional[text()] = None
-    positivePrompt: Optional[text()] = None
-    steps: Optional[integer(1, 100)] = None
-    strength: Optional[number(0, 1, 0.01)] = None  # spec: max 1; below 0 no schedule exists
+    CFGScale: Annotated[float, number(0, 50, 0.1)] | None = None
+    confidence: Annotated[float, number(0, 1, 0.01)] | None = None
+    inpaintSize: Annotated[int, integer(128, 2048)] | None = None
+    maskBlur: Annotated[int, integer(0, 100)] | None = None
+    maskPadding: Annotated[int, integer(0, 20)] | None = None
+    negativePrompt: Annotated[str, text()] | None = None
+    positivePrompt: Annotated[str, text()] | None = None
+    steps: Annotated[int, integer(1, 100)] | None = None
+    strength: Annotated[float, number(0, 1, 0.01)] | None = None  # spec: max 1; below 0 no schedule exists
 
 
 class TaskFields(_Fields):
     """One imageInference request. Dump with `model_dump(exclude_none=True)` for the resolved task."""
 
-    taskType: Optional[one_of(["imageInference"])] = None
-    taskUUID: Optional[uuid_v4()] = None
-    model: Optional[text(1)] = None
-    positivePrompt: Optional[text(1, 10000)] = None
-    negativePrompt: Optional[text(2, 3000)] = None
-    width: Optional[integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] = None
-    height: Optional[integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] = None
-    steps: Optional[integer(1, 50)] = None
-    seed: Optional[integer(0, spec.SEED_MAX)] = None
-    numberResults: Optional[integer(1, 20)] = None
-    scheduler: Optional[one_of(spec.SCHEDULERS, "scheduler names listed in docs/recipes.md")] = None
-    CFGScale: Optional[number(1, 20, 0.01)] = None
-    outputType: Optional[one_of(spec.OUTPUT_TYPES)] = None
-    outputFormat: Optional[one_of(spec.OUTPUT_FORMATS)] = None
-    outputQuality: Optional[integer(20, 99)] = None
-    webhookURL: Optional[uri()] = None
-    uploadEndpoint: Optional[uri()] = None
-    deliveryMethod: Optional[one_of(spec.DELIVERY_METHODS)] = None
-    ttl: Optional[integer(60)] = None
-    includeCost: Optional[boolean()] = None
-    safety: Optional[Safety] = None
-    acceleration: Optional[one_of(spec.ACCELERATIONS)] = None
-    acceleratorOptions: Optional[AcceleratorOptions] = None
-    lora: Optional[Annotated[list[Lora], sized_list(1, None, "entries")]] = None
-    ultralytics: Optional[Ultralytics] = None
-    inputs: Optional[Inputs] = None
+    taskType: Annotated[str, one_of(["imageInference"])] | None = None
+    taskUUID: Annotated[str, uuid_v4()] | None = None
+    model: Annotated[str, text(1)] | None = None
+    positivePrompt: Annotated[str, text(1, 10000)] | None = None
+    negativePrompt: Annotated[str, text(2, 3000)] | None = None
+    width: Annotated[int, integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] | None = None
+    height: Annotated[int, integer(spec.SIDE_MIN, spec.SIDE_MAX, spec.SIDE_STEP)] | None = None
+    steps: Annotated[int, integer(1, 50)] | None = None
+    seed: Annotated[int, integer(0, spec.SEED_MAX)] | None = None
+    numberResults: Annotated[int, integer(1, 20)] | None = None
+    scheduler: Annotated[str, one_of(spec.SCHEDULERS, "scheduler names listed in docs/recipes.md")] | None = None
+    CFGScale: Annotated[float, number(1, 20, 0.01)] | None = None
+    outputType: Annotated[str, one_of(spec.OUTPUT_TYPES)] | None = None
+    outputFormat: Annotated[str, one_of(spec.OUTPUT_FORMATS)] | None = None
+    outputQuality: Annotated[int, integer(20, 99)] | None = None
+    webhookURL: Annotated[str, uri()] | None = None
+    uploadEndpoint: Annotated[str, uri()] | None = None
+    deliveryMethod: Annotated[str, one_of(spec.DELIVERY_METHODS)] | None = None
+    ttl: Annotated[int, integer(60)] | None = None
+    includeCost: Annotated[bool, boolean()] | None = None
+    safety: Safety | None = None
+    acceleration: Annotated[str, one_of(spec.ACCELERATIONS)] | None = None
+    acceleratorOptions: AcceleratorOptions | None = None
+    lora: Annotated[list[Lora], sized_list(1, None, "entries")] | None = None
+    ultralytics: Ultralytics | None = None
+    inputs: Inputs | None = None
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
@@ -314,7 +328,7 @@ class DatasetSpec(Strict):
     values: list[Any] | None = None
     key: str | None = None
     filter: dict[str, Any] | None = None
-    incremental: boolean() = False  # plan only rows (files) new since the last successful run
+    incremental: Annotated[bool, boolean()] = False  # plan only rows (files) new since the last successful run
 
     @field_validator("values")
     @classmethod
@@ -334,7 +348,7 @@ class DatasetSpec(Strict):
         return filters
 
     @model_validator(mode="after")
-    def _one_source(self) -> "DatasetSpec":
+    def _one_source(self) -> DatasetSpec:
         given = [name for name in ("csv", "jsonl", "images", "values") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"needs exactly one of csv, jsonl, images, values; got {', '.join(given) or 'none'}")
@@ -353,7 +367,7 @@ class OutputSpec(Strict):
     filename: str = "{slug}_{result}.{ext}"
 
 
-def _checked_by(problem_of: str):
+def _checked_by(problem_of: str) -> BeforeValidator:
     """A field checked by `flowgen.recipe.validation.<problem_of>(value)` (a message, or None when fine)."""
 
     def check(value: Any) -> Any:
@@ -364,15 +378,15 @@ def _checked_by(problem_of: str):
             raise ValueError(problem)
         return value
 
-    return Annotated[Any, BeforeValidator(check)]
+    return BeforeValidator(check)
 
 
-def cron_expression():
+def cron_expression() -> BeforeValidator:
     """A 5-field cron expression or an @alias (checked with croniter, see validation.cron_problem)."""
     return _checked_by("cron_problem")
 
 
-def time_zone():
+def time_zone() -> BeforeValidator:
     """An IANA time zone name that zoneinfo knows (see validation.timezone_problem)."""
     return _checked_by("timezone_problem")
 
@@ -380,16 +394,18 @@ def time_zone():
 class ScheduleSpec(Strict):
     """When `flowgen schedule` runs the recipe: `schedule: "0 3 * * *"` is short for `{cron: ...}`."""
 
-    cron: cron_expression()
-    timezone: time_zone() = "UTC"
-    missed: one_of(("run", "skip")) = "run"  # due times missed while no scheduler ran: run once, or skip
+    cron: Annotated[str, cron_expression()]
+    timezone: Annotated[str, time_zone()] = "UTC"
+    missed: Annotated[str, one_of(("run", "skip"))] = (
+        "run"  # due times missed while no scheduler ran: run once, or skip
+    )
 
 
 class CanarySpec(Strict):
     """Golden-seed canary: re-render `items` fixed items before each run; fail below `threshold_db` PSNR."""
 
-    items: integer(1, 16)
-    threshold_db: number(1, 100) = 40.0
+    items: Annotated[int, integer(1, 16)]
+    threshold_db: Annotated[float, number(1, 100)] = 40.0
 
 
 class Recipe(Strict):
@@ -408,8 +424,8 @@ class Recipe(Strict):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     task: dict[str, Any]
     output: OutputSpec = Field(default_factory=OutputSpec)
-    schedule: Optional[ScheduleSpec] = None
-    canary: Optional[CanarySpec] = None
+    schedule: ScheduleSpec | None = None
+    canary: CanarySpec | None = None
 
     _source_path: Path = PrivateAttr(default=Path("recipe.yaml"))
     _raw: dict = PrivateAttr(default_factory=dict)
@@ -428,7 +444,10 @@ class Recipe(Strict):
     @classmethod
     def _safe_name(cls, value: Any) -> Any:
         if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
-            raise ValueError(f"must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit (it names the output folder), got {value!r}")
+            raise ValueError(
+                "must be 1-100 letters, digits, '.', '_' or '-' starting with a letter or digit "
+                f"(it names the output folder), got {value!r}"
+            )
         return value
 
     @field_validator("schedule", mode="before")
@@ -437,7 +456,10 @@ class Recipe(Strict):
         if isinstance(value, str):
             return {"cron": value}
         if value is not None and not isinstance(value, dict):
-            raise ValueError(f'must be a cron string such as "0 3 * * *" or a mapping with cron, timezone, missed; got {shown(value)}')
+            raise ValueError(
+                'must be a cron string such as "0 3 * * *" or a mapping with cron, timezone, missed; '
+                f"got {shown(value)}"
+            )
         return value
 
     @field_validator("seed", mode="before")
@@ -495,7 +517,7 @@ class Recipe(Strict):
         """The result's path relative to the output folder (may contain sub-folders, never `..`)."""
         return self.filename_renderer()(item, result_index, ext)
 
-    def filename_renderer(self) -> "FilenameRenderer":
+    def filename_renderer(self) -> FilenameRenderer:
         """render_filename as a callable that remembers the names it rendered: pass it where
         every result's name is asked for (the planner's `filename`)."""
         renderer = self._filename_renderer

@@ -38,7 +38,13 @@ SPEC_DEFAULTS = {"numberResults": 1, "outputFormat": "JPG", "outputQuality": 95,
 SPEC_CFG_DEFAULT = 3.5
 
 # Curated AIR ids of the klein family; used only when no model card is available.
-DISTILLED_AIRS = {"runware:400@2": True, "runware:400@3": False, "runware:400@4": True, "runware:400@5": False, "runware:400@6": True}
+DISTILLED_AIRS = {
+    "runware:400@2": True,
+    "runware:400@3": False,
+    "runware:400@4": True,
+    "runware:400@5": False,
+    "runware:400@6": True,
+}
 
 SCHEDULERS: tuple[str, ...] = (
     "DDIM",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
@@ -36,14 +37,17 @@ def template_fields(value: str) -> list[str]:
             continue
         name = match.group(1).split(":", 1)[0].strip()
         if not _FIELD.match(name):
-            raise TemplateProblem(f"bad placeholder {match.group(0)!r}; write {{field}} or {{variable.column}}, and {{{{ }}}} for literal braces")
+            raise TemplateProblem(
+                f"bad placeholder {match.group(0)!r}; "
+                "write {field} or {variable.column}, and {{ }} for literal braces"
+            )
         names.append(name)
     return names
 
 
 def available_fields(context: dict[str, Any]) -> list[str]:
     """Every dotted name a template may use with this context (rows expand to their columns)."""
-    names = []
+    names: list[str] = []
     for name, value in context.items():
         if isinstance(value, dict):
             names.extend(f"{name}.{column}" for column in value)
@@ -58,7 +62,7 @@ def render(template: str, context: dict[str, Any]) -> Any:
 
 
 @functools.lru_cache(maxsize=4096)
-def compile_template(template: str) -> "CompiledTemplate":
+def compile_template(template: str) -> CompiledTemplate:
     """The template parsed once (recipes render the same few templates for 100k items)."""
     return CompiledTemplate(template)
 
@@ -117,7 +121,8 @@ class CompiledTemplate:
                     value = format(value, placeholder.spec)
                 except (ValueError, TypeError):
                     raise TemplateProblem(
-                        f"format {placeholder.spec!r} does not apply to {placeholder.name} = {value!r}") from None
+                        f"format {placeholder.spec!r} does not apply to {placeholder.name} = {value!r}"
+                    ) from None
             elif value.__class__ is not str:
                 value = _text(value)
             texts.append(value)

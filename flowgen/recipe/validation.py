@@ -21,16 +21,24 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from flowgen import engine as model_engine  # its cards, looked up per call (resolve_model)
 from flowgen.engine import ModelCard, capabilities, step_cache_option_problems  # JAX-free names
 from flowgen.errors import FlowgenError
 from flowgen.recipe.schema import Item, TaskFields, shown, submodel_at
-from flowgen.recipe.spec import DISTILLED_AIRS, MAX_REFERENCES, REFERENCE_MAX_ASPECT, REFERENCE_MAX_PIXELS, REFERENCE_MIN_SIDE
+from flowgen.recipe.spec import (
+    DISTILLED_AIRS,
+    MAX_REFERENCES,
+    REFERENCE_MAX_ASPECT,
+    REFERENCE_MAX_PIXELS,
+    REFERENCE_MIN_SIDE,
+)
 from flowgen.recipe.templates import is_template
 
 # --- The spec: imageInference task dicts ----------------------------------------------------------
@@ -79,8 +87,9 @@ def clean_task(task: dict) -> dict:
     return TaskFields.model_validate(task).model_dump(exclude_none=True)
 
 
-def merged_problems(task: dict, where: str, model: str | None, distilled: bool | None,
-                    card: ModelCard | None = None) -> list[str]:
+def merged_problems(
+    task: dict, where: str, model: str | None, distilled: bool | None, card: ModelCard | None = None
+) -> list[str]:
     """Rules that need the whole merged task: required fields, model-card rules, cache steps."""
     return required_problems(task, where, model) + model_rule_problems(task, where, model, distilled, card)
 
@@ -98,21 +107,29 @@ def is_missing(value: Any) -> bool:
     return value in (None, "")
 
 
-def model_rule_problems(task: dict, where: str, model: str | None, distilled: bool | None,
-                        card: ModelCard | None = None) -> list[str]:
+def model_rule_problems(
+    task: dict, where: str, model: str | None, distilled: bool | None, card: ModelCard | None = None
+) -> list[str]:
     """Model-card rules (guidance on distilled models) and cache-step consistency."""
     problems = []
     cfg = _float(task.get("CFGScale"))
     cfg_allowed = card.limits.cfg if card is not None else None
     if cfg is not None and cfg > 1 and (distilled or cfg_allowed is False):
         why = "is guidance-distilled" if distilled else "takes no guidance"
-        problems.append(f"{where}.CFGScale: {model_label(model, card)} {why}, so CFGScale must be absent or <= 1, got {task['CFGScale']!r}")
-    faces = task.get("ultralytics") if isinstance(task.get("ultralytics"), dict) else {}
+        problems.append(
+            f"{where}.CFGScale: {model_label(model, card)} {why}, "
+            f"so CFGScale must be absent or <= 1, got {task['CFGScale']!r}"
+        )
+    faces = task.get("ultralytics")
+    if not isinstance(faces, dict):
+        faces = {}
     face_cfg = _float(faces.get("CFGScale"))
     if face_cfg is not None and face_cfg > 1 and (distilled or cfg_allowed is False):
         why = "is guidance-distilled" if distilled else "takes no guidance"
-        problems.append(f"{where}.ultralytics.CFGScale: {model_label(model, card)} {why}, so ultralytics.CFGScale must "
-                        f"be absent or <= 1 (the face pass then runs without guidance), got {faces['CFGScale']!r}")
+        problems.append(
+            f"{where}.ultralytics.CFGScale: {model_label(model, card)} {why}, so ultralytics.CFGScale must "
+            f"be absent or <= 1 (the face pass then runs without guidance), got {faces['CFGScale']!r}"
+        )
     problems += _cache_step_problems(task, where)
     return problems
 
@@ -125,12 +142,17 @@ def _cache_step_problems(task: dict, where: str) -> list[str]:
     steps = _float(task.get("steps"))
     problems = [f"{where}.acceleratorOptions: {problem}" for problem in step_cache_option_problems(options)]
     if start is not None and end is not None and not start < end:
-        problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be greater than cacheStartStep ({start:g}), got {end:g}")
+        problems.append(
+            f"{where}.acceleratorOptions.cacheEndStep: must be greater than cacheStartStep ({start:g}), got {end:g}"
+        )
     if end is not None and steps is not None and end > steps:
         problems.append(f"{where}.acceleratorOptions.cacheEndStep: must be <= steps ({steps:g}), got {end:g}")
     low, high = _float(options.get("cacheStartStepPercentage")), _float(options.get("cacheEndStepPercentage"))
     if low is not None and high is not None and not low < high:
-        problems.append(f"{where}.acceleratorOptions.cacheEndStepPercentage: must be greater than cacheStartStepPercentage ({low:g}), got {high:g}")
+        problems.append(
+            f"{where}.acceleratorOptions.cacheEndStepPercentage: "
+            f"must be greater than cacheStartStepPercentage ({low:g}), got {high:g}"
+        )
     return problems
 
 
@@ -156,7 +178,7 @@ def _float(value: Any) -> float | None:
 # --- pydantic errors as one-line problems that name the field path --------------------------------
 
 
-_KINDS = {
+_KINDS: dict[str, str | None] = {
     "model_type": "must be a mapping",
     "dict_type": "must be a mapping",
     "model_attributes_type": "must be a mapping",
@@ -180,7 +202,7 @@ def join_path(prefix: str, loc: tuple[Any, ...]) -> str:
     return path
 
 
-def format_errors(err: ValidationError | list[dict], prefix: str, model: type[BaseModel]) -> list[str]:
+def format_errors(err: ValidationError | Sequence[ErrorDetails], prefix: str, model: type[BaseModel]) -> list[str]:
     """One line per pydantic error: '<path>: <what is allowed>, got <value>'."""
     lines = []
     for error in err.errors() if isinstance(err, ValidationError) else err:
@@ -189,7 +211,7 @@ def format_errors(err: ValidationError | list[dict], prefix: str, model: type[Ba
     return list(dict.fromkeys(lines))
 
 
-def _message(error: dict, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
+def _message(error: ErrorDetails, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         owner = submodel_at(model, loc)
@@ -200,8 +222,7 @@ def _message(error: dict, loc: tuple[Any, ...], model: type[BaseModel]) -> str:
     if kind == "missing":
         return "required"
     message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    if _KINDS.get(kind):
-        message = _KINDS[kind]
+    message = _KINDS.get(kind) or message
     if "got " not in message and kind != "value_error":
         message += f", got {shown(error.get('input'))}"
     return message
@@ -215,8 +236,10 @@ CRON_ALIASES = ("@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midni
 
 def cron_problem(value: Any) -> str | None:
     """Why `value` is not a cron expression flowgen schedules (5 fields, minute resolution), or None."""
-    allowed = ('a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. "0 3 * * *", '
-               f"or one of {', '.join(CRON_ALIASES)}")
+    allowed = (
+        'a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. "0 3 * * *", '
+        f"or one of {', '.join(CRON_ALIASES)}"
+    )
     if not isinstance(value, str) or not value.strip():
         return f"must be {allowed}, got {shown(value)}"
     text = value.strip()
@@ -272,18 +295,29 @@ def support_problems(task: dict[str, Any], where: str) -> list[str]:
 
     endpoint = task.get("uploadEndpoint")
     results = task.get("numberResults") or 1
-    if (isinstance(endpoint, str) and isinstance(results, int) and results > 1 and not endpoint.endswith("/")
-            and not any(p in endpoint for p in UPLOAD_PLACEHOLDERS)):
-        problems.append(f"{where}.uploadEndpoint: numberResults is {results}, so every result would be uploaded to "
-                        "the same URL; end it with '/' (the file name is appended) or use "
-                        + ", ".join("{" + p + "}" for p in UPLOAD_PLACEHOLDERS) + " (written with doubled braces)")
+    if (
+        isinstance(endpoint, str)
+        and isinstance(results, int)
+        and results > 1
+        and not endpoint.endswith("/")
+        and not any(p in endpoint for p in UPLOAD_PLACEHOLDERS)
+    ):
+        problems.append(
+            f"{where}.uploadEndpoint: numberResults is {results}, so every result would be uploaded to "
+            "the same URL; end it with '/' (the file name is appended) or use "
+            + ", ".join("{" + p + "}" for p in UPLOAD_PLACEHOLDERS)
+            + " (written with doubled braces)"
+        )
     if task.get("ttl") is not None and (task.get("outputType") or "URL") != "URL":
         problems.append(f"{where}.ttl: applies only to outputType 'URL', not {task.get('outputType')!r}; remove it")
     caps = capabilities()
     if task.get("acceleration") not in (None, *caps.acceleration):
         refuse("acceleration", caps.why_not["acceleration"])
-    for field, supported in (("acceleratorOptions", caps.accelerator_options), ("lora", caps.lora),
-                             ("ultralytics", caps.ultralytics)):
+    for field, supported in (
+        ("acceleratorOptions", caps.accelerator_options),
+        ("lora", caps.lora),
+        ("ultralytics", caps.ultralytics),
+    ):
         if task.get(field) is not None and not supported:
             refuse(field, caps.why_not[field])
     if caps.lora and isinstance(task.get("lora"), list):
@@ -310,8 +344,10 @@ def lora_problems(entries: list, where: str) -> list[str]:
             continue  # the spec validation reports it
         model, stage = entry.get("model"), entry.get("transformer")
         if stage not in (None, "both") and not is_template(stage):
-            problems.append(f"{where}.lora[{index}].transformer: FLUX.2 [klein] has one transformer stage, so only "
-                            f"'both' (the default) applies, got {shown(stage)}; remove it")
+            problems.append(
+                f"{where}.lora[{index}].transformer: FLUX.2 [klein] has one transformer stage, so only "
+                f"'both' (the default) applies, got {shown(stage)}; remove it"
+            )
         if isinstance(model, str) and model.strip() and not is_template(model):
             try:
                 checked_lora_path(model, f"{where}.lora[{index}].model")
@@ -413,7 +449,7 @@ class ReadRecorder(dict):
         self._everything()
         return super().__eq__(other)
 
-    __hash__ = None  # type: ignore[assignment]
+    __hash__ = None
 
     def keys(self):
         self._everything()
@@ -432,7 +468,9 @@ class ReadRecorder(dict):
         return dict(super().items())
 
 
-def constant_result(rule: Callable[[dict], list[str]], static_task: dict[str, Any], varying: Iterable[str]) -> list[str] | None:
+def constant_result(
+    rule: Callable[[dict], list[str]], static_task: dict[str, Any], varying: Iterable[str]
+) -> list[str] | None:
     """rule(task) for every task that shares `static_task`'s other fields, when that does not depend
     on the `varying` fields (the rule never reads them); None when it may (or when the rule fails)."""
     recorder = ReadRecorder(static_task)
@@ -482,7 +520,9 @@ def reference_problems(items: Sequence[Item]) -> list[str]:
     limit = min(MAX_REFERENCES, capabilities().max_references)
     for item in items:
         if len(item.references) > limit:
-            problems.append(f"{REFERENCES_WHERE}: item {item.key!r} has {len(item.references)} reference images; at most {limit}")
+            problems.append(
+                f"{REFERENCES_WHERE}: item {item.key!r} has {len(item.references)} reference images; at most {limit}"
+            )
         for path in item.references:
             users.setdefault(Path(path), []).append(item.key)
     for path, keys in users.items():
