@@ -51,8 +51,11 @@ def test_code_outside_the_engine_imports_only_its_front_door():
             if module.startswith("flowgen.engine."):
                 offenders.append(f"{_where(path, line)} imports {module}")
             elif module == "flowgen.engine":
-                offenders += [f"{_where(path, line)} imports {name} (not a name flowgen.engine exports)"
-                              for name in names if name not in exported]
+                offenders += [
+                    f"{_where(path, line)} imports {name} (not a name flowgen.engine exports)"
+                    for name in names
+                    if name not in exported
+                ]
     assert offenders == [], "import these from flowgen.engine (export them in its __init__): " + "; ".join(offenders)
 
 
@@ -65,8 +68,11 @@ def test_the_engine_imports_nothing_of_the_workflow():
                 module_names = [f"flowgen.{name}" for name in names]
             else:
                 module_names = [module]
-            offenders += [f"{_where(path, line)} imports {name}" for name in module_names
-                          if name in forbidden or name.startswith(tuple(f"{f}." for f in forbidden))]
+            offenders += [
+                f"{_where(path, line)} imports {name}"
+                for name in module_names
+                if name in forbidden or name.startswith(tuple(f"{f}." for f in forbidden))
+            ]
             if module == "flowgen.errors" and "RecipeError" in names:
                 offenders.append(f"{_where(path, line)} imports RecipeError (the engine raises EngineInputError)")
     assert offenders == [], "; ".join(offenders)
@@ -74,15 +80,22 @@ def test_the_engine_imports_nothing_of_the_workflow():
 
 def test_the_lazy_exports_their_type_checking_imports_and_all_agree():
     tree = ast.parse((ENGINE / "__init__.py").read_text(encoding="utf-8"))
-    table = next(node.value for node in tree.body if isinstance(node, ast.Assign)
-                 and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets))
+    table = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets)
+    )
     lazy = {}
     for key, value in zip(table.keys, table.values):
         module, _, attr = value.value.partition(":")
         lazy[key.value] = (module, attr or key.value)
     block = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
-    typed = {alias.asname or alias.name: (node.module, alias.name)
-             for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    typed = {
+        alias.asname or alias.name: (node.module, alias.name)
+        for node in block.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     assert typed == lazy
     assert sorted(flowgen.engine.__all__) == sorted(lazy)
 
@@ -106,11 +119,13 @@ def _module_level_engine_names() -> set[str]:
 def test_what_the_workflow_imports_at_module_level_and_the_catalog_load_no_jax():
     names = sorted(_module_level_engine_names())
     assert {"ModelCard", "capabilities", "step_cache_option_problems", "reference_sha256"} <= set(names)
-    code = ("import sys\n"
-            "import flowgen.engine.catalog.cards, flowgen.engine.catalog.capabilities, flowgen.engine.catalog.tiny_model\n"
-            f"from flowgen.engine import {', '.join(names)}\n"
-            "import flowgen.cli, flowgen.recipe.api, flowgen.plan\n"
-            "loaded = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax')))\n"
-            "assert not loaded, loaded\n")
+    code = (
+        "import sys\n"
+        "import flowgen.engine.catalog.cards, flowgen.engine.catalog.capabilities, flowgen.engine.catalog.tiny_model\n"
+        f"from flowgen.engine import {', '.join(names)}\n"
+        "import flowgen.cli, flowgen.recipe.api, flowgen.plan\n"
+        "loaded = sorted(m for m in sys.modules if m == 'jax' or m.startswith(('jax.', 'flax')))\n"
+        "assert not loaded, loaded\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
