@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import errno
 import sqlite3
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 class FlowgenError(Exception):
@@ -51,16 +51,20 @@ class StorageError(FlowgenError):
     and says what to do; the file is left as it was (SQLite rolls back what it could not commit)."""
 
     @classmethod
-    def about(cls, path: str | Path, err: BaseException, kind: str = "state file") -> "StorageError":
+    def about(cls, path: str | Path, err: BaseException, kind: str = "state file") -> StorageError:
         """The one-line error for `err` (sqlite3.Error or OSError) met on `path`, a `kind` of file."""
         text = str(err).splitlines()[0] if str(err) else type(err).__name__
         lowered = text.lower()
         if disk_full(err) or "disk is full" in lowered:
-            return cls(f"{path}: cannot write, the disk is full ({text}); what was recorded before is intact: "
-                       "free some space and run again")
+            return cls(
+                f"{path}: cannot write, the disk is full ({text}); what was recorded before is intact: "
+                "free some space and run again"
+            )
         if isinstance(err, sqlite3.DatabaseError) and ("not a database" in lowered or "malformed" in lowered):
-            return cls(f"{path}: not a readable {kind} ({text}); it was left as it is: restore it from a backup, "
-                       "or move it aside to start a new one")
+            return cls(
+                f"{path}: not a readable {kind} ({text}); it was left as it is: restore it from a backup, "
+                "or move it aside to start a new one"
+            )
         if "locked" in lowered:
             return cls(f"{path}: {kind} is locked by another process ({text}); try again when it has finished")
         return cls(f"{path}: cannot use this {kind} ({text})")

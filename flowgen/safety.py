@@ -41,8 +41,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from flowgen.errors import FlowgenError
 
@@ -209,7 +210,7 @@ class ContentChecker:
         self.threshold = threshold
         self.labels = chosen
 
-    def load(self) -> "ContentChecker":
+    def load(self) -> ContentChecker:
         """Load the detector now (e.g. before generating), raising SafetyUnavailable if it can't."""
         _detector()
         return self
@@ -227,9 +228,7 @@ class ContentChecker:
         return [self._verdict(found) for found in results]
 
     def _verdict(self, found: list[dict]) -> Verdict:
-        detections = tuple(
-            sorted(((str(d["class"]), float(d["score"])) for d in found), key=lambda d: -d[1])
-        )
+        detections = tuple(sorted(((str(d["class"]), float(d["score"])) for d in found), key=lambda d: -d[1]))
         flagged: list[str] = []
         for label, score in detections:
             if label in self.labels and score >= self.threshold and label not in flagged:

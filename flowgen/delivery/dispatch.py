@@ -76,8 +76,11 @@ class Finished:
         """uploadEndpoint with its per-result placeholders filled in ({result}, {filename},
         {imageUUID}); an endpoint ending in "/" gets the file name appended."""
         url = self.upload_endpoint or ""
-        url = (url.replace("{result}", str(self.result_index)).replace("{filename}", self.filename)
-               .replace("{imageUUID}", self.image_uuid))
+        url = (
+            url.replace("{result}", str(self.result_index))
+            .replace("{filename}", self.filename)
+            .replace("{imageUUID}", self.image_uuid)
+        )
         return url + Path(self.filename).name if url.endswith("/") else url
 
 
@@ -87,10 +90,21 @@ class Dispatcher:
     redeliverable: failed and withheld sinks may be sent again later (a run's `flowgen redeliver`),
     so their URLs as given are kept until they go through; else (a server) only pending ones are."""
 
-    def __init__(self, log: DeliveryLog, urls: SinkURLs, *, run_id: str, policy: RetryPolicy = DEFAULT_POLICY,
-                 max_workers: int = 4, per_destination: int = PER_DESTINATION, per_key: int = PER_KEY,
-                 deliver_flagged: bool = False, redeliverable: bool = True, client: httpx.Client | None = None,
-                 destinations: DestinationPolicy | None = None):
+    def __init__(
+        self,
+        log: DeliveryLog,
+        urls: SinkURLs,
+        *,
+        run_id: str,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        max_workers: int = 4,
+        per_destination: int = PER_DESTINATION,
+        per_key: int = PER_KEY,
+        deliver_flagged: bool = False,
+        redeliverable: bool = True,
+        client: httpx.Client | None = None,
+        destinations: DestinationPolicy | None = None,
+    ):
         self.log, self.urls, self.run_id, self.policy = log, urls, run_id, policy
         self.max_workers, self.per_destination, self.per_key = max_workers, per_destination, per_key
         self.deliver_flagged, self.redeliverable = deliver_flagged, redeliverable
@@ -128,13 +142,27 @@ class Dispatcher:
             withheld = self.withholds(f)
             if not withheld or self.redeliverable:
                 kept.append((f.item_id, f.result_index, f.upload_endpoint, f.webhook_url))
-            rows += [SinkState(f.item_id, f.result_index, sink, "withheld" if withheld else "pending",
-                               FLAGGED if withheld else None) for sink in f.sinks()]
+            rows += [
+                SinkState(
+                    f.item_id,
+                    f.result_index,
+                    sink,
+                    "withheld" if withheld else "pending",
+                    FLAGGED if withheld else None,
+                )
+                for sink in f.sinks()
+            ]
         self.urls.keep(kept)
         return rows
 
-    def submit(self, finished: Finished, sinks: list[str] | None = None, *, uploaded_url: str | None = None,
-               on_uploaded: Callable[[], None] | None = None) -> None:
+    def submit(
+        self,
+        finished: Finished,
+        sinks: list[str] | None = None,
+        *,
+        uploaded_url: str | None = None,
+        on_uploaded: Callable[[], None] | None = None,
+    ) -> None:
         """Send the result's sinks (or only `sinks`) in the background; their first states must be
         committed first, with the result's record. uploaded_url: where an earlier upload put the
         file (a webhook resent alone names it). on_uploaded: called once, when the upload's outcome
@@ -156,13 +184,19 @@ class Dispatcher:
             self._lanes.submit(lambda: self._deliver(finished, sinks, uploaded_url, on_uploaded), limits)
         self.collect()  # what finished meanwhile, recorded as the owner goes
 
-    def resend(self, rows: list[dict[str, Any]], states: Iterable[str],
-               finished_of: Callable[[tuple[str, int], list[str]], tuple[Finished, list[str]] | None]) -> int:
+    def resend(
+        self,
+        rows: list[dict[str, Any]],
+        states: Iterable[str],
+        finished_of: Callable[[tuple[str, int], list[str]], tuple[Finished, list[str]] | None],
+    ) -> int:
         """Send again the sinks of a log's `rows` that are in `states`. finished_of(rid, sinks) gives
         the result's Finished and the sinks to send of those (None: skip it). Returns how many
         results were submitted."""
         states = tuple(states)
-        uploaded = {(r["item_id"], r["result_index"]): r["url"] for r in rows if r["sink"] == "upload" and r["state"] == "ok"}
+        uploaded = {
+            (r["item_id"], r["result_index"]): r["url"] for r in rows if r["sink"] == "upload" and r["state"] == "ok"
+        }
         submitted = 0
         for rid, sinks in by_result(r for r in rows if r["state"] in states).items():
             found = finished_of(rid, sinks)
@@ -200,8 +234,9 @@ class Dispatcher:
 
     # --- delivery threads ---------------------------------------------------------------------
 
-    def _deliver(self, finished: Finished, sinks: list[str], uploaded: str | None,
-                 on_uploaded: Callable[[], None] | None) -> None:
+    def _deliver(
+        self, finished: Finished, sinks: list[str], uploaded: str | None, on_uploaded: Callable[[], None] | None
+    ) -> None:
         failed = False
         try:
             if "upload" in sinks:
@@ -243,23 +278,37 @@ class Dispatcher:
         url = finished.upload_url()
         target = redact_url(url)
         try:
-            delivery = put_file(self._connected, url, finished.path, content_type=content_type_for(finished.path.suffix),
-                                policy=self.policy)
+            delivery = put_file(
+                self._connected,
+                url,
+                finished.path,
+                content_type=content_type_for(finished.path.suffix),
+                policy=self.policy,
+            )
         except (ValueError, OSError) as err:
             return SinkOutcome(finished.item_id, finished.result_index, "upload", None, target, error=str(err))
-        return SinkOutcome(finished.item_id, finished.result_index, "upload", delivery, target,
-                           url=target if delivery.ok else None)
+        return SinkOutcome(
+            finished.item_id, finished.result_index, "upload", delivery, target, url=target if delivery.ok else None
+        )
 
     def _webhook(self, finished: Finished, image_url: str | None) -> SinkOutcome:
         target = redact_webhook_url(finished.webhook_url or "")
         try:
             data = None if finished.output_type == "URL" else finished.path.read_bytes()
-            payload = image_result(task_uuid=finished.task_uuid, image_uuid=finished.image_uuid, seed=finished.seed,
-                                   output_type=finished.output_type, image=data, image_url=image_url,
-                                   content_type=content_type_for(finished.path.suffix), cost=finished.cost,
-                                   nsfw_content=finished.nsfw)
-            delivery = post_result(self._connected, finished.webhook_url or "", payload, secret=self.secret,
-                                   policy=self.policy)
+            payload = image_result(
+                task_uuid=finished.task_uuid,
+                image_uuid=finished.image_uuid,
+                seed=finished.seed,
+                output_type=finished.output_type,
+                image=data,
+                image_url=image_url,
+                content_type=content_type_for(finished.path.suffix),
+                cost=finished.cost,
+                nsfw_content=finished.nsfw,
+            )
+            delivery = post_result(
+                self._connected, finished.webhook_url or "", payload, secret=self.secret, policy=self.policy
+            )
         except (ValueError, OSError) as err:
             return SinkOutcome(finished.item_id, finished.result_index, "webhook", None, target, error=str(err))
         return SinkOutcome(finished.item_id, finished.result_index, "webhook", delivery, target)

@@ -22,9 +22,10 @@ import json
 import math
 import random as _random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -150,7 +151,7 @@ def send(
     method = method.upper()
     attempts: list[Attempt] = []
     for number in range(1, policy.max_attempts + 1):
-        started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         t0 = time.monotonic()
         status: int | None = None
         retry_after: float | None = None

@@ -89,8 +89,17 @@ class SinkOutcome:
         return last.error or (f"HTTP {last.status_code}" if last.status_code else last.outcome)
 
     def attempt_rows(self) -> list[dict[str, Any]]:
-        return [{"attempt": a.number, "started_at": a.started_at, "seconds": a.seconds, "status_code": a.status_code,
-                 "error": a.error, "outcome": a.outcome} for a in (self.delivery.attempts if self.delivery else [])]
+        return [
+            {
+                "attempt": a.number,
+                "started_at": a.started_at,
+                "seconds": a.seconds,
+                "status_code": a.status_code,
+                "error": a.error,
+                "outcome": a.outcome,
+            }
+            for a in (self.delivery.attempts if self.delivery else [])
+        ]
 
 
 class DeliveryLog(Protocol):
@@ -120,10 +129,21 @@ class DeliveryTable:
             """INSERT INTO deliveries (item_id, result_index, sink, state, error, updated_at) VALUES (?,?,?,?,?,?)
                ON CONFLICT (item_id, result_index, sink) DO UPDATE SET state = excluded.state,
                    error = excluded.error, updated_at = excluded.updated_at""",
-            [(*row, now) for row in rows])
+            [(*row, now) for row in rows],
+        )
 
-    def set_state(self, item_id: str, result_index: int, sink: str, state: str, *, target: str | None = None,
-                  url: str | None = None, error: str | None = None, attempts: int = 0) -> None:
+    def set_state(
+        self,
+        item_id: str,
+        result_index: int,
+        sink: str,
+        state: str,
+        *,
+        target: str | None = None,
+        url: str | None = None,
+        error: str | None = None,
+        attempts: int = 0,
+    ) -> None:
         """Upsert one (result, sink) state; `attempts` adds to the count so far (a resend's)."""
         self.conn.execute(
             """INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at)
@@ -139,16 +159,37 @@ class DeliveryTable:
         self.conn.executemany(
             """INSERT INTO delivery_attempts (item_id, result_index, sink, run_id, attempt, started_at, seconds,
                                               status_code, error, outcome) VALUES (?,?,?,?,?,?,?,?,?,?)""",
-            [(item_id, result_index, sink, run_id, a["attempt"], a["started_at"], a.get("seconds"), a.get("status_code"),
-              a.get("error"), a["outcome"]) for a in attempts],
+            [
+                (
+                    item_id,
+                    result_index,
+                    sink,
+                    run_id,
+                    a["attempt"],
+                    a["started_at"],
+                    a.get("seconds"),
+                    a.get("status_code"),
+                    a.get("error"),
+                    a["outcome"],
+                )
+                for a in attempts
+            ],
         )
 
     def record(self, outcome: SinkOutcome, run_id: str) -> None:
         """A sink's outcome: its attempts, then its state."""
         rows = outcome.attempt_rows()
         self.add_attempts(outcome.item_id, outcome.result_index, outcome.sink, run_id, rows)
-        self.set_state(outcome.item_id, outcome.result_index, outcome.sink, outcome.state, target=outcome.target,
-                       url=outcome.url, error=outcome.reason, attempts=len(rows))
+        self.set_state(
+            outcome.item_id,
+            outcome.result_index,
+            outcome.sink,
+            outcome.state,
+            target=outcome.target,
+            url=outcome.url,
+            error=outcome.reason,
+            attempts=len(rows),
+        )
 
     def rows(self, *, item_id: str | None = None, states: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Rows (of one result's item, and/or in some states) as dicts by column, ordered by result then sink."""
@@ -160,15 +201,20 @@ class DeliveryTable:
             states = tuple(states)
             where.append(f"state IN ({','.join('?' * len(states))})")
             args.extend(states)
-        cursor = self.conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM deliveries"
-                                   + (" WHERE " + " AND ".join(where) if where else "")
-                                   + " ORDER BY item_id, result_index, sink", tuple(args))
+        cursor = self.conn.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM deliveries"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY item_id, result_index, sink",
+            tuple(args),
+        )
         return [dict(zip(_COLUMNS, row)) for row in cursor.fetchall()]
 
     def attempts(self, item_id: str, result_index: int) -> list[dict[str, Any]]:
         cursor = self.conn.execute(
             "SELECT sink, run_id, attempt, started_at, seconds, status_code, error, outcome FROM delivery_attempts "
-            "WHERE item_id=? AND result_index=? ORDER BY id", (item_id, result_index))
+            "WHERE item_id=? AND result_index=? ORDER BY id",
+            (item_id, result_index),
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor.fetchall()]
 

@@ -1,8 +1,8 @@
 """The result dict for one generated image, in the shape Runware's imageInference results take.
 
-    {"taskType": "imageInference", "taskUUID": ..., "imageUUID": ...,
-     "imageURL" | "imageDataURI" | "imageBase64Data": ...,   # one of them, as outputType asks
-     "seed": ..., "cost": ..., "NSFWContent": ...}          # cost / NSFWContent only when known
+{"taskType": "imageInference", "taskUUID": ..., "imageUUID": ...,
+ "imageURL" | "imageDataURI" | "imageBase64Data": ...,   # one of them, as outputType asks
+ "seed": ..., "cost": ..., "NSFWContent": ...}          # cost / NSFWContent only when known
 """
 
 from __future__ import annotations

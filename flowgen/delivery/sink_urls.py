@@ -69,8 +69,9 @@ class SinkURLs:
             conn = self._open(create=False)
             if conn is None:
                 return None
-            row = conn.execute("SELECT upload, webhook FROM sink_urls WHERE id = ? AND result_index = ?",
-                               (id_, result_index)).fetchone()
+            row = conn.execute(
+                "SELECT upload, webhook FROM sink_urls WHERE id = ? AND result_index = ?", (id_, result_index)
+            ).fetchone()
         return (row[0], row[1]) if row else None
 
     def forget(self, id_: str, result_index: int) -> None:

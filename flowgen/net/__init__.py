@@ -1,14 +1,14 @@
 """Where flowgen may connect, for how long, and how URLs are recorded.
 
-    policy.py     DestinationPolicy: public addresses plus the operator's allow-list
-                  ($FLOWGEN_ALLOW_HOSTS, serve --allow-host); DestinationRefused
-    transport.py  guarded_client(policy): httpx clients that check each address they connect to
-                  (after DNS, on every redirect hop, pinned against rebinding); time_limit(s): a
-                  wall-clock deadline for a request, headers and body included
-    fetch.py      fetch_bytes(): one bounded GET (bytes, deadline, redirects); FetchSlots: fetches
-                  in flight per key
-    redact.py     redact_url / redact_webhook_url / redacted_task / redacted_values: URLs (and the
-                  dataset values they were built from) as records hold them
+policy.py     DestinationPolicy: public addresses plus the operator's allow-list
+              ($FLOWGEN_ALLOW_HOSTS, serve --allow-host); DestinationRefused
+transport.py  guarded_client(policy): httpx clients that check each address they connect to
+              (after DNS, on every redirect hop, pinned against rebinding); time_limit(s): a
+              wall-clock deadline for a request, headers and body included
+fetch.py      fetch_bytes(): one bounded GET (bytes, deadline, redirects); FetchSlots: fetches
+              in flight per key
+redact.py     redact_url / redact_webhook_url / redacted_task / redacted_values: URLs (and the
+              dataset values they were built from) as records hold them
 """
 
 from flowgen.net.fetch import FetchError, FetchSlots, TooManyFetches, fetch_bytes

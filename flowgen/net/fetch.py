@@ -43,8 +43,9 @@ def fetch_bytes(client: httpx.Client, url: str, *, max_bytes: int, timeout_s: fl
         with time_limit(timeout_s):
             for _ in range(MAX_REDIRECTS + 1):
                 _check_scheme(url)
-                with client.stream("GET", url, headers={"Accept-Encoding": "identity"}, timeout=timeout_s,
-                                   follow_redirects=False) as response:
+                with client.stream(
+                    "GET", url, headers={"Accept-Encoding": "identity"}, timeout=timeout_s, follow_redirects=False
+                ) as response:
                     location = response.headers.get("location")
                     if response.status_code in REDIRECTS and location:
                         url = str(response.url.join(location))
@@ -54,7 +55,9 @@ def fetch_bytes(client: httpx.Client, url: str, *, max_bytes: int, timeout_s: fl
                     return _read(response, max_bytes)
             raise FetchError(f"more than {MAX_REDIRECTS} redirects")
     except httpx.TimeoutException:
-        raise FetchError(f"timed out: not fetched within {timeout_s:g} s (connect, headers and body together)") from None
+        raise FetchError(
+            f"timed out: not fetched within {timeout_s:g} s (connect, headers and body together)"
+        ) from None
     except DestinationRefused as err:
         raise FetchError(str(err)) from None
     except (httpx.HTTPError, httpx.InvalidURL) as err:

@@ -39,8 +39,10 @@ class DestinationRefused(Exception):
     what (if anything) answers there, so an open internal port reads like a closed one."""
 
     def __init__(self, host: str):
-        super().__init__(f"{host}: no public address to connect to (flowgen connects only to public internet "
-                         f"addresses unless the operator allows the host: {ALLOW_ENV} or serve --allow-host)")
+        super().__init__(
+            f"{host}: no public address to connect to (flowgen connects only to public internet "
+            f"addresses unless the operator allows the host: {ALLOW_ENV} or serve --allow-host)"
+        )
         self.host = host
 
 
@@ -86,10 +88,13 @@ class DestinationPolicy:
                     pass
                 name = entry.lower().rstrip(".")
                 label = name.removeprefix("*.")
-                if not label or not all(part and all(c.isalnum() or c in "-_" for c in part)
-                                        for part in label.split(".")):
-                    raise AllowListError(f"{source}: {entry!r} is not a host name, an IP address or a CIDR range "
-                                     "(e.g. minio, *.corp.example, 127.0.0.1, 10.0.0.0/8)")
+                if not label or not all(
+                    part and all(c.isalnum() or c in "-_" for c in part) for part in label.split(".")
+                ):
+                    raise AllowListError(
+                        f"{source}: {entry!r} is not a host name, an IP address or a CIDR range "
+                        "(e.g. minio, *.corp.example, 127.0.0.1, 10.0.0.0/8)"
+                    )
                 hosts.add(name)
         return cls(frozenset(hosts), tuple(networks), entries=tuple(kept))
 
@@ -99,19 +104,22 @@ class DestinationPolicy:
         env = os.environ if environ is None else environ
         policy = cls.parse([env.get(ALLOW_ENV, "")])
         added = cls.parse(extra, source="--allow-host")
-        return cls(policy.hosts | added.hosts, policy.networks + added.networks,
-                   entries=policy.entries + added.entries)
+        return cls(policy.hosts | added.hosts, policy.networks + added.networks, entries=policy.entries + added.entries)
 
     def allows_name(self, host: str) -> bool:
         """Whether the operator allowed this host name (wherever it resolves)."""
         name = host.lower().rstrip(".")
-        return self.allow_all or name in self.hosts or any(
-            h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts)
+        return (
+            self.allow_all or name in self.hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts)
+        )
 
     def allows_address(self, address: IPAddress) -> bool:
         """Whether a connection to `address` may be opened (public, or in an allowed range)."""
-        return self.allow_all or is_public(address) or any(address in network for network in self.networks
-                                                           if network.version == address.version)
+        return (
+            self.allow_all
+            or is_public(address)
+            or any(address in network for network in self.networks if network.version == address.version)
+        )
 
     def literal_problem(self, host: str) -> str | None:
         """Why a URL's host is refused before any lookup (a literal address or `localhost` that is

@@ -75,8 +75,9 @@ class _Stream(httpcore.NetworkStream):
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         return _Stream(self._inner.start_tls(ssl_context, server_hostname, _left(timeout, httpcore.ConnectTimeout)))
 
     def get_extra_info(self, info: str) -> Any:
@@ -90,17 +91,27 @@ class _Backend(httpcore.NetworkBackend):
         self.policy = policy
         self._sync = httpcore.SyncBackend()
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Any = None) -> httpcore.NetworkStream:
-        allowed = [address for address in self._resolve(host, port, timeout)
-                   if self.policy.allows_name(host) or self.policy.allows_address(ipaddress.ip_address(address))]
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        allowed = [
+            address
+            for address in self._resolve(host, port, timeout)
+            if self.policy.allows_name(host) or self.policy.allows_address(ipaddress.ip_address(address))
+        ]
         if not allowed:
             raise DestinationRefused(host)
         error: Exception | None = None
         for address in allowed:  # as socket.create_connection would: the first that answers
             try:
-                stream = self._sync.connect_tcp(address, port, _left(timeout, httpcore.ConnectTimeout),
-                                                local_address, socket_options)
+                stream = self._sync.connect_tcp(
+                    address, port, _left(timeout, httpcore.ConnectTimeout), local_address, socket_options
+                )
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as err:
                 error = err
                 continue
@@ -126,8 +137,9 @@ class _Backend(httpcore.NetworkBackend):
         # an IPv6 scope (fe80::1%eth0) is not part of the address that is checked
         return list(dict.fromkeys(str(info[4][0]).partition("%")[0] for info in infos))
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Any = None) -> httpcore.NetworkStream:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
         raise DestinationRefused(path)
 
     def sleep(self, seconds: float) -> None:
@@ -143,13 +155,15 @@ class GuardedTransport(httpx.HTTPTransport):
         # httpx builds its pool with httpcore's default backend and takes no other: rebuild it with ours
         self._pool = httpcore.ConnectionPool(
             ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections, max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry, network_backend=_Backend(policy))
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_Backend(policy),
+        )
 
 
 def guarded_client(policy: DestinationPolicy, *, max_connections: int = 10, **options: Any) -> httpx.Client:
     """An httpx.Client that connects only where `policy` allows, never follows redirects by itself
     (callers vet each hop) and ignores environment proxies."""
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.Client(transport=GuardedTransport(policy, limits), follow_redirects=False, trust_env=False,
-                        **options)
+    return httpx.Client(transport=GuardedTransport(policy, limits), follow_redirects=False, trust_env=False, **options)

@@ -16,7 +16,24 @@ from flowgen.plan.seeds import derive_seed, item_id_for, result_seed
 from flowgen.plan.task import Delivery, ResolvedTask
 
 __all__ = [
-    "Batch", "Canary", "Delivery", "FacePass", "Job", "Plan", "PlanDiff", "PlannedItem", "PlannedResult", "RecipeSource",
-    "ResolvedTask", "RunPlan", "Signature", "chunk_sizes", "compile_plan", "derive_seed", "diff_plan", "item_id_for",
-    "make_batches", "result_seed",
+    "Batch",
+    "Canary",
+    "Delivery",
+    "FacePass",
+    "Job",
+    "Plan",
+    "PlanDiff",
+    "PlannedItem",
+    "PlannedResult",
+    "RecipeSource",
+    "ResolvedTask",
+    "RunPlan",
+    "Signature",
+    "chunk_sizes",
+    "compile_plan",
+    "derive_seed",
+    "diff_plan",
+    "item_id_for",
+    "make_batches",
+    "result_seed",
 ]

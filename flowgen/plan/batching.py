@@ -10,7 +10,8 @@ by as many neighbours as possible.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from flowgen.gc_pause import paused_gc
 from flowgen.plan.job import Job
@@ -90,4 +91,3 @@ def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
             batches.append(Batch(signature, tuple(members[start : start + count]), size))
             start += count
     return batches
-

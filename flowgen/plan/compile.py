@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flowgen.engine import resolve_step_cache
 from flowgen.errors import RecipeError
@@ -110,12 +111,28 @@ def compile_plan(
                     path = os.path.normpath(os.path.join(out_text, name))
                 results.append(PlannedResult(planned, index, seed, result_hash(planned.item_hash, seed, index), path))
         _check_unique_paths(results)
-        return Plan(recipe_name, model, model_identity, out, planned_items, results, recipe_hash, max_batch,
-                    plan_hash=_plan_hash(recipe_hash, results), dtype=dtype)
+        return Plan(
+            recipe_name,
+            model,
+            model_identity,
+            out,
+            planned_items,
+            results,
+            recipe_hash,
+            max_batch,
+            plan_hash=_plan_hash(recipe_hash, results),
+            dtype=dtype,
+        )
 
 
-def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: bool,
-               inspector: ReferenceInspector, loras_of: LoraResolver) -> tuple[PlannedItem, int | None]:
+def _plan_item(
+    item: Item,
+    recipe_name: str,
+    hash_item: ItemHasher,
+    distilled: bool,
+    inspector: ReferenceInspector,
+    loras_of: LoraResolver,
+) -> tuple[PlannedItem, int | None]:
     """The planned item, and the task's fixed seed (None: each result's is derived)."""
     hashes: list[str] = []
     sizes: list[tuple[int, int]] = []
@@ -130,8 +147,9 @@ def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: b
         sizes.append(size)
     task = item.task
     loras = loras_of(task, item.key)
-    resolved = ResolvedTask.from_task(task, guidance=guidance_for(task, distilled), references=item.references,
-                                      reference_hashes=hashes, loras=loras)
+    resolved = ResolvedTask.from_task(
+        task, guidance=guidance_for(task, distilled), references=item.references, reference_hashes=hashes, loras=loras
+    )
     planned = PlannedItem(
         item_id=item_id_for(recipe_name, item.key),
         key=item.key,
@@ -139,8 +157,9 @@ def _plan_item(item: Item, recipe_name: str, hash_item: ItemHasher, distilled: b
         task=task,
         job=resolved.job,
         reference_sizes=tuple(sizes),
-        item_hash=hash_item(_hashed_task(task, resolved.job, distilled), hashes,
-                            tuple((digest, weight) for _, digest, weight in loras)),
+        item_hash=hash_item(
+            _hashed_task(task, resolved.job, distilled), hashes, tuple((digest, weight) for _, digest, weight in loras)
+        ),
         error=error,
         delivery=resolved.delivery,
         number_results=resolved.number_results,

@@ -8,9 +8,10 @@ removed the file) and its content hash is the same. Everything else runs again.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 from flowgen.plan.hashing import BASE_DTYPE, image_params, sha256_file
 from flowgen.plan.model import Plan, PlannedResult
@@ -51,7 +52,7 @@ def relative_output(plan: Plan, result: PlannedResult) -> str:
 def diff_plan(
     plan: Plan,
     index: ManifestIndex,
-    load_record: Callable[[str, int], "dict[str, Any] | None"] | None = None,
+    load_record: Callable[[str, int], dict[str, Any] | None] | None = None,
     verify_files: bool = True,
 ) -> PlanDiff:
     """Classify every planned result against the manifest index (see module doc).
@@ -80,8 +81,9 @@ def diff_plan(
     # results an incremental watermark leaves out are still the recipe's (flowgen.plan.incremental)
     retained = plan.retained_item_ids
     removed = sorted(rid for rid in index if rid not in planned_ids and rid[0] not in retained)
-    return PlanDiff(order=order, new=tuple(new), unchanged=tuple(unchanged), changed=tuple(changed),
-                    removed=tuple(removed))
+    return PlanDiff(
+        order=order, new=tuple(new), unchanged=tuple(unchanged), changed=tuple(changed), removed=tuple(removed)
+    )
 
 
 def _reasons(plan, result, row, load_record, verify_files) -> list[str]:

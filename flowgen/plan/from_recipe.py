@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from flowgen.plan.compile import compile_plan
 from flowgen.plan.hashing import BASE_DTYPE, canonical_json
@@ -23,9 +24,14 @@ def model_facts(recipe: Any) -> tuple[str, dict[str, Any], bool]:
     return name, identity, bool(recipe.distilled)
 
 
-def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequence[str] = (),
-                max_batch: int | None = DEFAULT_MAX_BATCH, dtype: str = BASE_DTYPE,
-                watermarks: WatermarkReader | None = None) -> Plan:
+def plan_recipe(
+    path: str | Path,
+    out_dir: str | Path | None,
+    overrides: Sequence[str] = (),
+    max_batch: int | None = DEFAULT_MAX_BATCH,
+    dtype: str = BASE_DTYPE,
+    watermarks: WatermarkReader | None = None,
+) -> Plan:
     """Load, expand and compile a recipe against an output folder (RecipeError on user errors).
 
     max_batch: largest batch per engine call (rounded down to a power of two; None: DEFAULT_MAX_BATCH).
@@ -63,9 +69,13 @@ def plan_recipe(path: str | Path, out_dir: str | Path | None, overrides: Sequenc
         reference_check=_reference_check(),
     )
     canary = recipe.canary
-    return replace(plan, card=recipe.card, source=recipe_source(path),
-                   incremental=selection.increment() if selection is not None else None,
-                   canary=Canary(int(canary.items), float(canary.threshold_db)) if canary is not None else None)
+    return replace(
+        plan,
+        card=recipe.card,
+        source=recipe_source(path),
+        incremental=selection.increment() if selection is not None else None,
+        canary=Canary(int(canary.items), float(canary.threshold_db)) if canary is not None else None,
+    )
 
 
 def recipe_source(path: str | Path, overrides: Sequence[str] = (), out_option: bool = False) -> RecipeSource:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 HASH_SCHEMA = 1  # bump when the hashed material changes shape: every result then re-renders
 # Every result was float32 before the dtype became a setting: that dtype is left out of the hash (and
@@ -101,7 +102,9 @@ def lora_material(lora_set) -> str:
 def item_hash(model: str, task: Mapping[str, Any], reference_hashes: list[str], lora_set=()) -> str:
     """Hash of everything an item's results share: model (see model_key), parameters, reference
     contents, LoRA contents and weights, and the hash schema."""
-    material = f"flowgen-item-hash/{HASH_SCHEMA}\0{model}\0{canonical_json(image_params(task))}\0{','.join(reference_hashes)}"
+    material = (
+        f"flowgen-item-hash/{HASH_SCHEMA}\0{model}\0{canonical_json(image_params(task))}\0{','.join(reference_hashes)}"
+    )
     return hashlib.sha256((material + lora_material(lora_set)).encode()).hexdigest()
 
 

@@ -18,9 +18,10 @@ plain data (the run layer reads them from the manifest; the plan layer never imp
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from flowgen.plan.hashing import sha256_file
 from flowgen.plan.seeds import item_id_for
@@ -43,8 +44,15 @@ class DatasetSelection:
     run_id: str | None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "kind": self.kind, "rows": self.rows, "new_rows": self.new_rows,
-                "watermark_rows": self.watermark_rows, "recorded_at": self.recorded_at, "run_id": self.run_id}
+        return {
+            "dataset": self.dataset,
+            "kind": self.kind,
+            "rows": self.rows,
+            "new_rows": self.new_rows,
+            "watermark_rows": self.watermark_rows,
+            "recorded_at": self.recorded_at,
+            "run_id": self.run_id,
+        }
 
 
 @dataclass
@@ -94,16 +102,23 @@ def select_new(recipe: Any, items: Sequence[Any], watermarks: Watermarks) -> Sel
         rows = recipe.dataset_rows(name)
         if kind == "files":
             entries, seen[name] = _files_now(rows, recipe.recipe_dir, recorded.get("entries") or {})
-            merged = {**(recorded.get("entries") or {}), **entries}
+            merged: dict[str, list] | list[str] = {**(recorded.get("entries") or {}), **entries}  # keys: a sorted list
         else:
             before = set(recorded.get("entries") or [])
             seen[name] = {row.key for row in rows if row.key in before}
             merged = sorted(before | {row.key for row in rows})
         selection.next_watermarks[name] = {"kind": kind, "entries": merged}
-        selection.datasets.append(DatasetSelection(
-            name, kind, rows=len(rows), new_rows=len(rows) - len(seen[name]),
-            watermark_rows=len(recorded.get("entries") or ()), recorded_at=recorded.get("recorded_at"),
-            run_id=recorded.get("run_id")))
+        selection.datasets.append(
+            DatasetSelection(
+                name,
+                kind,
+                rows=len(rows),
+                new_rows=len(rows) - len(seen[name]),
+                watermark_rows=len(recorded.get("entries") or ()),
+                recorded_at=recorded.get("recorded_at"),
+                run_id=recorded.get("run_id"),
+            )
+        )
     variables = {var: dataset for var, dataset in recipe.dataset_variables().items() if dataset in seen}
     for item in items:
         row_keys = _row_keys(item.key, variables)

@@ -9,8 +9,9 @@ stays on the item for what is about the task as written: its hash, the record's 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from os import PathLike
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 DEFAULT_ACCELERATION = "high"  # the spec default (flowgen.engine.sampling.step_cache_settings.PRESETS)
 
@@ -42,13 +43,18 @@ class Signature(NamedTuple):
     def label(self) -> str:
         """Human-readable, e.g. '128x128, 4 steps, cfg 3.5' (the scheduler when not Default, the step
         cache when not the default preset, the LoRAs by content): what records and cost estimates key on."""
-        parts = [f"{self.width}x{self.height}", f"{self.steps} steps",
-                 f"cfg {self.guidance:g}" if self.guidance is not None else "no cfg"]
+        parts = [
+            f"{self.width}x{self.height}",
+            f"{self.steps} steps",
+            f"cfg {self.guidance:g}" if self.guidance is not None else "no cfg",
+        ]
         if self.scheduler != DEFAULT_SCHEDULER:
             parts.append(self.scheduler)
         if self.acceleration != DEFAULT_ACCELERATION or self.accelerator_options:
-            parts.append(f"acceleration {self.acceleration}"
-                         + "".join(f", {name}={value}" for name, value in self.accelerator_options))
+            parts.append(
+                f"acceleration {self.acceleration}"
+                + "".join(f", {name}={value}" for name, value in self.accelerator_options)
+            )
         if self.lora_set:
             parts.append("LoRA " + " + ".join(f"{digest[:8]}x{weight:g}" for digest, weight in self.lora_set))
         return ", ".join(parts)
@@ -88,9 +94,14 @@ class FacePass(NamedTuple):
         faces = task.get("ultralytics")
         if not isinstance(faces, Mapping):
             return None
-        given = {name: kind(faces[field]) for field, (name, kind) in _FACE_FIELDS.items() if faces.get(field) is not None}
-        return cls(positive_prompt=str(faces.get("positivePrompt") or task.get("positivePrompt") or ""),
-                   negative_prompt=str(faces.get("negativePrompt") or task.get("negativePrompt") or ""), **given)
+        given = {
+            name: kind(faces[field]) for field, (name, kind) in _FACE_FIELDS.items() if faces.get(field) is not None
+        }
+        return cls(
+            positive_prompt=str(faces.get("positivePrompt") or task.get("positivePrompt") or ""),
+            negative_prompt=str(faces.get("negativePrompt") or task.get("negativePrompt") or ""),
+            **given,
+        )
 
     def given(self) -> dict[str, Any]:
         """The fields the task set (the prompts always), by name."""
@@ -120,35 +131,56 @@ class Job(NamedTuple):
     face_pass: FacePass | None = None  # the face pass on each decoded image (ultralytics), None without one
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str | PathLike[str]] = (),
-                  reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> "Job":
+    def from_task(
+        cls,
+        task: Mapping[str, Any],
+        *,
+        guidance: float | None,
+        references: Sequence[str | PathLike[str]] = (),
+        reference_hashes: Sequence[str] = (),
+        loras: Sequence[tuple[str, str, float]] = (),
+    ) -> Job:
         """The job of a resolved task; `guidance` is decided by the caller (the planner's rule, or
         the value recorded for the batch when replaying); `loras` are the task's LoRA files as resolved
         and hashed by the planner."""
         get = task.get
         quality = get("outputQuality")
-        return tuple.__new__(cls, (  # positional, in field order: the fast path of a big plan
-            str(get("positivePrompt", "")),
-            str(get("negativePrompt") or ""),
-            int(task["width"]),
-            int(task["height"]),
-            int(task["steps"]),
-            guidance,
-            str(get("scheduler") or DEFAULT_SCHEDULER),
-            tuple(map(str, references)) if references else (),
-            tuple(reference_hashes) if reference_hashes else (),
-            str(get("outputFormat") or "JPG").upper(),
-            None if quality is None else int(quality),
-            str(get("acceleration") or DEFAULT_ACCELERATION),
-            _options(get("acceleratorOptions")),
-            tuple((str(path), str(digest), float(weight)) for path, digest, weight in loras) if loras else (),
-            None if get("ultralytics") is None else FacePass.from_task(task),
-        ))
+        return tuple.__new__(
+            cls,
+            (  # positional, in field order: the fast path of a big plan
+                str(get("positivePrompt", "")),
+                str(get("negativePrompt") or ""),
+                int(task["width"]),
+                int(task["height"]),
+                int(task["steps"]),
+                guidance,
+                str(get("scheduler") or DEFAULT_SCHEDULER),
+                tuple(map(str, references)) if references else (),
+                tuple(reference_hashes) if reference_hashes else (),
+                str(get("outputFormat") or "JPG").upper(),
+                None if quality is None else int(quality),
+                str(get("acceleration") or DEFAULT_ACCELERATION),
+                _options(get("acceleratorOptions")),
+                tuple((str(path), str(digest), float(weight)) for path, digest, weight in loras) if loras else (),
+                None if get("ultralytics") is None else FacePass.from_task(task),
+            ),
+        )
 
     @property
     def signature(self) -> Signature:
-        return tuple.__new__(Signature, (self.width, self.height, self.steps, self.guidance, self.scheduler,
-                                         self.acceleration, self.accelerator_options, self.lora_set))
+        return tuple.__new__(
+            Signature,
+            (
+                self.width,
+                self.height,
+                self.steps,
+                self.guidance,
+                self.scheduler,
+                self.acceleration,
+                self.accelerator_options,
+                self.lora_set,
+            ),
+        )
 
     @property
     def lora_set(self) -> tuple:

@@ -11,7 +11,8 @@ naming the field, the item and the file.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from flowgen.engine import EngineInputError, checked_lora_path
 from flowgen.errors import RecipeError
@@ -31,8 +32,9 @@ class LoraResolver:
             return ()
         key = tuple((entry.get("model"), entry.get("weight")) for entry in entries)
         if key not in self._resolved:
-            self._resolved[key] = tuple(self._one(index, model, weight, item_key)
-                                        for index, (model, weight) in enumerate(key))
+            self._resolved[key] = tuple(
+                self._one(index, model, weight, item_key) for index, (model, weight) in enumerate(key)
+            )
         return self._resolved[key]
 
     def _one(self, index: int, model: Any, weight: Any, item_key: str) -> tuple[str, str, float]:

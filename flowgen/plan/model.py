@@ -6,9 +6,10 @@ the diff against an output folder's manifest, what runs, and its batches, comput
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from flowgen.plan.hashing import BASE_DTYPE
 from flowgen.plan.incremental import Increment
@@ -18,7 +19,18 @@ from flowgen.plan.task import NO_DELIVERY, Delivery
 if TYPE_CHECKING:  # pragma: no cover
     from flowgen.plan.run_plan import ManifestIndex, RunPlan
 
-__all__ = ["Batch", "Canary", "Delivery", "Increment", "Job", "Plan", "PlannedItem", "PlannedResult", "RecipeSource", "Signature"]
+__all__ = [
+    "Batch",
+    "Canary",
+    "Delivery",
+    "Increment",
+    "Job",
+    "Plan",
+    "PlannedItem",
+    "PlannedResult",
+    "RecipeSource",
+    "Signature",
+]
 
 
 @dataclass(slots=True)
@@ -154,8 +166,12 @@ class Plan:
         """Items an incremental watermark leaves out: still the recipe's, so their results are not removed."""
         return self.incremental.retained_item_ids if self.incremental is not None else frozenset()
 
-    def against(self, index: "ManifestIndex", load_record: "Callable[[str, int], dict | None] | None" = None,
-                verify_files: bool = True) -> "RunPlan":
+    def against(
+        self,
+        index: ManifestIndex,
+        load_record: Callable[[str, int], dict | None] | None = None,
+        verify_files: bool = True,
+    ) -> RunPlan:
         """This plan against a manifest index ({} for a folder without one): the immutable run value
         with the diff, the results to run and their batches (see flowgen.plan.run_plan)."""
         from flowgen.plan.run_plan import RunPlan

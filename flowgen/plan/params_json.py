@@ -11,9 +11,10 @@ The result is byte-for-byte canonical_json(image_params(task)).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from json.encoder import encode_basestring_ascii
 from operator import itemgetter
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from flowgen.plan.hashing import NON_IMAGE_FIELDS, canonical_json, image_params
 
@@ -56,8 +57,9 @@ class _Shape:
         self.values = tuple(self.fixed[f] for f in names)
         self.types = tuple(map(type, self.values))
         # itemgetter of one name returns the value itself, not a 1-tuple: ask for it twice
-        self.get: Callable[[Mapping], tuple] | None = itemgetter(*names) if len(names) > 1 else (
-            itemgetter(names[0], names[0]) if names else None)
+        self.get: Callable[[Mapping], tuple] | None = (
+            itemgetter(*names) if len(names) > 1 else (itemgetter(names[0], names[0]) if names else None)
+        )
         if len(names) == 1:
             self.values, self.types = self.values * 2, self.types * 2
 

@@ -14,9 +14,10 @@ lock, else builds it again there), and a server can hold one between planning an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any, Callable
+from typing import Any
 
 from flowgen.plan.batching import make_batches
 from flowgen.plan.diff import ManifestIndex, PlanDiff, diff_plan
@@ -39,8 +40,13 @@ class RunPlan:
     index: ManifestIndex = field(default_factory=dict, repr=False, compare=False)  # the state it was built against
 
     @classmethod
-    def build(cls, plan: Plan, index: ManifestIndex, load_record: Callable[[str, int], "dict[str, Any] | None"] | None = None,
-              verify_files: bool = True) -> "RunPlan":
+    def build(
+        cls,
+        plan: Plan,
+        index: ManifestIndex,
+        load_record: Callable[[str, int], dict[str, Any] | None] | None = None,
+        verify_files: bool = True,
+    ) -> RunPlan:
         diff = diff_plan(plan, index, load_record, verify_files)
         todo = diff.to_run
         blocked = tuple(r for r in todo if r.item.error)
@@ -60,7 +66,7 @@ class RunPlan:
     def _batches(self) -> tuple[Batch, ...]:
         return tuple(make_batches(self.runnable, self.plan.max_batch))
 
-    def limited(self, limit: int | None) -> "RunPlan":
+    def limited(self, limit: int | None) -> RunPlan:
         """The same value with at most `limit` runnable results (the first in plan order); None: all."""
         if limit == self.limit:
             return self

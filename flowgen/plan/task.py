@@ -42,20 +42,24 @@ class Delivery(NamedTuple):
         if _DELIVERY_FIELDS.isdisjoint(task):  # the usual task (a plan may hold 100k+): the defaults
             return NO_DELIVERY
         get = task.get
-        return tuple.__new__(cls, (  # positional, in field order: one per item of a big plan
-            _text(get("taskUUID")),
-            str(get("outputType") or DEFAULT_OUTPUT_TYPE),
-            _text(get("uploadEndpoint")),
-            _text(get("webhookURL")),
-            str(get("deliveryMethod") or "sync"),
-            get("includeCost") is True,
-            (get("safety") or {}).get("checkContent") is True,
-            get("ttl"),  # validated as an integer where the task was resolved
-        ))
+        return tuple.__new__(
+            cls,
+            (  # positional, in field order: one per item of a big plan
+                _text(get("taskUUID")),
+                str(get("outputType") or DEFAULT_OUTPUT_TYPE),
+                _text(get("uploadEndpoint")),
+                _text(get("webhookURL")),
+                str(get("deliveryMethod") or "sync"),
+                get("includeCost") is True,
+                (get("safety") or {}).get("checkContent") is True,
+                get("ttl"),  # validated as an integer where the task was resolved
+            ),
+        )
 
 
-_DELIVERY_FIELDS = frozenset({"taskUUID", "outputType", "uploadEndpoint", "webhookURL", "deliveryMethod", "includeCost",
-                              "safety", "ttl"})
+_DELIVERY_FIELDS = frozenset(
+    {"taskUUID", "outputType", "uploadEndpoint", "webhookURL", "deliveryMethod", "includeCost", "safety", "ttl"}
+)
 NO_DELIVERY = Delivery()  # a task that names none of the delivery fields
 
 
@@ -68,18 +72,29 @@ class ResolvedTask(NamedTuple):
     seed: int | None = None  # the task's fixed seed (result i uses seed + i); None: derived per result
 
     @classmethod
-    def from_task(cls, task: Mapping[str, Any], *, guidance: float | None, references: Sequence[str | PathLike[str]] = (),
-                  reference_hashes: Sequence[str] = (), loras: Sequence[tuple[str, str, float]] = ()) -> ResolvedTask:
+    def from_task(
+        cls,
+        task: Mapping[str, Any],
+        *,
+        guidance: float | None,
+        references: Sequence[str | PathLike[str]] = (),
+        reference_hashes: Sequence[str] = (),
+        loras: Sequence[tuple[str, str, float]] = (),
+    ) -> ResolvedTask:
         """`guidance`, the references' content hashes and the LoRA files are decided by the caller
         (see Job.from_task)."""
         seed = task.get("seed")
-        return tuple.__new__(cls, (
-            Job.from_task(task, guidance=guidance, references=references, reference_hashes=reference_hashes,
-                          loras=loras),
-            Delivery.from_task(task),
-            number_results(task),
-            None if seed is None else int(seed),
-        ))
+        return tuple.__new__(
+            cls,
+            (
+                Job.from_task(
+                    task, guidance=guidance, references=references, reference_hashes=reference_hashes, loras=loras
+                ),
+                Delivery.from_task(task),
+                number_results(task),
+                None if seed is None else int(seed),
+            ),
+        )
 
 
 def number_results(task: Mapping[str, Any]) -> int:

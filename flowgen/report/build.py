@@ -29,8 +29,8 @@ from flowgen.run.manifest import Manifest
 REPORT_NAME = "report.html"
 TEMPLATE = "report.html.j2"
 UNDELIVERED = ("pending", "failed")  # what the "pending deliveries" filter shows: not delivered yet
-CARD_WIDTH = 180                     # px; an item's box is as wide as its results' cards, up to
-MAX_CARDS_ACROSS = 6                 # this many side by side
+CARD_WIDTH = 180  # px; an item's box is as wide as its results' cards, up to
+MAX_CARDS_ACROSS = 6  # this many side by side
 
 
 @dataclass
@@ -39,20 +39,20 @@ class ResultView:
 
     item_id: str
     result_index: int
-    status: str                      # ok | failed | skipped
+    status: str  # ok | failed | skipped
     error: str | None
     seed: Any
-    file: str | None                 # path inside the output folder
-    href: str | None                 # the file, relative to the report (only when it exists)
-    image: str | None                # thumbnail data URI
-    file_note: str | None            # why there is no thumbnail: file missing, expired (ttl), ...
+    file: str | None  # path inside the output folder
+    href: str | None  # the file, relative to the report (only when it exists)
+    image: str | None  # thumbnail data URI
+    file_note: str | None  # why there is no thumbnail: file missing, expired (ttl), ...
     timings: list[tuple[str, str]]
     batch: str | None
     deliveries: list[dict[str, Any]]
     delivery_pending: bool
-    nsfw: str | None                 # the content check's verdict, when it ran
+    nsfw: str | None  # the content check's verdict, when it ran
     nsfw_flagged: bool
-    canary: dict[str, Any] | None    # the latest canary verdict on this result, when it is a canary item
+    canary: dict[str, Any] | None  # the latest canary verdict on this result, when it is a canary item
     run_id: str
     updated: str
 
@@ -108,8 +108,11 @@ def _context(manifest: Manifest, report_path: Path) -> dict[str, Any]:
         if item is None:
             item = items[record["item_id"]] = _item_view(record)
         rid = (record["item_id"], record["result_index"])
-        item.results.append(_result_view(record, out_dir, report_dir, rid in expired, deliveries.get(rid, []),
-                                         canary_by_result.get(rid)))
+        item.results.append(
+            _result_view(
+                record, out_dir, report_dir, rid in expired, deliveries.get(rid, []), canary_by_result.get(rid)
+            )
+        )
 
     common = _hoist_common_params(list(items.values()))
     results = [r for item in items.values() for r in item.results]
@@ -120,12 +123,18 @@ def _context(manifest: Manifest, report_path: Path) -> dict[str, Any]:
         "out_dir": str(out_dir.resolve()),
         "generated": _when(time.time()),
         # failures first: they are what a reader looks for; then in key order
-        "items": sorted(items.values(), key=lambda i: (all(r.status != "failed" for r in i.results), i.item_key, i.item_id)),
+        "items": sorted(
+            items.values(), key=lambda i: (all(r.status != "failed" for r in i.results), i.item_key, i.item_id)
+        ),
         "card_width": CARD_WIDTH,
         "item_width": _item_width(max((len(i.results) for i in items.values()), default=1)),
-        "filters": [("all", "all", len(results)), ("ok", "ok", counts.get("ok", 0)),
-                    ("failed", "failed", counts.get("failed", 0)), ("skipped", "skipped", counts.get("skipped", 0)),
-                    ("pending", "pending deliveries", sum(r.delivery_pending for r in results))],
+        "filters": [
+            ("all", "all", len(results)),
+            ("ok", "ok", counts.get("ok", 0)),
+            ("failed", "failed", counts.get("failed", 0)),
+            ("skipped", "skipped", counts.get("skipped", 0)),
+            ("pending", "pending deliveries", sum(r.delivery_pending for r in results)),
+        ],
         "missing": sum(r.file_note == "file missing" for r in results),
         "expired": len(expired),
         "delivery_counts": sorted(Counter(d["state"] for ds in deliveries.values() for d in ds).items()),
@@ -174,8 +183,14 @@ def _item_view(record: dict[str, Any]) -> ItemView:
     )
 
 
-def _result_view(record: dict[str, Any], out_dir: Path, report_dir: Path, expired: bool,
-                 deliveries: list[dict[str, Any]], canary: dict[str, Any] | None) -> ResultView:
+def _result_view(
+    record: dict[str, Any],
+    out_dir: Path,
+    report_dir: Path,
+    expired: bool,
+    deliveries: list[dict[str, Any]],
+    canary: dict[str, Any] | None,
+) -> ResultView:
     status = record["status"]
     file = (record.get("output") or {}).get("path")
     path = out_dir / file if file else None
@@ -218,7 +233,12 @@ def _result_view(record: dict[str, Any], out_dir: Path, report_dir: Path, expire
 
 def _timings(timings: dict[str, Any]) -> list[tuple[str, str]]:
     shown = []
-    for key, label in (("engine_per_image", "engine/img"), ("check", "check"), ("encode", "encode"), ("write", "write")):
+    for key, label in (
+        ("engine_per_image", "engine/img"),
+        ("check", "check"),
+        ("encode", "encode"),
+        ("write", "write"),
+    ):
         value = timings.get(key)
         if isinstance(value, (int, float)) and (value or key != "check"):  # check is 0 when no content check ran
             shown.append((label, f"{value:.3f} s" if value < 10 else f"{value:.1f} s"))
@@ -229,7 +249,8 @@ def _batch(batch: dict[str, Any] | None) -> str | None:
     if not batch:
         return None
     return f"{batch.get('position', 0) + 1} of {batch.get('size', '?')}" + (
-        f" · {batch['signature']}" if batch.get("signature") else "")
+        f" · {batch['signature']}" if batch.get("signature") else ""
+    )
 
 
 def _runs(manifest: Manifest) -> list[dict[str, Any]]:
@@ -242,18 +263,28 @@ def _runs(manifest: Manifest) -> list[dict[str, Any]]:
             status = "died"  # marked running, but nothing holds the folder: it was killed
         summary = run.get("summary") or {}
         finished = run.get("finished_at")
-        shown.append({
-            "run_id": run["run_id"],
-            "recipe": run.get("recipe_name") or "",
-            "started": _when(run["started_at"]),
-            "finished": _when(finished) if finished else "—",
-            "seconds": f"{finished - run['started_at']:.1f} s" if finished else "—",
-            "status": status,
-            "summary": ", ".join([f"{summary[k]} {k}" for k in ("planned", "rendered", "unchanged", "failed", "not_run")
-                                  if isinstance(summary.get(k), int)]
-                                 + ([f"canary: {len(summary['canary_failures'])} drifted, nothing rendered"]
-                                    if summary.get("canary_failures") else [])),
-        })
+        shown.append(
+            {
+                "run_id": run["run_id"],
+                "recipe": run.get("recipe_name") or "",
+                "started": _when(run["started_at"]),
+                "finished": _when(finished) if finished else "—",
+                "seconds": f"{finished - run['started_at']:.1f} s" if finished else "—",
+                "status": status,
+                "summary": ", ".join(
+                    [
+                        f"{summary[k]} {k}"
+                        for k in ("planned", "rendered", "unchanged", "failed", "not_run")
+                        if isinstance(summary.get(k), int)
+                    ]
+                    + (
+                        [f"canary: {len(summary['canary_failures'])} drifted, nothing rendered"]
+                        if summary.get("canary_failures")
+                        else []
+                    )
+                ),
+            }
+        )
     return shown[::-1]  # newest first
 
 

@@ -53,7 +53,8 @@ def _view(row: dict[str, Any]) -> dict[str, Any]:
         "outcome": "pass" if row.get("passed") else "fail",
         "changed": _text(row.get("changed")),
         "checked": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(row["checked_at"]))
-        if isinstance(row.get("checked_at"), (int, float)) else "—",
+        if isinstance(row.get("checked_at"), (int, float))
+        else "—",
     }
 
 
