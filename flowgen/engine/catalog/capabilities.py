@@ -12,9 +12,9 @@ When the engine learns a feature, it changes here, and `validate` stops refusing
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 # Where a reference image may come from (inputs.referenceImages entries).
 REFERENCE_KINDS = ("file", "url", "data_uri", "uuid")
@@ -37,7 +37,7 @@ class Capabilities:
     why_not: Mapping[str, str]  # feature (a task field name) -> why it is not supported / limited
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capabilities() -> Capabilities:
     """The capabilities of this flowgen's engine (the same object on every call)."""
     from flowgen.engine.references.images import MAX_DECODE_PIXELS, MAX_REFERENCES
@@ -57,11 +57,15 @@ def capabilities() -> Capabilities:
         max_reference_pixels=MAX_DECODE_PIXELS,
         reference_inputs=("file",),
         dtypes=DTYPES,
-        why_not=MappingProxyType({
-            "acceleration": f"only {', '.join(map(repr, acceleration))}",
-            "acceleratorOptions": "step caches (teaCache, fbCache, dbCache) run in the compiled sampling loop",
-            "lora": "LoRA adapters (ai-toolkit/BFL, kohya, diffusers/PEFT, LoKr) are merged into the weights per batch",
-            "ultralytics": "faces found by NudeNet (or a YOLOv8 .onnx) are refined by Klein img2img",
-            "inputs.referenceImages": "reference images must be local files, not URLs, data URIs or UUIDs",
-        }),
+        why_not=MappingProxyType(
+            {
+                "acceleration": f"only {', '.join(map(repr, acceleration))}",
+                "acceleratorOptions": "step caches (teaCache, fbCache, dbCache) run in the compiled sampling loop",
+                "lora": (
+                    "LoRA adapters (ai-toolkit/BFL, kohya, diffusers/PEFT, LoKr) are merged into the weights per batch"
+                ),
+                "ultralytics": "faces found by NudeNet (or a YOLOv8 .onnx) are refined by Klein img2img",
+                "inputs.referenceImages": "reference images must be local files, not URLs, data URIs or UUIDs",
+            }
+        ),
     )

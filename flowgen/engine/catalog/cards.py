@@ -25,7 +25,7 @@ import functools
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -86,7 +86,7 @@ class ModelCard(_Strict):
     tiny: TinySpec | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelCard":
+    def _consistent(self) -> ModelCard:
         if self.distilled and (self.limits.cfg or self.defaults.cfg_scale != 1.0):
             raise ValueError("a distilled model takes no CFG: limits.cfg must be false and CFGScale 1.0")
         if not self.limits.steps.min <= self.defaults.steps <= self.limits.steps.max:
@@ -125,8 +125,10 @@ class ModelCard(_Strict):
         if self.tiny is not None:
             return locate.tiny_folder(self.name, self.tiny.seed)
         if self.weights.path is not None:
-            return locate.check_pipeline_folder(Path(self.weights.path), label=label,
-                                                hint="pass a complete diffusers pipeline folder")
+            return locate.check_pipeline_folder(
+                Path(self.weights.path), label=label, hint="pass a complete diffusers pipeline folder"
+            )
+        assert self.weights.hf_repo is not None  # _consistent: a real card has a local path or an hf_repo
         return locate.hf_snapshot(self.weights.hf_repo, gated=self.weights.gated, label=label, download=download)
 
     def missing_weights(self) -> str | None:
@@ -153,8 +155,13 @@ class ModelCard(_Strict):
         plan made on a machine without the weights matches the one made after `hf download`); the
         weight files' digests, when present, are `weights_identity()`, recorded apart.
         """
-        out = {"name": self.name, "air": self.air, "architecture": self.architecture, "kv": self.kv,
-               "distilled": self.distilled}
+        out: dict[str, Any] = {
+            "name": self.name,
+            "air": self.air,
+            "architecture": self.architecture,
+            "kv": self.kv,
+            "distilled": self.distilled,
+        }
         if self.tiny is not None:
             from flowgen.engine.catalog import tiny_model
 
@@ -182,14 +189,17 @@ class ModelCard(_Strict):
             folder = self.weights_path()
         except CheckpointError:
             return None
-        files = {str(f.relative_to(folder)): locate.file_digest(f) for f in sorted(folder.rglob("*"))
-                 if f.is_file() and not f.name.startswith(".")}
+        files = {
+            str(f.relative_to(folder)): locate.file_digest(f)
+            for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")
+        }
         if self.weights.transformer_file is not None:
             files["<transformer_file>"] = locate.file_digest(Path(self.weights.transformer_file))
         revision = folder.name if self.weights.path is None and folder.parent.name == "snapshots" else None
         return {"revision": revision, "files": files}
 
-    def replace(self, **changes) -> "ModelCard":
+    def replace(self, **changes) -> ModelCard:
         """A copy with `changes`, validated like a card read from YAML (model_copy would skip that)."""
         return ModelCard.model_validate({**self.model_dump(), **changes})
 
@@ -209,7 +219,7 @@ def cards_dir() -> Path:
     return Path(__file__).resolve().parents[3] / "models"  # flowgen/engine/catalog/cards.py -> the repository root
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_cards(folder: Path) -> tuple[ModelCard, ...]:
     files = sorted(folder.glob("*.yaml"))
     if not files:
@@ -238,7 +248,7 @@ def load_card(path: str | Path) -> ModelCard:
         where = ".".join(str(p) for p in first["loc"]) or "card"
         raise CheckpointError(f"{path}: invalid model card: {where}: {first['msg']}") from None
     if card.tiny is not None:
-        _check_tiny_sizes(card, path)
+        _check_tiny_sizes(card.tiny, path)
     return card
 
 
@@ -285,24 +295,36 @@ def _card_from_folder(folder: Path) -> ModelCard:
     index = locate.read_json(folder / "model_index.json", what="model_index.json")
     pipeline = index.get("_class_name")
     if pipeline not in _PIPELINE_CLASSES:
-        raise CheckpointError(f"{folder}: pipeline class {pipeline!r} is not a FLUX.2 [klein] pipeline "
-                              f"(need one of {', '.join(_PIPELINE_CLASSES)})")
+        raise CheckpointError(
+            f"{folder}: pipeline class {pipeline!r} is not a FLUX.2 [klein] pipeline "
+            f"(need one of {', '.join(_PIPELINE_CLASSES)})"
+        )
     kv = _PIPELINE_CLASSES[pipeline]
     distilled = True if kv else bool(index.get("is_distilled", False))
     config = Flux2Config.from_diffusers(folder / "transformer")
     from flowgen.engine.catalog.tiny_model import TRANSFORMER as TINY
 
-    architecture = next((n for n in ("klein-9b", "klein-4b") if NAMED_CONFIGS[n] == config),
-                        "tiny" if config == TINY else "custom")
+    architecture = next(
+        (n for n in ("klein-9b", "klein-4b") if NAMED_CONFIGS[n] == config), "tiny" if config == TINY else "custom"
+    )
     for card in list_cards():  # a local copy of a known model keeps its name, AIR and defaults
         if (card.architecture, card.kv, card.distilled) == (architecture, kv, distilled):
-            return card.replace(weights=Weights(path=folder), tiny=None,
-                                architecture="custom" if architecture == "tiny" else architecture)
+            return card.replace(
+                weights=Weights(path=folder),
+                tiny=None,
+                architecture="custom" if architecture == "tiny" else architecture,
+            )
     defaults = Defaults(steps=4 if distilled else 50, cfg_scale=1.0 if distilled else 4.0, width=1024, height=1024)
-    return ModelCard(name=folder.name, description=f"local pipeline folder {folder}",
-                     architecture=architecture if architecture != "tiny" else "custom", kv=kv,
-                     distilled=distilled, defaults=defaults, limits=Limits(cfg=not distilled),
-                     weights=Weights(path=folder))
+    return ModelCard(
+        name=folder.name,
+        description=f"local pipeline folder {folder}",
+        architecture=architecture if architecture != "tiny" else "custom",
+        kv=kv,
+        distilled=distilled,
+        defaults=defaults,
+        limits=Limits(cfg=not distilled),
+        weights=Weights(path=folder),
+    )
 
 
 def _card_from_single_file(file: Path, variant: str | None) -> ModelCard:
@@ -310,15 +332,19 @@ def _card_from_single_file(file: Path, variant: str | None) -> ModelCard:
     if variant is not None:
         card = resolve_model(variant)
         if card.architecture != architecture:
-            raise CheckpointError(f"{file}: holds a {architecture} transformer, but model {variant!r} is "
-                                  f"{card.architecture}")
+            raise CheckpointError(
+                f"{file}: holds a {architecture} transformer, but model {variant!r} is {card.architecture}"
+            )
     else:
-        matches = [c for c in list_cards() if c.weights.single_file
-                   and c.weights.single_file.lower() == file.name.lower()]
+        matches = [
+            c for c in list_cards() if c.weights.single_file and c.weights.single_file.lower() == file.name.lower()
+        ]
         if not matches:
             options = ", ".join(c.name for c in list_cards() if c.architecture == architecture)
-            raise CheckpointError(f"{file}: a {architecture} single file, but its variant ({options}) cannot be "
-                                  "told from its tensors; use BFL's file name or name the card as the variant")
+            raise CheckpointError(
+                f"{file}: a {architecture} single file, but its variant ({options}) cannot be "
+                "told from its tensors; use BFL's file name or name the card as the variant"
+            )
         card = matches[0]
         if card.architecture != architecture:
             raise CheckpointError(f"{file}: named like {card.name} but holds a {architecture} transformer")
@@ -343,13 +369,15 @@ def _single_file_architecture(file: Path) -> str:
         config = NAMED_CONFIGS[name]
         if (hidden, depth, single) == (config.hidden_size, config.depth, config.depth_single_blocks):
             return name
-    raise CheckpointError(f"{file}: transformer with hidden size {hidden}, {depth} double and {single} single "
-                          "blocks matches no FLUX.2 [klein] model (9B: 4096/8/24, 4B: 3072/5/20)")
+    raise CheckpointError(
+        f"{file}: transformer with hidden size {hidden}, {depth} double and {single} single "
+        "blocks matches no FLUX.2 [klein] model (9B: 4096/8/24, 4B: 3072/5/20)"
+    )
 
 
-def _check_tiny_sizes(card: ModelCard, path: Path) -> None:
+def _check_tiny_sizes(tiny: TinySpec, path: Path) -> None:
     from flowgen.engine.catalog import tiny_model
 
     actual = tiny_model.sizes()
-    if card.tiny.sizes and card.tiny.sizes != actual:
-        raise CheckpointError(f"{path}: tiny.sizes {card.tiny.sizes} differ from the embedded model's {actual}")
+    if tiny.sizes and tiny.sizes != actual:
+        raise CheckpointError(f"{path}: tiny.sizes {tiny.sizes} differ from the embedded model's {actual}")

@@ -33,8 +33,14 @@ FORMAT_VERSION = 1
 # Architecture. Latent/token channels are the real ones (32 -> 128 after 2x2 patchify) and the VAE
 # keeps 4 levels, so pixels per token stay 16 and every shape rule of the real model holds.
 QWEN = dict(hidden=32, layers=28, heads=2, kv_heads=1, head_dim=16, intermediate=64)  # 28: layers 9/18/27 are read
-TRANSFORMER = Flux2Config(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=2,
-                          context_in_dim=3 * QWEN["hidden"], axes_dim=(8, 8, 8, 8))
+TRANSFORMER = Flux2Config(
+    hidden_size=64,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=2,
+    context_in_dim=3 * QWEN["hidden"],
+    axes_dim=(8, 8, 8, 8),
+)
 VAE = VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8)
 TOKENIZER_VOCAB = 384
 SCHEDULER_CONFIG = {
@@ -91,16 +97,31 @@ def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
 
 def identity(seed: int = 0) -> dict:
     """What determines the tiny model's bytes: format version, seed and architecture (cheap, for manifests)."""
-    spec = json.dumps({"format": FORMAT_VERSION, "seed": seed, "transformer": TRANSFORMER.to_diffusers(),
-                       "vae": VAE.to_diffusers(), "qwen": QWEN, "tokenizer_vocab": TOKENIZER_VOCAB}, sort_keys=True)
+    spec = json.dumps(
+        {
+            "format": FORMAT_VERSION,
+            "seed": seed,
+            "transformer": TRANSFORMER.to_diffusers(),
+            "vae": VAE.to_diffusers(),
+            "qwen": QWEN,
+            "tokenizer_vocab": TOKENIZER_VOCAB,
+        },
+        sort_keys=True,
+    )
     return {"format": FORMAT_VERSION, "seed": seed, "spec_sha256": hashlib.sha256(spec.encode()).hexdigest()}
 
 
 def sizes() -> dict:
     """The architecture in a few numbers (the tiny model card lists the same, and is checked against it)."""
-    return {"hidden": TRANSFORMER.hidden_size, "heads": TRANSFORMER.num_heads, "double_blocks": TRANSFORMER.depth,
-            "single_blocks": TRANSFORMER.depth_single_blocks, "text_hidden": QWEN["hidden"],
-            "text_layers": QWEN["layers"], "vae_channels": list(VAE.block_out_channels)}
+    return {
+        "hidden": TRANSFORMER.hidden_size,
+        "heads": TRANSFORMER.num_heads,
+        "double_blocks": TRANSFORMER.depth,
+        "single_blocks": TRANSFORMER.depth_single_blocks,
+        "text_hidden": QWEN["hidden"],
+        "text_layers": QWEN["layers"],
+        "vae_channels": list(VAE.block_out_channels),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,18 +184,28 @@ def _qwen_weights(seed: int) -> dict[str, np.ndarray]:
     init, out = _Init(seed, "text_encoder"), {}
     hid, hd = QWEN["hidden"], QWEN["head_dim"]
     q, kv, mlp = QWEN["heads"] * hd, QWEN["kv_heads"] * hd, QWEN["intermediate"]
-    shapes = {"model.embed_tokens.weight": (TOKENIZER_VOCAB, hid), "model.norm.weight": (hid,),
-              "lm_head.weight": (TOKENIZER_VOCAB, hid)}
+    shapes = {
+        "model.embed_tokens.weight": (TOKENIZER_VOCAB, hid),
+        "model.norm.weight": (hid,),
+        "lm_head.weight": (TOKENIZER_VOCAB, hid),
+    }
     for n in range(QWEN["layers"]):
         p = f"model.layers.{n}."
-        shapes.update({
-            p + "input_layernorm.weight": (hid,), p + "post_attention_layernorm.weight": (hid,),
-            p + "self_attn.q_proj.weight": (q, hid), p + "self_attn.k_proj.weight": (kv, hid),
-            p + "self_attn.v_proj.weight": (kv, hid), p + "self_attn.o_proj.weight": (hid, q),
-            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
-            p + "mlp.gate_proj.weight": (mlp, hid), p + "mlp.up_proj.weight": (mlp, hid),
-            p + "mlp.down_proj.weight": (hid, mlp),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hid,),
+                p + "post_attention_layernorm.weight": (hid,),
+                p + "self_attn.q_proj.weight": (q, hid),
+                p + "self_attn.k_proj.weight": (kv, hid),
+                p + "self_attn.v_proj.weight": (kv, hid),
+                p + "self_attn.o_proj.weight": (hid, q),
+                p + "self_attn.q_norm.weight": (hd,),
+                p + "self_attn.k_norm.weight": (hd,),
+                p + "mlp.gate_proj.weight": (mlp, hid),
+                p + "mlp.up_proj.weight": (mlp, hid),
+                p + "mlp.down_proj.weight": (hid, mlp),
+            }
+        )
     for name, shape in sorted(shapes.items()):
         if name == "model.embed_tokens.weight":
             out[name] = init.rng(name).standard_normal(shape).astype(np.float32)
