@@ -88,6 +88,7 @@ def test_an_actor_killed_mid_run_is_retried_and_every_result_lands_once(tmp_path
     assert {r["batch"]["size"] for r in rows} == {4}
 
 
+@pytest.mark.slow
 def test_ray_unreachable_address_is_one_line_and_nothing_is_written(tmp_path):
     pytest.importorskip("ray.data")
     recipe = tmp_path / "quickstart.yaml"
