@@ -80,8 +80,7 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         code, out_dir = run_share(shard, stop)
         if watch.dead is None:
             client.key_value_set(f"flowgen/done/{shard.index}", str(code))
-            _wait(watch, lambda: all(client.key_value_try_get(f"flowgen/done/{k}") is not None
-                                     for k in range(shard.count)))
+            _wait(watch, lambda: all(_has_key(client, f"flowgen/done/{k}") for k in range(shard.count)))
     except BaseException:
         watch.close()
         raise
@@ -93,13 +92,16 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         fold_shards(out_dir)
         client.key_value_set("flowgen/merged", "1")
     else:
-        _wait(watch, lambda: client.key_value_try_get("flowgen/merged") is not None)
+        _wait(watch, lambda: _has_key(client, "flowgen/merged"))
+    if watch.dead is None:  # everyone saw the merge before anyone shuts down (process 0's service with it)
+        client.key_value_set(f"flowgen/leaving/{shard.index}", "1")
+        _wait(watch, lambda: all(_has_key(client, f"flowgen/leaving/{k}") for k in range(shard.count)))
     watch.close()
     if watch.dead is not None:
         _dead_peer_exit(shard, watch.dead)
     import jax
 
-    jax.distributed.shutdown()  # every process is done: the shutdown barrier passes at once
+    jax.distributed.shutdown()  # every process is here: the shutdown barrier passes at once
     return code
 
 
@@ -163,9 +165,25 @@ class _PeerWatch(threading.Thread):
         self._closed.set()
 
 
+def _has_key(client, key: str) -> bool:
+    """Whether the coordination service's key-value store holds `key` (its try_get raises NOT_FOUND)."""
+    try:
+        return client.key_value_try_get(key) is not None
+    except Exception as err:
+        if "NOT_FOUND" in str(err):
+            return False
+        raise
+
+
 def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> None:
     """Until `done()` holds or a peer died (no time limit while every peer lives: one may have more to render)."""
-    while watch.dead is None and not done():
+    while watch.dead is None:
+        try:
+            if done():
+                return
+        except Exception as err:  # the coordination service is gone: process 0 died
+            watch.dead = f"the JAX coordination service cannot be reached ({one_line(err)})"
+            return
         time.sleep(POLL_SECONDS / 4)
 
 

@@ -1,0 +1,130 @@
+"""`flowgen run --distributed`: two local processes (2 forced CPU devices each) joined through a JAX
+coordinator on 127.0.0.1 render one plan, each its share; process 0 merges. The merged manifest equals
+a single-process run's apart from timings and run ids, images within 2 uint8 levels; a process killed
+mid-run makes the other exit with one `error:` line within the heartbeat timeout; a rerun completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowgen.commands.run import run_command
+from flowgen.run.manifest import Manifest
+from flowgen.run.shards import Shard
+
+ROOT = Path(__file__).resolve().parents[2]
+OPTIONS = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=2", "task.numberResults=6"]
+HEARTBEAT = 5  # seconds: --heartbeat-timeout of these runs
+TIMEOUT = 300
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(recipe: Path, out: Path, port: int, process_id: int, count: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "FLOWGEN_MAX_BATCH": "4", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FLOWGEN_COORDINATOR": f"127.0.0.1:{port}",
+           "FLOWGEN_NUM_PROCESSES": str(count), "FLOWGEN_PROCESS_ID": str(process_id)}
+    args = [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(out), "--distributed",
+            "--heartbeat-timeout", str(HEARTBEAT), "--init-timeout", "120"]
+    args += [a for option in OPTIONS for a in ("--set", option)]
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _pair(recipe: Path, out: Path) -> list[tuple[int, str, str]]:
+    port = _free_port()
+    procs = [_start(recipe, out, port, k) for k in range(2)]
+    return [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in procs]
+
+
+def _essentials(out: Path) -> dict[tuple[str, int], tuple]:
+    """What a result is, without timings, run ids or layout: status, content hash, file, seed, batch size."""
+    with Manifest(out, create=False) as manifest:
+        return {(r["item_id"], r["result_index"]): (r["status"], r["content_hash"], r["output"]["path"], r["seed"],
+                                                    r["batch"]["size"]) for r in manifest.records()}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one_line(tmp_path, monkeypatch):
+    recipe = tmp_path / "quickstart.yaml"
+    shutil.copy(ROOT / "recipes" / "quickstart.yaml", recipe)
+    monkeypatch.setenv("FLOWGEN_MAX_BATCH", "4")
+    single = tmp_path / "single"
+    assert run_command(str(recipe), str(single), OPTIONS, None, False) == 0
+    expected = _essentials(single)
+    assert len(expected) == 24
+
+    out = tmp_path / "distributed"
+    for code, stdout, stderr in _pair(recipe, out):
+        assert code == 0, stderr[-3000:]
+        assert not [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert _essentials(out) == expected
+    for path in {v[2] for v in expected.values()}:
+        assert np.abs(_pixels(out / path) - _pixels(single / path)).max() <= 2, path
+    assert list(Path(out, ".flowgen", "shards").glob("*.sqlite")) == []  # process 0 folded both
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 24
+
+    killed_out = tmp_path / "killed"
+    port = _free_port()
+    survivor, victim = _start(recipe, killed_out, port, 0), _start(recipe, killed_out, port, 1)
+    victim_db = Shard(1, 2).db_path(killed_out)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and victim.poll() is None:  # process 1 recorded a batch: kill it
+        try:
+            if victim_db.exists() and sqlite3.connect(victim_db, timeout=1).execute(
+                    "SELECT COUNT(*) FROM results").fetchone()[0]:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # the command and, with it, its JAX process
+    killed_at = time.monotonic()
+    victim.communicate()
+    code = survivor.wait(timeout=TIMEOUT)
+    waited = time.monotonic() - killed_at
+    stderr = survivor.communicate()[1]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, stderr[-3000:]
+    assert "distributed run, process 0 of 2: process 1 stopped sending heartbeats" in errors[0]
+    assert "Traceback" not in stderr and "Check failure" not in stderr
+    # the heartbeat timeout, then at most the batch in progress (a few seconds here)
+    assert waited < HEARTBEAT + 30, waited
+
+    for code, stdout, stderr in _pair(recipe, killed_out):  # the rerun completes the plan
+        assert code == 0, stderr[-3000:]
+    assert _essentials(killed_out) == expected
+    rows = [json.loads(line) for line in (killed_out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 == len({(r["item_id"], r["result_index"]) for r in rows})
+
+
+def test_a_process_id_out_of_range_is_one_line_and_nothing_is_written(tmp_path):
+    recipe = tmp_path / "quickstart.yaml"
+    shutil.copy(ROOT / "recipes" / "quickstart.yaml", recipe)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FLOWGEN_COORDINATOR": "127.0.0.1:1", "FLOWGEN_NUM_PROCESSES": "2",
+           "FLOWGEN_PROCESS_ID": "2"}
+    result = subprocess.run([sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(tmp_path / "out"),
+                             "--distributed"], env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: $FLOWGEN_PROCESS_ID=2: must be below $FLOWGEN_NUM_PROCESSES=2 "
+                                     "(processes are numbered 0 to 1)")
+    assert not (tmp_path / "out").exists()
