@@ -11,12 +11,15 @@ the last axis. One kind is stacked at a time, so host memory peaks near one stac
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import ml_dtypes
 import numpy as np
 
 from flowgen.engine.weights.safetensors_io import LazyTensors
 from flowgen.errors import CheckpointError
+
+DeviceArray = TypeVar("DeviceArray")  # what load_stacked_layers' `to_device` makes of a host array
 
 # stacked name -> checkpoint suffixes (after "layers.{n}.") concatenated along the output axis.
 LAYER_PARTS: dict[str, tuple[str, ...]] = {
@@ -65,11 +68,13 @@ def check_tensor(tensors: LazyTensors, key: str, shape: tuple) -> None:
         raise CheckpointError(f"{tensors.source}: tensor {key!r} is missing")
     if tuple(tensors.shape(key)) != tuple(shape):
         raise CheckpointError(
-            f"{tensors.file_of(key)}: tensor {key!r} has shape {tuple(tensors.shape(key))}, config implies {tuple(shape)}"
+            f"{tensors.file_of(key)}: tensor {key!r} has shape {tuple(tensors.shape(key))}, "
+            f"config implies {tuple(shape)}"
         )
     if tensors.dtype(key) not in _FLOAT_DTYPES:
         raise CheckpointError(
-            f"{tensors.file_of(key)}: tensor {key!r} is {tensors.dtype(key)}; only float32/bfloat16/float16 weights are supported"
+            f"{tensors.file_of(key)}: tensor {key!r} is {tensors.dtype(key)}; "
+            "only float32/bfloat16/float16 weights are supported"
         )
 
 
@@ -79,8 +84,8 @@ def load_stacked_layers(
     num_layers: int,
     shapes: Mapping[str, tuple],
     dtype: np.dtype,
-    to_device: Callable[[np.ndarray], object],
-) -> dict[str, object]:
+    to_device: Callable[[np.ndarray], DeviceArray],
+) -> dict[str, DeviceArray]:
     """Stack layers 0..num_layers-1 per LAYER_PARTS kind, cast to `dtype`, hand each to `to_device`.
 
     Every needed key is checked before any data is read, so a broken checkpoint fails fast.
@@ -89,7 +94,7 @@ def load_stacked_layers(
         for parts in LAYER_PARTS.values():
             for part in parts:
                 check_tensor(tensors, f"{prefix}layers.{n}.{part}", shapes[part])
-    stacked = {}
+    stacked: dict[str, DeviceArray] = {}
     for kind, parts in LAYER_PARTS.items():
         rows = [shapes[p][0] for p in parts]
         trailing = shapes[parts[0]][1:]

@@ -44,8 +44,7 @@ class PromptEncoder:
     `counters["text_encode"]` counts encoder calls (one per distinct prompt not yet cached).
     """
 
-    def __init__(self, tokenizer, encoder, dtype, *, capacity: int = 32,
-                 counters: collections.Counter | None = None):
+    def __init__(self, tokenizer, encoder, dtype, *, capacity: int = 32, counters: collections.Counter | None = None):
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.dtype = jnp.dtype(dtype)

@@ -57,10 +57,12 @@ class Qwen3EncoderConfig:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
 
     @classmethod
-    def from_hf(cls, config: dict, source: str | Path = "config.json") -> "Qwen3EncoderConfig":
+    def from_hf(cls, config: dict, source: str | Path = "config.json") -> Qwen3EncoderConfig:
         """Read a transformers Qwen3 config dict; CheckpointError (naming `source`) if it is not one."""
         if config.get("model_type") != "qwen3":
-            raise CheckpointError(f"{source}: model_type is {config.get('model_type')!r}, expected 'qwen3' (a Qwen3 text encoder)")
+            raise CheckpointError(
+                f"{source}: model_type is {config.get('model_type')!r}, expected 'qwen3' (a Qwen3 text encoder)"
+            )
         if config.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r} is not supported (Qwen3 uses 'silu')")
         if config.get("attention_bias"):
@@ -157,13 +159,11 @@ class TextEncoder:
         if ids.size and (ids.min() < 0 or ids.max() >= self._embed_table.shape[0]):
             raise ValueError(f"token ids must lie in [0, {self._embed_table.shape[0]})")
         embeds = np.asarray(self._embed_table[ids.reshape(-1)], dtype=self.dtype).reshape(*ids.shape, -1)
-        mask = jnp.asarray(mask, dtype=bool)
-        return _encode(self._params, jnp.asarray(embeds), mask, self._slots, **self._static)
+        valid = jnp.asarray(mask, dtype=bool)
+        return _encode(self._params, jnp.asarray(embeds), valid, self._slots, **self._static)
 
 
-def load_text_encoder(
-    folder: str | Path, dtype: str = "float32", layers: Sequence[int] = KLEIN_LAYERS
-) -> TextEncoder:
+def load_text_encoder(folder: str | Path, dtype: str = "float32", layers: Sequence[int] = KLEIN_LAYERS) -> TextEncoder:
     """Load a diffusers `text_encoder/` folder (Qwen3 config.json + safetensors, sharded or not).
 
     Reads only the embedding and decoder layers 1..max(layers) (plus the final norm if the model's

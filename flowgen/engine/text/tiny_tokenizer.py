@@ -19,9 +19,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 # Qwen2/3's pre-tokenisation regex (transformers models/qwen2/tokenization_qwen2.py). transformers
 # rebuilds the pipeline from this regex when it loads a Qwen2Tokenizer, so ours must be identical
 # for both loaders to split text the same way.
-QWEN_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501 (verbatim)
 
 # Appended after the learned vocabulary, in Qwen's order, as in the real tokenizer (ids 151643+).
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -118,7 +116,7 @@ QWEN3_CHAT_TEMPLATE = """{%- if tools %}
     {%- if enable_thinking is defined and enable_thinking is false %}
         {{- '<think>\\n\\n</think>\\n\\n' }}
     {%- endif %}
-{%- endif %}"""
+{%- endif %}"""  # noqa: E501 (verbatim: long lines of the template as Qwen ships it)
 
 # A few sentences in the register of image prompts; enough for a few hundred merges.
 _CORPUS = (

@@ -83,7 +83,9 @@ def load_tokenizer(folder: str | Path, max_length: int = 512) -> KleinTokenizer:
     for token in (*_TEMPLATE_TOKENS, pad_token):
         if tokenizer.token_to_id(token) is None:
             raise CheckpointError(f"{tokenizer_file}: token {token!r} is missing; a Qwen3 tokenizer is required")
-    return KleinTokenizer(tokenizer, tokenizer.token_to_id(pad_token), max_length)
+    pad_id = tokenizer.token_to_id(pad_token)
+    assert pad_id is not None  # checked with the template tokens above
+    return KleinTokenizer(tokenizer, pad_id, max_length)
 
 
 def _pad_token(config_file: Path) -> str:
