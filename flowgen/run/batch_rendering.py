@@ -4,7 +4,8 @@ the batches' order, so the manifest has one writer and the progress one place.""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from flowgen.plan.model import Batch
 

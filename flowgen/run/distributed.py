@@ -32,9 +32,9 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import click
 
@@ -73,7 +73,8 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         return _supervise()
     shard, client = _join(settings)
     click.echo(f"distributed: process {shard.index} of {shard.count}", err=True)  # the parent names it so
-    stop = StopRequest(on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)", err=True))
+    stop = StopRequest(on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)",
+                                                   err=True))
     watch = _PeerWatch(client, shard, stop)
     watch.start()
     try:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from flowgen.run.manifest import Manifest, manifest_path
 from flowgen.run.shards import COMPLETE_KEY, shard_files, shards_dir
@@ -154,7 +155,7 @@ class MergedView:
         self.out_dir = Path(out_dir)
         self._manifests: list[Manifest] = []  # oldest first: main, then shards by age
 
-    def __enter__(self) -> "MergedView":
+    def __enter__(self) -> MergedView:
         try:
             if manifest_path(self.out_dir).exists():
                 self._manifests.append(Manifest(self.out_dir, create=False))

@@ -27,7 +27,8 @@ import pickle
 import socket
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from flowgen.errors import FlowgenError
 from flowgen.plan.model import Batch, Plan
@@ -46,7 +47,7 @@ class RayRendering:
         self.actors = 0
 
     @classmethod
-    def connect(cls, plan: Plan, address: str, progress=None) -> "RayRendering":
+    def connect(cls, plan: Plan, address: str, progress=None) -> RayRendering:
         """Connect to the cluster at `address` (LOCAL: start one here), or a one-line FlowgenError;
         nothing is written before this succeeds."""
         try:
@@ -56,19 +57,18 @@ class RayRendering:
             raise FlowgenError("--ray needs Ray Data, which is not installed: pip install 'flowgen[ray]'") from None
         if address not in (LOCAL, "auto"):
             _check_reachable(address)  # ray.init retries an unreachable address for minutes
-        quiet = {"log_to_driver": False, "logging_level": logging.WARNING}  # flowgen's progress says what runs
         try:
             with warnings.catch_warnings():  # "os.fork() was called" (JAX is loaded): Ray starts its processes
                 warnings.simplefilter("ignore", RuntimeWarning)
-                if address == LOCAL:
-                    ray.init(include_dashboard=False, **quiet)
+                if address == LOCAL:  # quiet: flowgen's progress says what runs
+                    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
                 else:
-                    ray.init(address=address, **quiet)
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         except Exception as err:  # ConnectionError, a timeout, a bad address
             raise FlowgenError(f"--ray {address}: cannot connect to the Ray cluster ({one_line(err)})") from None
         return cls(plan, started_here=address == LOCAL, progress=progress)
 
-    def __enter__(self) -> "RayRendering":
+    def __enter__(self) -> RayRendering:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -31,11 +31,11 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 from flowgen.errors import FlowgenError
 from flowgen.plan.batching import make_batches
@@ -58,7 +58,7 @@ class Shard:
     count: int
 
     @classmethod
-    def parse(cls, text: str, source: str = "--shard") -> "Shard":
+    def parse(cls, text: str, source: str = "--shard") -> Shard:
         """'K/N' as the user wrote it; a FlowgenError (one line naming `source`) otherwise."""
         match = _SPEC.match(text or "")
         if not match:
@@ -72,7 +72,7 @@ class Shard:
         return cls(index, count)
 
     @classmethod
-    def from_option(cls, option: str | None) -> "Shard | None":
+    def from_option(cls, option: str | None) -> Shard | None:
         """--shard, else $FLOWGEN_SHARD, else None (not sharded)."""
         if option is not None:
             return cls.parse(option)
@@ -93,7 +93,7 @@ class Shard:
         return shards_dir(out_dir) / f"{self.name}.lock"
 
     # --- the share ------------------------------------------------------------------------
-    def select(self, run_plan: RunPlan) -> "ShareRunPlan":
+    def select(self, run_plan: RunPlan) -> ShareRunPlan:
         """`run_plan` cut to this shard's share: its results, and its canonical batches that are
         still wholly to do, as they are (see the module doc)."""
         plan = run_plan.plan
@@ -139,7 +139,7 @@ class Shard:
         finally:
             os.close(fd)  # releases the shared lock
 
-    def manifest(self, out_dir: str | Path) -> "ShardManifest":
+    def manifest(self, out_dir: str | Path) -> ShardManifest:
         return ShardManifest(out_dir, self)
 
 

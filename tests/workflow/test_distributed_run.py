@@ -75,7 +75,7 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
     assert len(expected) == 24
 
     out = tmp_path / "distributed"
-    for code, stdout, stderr in _pair(recipe, out):
+    for code, _stdout, stderr in _pair(recipe, out):
         assert code == 0, stderr[-3000:]
         assert not [line for line in stderr.splitlines() if line.startswith("error:")]
     assert _essentials(out) == expected
@@ -110,7 +110,7 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
     # the heartbeat timeout, then at most the batch in progress (a few seconds here)
     assert waited < HEARTBEAT + 30, waited
 
-    for code, stdout, stderr in _pair(recipe, killed_out):  # the rerun completes the plan
+    for code, _stdout, stderr in _pair(recipe, killed_out):  # the rerun completes the plan
         assert code == 0, stderr[-3000:]
     assert _essentials(killed_out) == expected
     rows = [json.loads(line) for line in (killed_out / "manifest.jsonl").read_text().splitlines()]

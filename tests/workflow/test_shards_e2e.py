@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from flowgen.cli import main as cli
 from flowgen.commands.run import run_command
-from flowgen.run.manifest import manifest_path
 from flowgen.plan.from_recipe import plan_recipe
+from flowgen.run.manifest import manifest_path
 from flowgen.run.shards import Shard, owners
 
 ROOT = Path(__file__).resolve().parents[2]
