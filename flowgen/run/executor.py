@@ -26,19 +26,20 @@ from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, 
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
 from flowgen.run.atomic import atomic_write_bytes, remove_stale_temps
+from flowgen.run.batch_rendering import BatchRendering, render_locally
 from flowgen.run.cost import Budget, seconds_per_image
 from flowgen.run.crash import one_line, write_traceback
 from flowgen.run.deliver import resend, run_dispatcher
 from flowgen.run.engine import Engine
 from flowgen.run.faces import load_detector
 from flowgen.run.interrupt import StopRequest
-from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path, run_log_path
 from flowgen.run.output_paths import outside_reason
 from flowgen.run.progress import NullProgress, Progress
 from flowgen.run.records import embedded_metadata, result_record
 from flowgen.run.references import ReferenceLoader
 from flowgen.run.render import FacePassError, FinishedImage, finish_image, render_batch
+from flowgen.run.shards import Share, whole_folder
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ def execute(
     deliver_flagged: bool = False,
     delivery_options: dict | None = None,
     run_id: str | None = None,
+    share: Share | None = None,
+    render_batches: BatchRendering | None = None,
 ) -> RunSummary:
     """Render every result of `run_plan` that the manifest does not already hold (see module doc).
 
@@ -122,6 +125,9 @@ def execute(
     budget: USD of engine time this run may spend (flowgen.run.cost); the run stops before a batch
     that would exceed it. deliver_flagged: deliver results the content check flagged too.
     delivery_options: Dispatcher keywords (retry policy, workers; tests shorten the waits).
+    share: this process's share of a plan run by many (flowgen.run.shards: its batches, its lock,
+    its own manifest); None: the whole plan in the folder's manifest. render_batches: renders the
+    batches elsewhere (flowgen.run.ray_runner) instead of with `engine` here, yielding in order.
 
     Raises FlowgenError before anything is written when the run must not start (preflight), and
     after it started when a file cannot be used (StorageError: a corrupt manifest, a full disk);
@@ -133,11 +139,13 @@ def execute(
     stop = stop or StopRequest()
     start = time.perf_counter()
     summary = RunSummary(run_id or new_run_id(), planned=len(plan.results))
+    share = share or whole_folder
+    run_plan = share.select(run_plan)
     early, checker = preflight(run_plan, engine, limit)
-    with RunLock(plan.out_dir, summary.run_id) as lock, Manifest(plan.out_dir) as manifest:
+    with share.lock(plan.out_dir, summary.run_id) as lock, share.manifest(plan.out_dir) as manifest:
         index = manifest.index()
         reused = run_plan.is_current(index)
-        todo = (run_plan if reused else plan.against(index, manifest.get)).limited(limit)
+        todo = (run_plan if reused else share.select(plan.against(index, manifest.get))).limited(limit)
         summary.unchanged = len(todo.diff.unchanged)
         blocked, runnable = todo.blocked, todo.runnable
         summary.not_run += todo.held_back
@@ -154,6 +162,7 @@ def execute(
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         runner = _BatchRunner(plan, engine, summary, progress, checker)
         dispatcher: Dispatcher | None = None
+        rendered = iter(())
         went_through = False  # the loop ended by itself (not by an exception)
         try:
             options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
@@ -175,6 +184,7 @@ def execute(
                 summary.failed += len(blocked)
                 summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
             batches = todo.batches() if not (fail_fast and blocked) else ()
+            rendered = (render_batches or render_locally)(runner, batches)  # lazily, one batch per next()
             summary.stopped_early = bool(fail_fast and blocked)
             progress.start(len(runnable), len(batches))
             set_aside = len(blocked)  # failed before rendering: the progress counts them with the first batch
@@ -190,7 +200,7 @@ def execute(
                     summary.budget_stopped = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
-                records, finished = runner.run(batch)
+                records, finished = next(rendered)
                 spending.spend(runner.last_engine_seconds, batch.size)
                 _commit(manifest, summary, records, dispatcher.first_states(finished))
                 runner.recorded()
@@ -209,7 +219,9 @@ def execute(
                     _commit(manifest, summary, [runner.skipped(r, "not run: --fail-fast stopped the run") for r in rest if manifest.get(*r.rid) is None])
                     break
             went_through = True
+            rendered.close()
         except BaseException as err:
+            rendered.close()
             runner.discard_unrecorded()  # written, never recorded: gone, so a rerun renders them
             recorded = _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, err)
             raise _reported(err, summary, plan.out_dir, recorded) from err

@@ -142,9 +142,9 @@ class Manifest:
 
     thread_safe = False  # a dispatcher's outcomes are recorded by Dispatcher.collect() on the run's thread
 
-    def __init__(self, out_dir: str | Path, *, create: bool = True):
+    def __init__(self, out_dir: str | Path, *, create: bool = True, path: Path | None = None):
         self.out_dir = Path(out_dir)
-        path = manifest_path(self.out_dir)
+        path = self.path = path or manifest_path(self.out_dir)  # path: a shard's own (flowgen.run.shards)
         if not path.exists() and not create:
             raise FlowgenError(f"{self.out_dir}: no flowgen manifest here ({STATE_DIR}/{DB_NAME} is missing)")
         with storage_errors(path, KIND):
@@ -166,7 +166,7 @@ class Manifest:
         if row is None:
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) > SCHEMA_VERSION:
-            raise FlowgenError(f"{manifest_path(self.out_dir)}: manifest schema {row[0]} is newer than this flowgen ({SCHEMA_VERSION})")
+            raise FlowgenError(f"{self.path}: manifest schema {row[0]} is newer than this flowgen ({SCHEMA_VERSION})")
 
     def close(self) -> None:
         self.conn.close()
