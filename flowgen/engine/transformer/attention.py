@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +42,14 @@ def _dense(q: jnp.ndarray, parts: KeyParts, masks: Masks) -> jnp.ndarray:
     scores = [s if m is None else jnp.where(m[None, None, :], s, -jnp.inf) for s, m in zip(scores, masks)]
     peak = jax.lax.stop_gradient(_elementwise_max([s.max(axis=-1, keepdims=True) for s in scores]))
     weights = [jnp.exp(s - peak) for s in scores]
-    total = sum(w.sum(axis=-1, keepdims=True) for w in weights)
-    out = sum(
-        jnp.einsum("hqk,hkd->hqd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        for w, (_, v) in zip(weights, parts)
+    # sum() of arrays is an array (typeshed also allows its int start, 0, for an empty input; parts is never empty)
+    total = cast(jax.Array, sum(w.sum(axis=-1, keepdims=True) for w in weights))
+    out = cast(
+        jax.Array,
+        sum(
+            jnp.einsum("hqk,hkd->hqd", w.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            for w, (_, v) in zip(weights, parts)
+        ),
     )
     return (out / total).astype(q.dtype)
 

@@ -26,7 +26,9 @@ class Linear(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, stack: tuple[int, ...] = ()):
         std = d_in**-0.5
-        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (*stack, d_in, d_out), dtype) * jnp.asarray(std, dtype))
+        self.kernel = nnx.Param(
+            jax.random.normal(rngs.params(), (*stack, d_in, d_out), dtype) * jnp.asarray(std, dtype)
+        )
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         return x @ self.kernel[...]
@@ -119,11 +121,13 @@ class SelfAttention(nnx.Module):
 
 def _mlp(dim: int, hidden: int, *, rngs, dtype, stack) -> nnx.List:
     # BFL: Sequential(Linear(H, 2M), SiLU-GLU, Linear(M, H)) -> keys `.0` and `.2`
-    return nnx.List([
-        Linear(dim, 2 * hidden, rngs=rngs, dtype=dtype, stack=stack),
-        SwiGLU(),
-        Linear(hidden, dim, rngs=rngs, dtype=dtype, stack=stack),
-    ])
+    return nnx.List(
+        [
+            Linear(dim, 2 * hidden, rngs=rngs, dtype=dtype, stack=stack),
+            SwiGLU(),
+            Linear(hidden, dim, rngs=rngs, dtype=dtype, stack=stack),
+        ]
+    )
 
 
 def _run_mlp(mlp: nnx.List, x: jnp.ndarray) -> jnp.ndarray:
@@ -151,8 +155,9 @@ class DoubleStreamBlock(nnx.Module):
         x = x + gate1 * attn.proj(merge_heads(attn_out))
         return x + gate2 * _run_mlp(mlp, modulate(x, shift2, scale2, self.eps))
 
-    def __call__(self, img, txt, rope_img: Rope, rope_txt: Rope, mod_img, mod_txt, ref_kv: KV | None = None,
-                 key_lengths=None):
+    def __call__(
+        self, img, txt, rope_img: Rope, rope_txt: Rope, mod_img, mod_txt, ref_kv: KV | None = None, key_lengths=None
+    ):
         """Joint step over [txt, img] (+ cached reference K/V as extra keys). Returns (img, txt).
 
         key_lengths: (B,) valid keys per row over [txt, img, ref_kv] (padding at the tail)."""

@@ -57,18 +57,18 @@ class Checkpoint:
     """An opened transformer checkpoint: its tensors in their own names, and as a BFL view."""
 
     origin: Path  # what error messages name: the file, index or folder the user gave
-    tensors: Mapping[str, np.ndarray]  # native names (prefix already stripped), with .shape(name)
+    tensors: LazyTensors | _Renamed  # native names (prefix already stripped), with .shape(name) and .dtype(name)
     layout: str  # "bfl" or "diffusers"
     config_file: Path | None  # a diffusers config.json found next to the weights
 
     @functools.cached_property
-    def bfl(self) -> Mapping[str, np.ndarray]:
+    def bfl(self) -> LazyTensors | _Renamed | DiffusersAsBfl:
         return self.tensors if self.layout == "bfl" else DiffusersAsBfl(self.tensors)
 
 
 def load_transformer(
     path: str | Path, dtype: str = "float32", config: Flux2Config | str | dict | Path | None = None
-) -> "CompiledTransformer":
+) -> CompiledTransformer:
     """Load a FLUX.2 [klein] transformer; parameters come out in `dtype` whatever the file's dtype.
 
     `config`: None reads the folder's `config.json`, or infers the sizes from tensor shapes for a
@@ -147,7 +147,7 @@ class _Renamed(Mapping):
         return self.source.dtype(self._names[key])
 
 
-def _strip_prefix(lazy: LazyTensors) -> Mapping[str, np.ndarray]:
+def _strip_prefix(lazy: LazyTensors) -> LazyTensors | _Renamed:
     """Drop `model.diffusion_model.`; when present, other tensors (VAE, text encoder) are ignored."""
     if not any(k.startswith(COMFY_PREFIX) for k in lazy):
         return lazy
@@ -162,7 +162,7 @@ class _GivingBackMemory(Mapping):
     lifted the load's peak from 1.22x to 1.39x the file size (bench/load_memory.py).
     """
 
-    def __init__(self, source: Mapping[str, np.ndarray]):
+    def __init__(self, source: LazyTensors | _Renamed | DiffusersAsBfl):
         self.source = source
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -273,8 +273,7 @@ def check_tensors(checkpoint: Checkpoint, expected_bfl: Mapping[str, tuple[int, 
     problems = [p for p in problems if p]
     if problems:
         raise CheckpointError(
-            f"{checkpoint.origin}: does not match {config_origin} ({checkpoint.layout} layout): "
-            + "; ".join(problems)
+            f"{checkpoint.origin}: does not match {config_origin} ({checkpoint.layout} layout): " + "; ".join(problems)
         )
 
 

@@ -98,7 +98,7 @@ class CompiledTransformer:
         return nnx.split(model)
 
     @classmethod
-    def from_bfl_tensors(cls, config: Flux2Config, tensors: Mapping, dtype="float32") -> "CompiledTransformer":
+    def from_bfl_tensors(cls, config: Flux2Config, tensors: Mapping, dtype="float32") -> CompiledTransformer:
         """Build from BFL-named tensors (torch (out, in) layout, numpy/ml_dtypes), converting one at a time."""
         dtype = _dtype(dtype)
         graphdef, abstract = cls._abstract(config, dtype)
@@ -107,7 +107,7 @@ class CompiledTransformer:
         return cls(config, graphdef, abstract, dtype)
 
     @classmethod
-    def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> "CompiledTransformer":
+    def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> CompiledTransformer:
         """Random weights (normal, std 1/sqrt(fan_in); norm scales 1) — for benchmarks and smoke tests."""
         dtype = _dtype(dtype)
         graphdef, _ = cls._abstract(config, dtype)
@@ -142,8 +142,9 @@ class CompiledTransformer:
         x = jnp.asarray(x)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
         lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
-        return self.forward_fn(self.params, x, self.rope(x_ids), t, jnp.asarray(txt), self.rope(txt_ids), ref_kv,
-                               lengths)
+        return self.forward_fn(
+            self.params, x, self.rope(x_ids), t, jnp.asarray(txt), self.rope(txt_ids), ref_kv, lengths
+        )
 
     def kv_shape(self, length: int) -> tuple[tuple[int, ...], ...]:
         """Shapes of a batch-1 `ReferenceKV` of `length` keys: double K, double V, single K, single V."""
@@ -158,5 +159,4 @@ class CompiledTransformer:
         key_lengths (B,): real tokens per row when rows are padded to one length. params: weights
         to use instead of the loaded ones (LoRA-merged, see lora/merge.py)."""
         lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
-        return self.prepass_fn(self.params if params is None else params, jnp.asarray(ref), self.rope(ref_ids),
-                               lengths)
+        return self.prepass_fn(self.params if params is None else params, jnp.asarray(ref), self.rope(ref_ids), lengths)

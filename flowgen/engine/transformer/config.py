@@ -41,7 +41,7 @@ class Flux2Config:
             raise ValueError(f"axes_dim {self.axes_dim} must sum to the head dim {self.head_dim}")
 
     @classmethod
-    def named(cls, name: str) -> "Flux2Config":
+    def named(cls, name: str) -> Flux2Config:
         try:
             return NAMED_CONFIGS[name]
         except KeyError:
@@ -50,37 +50,39 @@ class Flux2Config:
             ) from None
 
     @classmethod
-    def from_diffusers(cls, config: dict | str | Path) -> "Flux2Config":
+    def from_diffusers(cls, config: dict | str | Path) -> Flux2Config:
         """Build from a diffusers Flux2Transformer2DModel config (dict, config.json, or its folder)."""
         source = config
-        if not isinstance(config, dict):
+        if isinstance(config, dict):
+            values = config
+        else:
             path = Path(config)
             if path.is_dir():
                 path = path / "config.json"
             try:
-                config = json.loads(path.read_text())
+                values = json.loads(path.read_text())
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{path}: cannot read transformer config ({err})") from None
         try:
-            if config.get("guidance_embeds"):
+            if values.get("guidance_embeds"):
                 raise CheckpointError(f"{source}: guidance_embeds=true is FLUX.2 dev, not a [klein] model")
-            if config.get("patch_size", 1) != 1:
+            if values.get("patch_size", 1) != 1:
                 raise CheckpointError(f"{source}: patch_size must be 1 for FLUX.2")
-            out = config.get("out_channels") or config.get("in_channels", 128)
-            if out != config.get("in_channels", 128):
+            out = values.get("out_channels") or values.get("in_channels", 128)
+            if out != values.get("in_channels", 128):
                 raise CheckpointError(f"{source}: out_channels must equal in_channels")
             return cls(
-                hidden_size=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
-                num_heads=int(config["num_attention_heads"]),
-                depth=int(config["num_layers"]),
-                depth_single_blocks=int(config["num_single_layers"]),
-                mlp_ratio=float(config.get("mlp_ratio", 3.0)),
-                in_channels=int(config.get("in_channels", 128)),
-                context_in_dim=int(config["joint_attention_dim"]),
-                axes_dim=tuple(int(a) for a in config.get("axes_dims_rope", (32, 32, 32, 32))),
-                theta=int(config.get("rope_theta", 2000)),
-                timestep_dim=int(config.get("timestep_guidance_channels", 256)),
-                eps=float(config.get("eps", 1e-6)),
+                hidden_size=int(values["num_attention_heads"]) * int(values["attention_head_dim"]),
+                num_heads=int(values["num_attention_heads"]),
+                depth=int(values["num_layers"]),
+                depth_single_blocks=int(values["num_single_layers"]),
+                mlp_ratio=float(values.get("mlp_ratio", 3.0)),
+                in_channels=int(values.get("in_channels", 128)),
+                context_in_dim=int(values["joint_attention_dim"]),
+                axes_dim=tuple(int(a) for a in values.get("axes_dims_rope", (32, 32, 32, 32))),
+                theta=int(values.get("rope_theta", 2000)),
+                timestep_dim=int(values.get("timestep_guidance_channels", 256)),
+                eps=float(values.get("eps", 1e-6)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{source}: not a FLUX.2 transformer config ({err})") from None

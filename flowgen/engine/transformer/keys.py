@@ -70,7 +70,7 @@ SINGLE_BLOCK = {
 NORM_MODULE = re.compile(r"\.(query_norm|key_norm)$")
 
 # (BFL block list, diffusers block list, names inside one block: BFL module → diffusers module(s))
-_BLOCKS = (
+_BLOCKS: tuple[tuple[str, str, Mapping[str, str | tuple[str, ...]]], ...] = (
     ("double_blocks", "transformer_blocks", {**DOUBLE_BLOCK, **DOUBLE_BLOCK_FUSED}),
     ("single_blocks", "single_transformer_blocks", SINGLE_BLOCK),
 )

@@ -123,6 +123,7 @@ class Flux2Transformer(nnx.Module):
 # over three block ranges (front, middle, back) so that a step can reuse the middle's residual.
 # The reference K/V cache is an argument of the blocks: `block_range` hands each range its layers' K/V.
 
+
 class TransformerStages(NamedTuple):
     """What the step-cached loop needs of a compiled transformer to run these stages (hashable: its
     graphdef and attention path are static arguments of the loop's jit)."""
@@ -160,22 +161,38 @@ class BlockRange(NamedTuple):
     single_kv: KV | None
 
 
-def embed(model: Flux2Transformer, x, rope_img: Rope, t, txt, rope_txt: Rope, key_lengths=None) -> tuple[StepInputs, Streams]:
+def embed(
+    model: Flux2Transformer, x, rope_img: Rope, t, txt, rope_txt: Rope, key_lengths=None
+) -> tuple[StepInputs, Streams]:
     """The head: time embedding, modulations, RoPE tables and the embedded (img, txt) streams."""
     x, txt = x.astype(model.dtype), txt.astype(model.dtype)
     vec = model.vec(t)
     mod_img = model.double_stream_modulation_img(vec)
     mod_txt = model.double_stream_modulation_txt(vec)
     (mod_single,) = model.single_stream_modulation(vec)
-    inputs = StepInputs(vec, mod_img, mod_txt, mod_single, rope_img, rope_txt, _joint_rope(rope_img, rope_txt),
-                        txt.shape[1], key_lengths)
+    inputs = StepInputs(
+        vec,
+        mod_img,
+        mod_txt,
+        mod_single,
+        rope_img,
+        rope_txt,
+        _joint_rope(rope_img, rope_txt),
+        txt.shape[1],
+        key_lengths,
+    )
     return inputs, (model.img_in(x), model.txt_in(txt))
 
 
 def _joint_rope(rope_img: Rope, rope_txt: Rope) -> Rope:
-    if rope_img[0].ndim == 3:  # per-row image tables: the text tables join every row
-        rope_txt = tuple(jnp.broadcast_to(a, (rope_img[0].shape[0], *a.shape)) for a in rope_txt)
-    return tuple(jnp.concatenate([a, b], axis=-2) for a, b in zip(rope_txt, rope_img))
+    (cos_txt, sin_txt), (cos_img, sin_img) = rope_txt, rope_img
+    if cos_img.ndim == 3:  # per-row image tables: the text tables join every row
+        rows = cos_img.shape[0]
+        cos_txt, sin_txt = (
+            jnp.broadcast_to(cos_txt, (rows, *cos_txt.shape)),
+            jnp.broadcast_to(sin_txt, (rows, *sin_txt.shape)),
+        )
+    return jnp.concatenate([cos_txt, cos_img], axis=-2), jnp.concatenate([sin_txt, sin_img], axis=-2)
 
 
 def num_blocks(model: Flux2Transformer) -> tuple[int, int]:
@@ -183,18 +200,28 @@ def num_blocks(model: Flux2Transformer) -> tuple[int, int]:
     return model.double_blocks.img_attn.qkv.kernel.shape[0], model.single_blocks.linear1.kernel.shape[0]
 
 
-def block_range(model: Flux2Transformer, ref_kv: ReferenceKV | None = None, start: int = 0,
-                stop: int | None = None) -> BlockRange:
+def block_range(
+    model: Flux2Transformer, ref_kv: ReferenceKV | None = None, start: int = 0, stop: int | None = None
+) -> BlockRange:
     """Blocks [start, stop) (default: all) with their slice of the reference K/V.
 
     Slicing copies the weights: make a range once, outside a loop's steps."""
     depth, depth_single = num_blocks(model)
     stop = depth + depth_single if stop is None else stop
-    no_kv = ref_kv is None
-    double, double_kv = _layers(model.double_blocks, None if no_kv else (ref_kv.double_k, ref_kv.double_v),
-                                start, min(stop, depth), depth)
-    single, single_kv = _layers(model.single_blocks, None if no_kv else (ref_kv.single_k, ref_kv.single_v),
-                                max(start, depth) - depth, stop - depth, depth_single)
+    double, double_kv = _layers(
+        model.double_blocks,
+        None if ref_kv is None else (ref_kv.double_k, ref_kv.double_v),
+        start,
+        min(stop, depth),
+        depth,
+    )
+    single, single_kv = _layers(
+        model.single_blocks,
+        None if ref_kv is None else (ref_kv.single_k, ref_kv.single_v),
+        max(start, depth) - depth,
+        stop - depth,
+        depth_single,
+    )
     return BlockRange(double, single, double_kv, single_kv)
 
 
@@ -214,8 +241,15 @@ def run_blocks(inputs: StepInputs, streams: Streams, blocks: BlockRange) -> Stre
     if blocks.double is not None:
 
         def double(block, carry, kv):
-            return block(*carry, inputs.rope_img, inputs.rope_txt, inputs.mod_img, inputs.mod_txt, ref_kv=kv,
-                         key_lengths=inputs.key_lengths), None
+            return block(
+                *carry,
+                inputs.rope_img,
+                inputs.rope_txt,
+                inputs.mod_img,
+                inputs.mod_txt,
+                ref_kv=kv,
+                key_lengths=inputs.key_lengths,
+            ), None
 
         streams, _ = scan_layers(blocks.double, double, streams, blocks.double_kv)
     if blocks.single is not None:

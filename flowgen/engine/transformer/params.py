@@ -93,9 +93,9 @@ def convert_bfl_tensors(config: Flux2Config, tensors: Mapping, abstract_params: 
         path, layer = param_location(key)
         target = abstract_leaf(path)
         leaf_dtype = target.dtype if path[-1] == "scale" else jnp.dtype(dtype)
-        value = np.asarray(tensors[key])
-        value = value.T if path[-1] == "kernel" else value
-        value = jnp.asarray(value.astype(leaf_dtype, copy=False))
+        host = np.asarray(tensors[key])
+        host = host.T if path[-1] == "kernel" else host
+        value = jnp.asarray(host.astype(leaf_dtype, copy=False))
         node, name = leaf_slot(path)
         if layer is None:
             node[name] = value

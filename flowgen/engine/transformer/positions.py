@@ -14,9 +14,9 @@ import numpy as np
 REFERENCE_T_SCALE = 10
 
 
-def _grid(t: int, h: int, w: int, l: int) -> np.ndarray:
-    """Cartesian product of [t] × arange(h) × arange(w) × arange(l) as (n, 4) int64."""
-    axes = np.meshgrid(np.asarray([t]), np.arange(h), np.arange(w), np.arange(l), indexing="ij")
+def _grid(t: int, h: int, w: int, seq: int) -> np.ndarray:
+    """Cartesian product of [t] × arange(h) × arange(w) × arange(seq) as (n, 4) int64 (FLUX.2's t, h, w, l axes)."""
+    axes = np.meshgrid(np.asarray([t]), np.arange(h), np.arange(w), np.arange(seq), indexing="ij")
     return np.stack([a.reshape(-1) for a in axes], axis=-1).astype(np.int64)
 
 
@@ -34,9 +34,7 @@ def reference_ids(sizes: Sequence[tuple[int, int]]) -> np.ndarray:
     """Ids of reference token grids [(h0, w0), (h1, w1), ...] concatenated; reference k gets t = 10·(k+1)."""
     if not sizes:
         return np.zeros((0, 4), np.int64)
-    return np.concatenate(
-        [image_ids(h, w, t=REFERENCE_T_SCALE * (k + 1)) for k, (h, w) in enumerate(sizes)], axis=0
-    )
+    return np.concatenate([image_ids(h, w, t=REFERENCE_T_SCALE * (k + 1)) for k, (h, w) in enumerate(sizes)], axis=0)
 
 
 def pack(latents):
