@@ -50,6 +50,12 @@ class Face:
         return {"label": self.label, "score": round(self.score, 4), "box": [round(v, 1) for v in self.box]}
 
 
+def _box(row: np.ndarray) -> tuple[float, float, float, float]:
+    """One (x0, y0, x1, y1) row of a detector's boxes as floats."""
+    x0, y0, x1, y1 = (float(v) for v in row)
+    return x0, y0, x1, y1
+
+
 class FaceDetector(Protocol):
     name: str
     identity: dict  # what the manifest records: the detector and its model file's sha256
@@ -68,9 +74,15 @@ class NudeNetFaces:
         try:
             self._detector = safety.shared_detector()
         except safety.SafetyUnavailable as err:
-            raise FaceDetectorUnavailable(f"ultralytics: the default face detector is NudeNet's ({err}); install "
-                                          "'flowgen[safety]' or set FLOWGEN_FACE_DETECTOR to a YOLOv8 .onnx file") from None
-        self.identity = {"detector": self.name, "classes": list(NUDENET_FACE_LABELS), **_file_identity(safety.detector_model_path())}
+            raise FaceDetectorUnavailable(
+                f"ultralytics: the default face detector is NudeNet's ({err}); install "
+                "'flowgen[safety]' or set FLOWGEN_FACE_DETECTOR to a YOLOv8 .onnx file"
+            ) from None
+        self.identity = {
+            "detector": self.name,
+            "classes": list(NUDENET_FACE_LABELS),
+            **_file_identity(safety.detector_model_path()),
+        }
 
     def detect(self, pixels: np.ndarray) -> list[Face]:
         from flowgen.safety import to_bgr  # NudeNet reads BGR, as from a file (see flowgen.safety)
@@ -90,8 +102,9 @@ class YoloFaces:
         try:
             import onnxruntime
         except ImportError:
-            raise FaceDetectorUnavailable("ultralytics: a YOLO face detector needs onnxruntime: "
-                                          "pip install 'flowgen[safety]'") from None
+            raise FaceDetectorUnavailable(
+                "ultralytics: a YOLO face detector needs onnxruntime: pip install 'flowgen[safety]'"
+            ) from None
         self.path = Path(path)
         self.name = f"yolo:{self.path.name}"
         if not self.path.is_file():
@@ -99,8 +112,9 @@ class YoloFaces:
         try:
             self.session = onnxruntime.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
         except Exception as err:  # onnxruntime raises its own types for a bad file
-            raise FaceDetectorUnavailable(f"face detector {self.path}: not a loadable ONNX model "
-                                          f"({' '.join(str(err).split())[:200]})") from None
+            raise FaceDetectorUnavailable(
+                f"face detector {self.path}: not a loadable ONNX model ({' '.join(str(err).split())[:200]})"
+            ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
@@ -115,14 +129,22 @@ class YoloFaces:
         blob, scale, pad = letterbox(pixels, self.input_size)
         output = np.asarray(self.session.run(None, {self.input_name: blob})[0])
         if output.ndim != 3 or output.shape[0] != 1 or output.shape[1] < 5:
-            raise FaceDetectorUnavailable(f"face detector {self.path}: output {output.shape} is not a YOLOv8 "
-                                          "detection head (1, 4 + classes, anchors)")
+            raise FaceDetectorUnavailable(
+                f"face detector {self.path}: output {output.shape} is not a YOLOv8 "
+                "detection head (1, 4 + classes, anchors)"
+            )
         boxes, scores, classes = decode_yolov8(output[0], self.face_classes)
         height, width = pixels.shape[:2]
         boxes = unletterbox(boxes, scale, pad, (height, width))
         keep = nms(boxes, scores, NMS_IOU)
-        return [Face(self.names.get(int(classes[i]), f"class{int(classes[i])}"), float(scores[i]),
-                     tuple(float(v) for v in boxes[i])) for i in keep]
+        return [
+            Face(
+                self.names.get(int(classes[i]), f"class{int(classes[i])}"),
+                float(scores[i]),
+                _box(boxes[i]),
+            )
+            for i in keep
+        ]
 
 
 # ---- YOLOv8 pre- and post-processing (numpy) ---------------------------------------------------
@@ -141,13 +163,14 @@ def letterbox(pixels: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, fl
     left, top = round(pad_x - 0.1), round(pad_y - 0.1)
     canvas = np.full((target_h, target_w, 3), LETTERBOX_GREY, np.uint8)
     resized = Image.fromarray(np.ascontiguousarray(pixels[..., :3])).resize((new_w, new_h), Image.Resampling.BILINEAR)
-    canvas[top:top + new_h, left:left + new_w] = np.asarray(resized)
+    canvas[top : top + new_h, left : left + new_w] = np.asarray(resized)
     blob = canvas.transpose(2, 0, 1)[None].astype(np.float32) / 255.0
     return blob, scale, (float(left), float(top))
 
 
-def decode_yolov8(prediction: np.ndarray, classes: tuple[int, ...] | None = None,
-                  min_score: float = MIN_SCORE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_yolov8(
+    prediction: np.ndarray, classes: tuple[int, ...] | None = None, min_score: float = MIN_SCORE
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's raw head (4 + C, anchors) -> (boxes (K, 4) x0 y0 x1 y1, scores (K,), classes (K,)),
     in the model's input pixels, keeping the best of `classes` (None: all) when >= min_score."""
     rows = prediction.T.astype(np.float32)  # (anchors, 4 + C)

@@ -72,8 +72,15 @@ class FaceRefineResult:
         return sum(bool(f.get("refined")) for f in self.faces)
 
 
-def refine_faces(pipe, pixels: np.ndarray, settings: FaceRefineSettings, seed: int, *,
-                 detector: FaceDetector | None = None, loras=None) -> FaceRefineResult:
+def refine_faces(
+    pipe,
+    pixels: np.ndarray,
+    settings: FaceRefineSettings,
+    seed: int,
+    *,
+    detector: FaceDetector | None = None,
+    loras=None,
+) -> FaceRefineResult:
     """Refine every face of `pixels` scoring >= settings.confidence (see the module docstring).
 
     pipe: a `Pipeline` (its `img2img`); detector: default `face_detector(settings.detector)`;
@@ -102,24 +109,36 @@ def refine_faces(pipe, pixels: np.ndarray, settings: FaceRefineSettings, seed: i
                 size = (box[3] - box[1], box[2] - box[0])
                 entry.update(refined=True, region=list(box), mask_blur=fitted_blur(size, settings.mask_blur))
         faces.append(entry)
-    return FaceRefineResult(image, faces, round(time.perf_counter() - start, 4),
-                            dict(getattr(detector, "identity", None) or {"detector": detector.name}))
+    return FaceRefineResult(
+        image,
+        faces,
+        round(time.perf_counter() - start, 4),
+        dict(getattr(detector, "identity", None) or {"detector": detector.name}),
+    )
 
 
-def _refine_one(pipe, image: np.ndarray, box: tuple[int, int, int, int], settings: FaceRefineSettings, seed: int,
-                loras) -> np.ndarray:
+def _refine_one(
+    pipe, image: np.ndarray, box: tuple[int, int, int, int], settings: FaceRefineSettings, seed: int, loras
+) -> np.ndarray:
     """The image with the padded box `box` re-rendered and pasted back through the feathered mask."""
     height, width = image.shape[:2]
     cx0, cy0, cx1, cy1 = crop_box(box, (height, width))
     side = settings.crop_side
     crop = Image.fromarray(image[cy0:cy1, cx0:cx1]).resize((side, side), Image.Resampling.LANCZOS)
     # base models: CFGScale as given (<= 1 means one conditional pass); distilled models take none
-    out = pipe.img2img([np.asarray(crop)], [settings.positive_prompt], settings.strength, steps=settings.steps,
-                       seeds=[seed], guidance=None if pipe.distilled else settings.guidance,
-                       negative_prompts=[settings.negative_prompt], loras=loras)
+    out = pipe.img2img(
+        [np.asarray(crop)],
+        [settings.positive_prompt],
+        settings.strength,
+        steps=settings.steps,
+        seeds=[seed],
+        guidance=None if pipe.distilled else settings.guidance,
+        negative_prompts=[settings.negative_prompt],
+        loras=loras,
+    )
     refined = np.asarray(Image.fromarray(out.images[0]).resize((cx1 - cx0, cy1 - cy0), Image.Resampling.LANCZOS))
     x0, y0, x1, y1 = box
-    region = refined[y0 - cy0:y1 - cy0, x0 - cx0:x1 - cx0]
+    region = refined[y0 - cy0 : y1 - cy0, x0 - cx0 : x1 - cx0]
     return paste(image, region, box, feathered_mask((y1 - y0, x1 - x0), settings.mask_blur))
 
 
@@ -131,8 +150,12 @@ def padded_box(face: Face, padding: int, size: tuple[int, int]) -> tuple[int, in
     (x0, y0, x1, y1), x1/y1 exclusive."""
     height, width = size
     x0, y0, x1, y1 = face.box
-    return (max(0, math.floor(x0) - padding), max(0, math.floor(y0) - padding),
-            min(width, math.ceil(x1) + padding), min(height, math.ceil(y1) + padding))
+    return (
+        max(0, math.floor(x0) - padding),
+        max(0, math.floor(y0) - padding),
+        min(width, math.ceil(x1) + padding),
+        min(height, math.ceil(y1) + padding),
+    )
 
 
 def crop_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -153,7 +176,7 @@ def crop_box(box: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int
     return cx0, cy0, cx1, cy1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def blur_reach(radius: int) -> int:
     """How many pixels past an edge `ImageFilter.GaussianBlur(radius)` carries any value (measured on
     a step, so it is PIL's own support, not an estimate)."""

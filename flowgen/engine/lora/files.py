@@ -167,8 +167,10 @@ def unknown_tensors(path: str | Path) -> list[str]:
 
 
 def unknown_tensors_message(path: Path, unknown: list[str]) -> str:
-    return (f"LoRA {path}: {len(unknown)} tensor(s) flowgen does not know for FLUX.2 [klein]: "
-            f"{_names(sorted(unknown))} (read: ai-toolkit/BFL, kohya, diffusers/PEFT LoRA and LoKr)")
+    return (
+        f"LoRA {path}: {len(unknown)} tensor(s) flowgen does not know for FLUX.2 [klein]: "
+        f"{_names(sorted(unknown))} (read: ai-toolkit/BFL, kohya, diffusers/PEFT LoRA and LoKr)"
+    )
 
 
 def _group_by_module(tensors) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
@@ -197,15 +199,15 @@ def _target_of(written: str) -> _Target | None:
     name = written
     for prefix in _KOHYA_PREFIXES:
         if name.startswith(prefix):
-            bfl = _kohya_module(name[len(prefix):])
+            bfl = _kohya_module(name[len(prefix) :])
             return None if bfl is None else _Target(bfl + ".weight", 0, 1, False)
     for prefix in _PREFIXES:
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
             break
     for alias, real in _ALIASES:
         if name.startswith(alias):
-            name = real + name[len(alias):]
+            name = real + name[len(alias) :]
     rule = rule_for_bfl(name + ".weight")  # QK-norms have `.scale` in BFL names: never a match here
     if rule is not None:
         return _Target(rule.bfl, 0, 1, False)
@@ -230,10 +232,10 @@ def _patch(path: Path, written: str, target: _Target, parts: dict[str, np.ndarra
     def fail(why: str) -> CheckpointError:
         return CheckpointError(f"LoRA {path}: module {written}: {why}")
 
-    alpha = parts.get("alpha")
-    if alpha is not None and alpha.size != 1:
-        raise fail(f"alpha must be a single number, got shape {alpha.shape}")
-    alpha = None if alpha is None else float(alpha.reshape(()))
+    stored_alpha = parts.get("alpha")
+    if stored_alpha is not None and stored_alpha.size != 1:
+        raise fail(f"alpha must be a single number, got shape {stored_alpha.shape}")
+    alpha = None if stored_alpha is None else float(stored_alpha.reshape(()))
     if any(s.startswith("lokr_") for s in parts):
         if any(s in parts for s in (*_LORA_DOWN, *_LORA_UP)):
             raise fail("mixes LoRA and LoKr tensors")
@@ -278,8 +280,9 @@ def _check_fits(path: Path, patches: list[Patch], config: Flux2Config) -> None:
     made_for = [name for name, cfg in NAMED_CONFIGS.items() if cfg != config and not _misfits(patches, cfg)]
     sizes = sorted({_size_name(NAMED_CONFIGS[n]) for n in made_for})
     was = f"it was made for {' / '.join(sizes)}" if sizes else "it was made for another model size"
-    raise CheckpointError(f"LoRA {path} does not fit this model ({_size_name(config)}): {was}; "
-                          f"{'; '.join(problems[:3])}")
+    raise CheckpointError(
+        f"LoRA {path} does not fit this model ({_size_name(config)}): {was}; {'; '.join(problems[:3])}"
+    )
 
 
 def _misfits(patches: list[Patch], config: Flux2Config) -> list[str]:
@@ -301,7 +304,7 @@ def _size_name(config: Flux2Config) -> str:
     for name in ("klein-4b", "klein-9b"):
         if NAMED_CONFIGS[name] == config:
             return f"FLUX.2 [klein] {name.split('-')[1].upper()} (hidden {config.hidden_size})"
-    return (f"hidden {config.hidden_size}, {config.depth} double + {config.depth_single_blocks} single blocks")
+    return f"hidden {config.hidden_size}, {config.depth} double + {config.depth_single_blocks} single blocks"
 
 
 def _names(items: list[str]) -> str:

@@ -110,10 +110,15 @@ def check_loras(loras) -> list[tuple[Path, float]]:
             raise EngineInputError(f"loras[{index}]: give (path, weight) or {{'model': path, 'weight': w}}")
         if not isinstance(path, (str, os.PathLike)):
             raise EngineInputError(f"loras[{index}]: the LoRA must be a .safetensors path, got {type(path).__name__}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                or abs(weight) > MAX_WEIGHT:
-            raise EngineInputError(f"loras[{index}].weight: {weight!r} is not allowed; use a number from "
-                                   f"{-MAX_WEIGHT:g} to {MAX_WEIGHT:g}")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or abs(weight) > MAX_WEIGHT
+        ):
+            raise EngineInputError(
+                f"loras[{index}].weight: {weight!r} is not allowed; use a number from {-MAX_WEIGHT:g} to {MAX_WEIGHT:g}"
+            )
         out.append((Path(path), float(weight)))
     return out
 
@@ -152,4 +157,3 @@ class LoraWeights:
                 self._files.pop(next(iter(self._files)))
             self._files[file_key] = read_lora(path, self.transformer.config)
         return self._files[file_key]
-

@@ -77,8 +77,10 @@ def lora_path(model: str, where: str = "lora.model") -> Path:
         folder = lora_dir()
         name = air_file_name(text) or text
         if ".." in Path(name).parts:
-            raise EngineInputError(f"{where}: {text!r} may not contain '..'; give an absolute path for a file outside "
-                                   f"the LoRA folder ({folder})")
+            raise EngineInputError(
+                f"{where}: {text!r} may not contain '..'; give an absolute path for a file outside "
+                f"the LoRA folder ({folder})"
+            )
         candidates = [folder / name] if name.endswith(SUFFIX) else [folder / (name + SUFFIX), folder / name]
         shown = f"{candidates[0]} (LoRA folder ${LORA_DIR_ENV} = {folder})"
     for candidate in candidates:

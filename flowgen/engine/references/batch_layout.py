@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.engine.errors import EngineInputError
-from flowgen.engine.references.cache import PreparedSet, ReferenceCache, ReferenceTokens
+from flowgen.engine.references.cache import CachedKV, PreparedSet, ReferenceCache, ReferenceTokens
 from flowgen.engine.transformer.model import ReferenceKV
 
 LAYOUTS = ("none", "shared", "rows")
@@ -40,16 +40,20 @@ class Layout:
     batch: int
 
     def as_dict(self) -> dict[str, Any]:
-        return {"reference_layout": self.reference_layout, "reference_length": self.reference_length,
-                "batch": self.batch}
+        return {
+            "reference_layout": self.reference_layout,
+            "reference_length": self.reference_length,
+            "batch": self.batch,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], batch: int) -> "Layout":
+    def from_dict(cls, data: dict[str, Any], batch: int) -> Layout:
         kind = data.get("reference_layout")
         length = data.get("reference_length", 0)
         if kind not in LAYOUTS or not isinstance(length, int) or length < 0:
-            raise EngineInputError(f"layout: expected reference_layout in {', '.join(LAYOUTS)} and a reference_length "
-                                   f">= 0; got {data!r}")
+            raise EngineInputError(
+                f"layout: expected reference_layout in {', '.join(LAYOUTS)} and a reference_length >= 0; got {data!r}"
+            )
         return cls(kind, length, batch)
 
 
@@ -64,36 +68,47 @@ class BatchReferences:
     key_lengths: np.ndarray | None  # (B,) int32, or None when nothing is padded
 
 
-def batch_references(ref_sets: list[PreparedSet | None], cache: ReferenceCache, *, kv_model: bool,
-                     fixed_keys: int, forced: Layout | None = None) -> BatchReferences:
+def batch_references(
+    ref_sets: list[PreparedSet | None],
+    cache: ReferenceCache,
+    *,
+    kv_model: bool,
+    fixed_keys: int,
+    forced: Layout | None = None,
+) -> BatchReferences:
     """Lay out the reference sets of a batch (one entry per row). fixed_keys: T + N, the keys every
     row has before its references."""
-    cache = _OncePerCall(cache)
+    once = _OncePerCall(cache)
     batch = len(ref_sets)
-    layout = _choose(ref_sets, cache, kv_model, batch) if forced is None else _check_forced(forced, ref_sets, cache,
-                                                                                               kv_model, batch)
+    layout = (
+        _choose(ref_sets, once, kv_model, batch)
+        if forced is None
+        else _check_forced(forced, ref_sets, once, kv_model, batch)
+    )
     if layout.reference_layout == "none":
         return BatchReferences(layout, None, None, None, None)
     length = layout.reference_length
     if layout.reference_layout == "shared":
         refs = ref_sets[0]
+        assert refs is not None  # "shared": every row holds the same set
         if kv_model:
-            cached = cache.kv(refs)
+            cached = once.kv(refs)
             real, ref_kv, tokens, ids = cached.length, cached.padded_to(length), None, None
         else:
-            padded = cache.tokens(refs).padded_to(length)
+            padded = once.tokens(refs).padded_to(length)
             real, ref_kv, tokens, ids = padded.length, None, padded.tokens, padded.ids
         lengths = np.full((batch,), fixed_keys + real, np.int32)
         return BatchReferences(layout, ref_kv, tokens, ids, lengths)
 
-    reals = [0 if refs is None else _real_length(refs, cache, kv_model) for refs in ref_sets]
+    reals = [0 if refs is None else _real_length(refs, once, kv_model) for refs in ref_sets]
     lengths = np.asarray([fixed_keys + real for real in reals], np.int32)
     if kv_model:
-        rows = [_empty_kv(cache, length) if refs is None else cache.kv(refs).padded_to(length) for refs in ref_sets]
+        rows = [_empty_kv(once, length) if refs is None else once.kv(refs).padded_to(length) for refs in ref_sets]
         ref_kv = ReferenceKV(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows)))
         return BatchReferences(layout, ref_kv, None, None, lengths)
-    rows_tokens = [_empty_tokens(cache, length) if refs is None else cache.tokens(refs).padded_to(length)
-                   for refs in ref_sets]
+    rows_tokens = [
+        _empty_tokens(once, length) if refs is None else once.tokens(refs).padded_to(length) for refs in ref_sets
+    ]
     tokens = jnp.concatenate([r.tokens for r in rows_tokens], axis=0)
     ids = np.stack([r.ids for r in rows_tokens])
     return BatchReferences(layout, None, tokens, ids, lengths)
@@ -106,20 +121,22 @@ class _OncePerCall:
 
     def __init__(self, cache: ReferenceCache):
         self.transformer = cache.transformer
-        self._cache, self._kv, self._tokens = cache, {}, {}
+        self._cache = cache
+        self._kv: dict[tuple[str, ...], CachedKV] = {}
+        self._tokens: dict[tuple[str, ...], ReferenceTokens] = {}
 
-    def kv(self, refs: PreparedSet):
+    def kv(self, refs: PreparedSet) -> CachedKV:
         if refs.key not in self._kv:
             self._kv[refs.key] = self._cache.kv(refs)
         return self._kv[refs.key]
 
-    def tokens(self, refs: PreparedSet):
+    def tokens(self, refs: PreparedSet) -> ReferenceTokens:
         if refs.key not in self._tokens:
             self._tokens[refs.key] = self._cache.tokens(refs)
         return self._tokens[refs.key]
 
 
-def _choose(ref_sets, cache, kv_model: bool, batch: int) -> Layout:
+def _choose(ref_sets: list[PreparedSet | None], cache: _OncePerCall, kv_model: bool, batch: int) -> Layout:
     present = [refs for refs in ref_sets if refs is not None]
     if not present:
         return Layout("none", 0, batch)
@@ -129,7 +146,9 @@ def _choose(ref_sets, cache, kv_model: bool, batch: int) -> Layout:
     return Layout("rows", max(_padded_length(refs, cache, kv_model) for refs in present), batch)
 
 
-def _check_forced(forced: Layout, ref_sets, cache, kv_model: bool, batch: int) -> Layout:
+def _check_forced(
+    forced: Layout, ref_sets: list[PreparedSet | None], cache: _OncePerCall, kv_model: bool, batch: int
+) -> Layout:
     """A recorded layout, if it can hold these references."""
     forced = Layout(forced.reference_layout, forced.reference_length, batch)
     present = [refs for refs in ref_sets if refs is not None]
@@ -139,25 +158,26 @@ def _check_forced(forced: Layout, ref_sets, cache, kv_model: bool, batch: int) -
     if forced.reference_layout == "shared" and (len(present) != batch or len({r.key for r in present}) != 1):
         raise EngineInputError("layout: 'shared' needs the same reference set on every row")
     if forced.reference_layout != "none" and forced.reference_length < needed:
-        raise EngineInputError(f"layout: reference_length {forced.reference_length} is shorter than these references "
-                               f"need ({needed})")
+        raise EngineInputError(
+            f"layout: reference_length {forced.reference_length} is shorter than these references need ({needed})"
+        )
     return forced
 
 
-def _padded_length(refs: PreparedSet, cache: ReferenceCache, kv_model: bool) -> int:
+def _padded_length(refs: PreparedSet, cache: _OncePerCall, kv_model: bool) -> int:
     return cache.kv(refs).padded_length if kv_model else int(cache.tokens(refs).tokens.shape[1])
 
 
-def _real_length(refs: PreparedSet, cache: ReferenceCache, kv_model: bool) -> int:
+def _real_length(refs: PreparedSet, cache: _OncePerCall, kv_model: bool) -> int:
     return cache.kv(refs).length if kv_model else cache.tokens(refs).length
 
 
-def _empty_kv(cache: ReferenceCache, length: int) -> ReferenceKV:
+def _empty_kv(cache: _OncePerCall, length: int) -> ReferenceKV:
     """Zero K/V for a row without references (all masked), shaped like the model's."""
     shape = cache.transformer.kv_shape(length)
     return ReferenceKV(*(jnp.zeros(s, cache.transformer.dtype) for s in shape))
 
 
-def _empty_tokens(cache: ReferenceCache, length: int) -> ReferenceTokens:
+def _empty_tokens(cache: _OncePerCall, length: int) -> ReferenceTokens:
     channels = cache.transformer.config.in_channels
     return ReferenceTokens(jnp.zeros((1, length, channels), jnp.float32), np.zeros((length, 4), np.int64), 0)

@@ -18,6 +18,7 @@ pixels, so equal images given as different objects (or paths) share work:
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ class ReferenceTokens:
     ids: np.ndarray
     length: int
 
-    def padded_to(self, size: int) -> "ReferenceTokens":
+    def padded_to(self, size: int) -> ReferenceTokens:
         extra = size - self.tokens.shape[1]
         if extra < 0:
             raise ValueError(f"cannot pad {self.tokens.shape[1]} reference tokens down to {size}")
@@ -139,13 +140,21 @@ def prepare_set(images: Sequence, *, label: str = "") -> PreparedSet:
 class ReferenceCache:
     """Per-image latents and per-set KV pre-passes, with counters for tests and timings."""
 
-    def __init__(self, vae, transformer, *, latent_bytes: int = LATENT_CACHE_BYTES, kv_bytes: int = KV_CACHE_BYTES,
-                 counters: collections.Counter | None = None):
+    def __init__(
+        self,
+        vae,
+        transformer,
+        *,
+        latent_bytes: int = LATENT_CACHE_BYTES,
+        kv_bytes: int = KV_CACHE_BYTES,
+        counters: collections.Counter | None = None,
+    ):
         self.vae = vae
         self.transformer = transformer
         self._latents: ByteLRU[jax.Array] = ByteLRU(latent_bytes, _nbytes)
-        self._kv: ByteLRU[CachedKV] = ByteLRU(kv_bytes, lambda cached: sum(_nbytes(a) for a in cached.kv),
-                                              keep_newest=True)
+        self._kv: ByteLRU[CachedKV] = ByteLRU(
+            kv_bytes, lambda cached: sum(_nbytes(a) for a in cached.kv), keep_newest=True
+        )
         self.counters = counters if counters is not None else collections.Counter()
         self._weights_key: tuple = ()  # identifies the transformer weights in use: () = as loaded
         self._params = None  # those weights (None: the transformer's own)
@@ -159,8 +168,9 @@ class ReferenceCache:
         the set's length bucket."""
         packed, sizes = [], []
         for image, key in zip(refs.images, refs.keys):
-            latents = self._latents.get_or_make(key, lambda image=image: self._encode(image))
-            sizes.append(latents.shape[2:])
+            latents = self._latents.get_or_make(key, functools.partial(self._encode, image))
+            height, width = latents.shape[2:]
+            sizes.append((height, width))
             packed.append(pack(latents))
         tokens = jnp.concatenate(packed, axis=1)
         exact = ReferenceTokens(tokens, reference_ids(sizes), int(tokens.shape[1]))
@@ -198,8 +208,9 @@ def _as_pil(image, index: int, label: str):
         return image
     name = f"{label}reference #{index + 1}"
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-        raise ImageInputError(f"{name}: arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4); got "
-                              f"{image.dtype} {image.shape}")
+        raise ImageInputError(
+            f"{name}: arrays must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}"
+        )
     return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image)
 
 

@@ -27,8 +27,13 @@ from flowgen.errors import ImageInputError
 # before a byte is read. (Reads stream: the limit bounds time, not memory.)
 MAX_REFERENCE_BYTES = 1024 * 1024 * 1024
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class ReferenceImageError(ImageInputError, ValueError):
@@ -43,8 +48,9 @@ class ReferenceImageError(ImageInputError, ValueError):
 
 
 @contextmanager
-def open_reference(path: str | os.PathLike, *, label: str | None = None,
-                   max_bytes: int = MAX_REFERENCE_BYTES) -> Iterator[BinaryIO]:
+def open_reference(
+    path: str | os.PathLike, *, label: str | None = None, max_bytes: int = MAX_REFERENCE_BYTES
+) -> Iterator[BinaryIO]:
     """The reference file, opened for reading after the checks above; ReferenceImageError otherwise."""
     label = label or str(path)
     _checked(_stat(path, label), path, label, max_bytes)
@@ -63,8 +69,7 @@ def open_reference(path: str | os.PathLike, *, label: str | None = None,
         yield handle
 
 
-def reference_sha256(path: str | os.PathLike, *, label: str | None = None,
-                     max_bytes: int = MAX_REFERENCE_BYTES) -> str:
+def reference_sha256(path: str | os.PathLike, *, label: str | None = None, max_bytes: int = MAX_REFERENCE_BYTES) -> str:
     """sha256 of a reference file's bytes (what plans and records hash), reading at most `max_bytes`."""
     label = label or str(path)
     digest, size = hashlib.sha256(), 0

@@ -61,8 +61,9 @@ class ImageHeader:
     upright_size: tuple[int, int]  # (width, height) once the EXIF orientation is applied
 
 
-def image_header(source: str | os.PathLike | BinaryIO, *, label: str | None = None,
-                 max_pixels: int | None = None) -> ImageHeader:
+def image_header(
+    source: str | os.PathLike | BinaryIO, *, label: str | None = None, max_pixels: int | None = None
+) -> ImageHeader:
     """Format and size of an image from its header (a path, opened by open_reference, or a binary
     file), after the pixel-limit check every decode path shares: ReferenceImageError (an
     ImageInputError) naming `label` and the limit, never PIL's DecompressionBombError/Warning."""
@@ -151,8 +152,9 @@ def prepare_reference(image: ImageLike, *, name: str = "reference") -> np.ndarra
     elif isinstance(image, (str, Path)):
         image = load_image(image, name=name)
     else:
-        raise ImageInputError(f"reference image {name}: expected a file path or a PIL image, got "
-                              f"{type(image).__name__}")
+        raise ImageInputError(
+            f"reference image {name}: expected a file path or a PIL image, got {type(image).__name__}"
+        )
     _check_shape(image.size, name)
     try:
         if image.width * image.height > MAX_AREA:
@@ -191,7 +193,8 @@ def _target_area_size(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def _floor_to_multiple(size: tuple[int, int]) -> tuple[int, int]:
-    return tuple((side // MULTIPLE) * MULTIPLE for side in size)
+    width, height = size
+    return (width // MULTIPLE) * MULTIPLE, (height // MULTIPLE) * MULTIPLE
 
 
 def _check_shape(size: tuple[int, int], name: str) -> None:

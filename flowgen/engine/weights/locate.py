@@ -78,19 +78,24 @@ def hf_snapshot(repo: str, *, gated: bool, label: str, download: bool = False) -
         try:
             folder = Path(huggingface_hub.snapshot_download(repo))
         except hf_errors.GatedRepoError:
-            raise CheckpointError(f"model {label}: {repo} is gated; accept its licence on huggingface.co and set "
-                                  "HF_TOKEN (or run `hf auth login`)") from None
+            raise CheckpointError(
+                f"model {label}: {repo} is gated; accept its licence on huggingface.co and set "
+                "HF_TOKEN (or run `hf auth login`)"
+            ) from None
         except (hf_errors.HfHubHTTPError, hf_errors.LocalEntryNotFoundError, OSError, ValueError) as err:
             raise CheckpointError(f"model {label}: downloading {repo} failed ({one_line(err)})") from None
         return check_pipeline_folder(folder, label=label, hint=hint)
+    cached: Path | None
     try:
-        folder = Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
+        cached = Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError, OSError, ValueError):
-        folder = _cached_snapshot_any_case(repo)
-    if folder is None:
-        raise CheckpointError(f"model {label}: weights not found in the Hugging Face cache "
-                              f"({huggingface_hub.constants.HF_HUB_CACHE}); {hint}")
-    return check_pipeline_folder(folder, label=label, hint=hint)
+        cached = _cached_snapshot_any_case(repo)
+    if cached is None:
+        raise CheckpointError(
+            f"model {label}: weights not found in the Hugging Face cache "
+            f"({huggingface_hub.constants.HF_HUB_CACHE}); {hint}"
+        )
+    return check_pipeline_folder(cached, label=label, hint=hint)
 
 
 def _cached_snapshot_any_case(repo: str) -> Path | None:
@@ -119,8 +124,13 @@ def check_pipeline_folder(folder: Path, *, label: str, hint: str) -> Path:
         raise CheckpointError(f"model {label}: weights folder {folder} does not exist; {hint}")
     index = read_json(folder / "model_index.json", what="model_index.json")
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v and v[0]]
-    missing = [c for c in components if c != "scheduler" and not any((folder / c).glob("*.safetensors*"))
-               and not (folder / c / "tokenizer.json").is_file()]
+    missing = [
+        c
+        for c in components
+        if c != "scheduler"
+        and not any((folder / c).glob("*.safetensors*"))
+        and not (folder / c / "tokenizer.json").is_file()
+    ]
     if missing:
         raise CheckpointError(f"model {label}: {folder} is incomplete (no weights in {', '.join(missing)}); {hint}")
     return folder
@@ -150,8 +160,10 @@ def read_json(path: Path, *, what: str) -> dict:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: not a diffusers pipeline folder (no {what}); expected the layout "
-                              "of a Hugging Face FLUX.2 [klein] repo") from None
+        raise CheckpointError(
+            f"{path.parent}: not a diffusers pipeline folder (no {what}); expected the layout "
+            "of a Hugging Face FLUX.2 [klein] repo"
+        ) from None
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read {what} ({one_line(err)})") from None
     if not isinstance(data, dict):

@@ -123,13 +123,18 @@ _DIF_UP = re.compile(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.")
 def bfl_to_diffusers(name: str, num_levels: int) -> str:
     """Diffusers name of a BFL `ae.safetensors` tensor (names it does not know pass through)."""
     if name.startswith("encoder.quant_conv."):
-        return name[len("encoder."):]
+        return name[len("encoder.") :]
     if name.startswith("decoder.post_quant_conv."):
-        return name[len("decoder."):]
-    name = _BFL_DOWN.sub(lambda m: f"encoder.down_blocks.{m[1]}."
-                         + ("resnets." if m[2] == "block" else "downsamplers.0."), name)
-    name = _BFL_UP.sub(lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}."
-                       + ("resnets." if m[2] == "block" else "upsamplers.0."), name)
+        return name[len("decoder.") :]
+    name = _BFL_DOWN.sub(
+        lambda m: f"encoder.down_blocks.{m[1]}." + ("resnets." if m[2] == "block" else "downsamplers.0."), name
+    )
+    name = _BFL_UP.sub(
+        lambda m: (
+            f"decoder.up_blocks.{num_levels - 1 - int(m[1])}." + ("resnets." if m[2] == "block" else "upsamplers.0.")
+        ),
+        name,
+    )
     for bfl, dif in _PLAIN:
         name = name.replace(bfl, dif)
     return name
@@ -141,10 +146,10 @@ def diffusers_to_bfl(name: str, num_levels: int) -> str:
         return "encoder." + name
     if name.startswith("post_quant_conv."):
         return "decoder." + name
-    name = _DIF_DOWN.sub(lambda m: f"encoder.down.{m[1]}."
-                         + ("block." if m[2] == "resnets" else "downsample."), name)
-    name = _DIF_UP.sub(lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}."
-                       + ("block." if m[2] == "resnets" else "upsample."), name)
+    name = _DIF_DOWN.sub(lambda m: f"encoder.down.{m[1]}." + ("block." if m[2] == "resnets" else "downsample."), name)
+    name = _DIF_UP.sub(
+        lambda m: f"decoder.up.{num_levels - 1 - int(m[1])}." + ("block." if m[2] == "resnets" else "upsample."), name
+    )
     for bfl, dif in _PLAIN:
         name = name.replace(dif, bfl)
     return name
@@ -187,8 +192,10 @@ def infer_config(shapes: Mapping[str, Shape], base: VAEConfig = VAEConfig()) -> 
     latent = shapes["decoder.conv_in.weight"][1]
     patch_cells = shapes["bn.running_mean"][0] // latent
     if patch_cells * latent != shapes["bn.running_mean"][0] or patch_cells != base.patch_size[0] * base.patch_size[1]:
-        raise ValueError(f"bn.running_mean has {shapes['bn.running_mean'][0]} channels, "
-                         f"not {base.patch_size[0]}x{base.patch_size[1]}x{latent}")
+        raise ValueError(
+            f"bn.running_mean has {shapes['bn.running_mean'][0]} channels, "
+            f"not {base.patch_size[0]}x{base.patch_size[1]}x{latent}"
+        )
     return VAEConfig(
         in_channels=shapes["encoder.conv_in.weight"][1],
         out_channels=shapes["decoder.conv_out.weight"][0],

@@ -42,8 +42,9 @@ def _weights_in(path: Path) -> Path:
     return path
 
 
-def read_vae_checkpoint(path: str | Path, dtype: jnp.dtype,
-                        config: VAEConfig | Mapping | str | Path | None = None) -> tuple[dict, VAEConfig, Path]:
+def read_vae_checkpoint(
+    path: str | Path, dtype: jnp.dtype, config: VAEConfig | Mapping | str | Path | None = None
+) -> tuple[dict, VAEConfig, Path]:
     """Open, validate and convert. Returns (params, config, resolved path)."""
     path = resolve_vae_path(path)
     tensors = open_safetensors(_weights_in(path))
@@ -71,7 +72,7 @@ def _strip_prefix(names: set[str]) -> dict[str, str]:
         return {n: n for n in names}
     for prefix in vae_keys.KNOWN_PREFIXES:
         if any(n.startswith(prefix + "encoder.") for n in names):
-            return {n[len(prefix):]: n for n in names if n.startswith(prefix)}
+            return {n[len(prefix) :]: n for n in names if n.startswith(prefix)}
     return {n: n for n in names}
 
 
@@ -93,24 +94,43 @@ def _resolve_config(path: Path, config, shapes: Mapping[str, tuple[int, ...]]) -
     except KeyError as err:
         raise CheckpointError(f"{path}: not a FLUX.2 autoencoder checkpoint (no tensor {err.args[0]})") from None
     except ValueError as err:
-        raise CheckpointError(f"{path}: cannot read the VAE architecture from the tensor shapes ({err}); "
-                              "pass a config") from None
+        raise CheckpointError(
+            f"{path}: cannot read the VAE architecture from the tensor shapes ({err}); pass a config"
+        ) from None
 
 
-def _check_tensors(path: Path, tensors: LazyTensors, origin: Mapping[str, str],
-                   shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
-                   bfl_levels: int) -> None:
+def _check_tensors(
+    path: Path,
+    tensors: LazyTensors,
+    origin: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    bfl_levels: int,
+) -> None:
     missing = [n for n in expected if n not in origin]
     if bfl_levels:  # report in the file's own (BFL) naming
         missing = [vae_keys.diffusers_to_bfl(n, bfl_levels) for n in missing]
     unexpected = [origin[n] for n in origin if n not in expected and n not in vae_keys.IGNORED_KEYS]
-    bad_shape = [f"{origin[n]} {shapes[n]} (expected {expected[n]})"
-                 for n in expected if n in origin and shapes[n] != expected[n]]
-    bad_dtype = [f"{origin[n]} ({tensors.dtype(origin[n])})"
-                 for n in expected if n in origin and tensors.dtype(origin[n]) not in _FLOAT_DTYPES]
-    problems = [f"{kind} {_short(items)}" for kind, items in
-                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", bad_shape),
-                 ("not floating point", bad_dtype)) if items]
+    bad_shape = [
+        f"{origin[n]} {shapes[n]} (expected {expected[n]})"
+        for n in expected
+        if n in origin and shapes[n] != expected[n]
+    ]
+    bad_dtype = [
+        f"{origin[n]} ({tensors.dtype(origin[n])})"
+        for n in expected
+        if n in origin and tensors.dtype(origin[n]) not in _FLOAT_DTYPES
+    ]
+    problems = [
+        f"{kind} {_short(items)}"
+        for kind, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("mis-shaped", bad_shape),
+            ("not floating point", bad_dtype),
+        )
+        if items
+    ]
     if problems:
         raise CheckpointError(f"{path}: does not match the FLUX.2 VAE architecture: " + "; ".join(problems))
 
