@@ -160,7 +160,7 @@ def execute(
         manifest.record_plan((r.rid for r in plan.results), plan.retained_item_ids,
                              plan.source.as_record() if plan.source is not None else None)
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
-        runner = _BatchRunner(plan, engine, summary, progress, checker)
+        runner = BatchRunner(plan, engine, summary, progress, checker)
         dispatcher: Dispatcher | None = None
         rendered = iter(())
         went_through = False  # the loop ended by itself (not by an exception)
@@ -326,7 +326,7 @@ def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
         raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
     if (runnable or plan.canary is not None) and hasattr(engine, "preflight"):
         engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
-    checker = _content_checker(runnable)  # NudeNet missing: a user error before anything runs
+    checker = content_checker(runnable)  # NudeNet missing: a user error before anything runs
     if any(r.job.face_pass is not None for r in runnable):
         load_detector()  # likewise the face pass's detector
     return checker
@@ -345,7 +345,7 @@ def set_aside_note(blocked: Sequence[PlannedResult], shown: int = 3) -> str:
     return f"{len(blocked)} result(s) set aside (recorded as failed, not rendered): " + "; ".join(parts) + more
 
 
-def _content_checker(results: Sequence[PlannedResult]):
+def content_checker(results: Sequence[PlannedResult]):
     """A loaded ContentChecker when any result asks safety.checkContent, else None."""
     if not any(r.item.delivery.check_content for r in results):
         return None
@@ -374,7 +374,7 @@ def _summary_dict(summary: RunSummary) -> dict:
     }
 
 
-class _BatchRunner:
+class BatchRunner:
     """Turns one Batch into records and finished results: references, engine call, then per image
     check, encode, store and record."""
 

@@ -161,13 +161,13 @@ class BatchActor:
 
     def __init__(self, work: bytes):
         from flowgen.run.engine import PipelineEngine
-        from flowgen.run.executor import RunSummary, _BatchRunner, _content_checker  # the executor's own steps
+        from flowgen.run.executor import BatchRunner, RunSummary, content_checker  # the executor's own steps
         from flowgen.run.progress import NullProgress
 
         plan, self.batches, run_id = pickle.loads(work)
         self._summary = lambda: RunSummary(run_id)
-        checker = _content_checker([r for batch in self.batches for r in batch.results])
-        self.runner = _BatchRunner(plan, PipelineEngine(plan.engine_model, plan.dtype), self._summary(),
+        checker = content_checker([r for batch in self.batches for r in batch.results])
+        self.runner = BatchRunner(plan, PipelineEngine(plan.engine_model, plan.dtype), self._summary(),
                                    NullProgress(), checker)
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
