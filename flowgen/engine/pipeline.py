@@ -27,9 +27,10 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     Equal to it for seeds < 2**32; above, the high word is kept (jax.random.key drops it when
     64-bit mode is off, so seeds differing only there would collide).
     """
-    key = jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32))
+    key = jax.random.wrap_key_data(jnp.asarray(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)))
     return jax.random.normal(key, shape, jnp.float32)
 
 
@@ -96,16 +97,27 @@ def _img2img_images(images, count: int) -> np.ndarray:
     if any(a.shape != shape or a.dtype != np.uint8 for a in arrays) or len(shape) != 3 or shape[2] != 3:
         raise ImageInputError("images: every image must be an (H, W, 3) uint8 array of one size")
     if shape[0] % PIXELS_PER_TOKEN or shape[1] % PIXELS_PER_TOKEN or not shape[0] or not shape[1]:
-        raise ImageInputError(f"images: {shape[1]}x{shape[0]} is not allowed; both sides must be multiples of "
-                              f"{PIXELS_PER_TOKEN}")
+        raise ImageInputError(
+            f"images: {shape[1]}x{shape[0]} is not allowed; both sides must be multiples of {PIXELS_PER_TOKEN}"
+        )
     return np.stack(arrays)
 
 
 class Pipeline:
     """A loaded FLUX.2 [klein] model; see the module docstring."""
 
-    def __init__(self, transformer, vae, tokenizer, text_encoder, source: ModelSource, *,
-                 runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, dtype: str | None = None):
+    def __init__(
+        self,
+        transformer,
+        vae,
+        tokenizer,
+        text_encoder,
+        source: ModelSource,
+        *,
+        runtime: RuntimeConfig | None = None,
+        max_sequence_length: int = 512,
+        dtype: str | None = None,
+    ):
         self.transformer, self.vae, self.source = transformer, vae, source
         # the transformer was loaded in the runtime's dtype (from_pretrained) or brings its own
         self.runtime = (runtime or RuntimeConfig(dtype=dtype or transformer.dtype.name)).resolved()
@@ -121,8 +133,14 @@ class Pipeline:
         self._check_compatible(text_encoder)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path | ModelCard, runtime: RuntimeConfig | None = None, max_sequence_length: int = 512, *,
-                        dtype: str | None = None) -> "Pipeline":
+    def from_pretrained(
+        cls,
+        source: str | Path | ModelCard,
+        runtime: RuntimeConfig | None = None,
+        max_sequence_length: int = 512,
+        *,
+        dtype: str | None = None,
+    ) -> Pipeline:
         """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object.
 
         runtime: dtype and attention kernel (default: per backend, see `RuntimeConfig`); `dtype=`
@@ -135,16 +153,20 @@ class Pipeline:
 
         runtime = runtime or RuntimeConfig(dtype=dtype)
         settings = runtime.resolved()
+        dtype = settings.dtype
+        assert dtype is not None  # resolved() chooses one
         src = resolve_source(source)
-        transformer = load_transformer(src.transformer, dtype=settings.dtype)
+        transformer = load_transformer(src.transformer, dtype=dtype)
         if runtime.attention != "auto":
             transformer.use_attention(settings.attention)
         return cls(
             transformer,
-            load_vae(src.root / "vae", settings.dtype),
+            load_vae(src.root / "vae", dtype),
             load_tokenizer(src.root / "tokenizer", max_length=max_sequence_length),
-            load_text_encoder(src.root / "text_encoder", settings.dtype),
-            src, runtime=runtime, max_sequence_length=max_sequence_length,
+            load_text_encoder(src.root / "text_encoder", dtype),
+            src,
+            runtime=runtime,
+            max_sequence_length=max_sequence_length,
         )
 
     # ---- public --------------------------------------------------------------------------------
@@ -157,12 +179,26 @@ class Pipeline:
     def default_guidance(self) -> float | None:
         return None if self.distilled else float(self.source.defaults.get("guidance", 4.0))
 
-    def generate(self, prompts, references=None, width: int | None = None, height: int | None = None,
-                 steps: int | None = None, seeds=None, latents=None, guidance: float | None = None,
-                 negative_prompts=None, max_sequence_length: int | None = None, *, scheduler: str | None = None,
-                 layout: dict | None = None, on_step: Callable[[int], None] | None = None,
-                 acceleration: str | None = None, accelerator_options: dict | None = None,
-                 loras=None) -> GenerateOutput:
+    def generate(
+        self,
+        prompts,
+        references=None,
+        width: int | None = None,
+        height: int | None = None,
+        steps: int | None = None,
+        seeds=None,
+        latents=None,
+        guidance: float | None = None,
+        negative_prompts=None,
+        max_sequence_length: int | None = None,
+        *,
+        scheduler: str | None = None,
+        layout: dict | None = None,
+        on_step: Callable[[int], None] | None = None,
+        acceleration: str | None = None,
+        accelerator_options: dict | None = None,
+        loras=None,
+    ) -> GenerateOutput:
         """Generate one image per prompt.
 
         references: None, or one list (possibly empty) of up to 4 images per prompt — PIL images,
@@ -179,9 +215,20 @@ class Pipeline:
         prompt shares them; `lora/merge.py`); None or [] = the base weights.
         Raises FlowgenError subclasses for bad arguments.
         """
-        req = check_request(prompts, references, width, height, steps, seeds, latents, guidance, negative_prompts,
-                            distilled=self.distilled, default_steps=self.default_steps,
-                            default_guidance=self.default_guidance)
+        req = check_request(
+            prompts,
+            references,
+            width,
+            height,
+            steps,
+            seeds,
+            latents,
+            guidance,
+            negative_prompts,
+            distilled=self.distilled,
+            default_steps=self.default_steps,
+            default_guidance=self.default_guidance,
+        )
         if guidance is not None and guidance > 1.0 and self.distilled:
             log.warning("guidance %s is ignored: %s is step-distilled", guidance, self.source.name)
         try:
@@ -191,14 +238,19 @@ class Pipeline:
         forced = None if layout is None else Layout.from_dict(layout, len(req.prompts))
         self.params, weights_key = self.loras.use(loras)
         self.references.use_weights(weights_key, self.params)  # cached reference K/V are per weights
-        step_cache = step_cache_settings.resolve(acceleration, accelerator_options, steps=req.steps,
-                                                 distilled=self.distilled,
-                                                 coefficients=self.source.defaults.get("teacache_coefficients"))
+        step_cache = step_cache_settings.resolve(
+            acceleration,
+            accelerator_options,
+            steps=req.steps,
+            distilled=self.distilled,
+            coefficients=self.source.defaults.get("teacache_coefficients"),
+        )
         replay = (layout or {}).get("step_cache_computed")
         if step_cache is not None and replay is not None:
             if len(replay) != req.steps or set(replay) - {"0", "1"}:
-                raise EngineInputError(f"layout: step_cache_computed must be {req.steps} characters 0/1; "
-                                       f"got {replay!r}")
+                raise EngineInputError(
+                    f"layout: step_cache_computed must be {req.steps} characters 0/1; got {replay!r}"
+                )
             step_cache = dataclasses.replace(step_cache, replay=replay)
         length = int(max_sequence_length or self.max_sequence_length)
         timings = dict.fromkeys(STAGES, 0.0)
@@ -221,19 +273,46 @@ class Pipeline:
         for size in dict.fromkeys(sizes):  # one loop per output size (one, for a plan batch)
             idx = np.asarray([i for i, s in enumerate(sizes) if s == size])
             group_neg = None if neg is None else neg[idx]
-            out, used, record = self._generate_batch(req, idx, size, [ref_sets[i] for i in idx], txt[idx], group_neg,
-                                                     choice, forced, on_step, timings, step_cache)
+            out, used, record = self._generate_batch(
+                req,
+                idx,
+                size,
+                [ref_sets[i] for i in idx],
+                txt[idx],
+                group_neg,
+                choice,
+                forced,
+                on_step,
+                timings,
+                step_cache,
+            )
             for position, item in enumerate(idx):
                 images[item], layouts[item], cache_records[item] = out[position], used.as_dict(), record
                 if record:  # what regen replays (the decisions depend on the batch mates)
                     layouts[item]["step_cache_computed"] = "".join("1" if c else "0" for c in record["computed"])
-        return GenerateOutput(images, {k: round(v, 6) for k, v in timings.items()}, layouts,
-                              cache_records if step_cache is not None else [])
+        filled = cast(list[np.ndarray], images)  # every row is in one size group, so every slot is set
+        return GenerateOutput(
+            filled,
+            {k: round(v, 6) for k, v in timings.items()},
+            layouts,
+            cache_records if step_cache is not None else [],
+        )
 
-    def img2img(self, images, prompts, strength: float, steps: int | None = None, seeds=None,
-                guidance: float | None = None, negative_prompts=None, max_sequence_length: int | None = None, *,
-                scheduler: str | None = None, loras=None,
-                on_step: Callable[[int], None] | None = None) -> GenerateOutput:
+    def img2img(
+        self,
+        images,
+        prompts,
+        strength: float,
+        steps: int | None = None,
+        seeds=None,
+        guidance: float | None = None,
+        negative_prompts=None,
+        max_sequence_length: int | None = None,
+        *,
+        scheduler: str | None = None,
+        loras=None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> GenerateOutput:
         """Refine images (SDEdit, as diffusers' Flux2KleinInpaintPipeline starts its loop): encode
         each image, noise its latents from its seed to the schedule's sigma at index
         `img2img_start(strength, steps)`, sample the remaining steps, decode.
@@ -244,9 +323,20 @@ class Pipeline:
         """
         pixels = _img2img_images(images, len(prompts) if isinstance(prompts, (list, tuple)) else 1)
         height, width = pixels.shape[1:3]
-        req = check_request(prompts, None, width, height, steps, seeds, None, guidance, negative_prompts,
-                            distilled=self.distilled, default_steps=self.default_steps,
-                            default_guidance=self.default_guidance)
+        req = check_request(
+            prompts,
+            None,
+            width,
+            height,
+            steps,
+            seeds,
+            None,
+            guidance,
+            negative_prompts,
+            distilled=self.distilled,
+            default_steps=self.default_steps,
+            default_guidance=self.default_guidance,
+        )
         if req.seeds is None:
             raise EngineInputError("img2img: give seeds (one per prompt): they draw the noise added to each image")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
@@ -280,10 +370,21 @@ class Pipeline:
         timings["encode"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        cond = Conditioning(texts, self.transformer.rope(text_ids(texts.shape[1])), self.transformer.rope(image_ids(h, w)))
+        cond = Conditioning(
+            texts, self.transformer.rope(text_ids(texts.shape[1])), self.transformer.rope(image_ids(h, w))
+        )
         self.counters["img2img"] += 1
-        tokens = self.denoiser(self.params, x, cond, sigmas, choice.sampler(), noise_keys(req.seeds), req.guidance,
-                               quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
+        tokens = self.denoiser(
+            self.params,
+            x,
+            cond,
+            sigmas,
+            choice.sampler(),
+            noise_keys(req.seeds),
+            req.guidance,
+            quantize_t=self.dtype == jnp.bfloat16,
+            on_step=on_step,
+        )
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -316,8 +417,20 @@ class Pipeline:
 
     # ---- internals -----------------------------------------------------------------------------
 
-    def _generate_batch(self, req: Request, idx: np.ndarray, size: tuple[int, int], ref_sets, txt, neg, choice,
-                        forced: Layout | None, on_step, timings, step_cache=None) -> tuple[list, Layout, dict]:
+    def _generate_batch(
+        self,
+        req: Request,
+        idx: np.ndarray,
+        size: tuple[int, int],
+        ref_sets,
+        txt,
+        neg,
+        choice,
+        forced: Layout | None,
+        on_step,
+        timings,
+        step_cache=None,
+    ) -> tuple[list, Layout, dict]:
         """Rows of one output size: one sampling loop, one decode (and the step cache's record)."""
         height, width = size
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
@@ -325,8 +438,9 @@ class Pipeline:
         texts = txt if neg is None else jnp.concatenate([txt, neg], axis=0)
 
         start = time.perf_counter()
-        refs = batch_references(ref_sets, self.references, kv_model=self.is_kv, fixed_keys=texts.shape[1] + h * w,
-                                forced=forced)
+        refs = batch_references(
+            ref_sets, self.references, kv_model=self.is_kv, fixed_keys=texts.shape[1] + h * w, forced=forced
+        )
         x_ids = image_ids(h, w)
         if refs.ref_ids is None:
             rope_img = self.transformer.rope(x_ids)
@@ -342,20 +456,42 @@ class Pipeline:
         start = time.perf_counter()
         x = self._initial_tokens(req, idx, (channels, h, w))
         sigmas = choice.sigmas(req.steps, h * w)
-        cond = Conditioning(texts, self.transformer.rope(text_ids(texts.shape[1])), rope_img, refs.ref_kv,
-                            refs.ref_tokens, lengths)
+        cond = Conditioning(
+            texts, self.transformer.rope(text_ids(texts.shape[1])), rope_img, refs.ref_kv, refs.ref_tokens, lengths
+        )
         seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
         record = {}
         if step_cache is None:
-            tokens = self.denoiser(self.params, x, cond, sigmas, choice.sampler(), noise_keys(seeds),
-                                   req.guidance, quantize_t=self.dtype == jnp.bfloat16, on_step=on_step)
+            tokens = self.denoiser(
+                self.params,
+                x,
+                cond,
+                sigmas,
+                choice.sampler(),
+                noise_keys(seeds),
+                req.guidance,
+                quantize_t=self.dtype == jnp.bfloat16,
+                on_step=on_step,
+            )
         else:
-            tokens, trace = self.denoiser(self.params, x, cond, sigmas, choice.sampler(),
-                                          noise_keys(seeds), req.guidance, quantize_t=self.dtype == jnp.bfloat16,
-                                          on_step=on_step, step_cache=step_cache)
-            record = {**step_cache.as_dict(), "distances": trace["distances"].tolist(),
-                      "computed": trace["computed"].tolist()}
+            tokens, trace = self.denoiser(
+                self.params,
+                x,
+                cond,
+                sigmas,
+                choice.sampler(),
+                noise_keys(seeds),
+                req.guidance,
+                quantize_t=self.dtype == jnp.bfloat16,
+                on_step=on_step,
+                step_cache=step_cache,
+            )
+            record = {
+                **step_cache.as_dict(),
+                "distances": trace["distances"].tolist(),
+                "computed": trace["computed"].tolist(),
+            }
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -376,18 +512,25 @@ class Pipeline:
         if req.latents is not None:
             latents = req.latents[idx]
             if latents.shape[1:] != shape:
-                raise EngineInputError(f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; "
-                                       f"got {req.latents.shape}")
+                raise EngineInputError(
+                    f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; got {req.latents.shape}"
+                )
             noise = jnp.asarray(latents.astype(np.float32))
         else:
-            noise = jnp.stack([seed_noise(req.seeds[i], shape) for i in idx])
+            seeds = req.seeds
+            assert seeds is not None  # check_request: exactly one of seeds and latents
+            noise = jnp.stack([seed_noise(seeds[i], shape) for i in idx])
         return pack(noise.astype(self.dtype))
 
     def _check_compatible(self, text_encoder) -> None:
         cfg = self.transformer.config
         if text_encoder.output_size != cfg.context_in_dim:
-            raise CheckpointError(f"{self.source.root}: text encoder gives {text_encoder.output_size}-wide embeddings "
-                                  f"but the transformer expects {cfg.context_in_dim}")
+            raise CheckpointError(
+                f"{self.source.root}: text encoder gives {text_encoder.output_size}-wide embeddings "
+                f"but the transformer expects {cfg.context_in_dim}"
+            )
         if self.vae.config.token_channels != cfg.in_channels:
-            raise CheckpointError(f"{self.source.root}: the VAE makes {self.vae.config.token_channels}-channel latents "
-                                  f"but the transformer expects {cfg.in_channels}")
+            raise CheckpointError(
+                f"{self.source.root}: the VAE makes {self.vae.config.token_channels}-channel latents "
+                f"but the transformer expects {cfg.in_channels}"
+            )

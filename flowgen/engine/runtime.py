@@ -28,9 +28,11 @@ class RuntimeConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise CheckpointError(f"dtype {self.dtype!r} is not supported (allowed: {', '.join(DTYPES)})")
         if self.attention not in ATTENTION_PATHS:
-            raise CheckpointError(f"attention {self.attention!r} is not supported (allowed: {', '.join(ATTENTION_PATHS)})")
+            raise CheckpointError(
+                f"attention {self.attention!r} is not supported (allowed: {', '.join(ATTENTION_PATHS)})"
+            )
 
-    def resolved(self, backend: str | None = None) -> "RuntimeConfig":
+    def resolved(self, backend: str | None = None) -> RuntimeConfig:
         """This config with "per backend" choices made for `backend` (default: JAX's default backend)."""
         if backend is None:
             import jax
@@ -47,4 +49,6 @@ class RuntimeConfig:
 
 def default_dtype(backend: str | None = None) -> str:
     """The dtype a run uses when none is asked for."""
-    return RuntimeConfig().resolved(backend).dtype
+    dtype = RuntimeConfig().resolved(backend).dtype
+    assert dtype is not None  # resolved() chooses one
+    return dtype

@@ -35,7 +35,9 @@ def checked_dtype(value: str, label: str) -> str:
 
 def resolve_dtype(setting: str, backend: str | None = None) -> str:
     """'float32' or 'bfloat16': the setting itself, or what "auto" means on `backend` (default: JAX's)."""
-    return RuntimeConfig(dtype=None if setting == "auto" else setting).resolved(backend).dtype
+    dtype = RuntimeConfig(dtype=None if setting == "auto" else setting).resolved(backend).dtype
+    assert dtype is not None  # resolved() chooses one
+    return dtype
 
 
 def guess_backend() -> str:
