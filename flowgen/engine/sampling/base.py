@@ -19,8 +19,9 @@ Samplers work on x in float32 and return it in x's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,11 @@ Noise = Callable[..., jax.Array]
 class Sampler:
     """Base class; subclasses override `step` (and `init_state` when they keep history)."""
 
-    stochastic = False  # class attribute: draws noise (ancestral / SDE / consistency samplers)
+    @property
+    def stochastic(self) -> bool:
+        """Whether the sampler draws noise (ancestral / SDE / consistency samplers); subclasses that
+        always do set `stochastic = True`, those that depend on a setting override the property."""
+        return False
 
     def init_state(self, x: jax.Array) -> Any:
         return ()

@@ -85,8 +85,10 @@ class LMS(Sampler):
         return out.astype(x.dtype), _push(state, v)
 
 
-_IPNDM = np.array([[1, 0, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0],
-                   [55 / 24, -59 / 24, 37 / 24, -9 / 24]], np.float32)
+_IPNDM = np.array(
+    [[1, 0, 0, 0], [3 / 2, -1 / 2, 0, 0], [23 / 12, -16 / 12, 5 / 12, 0], [55 / 24, -59 / 24, 37 / 24, -9 / 24]],
+    np.float32,
+)
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,9 @@ class DPMSolverSinglestep(Sampler):
         first = (s_next / sigma) * xf - alpha_t * jnp.expm1(-h) * m
         h2, h0 = lam_t - lam_p, lam_s - lam_p
         d1 = (1 / (h0 / h2)) * (m - m_prev)
-        second = (s_next / sigma_prev) * x_start - alpha_t * jnp.expm1(-h2) * m_prev \
-            - 0.5 * alpha_t * jnp.expm1(-h2) * d1
+        second = (
+            (s_next / sigma_prev) * x_start - alpha_t * jnp.expm1(-h2) * m_prev - 0.5 * alpha_t * jnp.expm1(-h2) * d1
+        )
         out = jnp.where(last, m, jnp.where(order == 1, first, second))
         x_start = jnp.where(order == 1, xf, x_start)
         return out.astype(x.dtype), (x_start, m)
@@ -253,6 +256,7 @@ class DEIS(Sampler):
         rho = [s / (1 - s) for s in sig]
         ms = [eps] + [state[k] for k in range(self.order - 1)]
         if self.order >= 2:
+
             def ind2(t, lt, lb, lc):
                 return t * (-lc + lt - 1) / (lb - lc)
 
@@ -260,6 +264,7 @@ class DEIS(Sampler):
             c2 = ind2(rho_t, log_t, log_rho[1], log_rho[0]) - ind2(rho[0], log_rho[0], log_rho[1], log_rho[0])
             branches.append(alpha_t * (xf / alpha_s + c1 * ms[0] + c2 * ms[1]))
         if self.order >= 3:
+
             def ind3(t, lt, lb, lc, ld):
                 num = t * (lc * (ld - lt + 1) - ld * lt + ld + lt**2 - 2 * lt + 2)
                 return num / ((lb - lc) * (lb - ld))

@@ -24,7 +24,7 @@ numpy only (scipy for the Beta quantiles): the recipe layer may import this with
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

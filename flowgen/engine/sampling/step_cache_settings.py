@@ -24,8 +24,9 @@ is computed; step 0 is always computed (nothing is cached yet).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from flowgen.engine.errors import EngineInputError
 
@@ -40,8 +41,13 @@ DEFAULT_ACCELERATION = "high"
 FLUX1_TEACACHE_COEFFICIENTS = (4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01)
 
 # Spec defaults (acceleratorOptions)
-DEFAULTS = {"teaCacheDistance": 0.5, "fbCacheThreshold": 0.25, "dbCacheThreshold": 0.25,
-            "dbCacheSkipInterval": 5, "cacheMaxConsecutiveSteps": 3}
+DEFAULTS = {
+    "teaCacheDistance": 0.5,
+    "fbCacheThreshold": 0.25,
+    "dbCacheThreshold": 0.25,
+    "dbCacheSkipInterval": 5,
+    "cacheMaxConsecutiveSteps": 3,
+}
 # DBCache's always-computed blocks (the spec has no knob for them): one in front (the signal), one
 # behind (cache-dit's "auto-scaler" that corrects the reused middle residual).
 DBCACHE_FRONT, DBCACHE_BACK = 1, 1
@@ -77,8 +83,13 @@ class StepCache:
     replay: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "threshold": self.threshold, "start": self.start, "end": self.end,
-               "max_consecutive": self.max_consecutive}
+        out = {
+            "kind": self.kind,
+            "threshold": self.threshold,
+            "start": self.start,
+            "end": self.end,
+            "max_consecutive": self.max_consecutive,
+        }
         if self.kind == "dbcache":
             out.update(front=self.front, back=self.back, refresh=self.refresh)
         return out
@@ -94,13 +105,21 @@ def option_problems(options: Mapping[str, Any] | None) -> list[str]:
     options = options or {}
     enabled = _enabled(options)
     if len(enabled) > 1:
-        return ["teaCache, fbCache and dbCache are alternatives; enable one of them, got "
-                + ", ".join(f for f in ("teaCache", "fbCache", "dbCache") if options.get(f))]
+        return [
+            "teaCache, fbCache and dbCache are alternatives; enable one of them, got "
+            + ", ".join(f for f in ("teaCache", "fbCache", "dbCache") if options.get(f))
+        ]
     return []
 
 
-def resolve(acceleration: str | None, options: Mapping[str, Any] | None, *, steps: int, distilled: bool,
-            coefficients: tuple[float, ...] | None = None) -> StepCache | None:
+def resolve(
+    acceleration: str | None,
+    options: Mapping[str, Any] | None,
+    *,
+    steps: int,
+    distilled: bool,
+    coefficients: tuple[float, ...] | None = None,
+) -> StepCache | None:
     """The step cache for one sampling loop, or None (nothing is skipped: the uncached loop).
 
     Explicit acceleratorOptions (teaCache / fbCache / dbCache) win over the preset; the window and
@@ -118,17 +137,30 @@ def resolve(acceleration: str | None, options: Mapping[str, Any] | None, *, step
         if distilled or steps <= PRESET_MIN_STEPS or not PRESETS[acceleration]:
             return None
         options = {**PRESETS[acceleration], **{k: v for k, v in options.items() if k.startswith("cache")}}
-    get = lambda name: options.get(name) if options.get(name) is not None else DEFAULTS.get(name)  # noqa: E731
+
+    def get(name: str) -> Any:
+        return options.get(name) if options.get(name) is not None else DEFAULTS.get(name)
+
     kind = _enabled(options)[0]
     start, end = window(options, steps)
-    common = dict(start=start, end=end, max_consecutive=int(get("cacheMaxConsecutiveSteps")))
+    common: dict[str, Any] = dict(start=start, end=end, max_consecutive=int(get("cacheMaxConsecutiveSteps")))
     if kind == "teacache":
-        return StepCache("teacache", float(get("teaCacheDistance")), **common,
-                         coefficients=tuple(coefficients or FLUX1_TEACACHE_COEFFICIENTS))
+        return StepCache(
+            "teacache",
+            float(get("teaCacheDistance")),
+            **common,
+            coefficients=tuple(coefficients or FLUX1_TEACACHE_COEFFICIENTS),
+        )
     if kind == "fbcache":
         return StepCache("fbcache", float(get("fbCacheThreshold")), **common, front=1)
-    return StepCache("dbcache", float(get("dbCacheThreshold")), **common, front=DBCACHE_FRONT, back=DBCACHE_BACK,
-                     refresh=int(get("dbCacheSkipInterval")) + 1)
+    return StepCache(
+        "dbcache",
+        float(get("dbCacheThreshold")),
+        **common,
+        front=DBCACHE_FRONT,
+        back=DBCACHE_BACK,
+        refresh=int(get("dbCacheSkipInterval")) + 1,
+    )
 
 
 def window(options: Mapping[str, Any], steps: int) -> tuple[int, int]:
@@ -142,6 +174,8 @@ def window(options: Mapping[str, Any], steps: int) -> tuple[int, int]:
     start = 0 if start is None else int(start)
     end = steps if end is None else min(int(end), steps)
     if not start < end:
-        raise EngineInputError(f"acceleratorOptions: the caching window [{start}, {end}) of {steps} steps is empty; "
-                               "cacheEndStep must be greater than cacheStartStep")
+        raise EngineInputError(
+            f"acceleratorOptions: the caching window [{start}, {end}) of {steps} steps is empty; "
+            "cacheEndStep must be greater than cacheStartStep"
+        )
     return start, end
