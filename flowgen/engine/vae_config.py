@@ -68,7 +68,7 @@ class VAEConfig:
         return self.downscale * self.patch_size[0], self.downscale * self.patch_size[1]
 
     @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any] | str | Path) -> "VAEConfig":
+    def from_diffusers(cls, config: Mapping[str, Any] | str | Path) -> VAEConfig:
         """Build from a diffusers AutoencoderKLFlux2 config (dict, config.json or its folder).
 
         Raises CheckpointError on keys we do not know or values we cannot run (non-silu activations,
