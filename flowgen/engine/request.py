@@ -30,8 +30,21 @@ class Request:
     negative_prompts: list[str]
 
 
-def check_request(prompts, references, width, height, steps, seeds, latents, guidance, negative_prompts,
-                  *, distilled: bool, default_steps: int, default_guidance: float | None) -> Request:
+def check_request(
+    prompts,
+    references,
+    width,
+    height,
+    steps,
+    seeds,
+    latents,
+    guidance,
+    negative_prompts,
+    *,
+    distilled: bool,
+    default_steps: int,
+    default_guidance: float | None,
+) -> Request:
     """Validate and normalise the arguments of `Pipeline.generate` (see its docstring)."""
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise EngineInputError("prompts: give a non-empty list of strings")
@@ -40,10 +53,16 @@ def check_request(prompts, references, width, height, steps, seeds, latents, gui
     batch = len(prompts)
     refs = _references(references, batch)
     for name, side in (("width", width), ("height", height)):
-        if side is not None and (not isinstance(side, (int, np.integer)) or side < PIXELS_PER_TOKEN
-                                 or side > MAX_SIDE or side % PIXELS_PER_TOKEN):
-            raise EngineInputError(f"{name}: {side!r} is not allowed; use a multiple of {PIXELS_PER_TOKEN} "
-                                   f"between {PIXELS_PER_TOKEN} and {MAX_SIDE}")
+        if side is not None and (
+            not isinstance(side, (int, np.integer))
+            or side < PIXELS_PER_TOKEN
+            or side > MAX_SIDE
+            or side % PIXELS_PER_TOKEN
+        ):
+            raise EngineInputError(
+                f"{name}: {side!r} is not allowed; use a multiple of {PIXELS_PER_TOKEN} "
+                f"between {PIXELS_PER_TOKEN} and {MAX_SIDE}"
+            )
     steps = default_steps if steps is None else steps
     if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
         raise EngineInputError(f"steps: {steps!r} is not allowed; use an integer from 1 to {MAX_STEPS}")
@@ -63,8 +82,17 @@ def check_request(prompts, references, width, height, steps, seeds, latents, gui
     negatives = [""] * batch if negative_prompts is None else list(negative_prompts)
     if len(negatives) != batch or not all(isinstance(p, str) for p in negatives):
         raise EngineInputError(f"negative_prompts: give one string per prompt ({batch})")
-    return Request(list(prompts), refs, width and int(width), height and int(height), int(steps), seeds, latents,
-                   _guidance(guidance, distilled, default_guidance), negatives)
+    return Request(
+        list(prompts),
+        refs,
+        width and int(width),
+        height and int(height),
+        int(steps),
+        seeds,
+        latents,
+        _guidance(guidance, distilled, default_guidance),
+        negatives,
+    )
 
 
 def _references(references, batch: int) -> list[list]:
@@ -78,8 +106,9 @@ def _references(references, batch: int) -> list[list]:
         if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
             raise ImageInputError(f"references[{index}]: expected a list of images")
         if len(images) > MAX_REFERENCES:
-            raise ImageInputError(f"references[{index}]: {len(images)} images given; at most {MAX_REFERENCES} "
-                                  "are allowed")
+            raise ImageInputError(
+                f"references[{index}]: {len(images)} images given; at most {MAX_REFERENCES} are allowed"
+            )
         out.append(list(images))
     return out
 

@@ -55,8 +55,12 @@ def from_card(card: ModelCard) -> ModelSource:
         name=card.id,
         is_kv=card.kv,
         distilled=card.distilled,
-        defaults={"steps": defaults.steps, "guidance": defaults.cfg_scale, "width": defaults.width,
-                  "height": defaults.height},
+        defaults={
+            "steps": defaults.steps,
+            "guidance": defaults.cfg_scale,
+            "width": defaults.width,
+            "height": defaults.height,
+        },
         identity=card.identity(),
         weights=card.weights_identity(),
     )

@@ -16,8 +16,18 @@ from typing import Any
 from flowgen.errors import CheckpointError
 
 # config.json keys that describe training, tiling or bookkeeping, not the network we run.
-_IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size", "batch_norm_momentum",
-                 "force_upcast", "scaling_factor", "shift_factor", "latents_mean", "latents_std"}
+_IGNORED_KEYS = {
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "sample_size",
+    "batch_norm_momentum",
+    "force_upcast",
+    "scaling_factor",
+    "shift_factor",
+    "latents_mean",
+    "latents_std",
+}
 _BLOCK_TYPES = {"down_block_types": "DownEncoderBlock2D", "up_block_types": "UpDecoderBlock2D"}
 
 
@@ -41,8 +51,9 @@ class VAEConfig:
         if len(self.decoder_channels) != len(self.block_out_channels):
             raise ValueError("decoder_block_out_channels must have one entry per encoder level")
         if any(c % self.norm_num_groups for c in channels):
-            raise ValueError(f"norm_num_groups {self.norm_num_groups} does not divide every channel count "
-                             f"{sorted(channels)}")
+            raise ValueError(
+                f"norm_num_groups {self.norm_num_groups} does not divide every channel count {sorted(channels)}"
+            )
 
     @property
     def decoder_channels(self) -> tuple[int, ...]:
@@ -115,8 +126,9 @@ class VAEConfig:
         """The diffusers config.json dict for this architecture (for tests and export)."""
         out = dataclasses.asdict(self)
         out["block_out_channels"] = list(self.block_out_channels)
-        out["decoder_block_out_channels"] = (list(self.decoder_block_out_channels)
-                                             if self.decoder_block_out_channels else None)
+        out["decoder_block_out_channels"] = (
+            list(self.decoder_block_out_channels) if self.decoder_block_out_channels else None
+        )
         out["patch_size"] = list(self.patch_size)
         out["down_block_types"] = [_BLOCK_TYPES["down_block_types"]] * self.num_levels
         out["up_block_types"] = [_BLOCK_TYPES["up_block_types"]] * self.num_levels
