@@ -4,15 +4,17 @@ the batches' order, so the manifest has one writer and the progress one place.""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from flowgen.plan.model import Batch
 
-# (the executor's batch runner, the batches) -> for each batch in order: (records, finished results)
-BatchRendering = Callable[[Any, Sequence[Batch]], Iterator[tuple[list[dict], list]]]
+# for each batch in order: (records, finished results); a generator, so the executor can close it early
+Rendered = Generator[tuple[list[dict], list], None, None]
+# (the executor's batch runner, the batches) -> Rendered
+BatchRendering = Callable[[Any, Sequence[Batch]], Rendered]
 
 
-def render_locally(runner, batches: Sequence[Batch]) -> Iterator[tuple[list[dict], list]]:
+def render_locally(runner, batches: Sequence[Batch]) -> Rendered:
     """Each batch with this process's engine, when the executor asks for it (after its checks)."""
     return (runner.run(batch) for batch in batches)

@@ -16,9 +16,9 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from flowgen.delivery.dispatch import Dispatcher, Finished
 from flowgen.delivery.log import SinkState
@@ -56,7 +56,9 @@ class RunSummary:
     interrupted: bool = False
     stopped_early: bool = False  # --fail-fast
     seconds: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {"engine": 0.0, "encode": 0.0, "write": 0.0, "manifest": 0.0})
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"engine": 0.0, "encode": 0.0, "write": 0.0, "manifest": 0.0}
+    )
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # (item_key, index, error)
     died_runs: list[str] = field(default_factory=list)  # earlier runs found dead (killed) at start
     budget_stopped: bool = False  # --budget would have been exceeded by the next batch
@@ -157,12 +159,15 @@ def execute(
         if stale:
             progress.note(f"removed {len(stale)} temp file(s) that killed runs left, e.g. {stale[0]}")
         summary.removed = len(todo.diff.removed)
-        manifest.record_plan((r.rid for r in plan.results), plan.retained_item_ids,
-                             plan.source.as_record() if plan.source is not None else None)
+        manifest.record_plan(
+            (r.rid for r in plan.results),
+            plan.retained_item_ids,
+            plan.source.as_record() if plan.source is not None else None,
+        )
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         runner = BatchRunner(plan, engine, summary, progress, checker)
         dispatcher: Dispatcher | None = None
-        rendered = iter(())
+        rendered = render_locally(runner, ())  # nothing yet: the real one comes below; closed in every case
         went_through = False  # the loop ended by itself (not by an exception)
         try:
             options = {"deliver_flagged": deliver_flagged, **(delivery_options or {})}
@@ -173,23 +178,30 @@ def execute(
             if plan.canary is not None:  # before anything renders: a drifted engine stops the run here
                 from flowgen.run.canary import check_canary
 
-                summary.canary, summary.canary_failures = check_canary(manifest, plan, engine, plan.canary,
-                                                                       summary.run_id)
+                summary.canary, summary.canary_failures = check_canary(
+                    manifest, plan, engine, plan.canary, summary.run_id
+                )
                 if summary.canary_failures:
                     summary.not_run += len(blocked) + len(runnable)
                     blocked, runnable, todo = (), (), todo.limited(0)
             if blocked:  # items that cannot run (e.g. unreadable reference): recorded, never rendered
                 progress.note(set_aside_note(blocked))  # said now, not only in the end-of-run summary
-                _commit(manifest, summary, [runner.failed(r, r.item.error) for r in blocked])
+                # a result is blocked because its item has an error: `or ""` only tells the type checker
+                _commit(manifest, summary, [runner.failed(r, r.item.error or "") for r in blocked])
                 summary.failed += len(blocked)
-                summary.failures += [(r.item.key, r.result_index, r.item.error) for r in blocked]
+                summary.failures += [(r.item.key, r.result_index, r.item.error or "") for r in blocked]
             batches = todo.batches() if not (fail_fast and blocked) else ()
             rendered = (render_batches or render_locally)(runner, batches)  # lazily, one batch per next()
             summary.stopped_early = bool(fail_fast and blocked)
             progress.start(len(runnable), len(batches))
             set_aside = len(blocked)  # failed before rendering: the progress counts them with the first batch
-            lock.progress = {"to_render": len(runnable), "batches": len(batches), "batches_done": 0, "rendered": 0,
-                             "failed": summary.failed}  # every key set now: the heartbeat thread reads it
+            lock.progress = {
+                "to_render": len(runnable),
+                "batches": len(batches),
+                "batches_done": 0,
+                "rendered": 0,
+                "failed": summary.failed,
+            }  # every key set now: the heartbeat thread reads it
             lock.beat()
             for number, batch in enumerate(batches):
                 if stop.requested:
@@ -216,7 +228,15 @@ def execute(
                     summary.stopped_early = True
                     rest = [r for b in batches[number + 1 :] for r in b.results]
                     summary.not_run += len(rest)
-                    _commit(manifest, summary, [runner.skipped(r, "not run: --fail-fast stopped the run") for r in rest if manifest.get(*r.rid) is None])
+                    _commit(
+                        manifest,
+                        summary,
+                        [
+                            runner.skipped(r, "not run: --fail-fast stopped the run")
+                            for r in rest
+                            if manifest.get(*r.rid) is None
+                        ],
+                    )
                     break
             went_through = True
             rendered.close()
@@ -253,12 +273,27 @@ def _refuse_when_nothing_can_run(plan: Plan) -> None:
     if len(by_reason) == 1:
         reason, keys = next(iter(by_reason.items()))
         raise RecipeError(f"{reason}: every item of the recipe needs it ({len(keys)} item(s)), so nothing was run")
-    raise RecipeError([f"{reason} (item {keys[0]!r}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
-                       + "); no item of the recipe can run, so nothing was run" for reason, keys in by_reason.items()])
+    raise RecipeError(
+        [
+            f"{reason} (item {keys[0]!r}"
+            + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+            + "); no item of the recipe can run, so nothing was run"
+            for reason, keys in by_reason.items()
+        ]
+    )
 
 
-def _end_run(manifest: Manifest, plan: Plan, summary: RunSummary, progress: Progress, dispatcher: Dispatcher | None,
-             spending: Budget, start: float, went_through: bool, error: BaseException | None) -> bool:
+def _end_run(
+    manifest: Manifest,
+    plan: Plan,
+    summary: RunSummary,
+    progress: Progress,
+    dispatcher: Dispatcher | None,
+    spending: Budget,
+    start: float,
+    went_through: bool,
+    error: BaseException | None,
+) -> bool:
     """Wait for the deliveries in flight and record how the run ended: its status and summary, then
     the manifest.jsonl export. After an exception (`error`) the reason is recorded too, and a
     failure here (the same full disk, say) is logged rather than raised over the first one.
@@ -268,7 +303,9 @@ def _end_run(manifest: Manifest, plan: Plan, summary: RunSummary, progress: Prog
     elif error is not None:
         summary.error = error_reason(error)
         if not isinstance(error, FlowgenError):
-            log_path = write_traceback(run_log_path(plan.out_dir, summary.run_id), error, f"run {summary.run_id} crashed")
+            log_path = write_traceback(
+                run_log_path(plan.out_dir, summary.run_id), error, f"run {summary.run_id} crashed"
+            )
             summary.log = str(log_path) if log_path else None
     recorded = False
     try:
@@ -309,9 +346,11 @@ def _reported(err: BaseException, summary: RunSummary, out_dir, recorded: bool) 
     if isinstance(err, (FlowgenError, KeyboardInterrupt)) or not isinstance(err, Exception):
         return err
     where = f"the full traceback is in {summary.log}" if summary.log else "its traceback could not be written"
-    return RunCrashed(f"run {summary.run_id} crashed: {summary.error}; "
-                      + (f"recorded as failed in {out_dir}'s manifest" if recorded else "its end could not be recorded")
-                      + f", no unrecorded image left; {where}")
+    return RunCrashed(
+        f"run {summary.run_id} crashed: {summary.error}; "
+        + (f"recorded as failed in {out_dir}'s manifest" if recorded else "its end could not be recorded")
+        + f", no unrecorded image left; {where}"
+    )
 
 
 def _output_folders(plan: Plan) -> set[str]:
@@ -322,8 +361,9 @@ def _output_folders(plan: Plan) -> set[str]:
 def _refusals(plan: Plan, engine: Engine, runnable: Sequence[PlannedResult]):
     """Raise if the run must not start (missing weights, content checker or face detector: user
     errors, exit 2); returns the content checker the run needs (or None)."""
-    if getattr(engine, "dtype", plan.dtype) != plan.dtype:  # the records would claim another dtype
-        raise ValueError(f"engine computes in {engine.dtype} but the plan is hashed for {plan.dtype}")
+    engine_dtype = getattr(engine, "dtype", plan.dtype)
+    if engine_dtype != plan.dtype:  # the records would claim another dtype
+        raise ValueError(f"engine computes in {engine_dtype} but the plan is hashed for {plan.dtype}")
     if (runnable or plan.canary is not None) and hasattr(engine, "preflight"):
         engine.preflight()  # missing weights are a user error (exit 2), not one failure per result
     checker = content_checker(runnable)  # NudeNet missing: a user error before anything runs
@@ -339,8 +379,10 @@ def set_aside_note(blocked: Sequence[PlannedResult], shown: int = 3) -> str:
         keys = by_reason.setdefault(result.item.error or "cannot run", [])
         if result.item.key not in keys:
             keys.append(result.item.key)
-    parts = [f"{reason} (item {keys[0]!r}" + (f" and {len(keys) - 1} more items" if len(keys) > 1 else "") + ")"
-             for reason, keys in list(by_reason.items())[:shown]]
+    parts = [
+        f"{reason} (item {keys[0]!r}" + (f" and {len(keys) - 1} more items" if len(keys) > 1 else "") + ")"
+        for reason, keys in list(by_reason.items())[:shown]
+    ]
     more = f"; and {len(by_reason) - shown} more reasons" if len(by_reason) > shown else ""
     return f"{len(blocked)} result(s) set aside (recorded as failed, not rendered): " + "; ".join(parts) + more
 
@@ -364,11 +406,19 @@ def _commit(manifest: Manifest, summary: RunSummary, records: list[dict], delive
 
 def _summary_dict(summary: RunSummary) -> dict:
     return {
-        "planned": summary.planned, "unchanged": summary.unchanged, "rendered": summary.rendered,
-        "failed": summary.failed, "not_run": summary.not_run, "batches": summary.batches,
-        "seconds": round(summary.seconds, 3), "stage_seconds": {k: round(v, 4) for k, v in summary.stage_seconds.items()},
-        "spent": summary.spent, "budget_stopped": summary.budget_stopped, "flagged": summary.flagged,
-        "deliveries": summary.deliveries, "removed": summary.removed,
+        "planned": summary.planned,
+        "unchanged": summary.unchanged,
+        "rendered": summary.rendered,
+        "failed": summary.failed,
+        "not_run": summary.not_run,
+        "batches": summary.batches,
+        "seconds": round(summary.seconds, 3),
+        "stage_seconds": {k: round(v, 4) for k, v in summary.stage_seconds.items()},
+        "spent": summary.spent,
+        "budget_stopped": summary.budget_stopped,
+        "flagged": summary.flagged,
+        "deliveries": summary.deliveries,
+        "removed": summary.removed,
         **({"canary": summary.canary, "canary_failures": summary.canary_failures} if summary.canary else {}),
         **{key: value for key, value in (("error", summary.error), ("log", summary.log)) if value},
     }
@@ -401,7 +451,15 @@ class BatchRunner:
         self.unrecorded.clear()
 
     def failed(self, result: PlannedResult, error: str, **extra) -> dict:
-        return result_record(self.plan, result, status="failed", error=error, run_id=self.summary.run_id, engine=self.engine_identity, **extra)
+        return result_record(
+            self.plan,
+            result,
+            status="failed",
+            error=error,
+            run_id=self.summary.run_id,
+            engine=self.engine_identity,
+            **extra,
+        )
 
     def skipped(self, result: PlannedResult, reason: str) -> dict:
         return result_record(self.plan, result, status="skipped", error=reason, run_id=self.summary.run_id)
@@ -419,8 +477,12 @@ class BatchRunner:
         if not slots:
             return records, finished
         try:
-            rendered = render_batch(self.engine, [(r.job, r.seed, refs) for r, refs in slots], batch.size,
-                                    on_step=lambda done: self._step(done, batch.signature.steps))
+            rendered = render_batch(
+                self.engine,
+                [(r.job, r.seed, refs) for r, refs in slots],
+                batch.size,
+                on_step=lambda done: self._step(done, batch.signature.steps),
+            )
         except Exception as err:  # the engine failing one batch must not end the run
             reason = f"engine error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             return records + [self._fail(r, reason) for r, _ in slots], finished
@@ -429,16 +491,24 @@ class BatchRunner:
         if self.engine_identity is None:
             self.engine_identity = self.engine.identity()
         per_image = round(rendered.seconds_per_image, 4)  # as recorded: what the cost is of
-        engine_timings = {"engine_batch": round(rendered.seconds, 4), "engine_per_image": per_image,
-                          "engine_stages": {k: round(v, 4) for k, v in rendered.stages.items()}}
+        engine_timings = {
+            "engine_batch": round(rendered.seconds, 4),
+            "engine_per_image": per_image,
+            "engine_stages": {k: round(v, 4) for k, v in rendered.stages.items()},
+        }
         for position, (result, _) in enumerate(slots):
             try:
-                image = finish_image(self.engine, result.job, result.seed, rendered.images[position],
-                                     ext=result.output_path.suffix.lstrip(".").lower(),  # output.filename's {ext}
-                                     metadata=embedded_metadata(self.plan, result),
-                                     engine_seconds=per_image,
-                                     checker=self.checker if result.item.delivery.check_content else None,
-                                     include_cost=result.item.delivery.include_cost)
+                image = finish_image(
+                    self.engine,
+                    result.job,
+                    result.seed,
+                    rendered.images[position],
+                    ext=result.output_path.suffix.lstrip(".").lower(),  # output.filename's {ext}
+                    metadata=embedded_metadata(self.plan, result),
+                    engine_seconds=per_image,
+                    checker=self.checker if result.item.delivery.check_content else None,
+                    include_cost=result.item.delivery.include_cost,
+                )
             except FacePassError as err:  # one image's face pass failing must not end the run
                 records.append(self._fail(result, str(err)))
                 continue
@@ -463,8 +533,9 @@ class BatchRunner:
         self.summary.failures.append((result.item.key, result.result_index, error))
         return self.failed(result, error)
 
-    def _store(self, result: PlannedResult, image: FinishedImage, batch_info: dict,
-               engine_timings: dict) -> tuple[dict, Finished | None]:
+    def _store(
+        self, result: PlannedResult, image: FinishedImage, batch_info: dict, engine_timings: dict
+    ) -> tuple[dict, Finished | None]:
         """Write one finished image (atomically) and make its record, and what its sinks need."""
         for stage in ("faces", "check", "encode"):
             if stage in image.timings:
@@ -485,16 +556,35 @@ class BatchRunner:
         self.summary.stage_seconds["write"] += write
         self.summary.rendered += 1
         timings = {**engine_timings, **image.timings, "write": round(write, 4)}
-        record = result_record(self.plan, result, status="ok", run_id=self.summary.run_id,
-                               output_sha256=hashlib.sha256(image.data).hexdigest(), output_bytes=len(image.data),
-                               timings=timings, engine=self.engine_identity, batch=batch_info, cost=image.cost,
-                               safety=image.verdict.as_record() if image.verdict else None)
+        record = result_record(
+            self.plan,
+            result,
+            status="ok",
+            run_id=self.summary.run_id,
+            output_sha256=hashlib.sha256(image.data).hexdigest(),
+            output_bytes=len(image.data),
+            timings=timings,
+            engine=self.engine_identity,
+            batch=batch_info,
+            cost=image.cost,
+            safety=image.verdict.as_record() if image.verdict else None,
+        )
         if image.faces is not None:
             record.update(image.faces)  # "faces" (one entry per detection) and "face_detector"
         delivery = result.item.delivery
-        done = Finished(item_id=record["item_id"], result_index=record["result_index"], path=result.output_path,
-                        filename=record["output"]["path"], seed=result.seed, task_uuid=record["taskUUID"],
-                        image_uuid=record["imageUUID"], output_type=delivery.output_type,
-                        upload_endpoint=delivery.upload_endpoint, webhook_url=delivery.webhook_url,
-                        cost=image.cost, nsfw=image.nsfw, image_url=result.output_path.resolve().as_uri())
+        done = Finished(
+            item_id=record["item_id"],
+            result_index=record["result_index"],
+            path=result.output_path,
+            filename=record["output"]["path"],
+            seed=result.seed,
+            task_uuid=record["taskUUID"],
+            image_uuid=record["imageUUID"],
+            output_type=delivery.output_type,
+            upload_endpoint=delivery.upload_endpoint,
+            webhook_url=delivery.webhook_url,
+            cost=image.cost,
+            nsfw=image.nsfw,
+            image_url=result.output_path.resolve().as_uri(),
+        )
         return record, done

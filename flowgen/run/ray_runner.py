@@ -27,7 +27,7 @@ import pickle
 import socket
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 from flowgen.errors import FlowgenError
@@ -76,7 +76,7 @@ class RayRendering:
 
         ray.shutdown()  # disconnects; stops the cluster when it was started here
 
-    def __call__(self, runner, batches: Sequence[Batch]) -> Iterator[tuple[list[dict], list]]:
+    def __call__(self, runner, batches: Sequence[Batch]) -> Generator[tuple[list[dict], list], None, None]:
         """Each batch's (records, finished results) in the batches' order, as the actors return them."""
         if not batches:
             return
@@ -89,12 +89,19 @@ class RayRendering:
         self.actors = max(1, min(gpus or int(ray.cluster_resources().get("CPU", 1)), len(batches)))
         per_actor: dict[str, Any] = {"num_cpus": CPUS_PER_ACTOR, **({"num_gpus": 1} if gpus else {})}
         if self.progress is not None:
-            self.progress.note(f"ray: {len(batches)} batch(es) on {self.actors} actor(s) "
-                               f"({'1 GPU' if gpus else f'{CPUS_PER_ACTOR} CPU'} each)")
+            self.progress.note(
+                f"ray: {len(batches)} batch(es) on {self.actors} actor(s) "
+                f"({'1 GPU' if gpus else f'{CPUS_PER_ACTOR} CPU'} each)"
+            )
         work = pickle.dumps((self.plan, tuple(batches), runner.summary.run_id))  # each actor's copy of the batches
         numbers = ray.data.from_items([{"number": n} for n in range(len(batches))], override_num_blocks=len(batches))
-        rendered = numbers.map_batches(BatchActor, fn_constructor_args=(work,), batch_size=1,
-                                       compute=ray.data.ActorPoolStrategy(size=self.actors), **per_actor)
+        rendered = numbers.map_batches(
+            BatchActor,
+            fn_constructor_args=(work,),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=self.actors),
+            **per_actor,
+        )
         arrived: dict[int, bytes] = {}
         next_number = 0
         try:
@@ -115,8 +122,9 @@ def _check_reachable(address: str, seconds: float = 5.0) -> None:
     where = address.split("://", 1)[-1].rstrip("/")
     host, _, port = where.rpartition(":")
     if not host or not port.isdigit():
-        raise FlowgenError(f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or auto "
-                           "(or --ray alone for a local cluster)")
+        raise FlowgenError(
+            f"--ray {address}: expected HOST:PORT, ray://HOST:PORT or auto (or --ray alone for a local cluster)"
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
     except OSError as err:
@@ -167,8 +175,9 @@ class BatchActor:
         plan, self.batches, run_id = pickle.loads(work)
         self._summary = lambda: RunSummary(run_id)
         checker = content_checker([r for batch in self.batches for r in batch.results])
-        self.runner = BatchRunner(plan, PipelineEngine(plan.engine_model, plan.dtype), self._summary(),
-                                   NullProgress(), checker)
+        self.runner = BatchRunner(
+            plan, PipelineEngine(plan.engine_model, plan.dtype), self._summary(), NullProgress(), checker
+        )
 
     def __call__(self, rows: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -180,6 +189,15 @@ class BatchActor:
             records, finished = self.runner.run(self.batches[int(number)])
             self.runner.recorded()  # the driver records them
             self.runner.summary.seconds = time.perf_counter() - started
-            payloads.append(pickle.dumps((records, finished, self.runner.summary, self.runner.last_engine_seconds,
-                                          self.runner.engine_identity)))
+            payloads.append(
+                pickle.dumps(
+                    (
+                        records,
+                        finished,
+                        self.runner.summary,
+                        self.runner.last_engine_seconds,
+                        self.runner.engine_identity,
+                    )
+                )
+            )
         return {"number": np.asarray(rows["number"]), "payload": np.array(payloads, dtype=object)}
