@@ -4,5 +4,14 @@ from flowgen.run.engine import BatchOutput, BatchRequest, Engine, FakeEngine, Pi
 from flowgen.run.executor import RunSummary, against_folder, execute
 from flowgen.run.manifest import Manifest
 
-__all__ = ["BatchOutput", "BatchRequest", "Engine", "FakeEngine", "Manifest", "PipelineEngine", "RunSummary", "against_folder",
-           "execute"]
+__all__ = [
+    "BatchOutput",
+    "BatchRequest",
+    "Engine",
+    "FakeEngine",
+    "Manifest",
+    "PipelineEngine",
+    "RunSummary",
+    "against_folder",
+    "execute",
+]

@@ -38,8 +38,9 @@ RESULT_INDEX = 0  # the canary replays each fixed item's first result
 IDENTITY_ORDER = ("flowgen", "jax", "device_kind", "dtype", "weights", "model", "card", "attention")
 
 
-def check_canary(manifest: Manifest, plan: Plan, engine: Engine, config: Canary,
-                 run_id: str) -> tuple[list[dict[str, Any]], list[str]]:
+def check_canary(
+    manifest: Manifest, plan: Plan, engine: Engine, config: Canary, run_id: str
+) -> tuple[list[dict[str, Any]], list[str]]:
     """Compare the fixed items with their first renders; record the verdicts.
 
     Returns (verdicts as plain dicts, one message per failed item); no failure lines means the run may go on.
@@ -49,11 +50,13 @@ def check_canary(manifest: Manifest, plan: Plan, engine: Engine, config: Canary,
     verdicts = []
     for item_id in fixed_items(manifest, plan, config.items):
         record = manifest.get(item_id, RESULT_INDEX)
-        if baseline_problem(record, manifest.out_dir) is None:
+        if record is not None and baseline_problem(record, manifest.out_dir) is None:
             verdicts.append(_compare(record, manifest.out_dir, engine, loader, threshold, run_id, plan.model_identity))
     manifest.record_canary(verdicts)
     failures = [failure_message(v) for v in verdicts if not v["passed"]]
-    shown = [{k: v[k] for k in ("item_id", "item_key", "psnr_db", "threshold_db", "passed", "changed")} for v in verdicts]
+    shown = [
+        {k: v[k] for k in ("item_id", "item_key", "psnr_db", "threshold_db", "passed", "changed")} for v in verdicts
+    ]
     return shown, failures
 
 
@@ -93,7 +96,7 @@ def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
     if a.shape != b.shape:
         return 0.0
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def identity_changes(first: dict[str, Any], now: dict[str, Any]) -> list[str]:
@@ -116,15 +119,31 @@ def failure_message(verdict: dict[str, Any]) -> str:
     """One line: the item, its PSNR against the threshold, and what changed in the engine."""
     psnr = verdict["psnr_db"]
     measured = "could not be re-rendered" if psnr is None else f"renders at {psnr:.1f} dB PSNR against its first render"
-    return (f"canary: item {verdict['item_key']!r} ({verdict['item_id']}#{verdict['result_index']}) {measured}, "
-            f"below {verdict['threshold_db']:g} dB; {verdict['changed']}")
+    return (
+        f"canary: item {verdict['item_key']!r} ({verdict['item_id']}#{verdict['result_index']}) {measured}, "
+        f"below {verdict['threshold_db']:g} dB; {verdict['changed']}"
+    )
 
 
-def _compare(record: dict[str, Any], out_dir: Path, engine: Engine, loader: ReferenceLoader, threshold: float,
-             run_id: str, model_identity: dict[str, Any]) -> dict[str, Any]:
-    verdict = {"run_id": run_id, "item_id": record["item_id"], "result_index": record["result_index"],
-               "item_key": record["item_key"], "threshold_db": threshold, "first_engine": record.get("engine"),
-               "engine": None, "checked_at": time.time()}
+def _compare(
+    record: dict[str, Any],
+    out_dir: Path,
+    engine: Engine,
+    loader: ReferenceLoader,
+    threshold: float,
+    run_id: str,
+    model_identity: dict[str, Any],
+) -> dict[str, Any]:
+    verdict = {
+        "run_id": run_id,
+        "item_id": record["item_id"],
+        "result_index": record["result_index"],
+        "item_key": record["item_key"],
+        "threshold_db": threshold,
+        "first_engine": record.get("engine"),
+        "engine": None,
+        "checked_at": time.time(),
+    }
     try:
         job = job_of(record)
         pixels = np.asarray(replay(record, job, [loader.load(path) for path in job.references], engine), dtype=np.uint8)
@@ -142,10 +161,19 @@ def _compare(record: dict[str, Any], out_dir: Path, engine: Engine, loader: Refe
     changes = identity_changes(record.get("engine") or {}, now)
     if (record.get("model") or {}).get("identity") != model_identity:
         changes.append("model card identity changed")
-    changed = ("engine changed: " + ", ".join(changes)) if changes else \
-        "engine identity unchanged (flowgen, jax, device kind, dtype, weights): look at drivers, XLA flags or hardware"
-    return {**verdict, "engine": now, "psnr_db": None if math.isinf(psnr) else round(psnr, 3),
-            "passed": psnr >= threshold, "changed": changed}
+    changed = (
+        ("engine changed: " + ", ".join(changes))
+        if changes
+        else "engine identity unchanged (flowgen, jax, device kind, dtype, weights): "
+        "look at drivers, XLA flags or hardware"
+    )
+    return {
+        **verdict,
+        "engine": now,
+        "psnr_db": None if math.isinf(psnr) else round(psnr, 3),
+        "passed": psnr >= threshold,
+        "changed": changed,
+    }
 
 
 def _decoded(data: bytes) -> np.ndarray:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import statistics
-from typing import Iterable
+from collections.abc import Iterable
 
 from flowgen.errors import FlowgenError
 
@@ -38,9 +38,13 @@ def cost_of(engine_seconds: float, per_second: float | None = None) -> float:
 
 def seconds_per_image(records: Iterable[dict], signature: str) -> float | None:
     """The median engine seconds per image of earlier ok results with this batch signature."""
-    seen = [r["timings"]["engine_per_image"] for r in records
-            if r.get("status") == "ok" and (r.get("batch") or {}).get("signature") == signature
-            and "engine_per_image" in (r.get("timings") or {})]
+    seen = [
+        r["timings"]["engine_per_image"]
+        for r in records
+        if r.get("status") == "ok"
+        and (r.get("batch") or {}).get("signature") == signature
+        and "engine_per_image" in (r.get("timings") or {})
+    ]
     return statistics.median(seen) if seen else None
 
 

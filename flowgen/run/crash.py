@@ -22,8 +22,9 @@ def one_line(err: BaseException) -> str:
 def write_traceback(log_path: Path, err: BaseException, what: str) -> Path | None:
     """Append `err`'s full traceback to `log_path` (else to a file in the temp folder, when that one
     cannot be written: a full disk); returns where it went, or None when nowhere could take it."""
-    text = (f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n"
-            + "".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    text = f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n" + "".join(
+        traceback.format_exception(type(err), err, err.__traceback__)
+    )
     for target in (log_path, Path(tempfile.gettempdir()) / f"flowgen-{log_path.name}"):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)

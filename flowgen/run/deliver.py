@@ -48,12 +48,20 @@ def finished_from_record(record: dict[str, Any], out_dir: Path, urls: SinkURLs |
     upload, webhook = kept if kept is not None else (params.get("uploadEndpoint"), params.get("webhookURL"))
     path = out_dir / record["output"]["path"]
     return Finished(
-        item_id=record["item_id"], result_index=record["result_index"],
-        path=path, filename=record["output"]["path"], seed=record["seed"],
-        task_uuid=record["taskUUID"], image_uuid=record["imageUUID"],
-        output_type=params.get("outputType") or "URL", upload_endpoint=upload,
-        webhook_url=webhook, cost=record.get("cost"),
-        nsfw=(record.get("safety") or {}).get("NSFWContent"), image_url=path.resolve().as_uri())
+        item_id=record["item_id"],
+        result_index=record["result_index"],
+        path=path,
+        filename=record["output"]["path"],
+        seed=record["seed"],
+        task_uuid=record["taskUUID"],
+        image_uuid=record["imageUUID"],
+        output_type=params.get("outputType") or "URL",
+        upload_endpoint=upload,
+        webhook_url=webhook,
+        cost=record.get("cost"),
+        nsfw=(record.get("safety") or {}).get("NSFWContent"),
+        image_url=path.resolve().as_uri(),
+    )
 
 
 def sink_urls_for(out_dir: Path) -> SinkURLs:

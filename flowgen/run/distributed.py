@@ -73,8 +73,9 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         return _supervise()
     shard, client = _join(settings)
     click.echo(f"distributed: process {shard.index} of {shard.count}", err=True)  # the parent names it so
-    stop = StopRequest(on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)",
-                                                   err=True))
+    stop = StopRequest(
+        on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)", err=True)
+    )
     watch = _PeerWatch(client, shard, stop)
     watch.start()
     try:
@@ -112,20 +113,28 @@ def _join(settings: DistributedSettings):
     count = _int_env(NUM_PROCESSES_ENV, minimum=1)
     index = _int_env(PROCESS_ID_ENV, minimum=0)
     if count is not None and index is not None and index >= count:
-        raise FlowgenError(f"${PROCESS_ID_ENV}={index}: must be below ${NUM_PROCESSES_ENV}={count} "
-                           f"(processes are numbered 0 to {count - 1})")
+        raise FlowgenError(
+            f"${PROCESS_ID_ENV}={index}: must be below ${NUM_PROCESSES_ENV}={count} "
+            f"(processes are numbered 0 to {count - 1})"
+        )
     import jax
     from jax._src.distributed import global_state  # the coordination client: live processes, key-value store
 
     jax.config.update("jax_enable_recoverability", True)  # a dead peer must not abort the survivors
     try:
-        jax.distributed.initialize(coordinator_address=coordinator, num_processes=count, process_id=index,
-                                   initialization_timeout=settings.init_timeout,
-                                   heartbeat_timeout_seconds=settings.heartbeat_timeout)
+        jax.distributed.initialize(
+            coordinator_address=coordinator,
+            num_processes=count,
+            process_id=index,
+            initialization_timeout=settings.init_timeout,
+            heartbeat_timeout_seconds=settings.heartbeat_timeout,
+        )
     except Exception as err:  # no coordinator given and none detected, or it could not be reached in time
-        raise FlowgenError(f"--distributed: cannot join the JAX job ({one_line(err)}); set {COORDINATOR_ENV}=HOST:PORT "
-                           f"(process 0's address), {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or run under a "
-                           "launcher JAX detects (TPU slice, SLURM, Open MPI)") from None
+        raise FlowgenError(
+            f"--distributed: cannot join the JAX job ({one_line(err)}); set {COORDINATOR_ENV}=HOST:PORT "
+            f"(process 0's address), {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}, or run under a "
+            "launcher JAX detects (TPU slice, SLURM, Open MPI)"
+        ) from None
     return Shard(jax.process_index(), jax.process_count()), global_state.client
 
 
@@ -190,9 +199,11 @@ def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> None:
 
 def _dead_peer_exit(shard: Shard, why: str) -> None:
     """One line, then exit 1 at once: jax.distributed.shutdown would wait for the dead peer."""
-    click.echo(f"error: distributed run, process {shard.index} of {shard.count}: {why}; this process stopped after its "
-               "current batch and everything it rendered is recorded; run every process again to complete the plan",
-               err=True)
+    click.echo(
+        f"error: distributed run, process {shard.index} of {shard.count}: {why}; this process stopped after its "
+        "current batch and everything it rendered is recorded; run every process again to complete the plan",
+        err=True,
+    )
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(1)
@@ -205,8 +216,14 @@ def _supervise() -> int:
     """Run this same command in a child that does the JAX work; pass its output through (XLA's own
     log lines to a file) and turn its death by a signal into one line."""
     args = [sys.executable, "-m", "flowgen.cli", *sys.argv[1:]]
-    child = subprocess.Popen(args, env={**os.environ, _CHILD_ENV: "1"}, stderr=subprocess.PIPE, text=True,
-                             errors="replace", preexec_fn=_child_setup)
+    child = subprocess.Popen(
+        args,
+        env={**os.environ, _CHILD_ENV: "1"},
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        preexec_fn=_child_setup,
+    )
     forwarded = {sig: signal.signal(sig, lambda signum, _: child.send_signal(signum)) for sig in (signal.SIGTERM,)}
     previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the child (same process group)
     native: deque[str] = deque(maxlen=400)
@@ -234,9 +251,12 @@ def _supervise() -> int:
     fatal = next((line for line in native if line.startswith("F")), None)
     reason = fatal.split("]", 1)[1].strip().split(". ")[0] if fatal else f"killed by {signal.Signals(-code).name}"
     log = _keep(native)
-    click.echo(f"error: distributed run, {who} stopped: {reason} (a peer process, or process 0 with the coordination "
-               f"service, died or cannot be reached); what it rendered is recorded; run every process again to complete"
-               f" the plan{f' (XLA log: {log})' if log else ''}", err=True)
+    click.echo(
+        f"error: distributed run, {who} stopped: {reason} (a peer process, or process 0 with the coordination "
+        f"service, died or cannot be reached); what it rendered is recorded; run every process again to complete"
+        f" the plan{f' (XLA log: {log})' if log else ''}",
+        err=True,
+    )
     return 1
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -38,8 +39,9 @@ class BatchRequest:
     lora_hashes: tuple[str, ...] = ()  # their sha256 as planned (the fake engine's images depend on them)
 
     @classmethod
-    def for_jobs(cls, rows: Sequence[tuple[Job, int, list[Any]]], size: int | None = None,
-                 layout: dict | None = None) -> "BatchRequest":
+    def for_jobs(
+        cls, rows: Sequence[tuple[Job, int, list[Any]]], size: int | None = None, layout: dict | None = None
+    ) -> BatchRequest:
         """One engine call for `rows` of (job, seed, decoded references), padded with copies of the
         last row up to `size`, so the compiled program depends only on the batch size (regen
         reproduces it exactly). Every job must share one signature (size, steps, guidance, scheduler)."""
@@ -144,8 +146,9 @@ class PipelineEngine:
         out = self.pipe.generate(**kwargs, scheduler=request.scheduler, layout=request.layout, on_step=request.on_step)
         if request.loras and request.lora_hashes:
             _check_lora_hashes(request, self.pipe.loras.key)
-        return BatchOutput([np.asarray(image, dtype=np.uint8) for image in out.images], dict(out.timings or {}),
-                           list(out.layouts))
+        return BatchOutput(
+            [np.asarray(image, dtype=np.uint8) for image in out.images], dict(out.timings or {}), list(out.layouts)
+        )
 
     def identity(self) -> dict[str, Any]:
         return dict(self.pipe.identity())
@@ -162,7 +165,8 @@ def _check_lora_hashes(request: BatchRequest, merged: tuple) -> None:
     recorded under another content hash)."""
     from flowgen.errors import CheckpointError
 
-    planned = [(path, digest) for (path, weight), digest in zip(request.loras, request.lora_hashes) if weight != 0]
+    loras = request.loras or []
+    planned = [(path, digest) for (path, weight), digest in zip(loras, request.lora_hashes) if weight != 0]
     for (path, digest), (now, _) in zip(planned, merged):  # the engine drops weight-0 LoRAs too
         if now != digest:
             raise CheckpointError(f"LoRA {path} changed since the plan; plan again")
@@ -186,8 +190,11 @@ class FakeEngine:
         for step in range(1, request.steps + 1):
             if request.on_step is not None:
                 request.on_step(step)
-        layout = {"reference_layout": "rows" if request.references else "none", "reference_length": 0,
-                  "batch": len(images)}
+        layout = {
+            "reference_layout": "rows" if request.references else "none",
+            "reference_length": 0,
+            "batch": len(images),
+        }
         return BatchOutput(images, {"fake": time.perf_counter() - start}, [layout] * len(images))
 
     def identity(self) -> dict[str, Any]:
@@ -201,17 +208,31 @@ class FakeEngine:
         self.face_calls.append((settings, seed))
         out = np.array(pixels, dtype=np.uint8, copy=True)
         out[:8, :8] = np.frombuffer(hashlib.sha256(repr((settings, seed)).encode()).digest()[:3], np.uint8)
-        return FaceRefineResult(out, [{"label": "fake", "score": 1.0, "box": [0, 0, 8, 8], "refined": True,
-                                       "region": [0, 0, 8, 8]}], detector={"detector": "fake"})
+        return FaceRefineResult(
+            out,
+            [{"label": "fake", "score": 1.0, "box": [0, 0, 8, 8], "refined": True, "region": [0, 0, 8, 8]}],
+            detector={"detector": "fake"},
+        )
 
     def _image(self, request: BatchRequest, slot: int) -> np.ndarray:
         digest = hashlib.sha256()
         negative = request.negative_prompts[slot] if request.negative_prompts and request.guidance else ""
         scheduler = None if request.scheduler in (None, "Default") else request.scheduler
-        digest.update(repr((request.prompts[slot], negative, request.seeds[slot], request.width,
-                            request.height, request.steps, request.guidance)
-                           + ((scheduler,) if scheduler else ())
-                           + ((self.dtype,) if self.dtype != "float32" else ())).encode())  # float32 images as before the dtype setting
+        digest.update(
+            repr(
+                (
+                    request.prompts[slot],
+                    negative,
+                    request.seeds[slot],
+                    request.width,
+                    request.height,
+                    request.steps,
+                    request.guidance,
+                )
+                + ((scheduler,) if scheduler else ())
+                + ((self.dtype,) if self.dtype != "float32" else ())
+            ).encode()
+        )  # float32 images as before the dtype setting
         if request.loras:  # LoRAs by content and weight, as the real engine's merged weights
             digest.update(repr([(h, w) for h, (_, w) in zip(request.lora_hashes, request.loras)]).encode())
         for ref in (request.references[slot] if request.references else None) or []:

@@ -9,7 +9,8 @@ used instead of NudeNet's face classes.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from flowgen.engine import FaceRefineSettings
 from flowgen.plan.job import FacePass

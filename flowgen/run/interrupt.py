@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 
 class StopRequest:
@@ -14,7 +16,7 @@ class StopRequest:
     def __init__(self, on_first: Callable[[], None] | None = None):
         self.requested = False
         self.on_first = on_first
-        self._previous = None
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None  # as signal.signal returns it
 
     def request(self) -> None:
         self.requested = True
@@ -26,7 +28,7 @@ class StopRequest:
         if self.on_first:
             self.on_first()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

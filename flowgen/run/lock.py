@@ -55,8 +55,14 @@ def lock_path(out_dir: str | Path) -> Path:
 class RunLock:
     """Context manager: hold `out_dir` for `run_id`, or raise FolderBusy naming the holder."""
 
-    def __init__(self, out_dir: str | Path, run_id: str, *, heartbeat_seconds: float = HEARTBEAT_SECONDS,
-                 path: Path | None = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        run_id: str,
+        *,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        path: Path | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.path = path or lock_path(out_dir)  # a shard's own lock file (flowgen.run.shards), else the folder's
         self.run_id = run_id
@@ -67,13 +73,15 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         if not _try_lock(fd, fcntl.LOCK_EX, attempts=3):  # a `status` probe holds it for an instant
             os.close(fd)
-            raise FolderBusy(f"{self.out_dir}: {_who_holds(self.out_dir, self.path)} is using this output folder; "
-                             "wait for it to finish or stop it (Ctrl-C), then run again") from None
+            raise FolderBusy(
+                f"{self.out_dir}: {_who_holds(self.out_dir, self.path)} is using this output folder; "
+                "wait for it to finish or stop it (Ctrl-C), then run again"
+            ) from None
         self._fd = fd
         self.beat()
         self._thread = threading.Thread(target=self._beat_loop, name="flowgen-heartbeat", daemon=True)
@@ -91,11 +99,18 @@ class RunLock:
 
     def beat(self) -> None:
         """Write the heartbeat (and progress) now; the thread also does every few seconds."""
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                  "started_at": self.started_at, "heartbeat_at": time.time(), "progress": self.progress}
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "run_id": self.run_id,
+            "started_at": self.started_at,
+            "heartbeat_at": time.time(),
+            "progress": self.progress,
+        }
         data = json.dumps(record).encode()
         # rewritten in place (not renamed): the lock belongs to this inode; padded so that a
         # shorter record leaves no tail of the longer one
+        assert self._fd is not None, "beat() while the lock is held"
         os.pwrite(self._fd, data.ljust(max(1024, len(data))), 0)
 
     def _beat_loop(self) -> None:
@@ -123,7 +138,9 @@ def folder_busy_check(out_dir: str | Path) -> None:
     state, holder = folder_state(out_dir)
     if state != "idle":
         who = _who_holds(Path(out_dir), lock_path(out_dir))
-        raise FolderBusy(f"{out_dir}: {who} is using this output folder; wait for it to finish or stop it, then run again")
+        raise FolderBusy(
+            f"{out_dir}: {who} is using this output folder; wait for it to finish or stop it, then run again"
+        )
 
 
 def process_exists(pid: int) -> bool:
@@ -153,8 +170,14 @@ def _try_lock(fd: int, kind: int, attempts: int = 1) -> bool:
 def read_holder(path: Path) -> Holder | None:
     try:
         record = json.loads(path.read_bytes().strip() or b"null")
-        return Holder(int(record["pid"]), str(record["host"]), str(record["run_id"]),
-                      float(record["started_at"]), float(record["heartbeat_at"]), dict(record.get("progress") or {}))
+        return Holder(
+            int(record["pid"]),
+            str(record["host"]),
+            str(record["run_id"]),
+            float(record["started_at"]),
+            float(record["heartbeat_at"]),
+            dict(record.get("progress") or {}),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -15,9 +15,10 @@ import base64
 import json
 import sqlite3
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from flowgen.delivery.log import DeliveryTable, SinkOutcome, SinkState
 from flowgen.errors import FlowgenError, storage_errors
@@ -171,7 +172,7 @@ class Manifest:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> "Manifest":
+    def __enter__(self) -> Manifest:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,8 +188,10 @@ class Manifest:
             return
         with self.conn.transaction():
             self.conn.executemany(_UPSERT, rows)
-            self.conn.executemany("DELETE FROM expirations WHERE item_id=? AND result_index=?",
-                                  [(r["item_id"], r["result_index"]) for r in rows])
+            self.conn.executemany(
+                "DELETE FROM expirations WHERE item_id=? AND result_index=?",
+                [(r["item_id"], r["result_index"]) for r in rows],
+            )
             self.delivery_log.add_first_states(deliveries)
 
     def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
@@ -210,31 +213,47 @@ class Manifest:
         """(item_id, result_index) -> (status, content_hash, output_path, output_sha256), cheap.
         A result `flowgen gc` expired reads status "expired"."""
         cursor = self.conn.execute(
-            """SELECT r.item_id, r.result_index, CASE WHEN e.content_hash = r.content_hash THEN 'expired' ELSE r.status END,
+            """SELECT r.item_id, r.result_index,
+                      CASE WHEN e.content_hash = r.content_hash THEN 'expired' ELSE r.status END,
                       r.content_hash, r.output_path, r.output_sha256
-               FROM results r LEFT JOIN expirations e USING (item_id, result_index)""")
+               FROM results r LEFT JOIN expirations e USING (item_id, result_index)"""
+        )
         return {(r[0], r[1]): (r[2], r[3], r[4], r[5]) for r in cursor}
 
     def expire(self, item_id: str, result_index: int, content_hash: str) -> None:
-        self.conn.execute("INSERT OR REPLACE INTO expirations VALUES (?,?,?,?)",
-                          (item_id, result_index, content_hash, time.time()))
+        self.conn.execute(
+            "INSERT OR REPLACE INTO expirations VALUES (?,?,?,?)", (item_id, result_index, content_hash, time.time())
+        )
 
     def expired(self) -> dict[tuple[str, int], float]:
         """(item_id, result_index) -> when its file was removed, for results still as they expired."""
         cursor = self.conn.execute(
-            "SELECT e.item_id, e.result_index, e.expired_at FROM expirations e JOIN results r USING (item_id, result_index) "
-            "WHERE e.content_hash = r.content_hash")
+            "SELECT e.item_id, e.result_index, e.expired_at "
+            "FROM expirations e JOIN results r USING (item_id, result_index) "
+            "WHERE e.content_hash = r.content_hash"
+        )
         return {(r[0], r[1]): r[2] for r in cursor}
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM results GROUP BY status").fetchall())
 
     # --- deliveries (flowgen.delivery.log) ------------------------------------------------
-    def set_delivery(self, item_id: str, result_index: int, sink: str, state: str, *, target: str | None = None,
-                     url: str | None = None, error: str | None = None, attempts: int = 0) -> None:
+    def set_delivery(
+        self,
+        item_id: str,
+        result_index: int,
+        sink: str,
+        state: str,
+        *,
+        target: str | None = None,
+        url: str | None = None,
+        error: str | None = None,
+        attempts: int = 0,
+    ) -> None:
         """Upsert one (result, sink) delivery state; `attempts` is added to the count so far."""
-        self.delivery_log.set_state(item_id, result_index, sink, state, target=target, url=url, error=error,
-                                    attempts=attempts)
+        self.delivery_log.set_state(
+            item_id, result_index, sink, state, target=target, url=url, error=error, attempts=attempts
+        )
 
     def add_attempts(self, item_id: str, result_index: int, sink: str, run_id: str, attempts: Iterable[dict]) -> None:
         """Append delivery attempts (dicts with attempt, started_at, seconds, status_code, error, outcome)."""
@@ -259,25 +278,30 @@ class Manifest:
         self.conn.execute(
             "INSERT OR IGNORE INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status, summary) "
             "VALUES (?,?,?,?,?,'starting',?)",
-            (run_id, time.time(), recipe_name, recipe_hash, plan_hash, json.dumps({"log": log})))
+            (run_id, time.time(), recipe_name, recipe_hash, plan_hash, json.dumps({"log": log})),
+        )
 
     def set_run_pid(self, run_id: str, pid: int) -> None:
         """The process a "starting" run runs in (see launch_run)."""
         self.conn.execute(
-            "UPDATE runs SET summary = json_set(COALESCE(summary, '{}'), '$.pid', ?) WHERE run_id=? AND status='starting'",
-            (pid, run_id))
+            "UPDATE runs SET summary = json_set(COALESCE(summary, '{}'), '$.pid', ?) "
+            "WHERE run_id=? AND status='starting'",
+            (pid, run_id),
+        )
 
     def fail_unstarted_run(self, run_id: str, reason: str) -> None:
         """A "starting" run whose process gave up before the run started (refused, crashed): failed, with why."""
         self.conn.execute(
             "UPDATE runs SET status='failed', finished_at=?, "
             "summary = json_set(COALESCE(summary, '{}'), '$.error', ?) WHERE run_id=? AND status='starting'",
-            (time.time(), reason, run_id))
+            (time.time(), reason, run_id),
+        )
 
     def start_run(self, run_id: str, recipe_name: str, recipe_hash: str, plan_hash: str) -> None:
         """The run holds the folder now (a "starting" row of a detached run becomes "running")."""
         self.conn.execute(
-            "INSERT INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status) VALUES (?,?,?,?,?,'running') "
+            "INSERT INTO runs (run_id, started_at, recipe_name, recipe_hash, plan_hash, status) "
+            "VALUES (?,?,?,?,?,'running') "
             "ON CONFLICT (run_id) DO UPDATE SET started_at=excluded.started_at, recipe_name=excluded.recipe_name, "
             "recipe_hash=excluded.recipe_hash, plan_hash=excluded.plan_hash, status='running'",
             (run_id, time.time(), recipe_name, recipe_hash, plan_hash),
@@ -287,10 +311,15 @@ class Manifest:
         """Runs still marked "running" or "starting", but `current`: called by the holder of the
         folder's run lock, so none of them is alive (killed with -9, the machine went down, or a
         detached run's process ended before it started). Returns their ids."""
-        ids = [r[0] for r in self.conn.execute(
-            "SELECT run_id FROM runs WHERE status IN ('running', 'starting') AND run_id IS NOT ?", (current,))]
-        self.conn.execute("UPDATE runs SET status='died' WHERE status IN ('running', 'starting') AND run_id IS NOT ?",
-                          (current,))
+        ids = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT run_id FROM runs WHERE status IN ('running', 'starting') AND run_id IS NOT ?", (current,)
+            )
+        ]
+        self.conn.execute(
+            "UPDATE runs SET status='died' WHERE status IN ('running', 'starting') AND run_id IS NOT ?", (current,)
+        )
         return ids
 
     def finish_run(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
@@ -301,7 +330,8 @@ class Manifest:
 
     def runs(self) -> list[dict[str, Any]]:
         cursor = self.conn.execute(
-            "SELECT run_id, started_at, finished_at, recipe_name, recipe_hash, plan_hash, status, summary FROM runs ORDER BY started_at"
+            "SELECT run_id, started_at, finished_at, recipe_name, recipe_hash, plan_hash, status, summary "
+            "FROM runs ORDER BY started_at"
         )
         names = [d[0] for d in cursor.description]
         rows = [dict(zip(names, r)) for r in cursor]
@@ -310,8 +340,12 @@ class Manifest:
         return rows
 
     # --- what the recipe holds -----------------------------------------------------------
-    def record_plan(self, result_ids: Iterable[tuple[str, int]], retained_item_ids: Iterable[str] = (),
-                    recipe: dict[str, Any] | None = None) -> None:
+    def record_plan(
+        self,
+        result_ids: Iterable[tuple[str, int]],
+        retained_item_ids: Iterable[str] = (),
+        recipe: dict[str, Any] | None = None,
+    ) -> None:
         """Replace the planned set (one transaction) when a run starts: its plan's results plus the
         recorded results of items an incremental watermark retains; and the recipe it came from
         ({"path", "overrides"}: what `prune` compares with by default)."""
@@ -319,11 +353,15 @@ class Manifest:
         with self.conn.transaction():
             self.conn.execute("DELETE FROM planned")
             self.conn.executemany("INSERT OR IGNORE INTO planned VALUES (?, ?)", result_ids)
-            self.conn.executemany("INSERT OR IGNORE INTO planned SELECT item_id, result_index FROM results WHERE item_id=?",
-                                  [(item_id,) for item_id in retained])
+            self.conn.executemany(
+                "INSERT OR IGNORE INTO planned SELECT item_id, result_index FROM results WHERE item_id=?",
+                [(item_id,) for item_id in retained],
+            )
             self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('planned_recorded', '1')")
             if recipe is not None:
-                self.conn.execute("INSERT OR REPLACE INTO meta VALUES ('recipe', ?)", (json.dumps(recipe, sort_keys=True),))
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('recipe', ?)", (json.dumps(recipe, sort_keys=True),)
+                )
 
     def planned(self) -> set[tuple[str, int]] | None:
         """The results the recipe held at the latest run's start; None when no run recorded them (older manifests)."""
@@ -343,8 +381,10 @@ class Manifest:
         with self.conn.transaction():
             for table in ("results", "deliveries", "delivery_attempts", "expirations", "planned"):
                 self.conn.executemany(f"DELETE FROM {table} WHERE item_id=? AND result_index=?", ids)
-            self.conn.execute("INSERT INTO prunes (pruned_at, recipe, results) VALUES (?,?,?)",
-                              (time.time(), recipe, json.dumps(removed)))
+            self.conn.execute(
+                "INSERT INTO prunes (pruned_at, recipe, results) VALUES (?,?,?)",
+                (time.time(), recipe, json.dumps(removed)),
+            )
 
     def prunes(self) -> list[dict[str, Any]]:
         cursor = self.conn.execute("SELECT pruned_at, recipe, results FROM prunes ORDER BY id")
@@ -362,22 +402,34 @@ class Manifest:
     def watermarks(self) -> dict[str, dict[str, Any]]:
         """dataset -> {kind, entries, recorded_at, run_id} (see flowgen.plan.incremental)."""
         cursor = self.conn.execute("SELECT dataset, kind, entries, recorded_at, run_id FROM watermarks")
-        return {name: {"kind": kind, "entries": json.loads(entries), "recorded_at": at, "run_id": run_id}
-                for name, kind, entries, at, run_id in cursor}
+        return {
+            name: {"kind": kind, "entries": json.loads(entries), "recorded_at": at, "run_id": run_id}
+            for name, kind, entries, at, run_id in cursor
+        }
 
     def record_watermarks(self, watermarks: dict[str, dict[str, Any]], run_id: str) -> None:
         """Replace the watermarks of these datasets (one transaction) at the end of a successful run."""
         now = time.time()
-        rows = [(name, w["kind"], json.dumps(w["entries"], sort_keys=True), now, run_id) for name, w in watermarks.items()]
+        rows = [
+            (name, w["kind"], json.dumps(w["entries"], sort_keys=True), now, run_id) for name, w in watermarks.items()
+        ]
         with self.conn.transaction():
             self.conn.executemany("INSERT OR REPLACE INTO watermarks VALUES (?,?,?,?,?)", rows)
 
     # --- schedule ------------------------------------------------------------------------
-    def record_schedule_run(self, due_at: float, started_at: float, outcome: str, run_id: str | None = None,
-                            detail: str | None = None, finished_at: float | None = None) -> None:
+    def record_schedule_run(
+        self,
+        due_at: float,
+        started_at: float,
+        outcome: str,
+        run_id: str | None = None,
+        detail: str | None = None,
+        finished_at: float | None = None,
+    ) -> None:
         self.conn.execute(
             "INSERT INTO schedule_runs (due_at, started_at, finished_at, outcome, run_id, detail) VALUES (?,?,?,?,?,?)",
-            (due_at, started_at, finished_at, outcome, run_id, detail))
+            (due_at, started_at, finished_at, outcome, run_id, detail),
+        )
 
     def last_scheduled_due(self) -> float | None:
         """The latest due time the scheduler dealt with (an interrupted run does not count: it is due again)."""
@@ -386,7 +438,8 @@ class Manifest:
 
     def schedule_runs(self) -> list[dict[str, Any]]:
         cursor = self.conn.execute(
-            "SELECT due_at, started_at, finished_at, outcome, run_id, detail FROM schedule_runs ORDER BY id")
+            "SELECT due_at, started_at, finished_at, outcome, run_id, detail FROM schedule_runs ORDER BY id"
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
@@ -404,14 +457,23 @@ class Manifest:
                                               engine, first_engine, changed, checked_at)
                VALUES (:run_id, :item_id, :result_index, :item_key, :psnr_db, :threshold_db, :passed,
                        :engine, :first_engine, :changed, :checked_at)""",
-            [{**v, "passed": int(bool(v["passed"])), "engine": json.dumps(v.get("engine"), sort_keys=True, default=str),
-              "first_engine": json.dumps(v.get("first_engine"), sort_keys=True, default=str)} for v in verdicts])
+            [
+                {
+                    **v,
+                    "passed": int(bool(v["passed"])),
+                    "engine": json.dumps(v.get("engine"), sort_keys=True, default=str),
+                    "first_engine": json.dumps(v.get("first_engine"), sort_keys=True, default=str),
+                }
+                for v in verdicts
+            ],
+        )
 
     def canary_verdicts(self) -> list[dict[str, Any]]:
         """Every canary verdict, oldest first (engine identities as JSON text)."""
         cursor = self.conn.execute(
-            "SELECT run_id, item_id, result_index, item_key, psnr_db, threshold_db, passed, engine, first_engine, changed, "
-            "checked_at FROM canary ORDER BY checked_at, item_id")
+            "SELECT run_id, item_id, result_index, item_key, psnr_db, threshold_db, passed, engine, first_engine, "
+            "changed, checked_at FROM canary ORDER BY checked_at, item_id"
+        )
         names = [d[0] for d in cursor.description]
         return [dict(zip(names, row)) for row in cursor]
 
@@ -421,7 +483,8 @@ class Manifest:
         delivered: dict[tuple[str, int], dict[str, Any]] = {}
         for d in self.deliveries():
             delivered.setdefault((d["item_id"], d["result_index"]), {})[d["sink"]] = {
-                k: d[k] for k in ("state", "target", "url", "attempts", "error") if d[k] is not None}
+                k: d[k] for k in ("state", "target", "url", "attempts", "error") if d[k] is not None
+            }
         lines = []
         expired = self.expired()
         for record in self.records():
@@ -445,7 +508,7 @@ class _Connection:
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self._conn, self.path = conn, path
 
-    def execute(self, sql: str, args: Any = ()) -> "_Cursor":
+    def execute(self, sql: str, args: Any = ()) -> _Cursor:
         with storage_errors(self.path, KIND):
             return _Cursor(self._conn.execute(sql, args), self.path)
 

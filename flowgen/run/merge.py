@@ -70,21 +70,29 @@ def _fold_one(main: Manifest, path: Path, idle: bool) -> None:
             columns = [c for c in _columns(conn, "delivery_attempts") if c != "id"]
             names = ", ".join(columns)
             same = " AND ".join(f"m.{c} IS s.{c}" for c in ("item_id", "result_index", "sink", "run_id", "attempt"))
-            conn.execute(f"INSERT INTO main.delivery_attempts ({names}) SELECT {names} FROM shard.delivery_attempts s "
-                         f"WHERE NOT EXISTS (SELECT 1 FROM main.delivery_attempts m WHERE {same}) ORDER BY s.id")
+            conn.execute(
+                f"INSERT INTO main.delivery_attempts ({names}) SELECT {names} FROM shard.delivery_attempts s "
+                f"WHERE NOT EXISTS (SELECT 1 FROM main.delivery_attempts m WHERE {same}) ORDER BY s.id"
+            )
             _upsert_all(conn, "runs", ("run_id",))
             if idle:  # nothing holds the shard: its runs that never ended died
-                conn.execute("UPDATE main.runs SET status='died' WHERE status IN ('running', 'starting') "
-                             "AND run_id IN (SELECT run_id FROM shard.runs)")
+                conn.execute(
+                    "UPDATE main.runs SET status='died' WHERE status IN ('running', 'starting') "
+                    "AND run_id IN (SELECT run_id FROM shard.runs)"
+                )
             _upsert_all(conn, "canary", ("run_id", "item_id", "result_index"))
             if has_plan and (newest_main is None or (newest_shard or 0) >= newest_main):
                 conn.execute("DELETE FROM main.planned")
                 conn.execute("INSERT INTO main.planned SELECT item_id, result_index FROM shard.planned")
-                conn.execute("INSERT OR REPLACE INTO main.meta SELECT key, value FROM shard.meta "
-                             "WHERE key IN ('planned_recorded', 'recipe')")
+                conn.execute(
+                    "INSERT OR REPLACE INTO main.meta SELECT key, value FROM shard.meta "
+                    "WHERE key IN ('planned_recorded', 'recipe')"
+                )
             conn.execute("INSERT OR IGNORE INTO main.meta SELECT key, value FROM shard.meta WHERE key='canary_items'")
-            conn.execute("INSERT OR REPLACE INTO main.meta SELECT key, value FROM shard.meta WHERE key LIKE ?",
-                         (f"{COMPLETE_KEY}:%",))
+            conn.execute(
+                "INSERT OR REPLACE INTO main.meta SELECT key, value FROM shard.meta WHERE key LIKE ?",
+                (f"{COMPLETE_KEY}:%",),
+            )
     finally:
         conn.execute("DETACH DATABASE shard")
 
@@ -98,8 +106,10 @@ def _upsert_newer(conn, table: str, key: tuple[str, ...]) -> None:
     columns = _columns(conn, table)
     names = ", ".join(columns)
     sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-    conn.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM shard.{table} WHERE true "
-                 f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets} WHERE excluded.updated_at > {table}.updated_at")
+    conn.execute(
+        f"INSERT INTO main.{table} ({names}) SELECT {names} FROM shard.{table} WHERE true "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets} WHERE excluded.updated_at > {table}.updated_at"
+    )
 
 
 def _upsert_all(conn, table: str, key: tuple[str, ...]) -> None:
@@ -107,8 +117,10 @@ def _upsert_all(conn, table: str, key: tuple[str, ...]) -> None:
     columns = _columns(conn, table)
     names = ", ".join(columns)
     sets = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-    conn.execute(f"INSERT INTO main.{table} ({names}) SELECT {names} FROM shard.{table} WHERE true "
-                 f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}")
+    conn.execute(
+        f"INSERT INTO main.{table} ({names}) SELECT {names} FROM shard.{table} WHERE true "
+        f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}"
+    )
 
 
 def _move_watermarks(main: Manifest) -> bool:

@@ -74,5 +74,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def _exif_comment(image: Image.Image) -> str | None:
     raw = image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT)
     if isinstance(raw, bytes):
-        return raw[len(_ASCII_PREFIX) :].decode("ascii", "replace") if raw.startswith(_ASCII_PREFIX) else raw.decode("utf-8", "replace")
+        return (
+            raw[len(_ASCII_PREFIX) :].decode("ascii", "replace")
+            if raw.startswith(_ASCII_PREFIX)
+            else raw.decode("utf-8", "replace")
+        )
     return raw

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID  # rich itself is imported only when a bar is shown
 
 
 class Progress(Protocol):
@@ -76,7 +79,8 @@ class RichProgress:
 
     def __init__(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bar
 
         self.console = Console(stderr=True)
         self.bar = Bar(
@@ -90,7 +94,7 @@ class RichProgress:
             console=self.console,
             transient=False,
         )
-        self.task = None
+        self.task: TaskID | None = None  # set by start()
         self.t0 = time.perf_counter()
         self.done = self.failed = 0
 
@@ -100,14 +104,17 @@ class RichProgress:
         self.task = self.bar.add_task("render", total=total, rate=0.0, failed=0, step="")
 
     def step(self, steps_done: int, steps: int) -> None:
+        assert self.task is not None, "start() first"
         self.bar.update(self.task, step=f"step {steps_done}/{steps}")
 
     def advance(self, done: int, failed: int) -> None:
         self.done += done
         self.failed += failed
         elapsed = time.perf_counter() - self.t0
-        self.bar.update(self.task, advance=done, rate=self.done / elapsed if elapsed else 0.0, failed=self.failed,
-                        step="")
+        assert self.task is not None, "start() first"
+        self.bar.update(
+            self.task, advance=done, rate=self.done / elapsed if elapsed else 0.0, failed=self.failed, step=""
+        )
 
     def note(self, message: str) -> None:
         self.console.print(message)

@@ -88,18 +88,37 @@ def result_record(
 def embedded_metadata(plan: Plan, result: PlannedResult) -> dict[str, Any]:
     """What goes inside the image file for a planned result (see metadata_for)."""
     item = result.item
-    return metadata_for(item.item_id, item.key, result.result_index, result.seed, result.content_hash,
-                        plan.model, plan.recipe_name, item.task, item.reference_hashes)
+    return metadata_for(
+        item.item_id,
+        item.key,
+        result.result_index,
+        result.seed,
+        result.content_hash,
+        plan.model,
+        plan.recipe_name,
+        item.task,
+        item.reference_hashes,
+    )
 
 
 def metadata_from_record(record: dict[str, Any]) -> dict[str, Any]:
     """The same metadata, rebuilt from a manifest record (for regen)."""
-    return metadata_for(record["item_id"], record["item_key"], record["result_index"], record["seed"],
-                        record["content_hash"], record["model"]["name"], record["recipe"]["name"],
-                        record["params"], [r["sha256"] for r in record["references"]])
+    return metadata_for(
+        record["item_id"],
+        record["item_key"],
+        record["result_index"],
+        record["seed"],
+        record["content_hash"],
+        record["model"]["name"],
+        record["recipe"]["name"],
+        record["params"],
+        [r["sha256"] for r in record["references"]],
+    )
 
 
-def metadata_for(item_id, item_key, result_index, seed, content_hash, model, recipe, task, reference_hashes) -> dict[str, Any]:
+def metadata_for(
+    item_id, item_key, result_index, seed, content_hash, model, recipe, task, reference_hashes
+) -> dict[str, Any]:
     """A pointer to the manifest row plus the parameters. Deterministic (no times, no run ids),
     so a regenerated file is byte-identical."""
     return {

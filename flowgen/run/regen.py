@@ -5,10 +5,10 @@ reference layout, so the engine runs the same compiled program; with identical s
 hardware the file is byte-identical to the original (`--verify` checks the sha256). The batch
 size cannot be smaller: XLA's arithmetic depends on it (measured on CPU with the tiny model: the
 sampling loop gives a row of a batch of 8 floats ~1e-5 away from the same row at batch 1, the VAE
-decode differs by batch size too, and at 256x256 some pixels then differ by one level). What can be saved is saved: results that replay alike share a call (an item's
-results, the items of one batch), copies of the last of them fill the batch (their prompt is
-encoded once, their references prepared once), and only the requested results are encoded and
-written.
+decode differs by batch size too, and at 256x256 some pixels then differ by one level). What can be
+saved is saved: results that replay alike share a call (an item's results, the items of one
+batch), copies of the last of them fill the batch (their prompt is encoded once, their references
+prepared once), and only the requested results are encoded and written.
 It renders in the dtype recorded for the result unless another one is asked for. The engine
 request is built as a run builds it: from the record's Job (job_of) by BatchRequest.for_jobs, with
 the references opened by the run's ReferenceLoader.
@@ -17,9 +17,10 @@ the references opened by the run's ReferenceLoader.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from flowgen.engine import reference_sha256
 from flowgen.errors import FlowgenError
@@ -56,22 +57,27 @@ def resolve_targets(manifest: Manifest, targets: list[str]) -> list[dict[str, An
     """Manifest records for item ids, `ID#N` result ids, or image files carrying flowgen metadata."""
     records: list[dict[str, Any]] = []
     for target in targets:
+        index: int | None
         if Path(target).is_file():
             meta = read_metadata(target)
             item_id, index = meta["item_id"], int(meta["result_index"])
         else:
             item_id, _, index_text = target.partition("#")
             index = int(index_text) if index_text.isdigit() else None
-        found = [manifest.get(item_id, index)] if index is not None else list(manifest.records(item_id))
-        found = [r for r in found if r]
+        candidates = [manifest.get(item_id, index)] if index is not None else list(manifest.records(item_id))
+        found = [r for r in candidates if r]
         if not found:
             raise FlowgenError(f"{target}: no such item in the manifest of {manifest.out_dir}")
         records.extend(found)
     return records
 
 
-def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable[[str, str], Engine] | None = None,
-               dtype: str | None = None) -> list[RegenOutcome]:
+def regenerate(
+    records: list[dict[str, Any]],
+    to_dir: Path,
+    engine_for: Callable[[str, str], Engine] | None = None,
+    dtype: str | None = None,
+) -> list[RegenOutcome]:
     """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record, in order.
 
     Results that replay with the same program and arithmetic (replay_key) share engine calls, up to
@@ -88,8 +94,15 @@ def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable
     for record in records:
         recorded = record.get("dtype") or BASE_DTYPE
         engine_key = (record["model"]["name"], dtype or recorded)
-        outcome = RegenOutcome(record["item_id"], record["result_index"], None, None, record["output"]["sha256"],
-                               dtype=engine_key[1], recorded_dtype=recorded)
+        outcome = RegenOutcome(
+            record["item_id"],
+            record["result_index"],
+            None,
+            None,
+            record["output"]["sha256"],
+            dtype=engine_key[1],
+            recorded_dtype=recorded,
+        )
         outcomes.append(outcome)
         inputs = _inputs(record, loader, outcome)
         if inputs is not None:
@@ -101,7 +114,7 @@ def regenerate(records: list[dict[str, Any]], to_dir: Path, engine_for: Callable
             engines[engine_key] = engine_for(*engine_key)
         size = recorded_batch_size(rows[0][0])
         for start in range(0, len(rows), size):
-            chunk = rows[start:start + size]
+            chunk = rows[start : start + size]
             rendered = replay_rows([(record, job, refs) for record, job, refs, _ in chunk], engines[engine_key])
             for (record, job, _, outcome), pixels in zip(chunk, rendered):
                 outcome.batch_size, outcome.call = size, number
@@ -198,8 +211,11 @@ def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) ->
     batch, a step cache's recorded decisions are replayed (they depend on the batch mates), and the
     face pass runs as the run applied it. One entry per row: the pixels, or a ReplayError."""
     first = rows[0][0]
-    request = BatchRequest.for_jobs([(job, int(record["seed"]), refs) for record, job, refs in rows],
-                                    recorded_batch_size(first), layout=recorded_layout(first))
+    request = BatchRequest.for_jobs(
+        [(job, int(record["seed"]), refs) for record, job, refs in rows],
+        recorded_batch_size(first),
+        layout=recorded_layout(first),
+    )
     try:
         output = engine.generate_batch(request)
     except Exception as err:  # noqa: BLE001 - reported per result, the other calls go on
@@ -219,14 +235,19 @@ def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) ->
 
 def cost_line(outcomes: list[RegenOutcome], seconds: float) -> str:
     """What the replay cost: engine calls, rows computed for the results rendered, and why."""
-    calls: dict[int, int] = {outcome.call: outcome.batch_size for outcome in outcomes
-                             if outcome.call is not None and outcome.batch_size is not None}
+    calls: dict[int, int] = {
+        outcome.call: outcome.batch_size
+        for outcome in outcomes
+        if outcome.call is not None and outcome.batch_size is not None
+    }
     if not calls:
         return f"cost: no engine call, {seconds:.1f} s"
     results = sum(1 for outcome in outcomes if outcome.call is not None)
     sizes = ", ".join(str(size) for size in sorted(set(calls.values())))
-    return (f"cost: {results} result(s) in {len(calls)} engine call(s) at the recorded batch size {sizes} "
-            f"({sum(calls.values())} rows computed: another batch size would change the bytes), {seconds:.1f} s")
+    return (
+        f"cost: {results} result(s) in {len(calls)} engine call(s) at the recorded batch size {sizes} "
+        f"({sum(calls.values())} rows computed: another batch size would change the bytes), {seconds:.1f} s"
+    )
 
 
 def _first_line(err: Exception) -> str:
@@ -239,9 +260,13 @@ def job_of(record: dict[str, Any]) -> Job:
     LoRA files and hashes its batch merged (recorded by the executor)."""
     refs = record.get("references") or []
     loras = [(lora["path"], lora["sha256"], lora["weight"]) for lora in (record.get("batch") or {}).get("loras", [])]
-    return Job.from_task(record["params"], guidance=(record.get("batch") or {}).get("guidance"),
-                         references=[r["path"] for r in refs], reference_hashes=[r["sha256"] for r in refs],
-                         loras=loras)
+    return Job.from_task(
+        record["params"],
+        guidance=(record.get("batch") or {}).get("guidance"),
+        references=[r["path"] for r in refs],
+        reference_hashes=[r["sha256"] for r in refs],
+        loras=loras,
+    )
 
 
 def _pipeline_engine(model: str, dtype: str) -> Engine:

@@ -52,15 +52,21 @@ class RenderedBatch:
     def batch_record(self, job: Job, position: int) -> dict[str, Any]:
         """The `batch` record of the image at `position` (see module doc)."""
         layout = self.layouts[position] if position < len(self.layouts) else {}
-        info = {"size": self.size, "position": position, "guidance": job.guidance, "signature": job.signature.label,
-                **{k: v for k, v in layout.items() if k != "batch"}}
+        info = {
+            "size": self.size,
+            "position": position,
+            "guidance": job.guidance,
+            "signature": job.signature.label,
+            **{k: v for k, v in layout.items() if k != "batch"},
+        }
         if job.loras:  # which LoRA files (by content) were merged into the weights
             info["loras"] = [{"path": path, "sha256": digest, "weight": weight} for path, digest, weight in job.loras]
         return info
 
 
-def render_batch(engine: Engine, rows: Sequence[Row], size: int,
-                 on_step: Callable[[int], None] | None = None) -> RenderedBatch:
+def render_batch(
+    engine: Engine, rows: Sequence[Row], size: int, on_step: Callable[[int], None] | None = None
+) -> RenderedBatch:
     """One engine call for `rows` (one signature), padded up to `size`; on_step(steps done) is
     called after every sampling step. Raises what the engine raises, and RuntimeError when it
     returns fewer images than rows."""
@@ -71,8 +77,13 @@ def render_batch(engine: Engine, rows: Sequence[Row], size: int,
     seconds = time.perf_counter() - t0
     if len(output.images) < len(rows):
         raise RuntimeError(f"the engine returned {len(output.images)} images for a batch of {len(rows)}")
-    return RenderedBatch([np.asarray(image, dtype=np.uint8) for image in output.images], len(request.prompts), seconds,
-                         dict(output.timings), list(output.layouts))
+    return RenderedBatch(
+        [np.asarray(image, dtype=np.uint8) for image in output.images],
+        len(request.prompts),
+        seconds,
+        dict(output.timings),
+        list(output.layouts),
+    )
 
 
 class FacePassError(RuntimeError):
@@ -94,9 +105,19 @@ class FinishedImage:
         return self.verdict.nsfw if self.verdict is not None else None
 
 
-def finish_image(engine: Engine, job: Job, seed: int, pixels: np.ndarray, *, ext: str, metadata: dict[str, Any],
-                 engine_seconds: float, checker: Any = None, include_cost: bool = False,
-                 engine_lock: contextlib.AbstractContextManager | None = None) -> FinishedImage:
+def finish_image(
+    engine: Engine,
+    job: Job,
+    seed: int,
+    pixels: np.ndarray,
+    *,
+    ext: str,
+    metadata: dict[str, Any],
+    engine_seconds: float,
+    checker: Any = None,
+    include_cost: bool = False,
+    engine_lock: contextlib.AbstractContextManager | None = None,
+) -> FinishedImage:
     """Face pass (job.face_pass), content check (when `checker` is given), encode as `ext` with
     `metadata`, cost of `engine_seconds` (the image's share of its batch) plus the face pass.
     engine_lock: held around the face pass's engine call (the server's engines serve one call at a
@@ -120,7 +141,9 @@ def finish_image(engine: Engine, job: Job, seed: int, pixels: np.ndarray, *, ext
     t0 = time.perf_counter()
     data = encode_image(pixels, ext, job.output_quality, metadata)
     timings["encode"] = _seconds(t0)
-    cost = cost_of(engine_seconds + timings.get("faces", 0.0)) if include_cost else None  # the face pass is engine time too
+    cost = (
+        cost_of(engine_seconds + timings.get("faces", 0.0)) if include_cost else None
+    )  # the face pass is engine time too
     return FinishedImage(data, verdict, faces, timings, cost)
 
 

@@ -20,10 +20,10 @@ a clock change does not oversleep a due time; Ctrl-C ends it with 130.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 from zoneinfo import ZoneInfo
 
 from croniter import croniter
@@ -72,8 +72,15 @@ RunFunction = Callable[[ScheduledRecipe], int]
 class Scheduler:
     """Due-time bookkeeping and the loop; see the module doc."""
 
-    def __init__(self, recipes: list[ScheduledRecipe], run: RunFunction, *, clock: Callable[[], float] = time.time,
-                 sleep: Callable[[float], None] = time.sleep, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        recipes: list[ScheduledRecipe],
+        run: RunFunction,
+        *,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
+        log: Callable[[str], None] = print,
+    ):
         self.recipes, self.run, self.clock, self.sleep, self.log = recipes, run, clock, sleep, log
         self._handled: dict[Path, float] = {}  # out_dir -> latest due time dealt with in this process
 
@@ -89,8 +96,10 @@ class Scheduler:
         if entry.missed == "run":
             return due, "missed"
         self._record(entry, due, now, "skipped", detail="missed while no scheduler ran (missed: skip)")
-        self.log(f"schedule: {entry.name}: skipped the due time {entry.shown(due)} (missed: skip); "
-                 f"next {entry.shown(entry.next_due(now))}")
+        self.log(
+            f"schedule: {entry.name}: skipped the due time {entry.shown(due)} (missed: skip); "
+            f"next {entry.shown(entry.next_due(now))}"
+        )
         return None
 
     def run_due(self) -> list[int]:
@@ -146,7 +155,10 @@ class Scheduler:
 
     def _run_one(self, entry: ScheduledRecipe, due: float, why: str) -> int:
         started = self.clock()
-        self.log(f"schedule: {entry.name}: running for {entry.shown(due)}" + (" (missed; run once now)" if why == "missed" else ""))
+        self.log(
+            f"schedule: {entry.name}: running for {entry.shown(due)}"
+            + (" (missed; run once now)" if why == "missed" else "")
+        )
         try:
             code = self.run(entry)
         except FolderBusy as err:  # the previous run still holds the folder: never two at once
@@ -175,8 +187,16 @@ class Scheduler:
         mine = self._handled.get(entry.out_dir)
         return max((t for t in (recorded, mine) if t is not None), default=None)
 
-    def _record(self, entry: ScheduledRecipe, due: float, started: float, outcome: str, *, detail: str | None = None,
-                finished_at: float | None = None) -> None:
+    def _record(
+        self,
+        entry: ScheduledRecipe,
+        due: float,
+        started: float,
+        outcome: str,
+        *,
+        detail: str | None = None,
+        finished_at: float | None = None,
+    ) -> None:
         """Note the due time as dealt with (in memory, and in the folder's manifest when it has one:
         the scheduler never creates an output folder of its own)."""
         if outcome != "interrupted":

@@ -62,8 +62,9 @@ class Shard:
         """'K/N' as the user wrote it; a FlowgenError (one line naming `source`) otherwise."""
         match = _SPEC.match(text or "")
         if not match:
-            raise FlowgenError(f"{source} {text!r}: expected K/N, this process's shard K of N shards "
-                               "(0 <= K < N), e.g. 0/4")
+            raise FlowgenError(
+                f"{source} {text!r}: expected K/N, this process's shard K of N shards (0 <= K < N), e.g. 0/4"
+            )
         index, count = int(match[1]), int(match[2])
         if count < 1:
             raise FlowgenError(f"{source} {text}: N, the number of shards, must be at least 1")
@@ -110,13 +111,23 @@ class Shard:
             else:
                 rest += left
         diff = run_plan.diff
-        share_diff = PlanDiff(order=tuple(r for r in diff.order if _owns(self, owner, r)),
-                              new=tuple(r for r in diff.new if _owns(self, owner, r)),
-                              unchanged=tuple(r for r in diff.unchanged if _owns(self, owner, r)),
-                              changed=tuple((r, why) for r, why in diff.changed if _owns(self, owner, r)),
-                              removed=diff.removed if self.index == 0 else ())  # said once, by shard 0
-        return ShareRunPlan(plan, share_diff, runnable, blocked, verified=run_plan.verified, index=run_plan.index,
-                            shard=self, share_batches=tuple(whole) + tuple(make_batches(rest, plan.max_batch)))
+        share_diff = PlanDiff(
+            order=tuple(r for r in diff.order if _owns(self, owner, r)),
+            new=tuple(r for r in diff.new if _owns(self, owner, r)),
+            unchanged=tuple(r for r in diff.unchanged if _owns(self, owner, r)),
+            changed=tuple((r, why) for r, why in diff.changed if _owns(self, owner, r)),
+            removed=diff.removed if self.index == 0 else (),
+        )  # said once, by shard 0
+        return ShareRunPlan(
+            plan,
+            share_diff,
+            runnable,
+            blocked,
+            verified=run_plan.verified,
+            index=run_plan.index,
+            shard=self,
+            share_batches=tuple(whole) + tuple(make_batches(rest, plan.max_batch)),
+        )
 
     # --- the folder -----------------------------------------------------------------------
     @contextmanager
@@ -132,8 +143,10 @@ class Shard:
             if not _try_lock(fd, fcntl.LOCK_SH, attempts=3):
                 holder = read_holder(main)
                 who = holder.describe() if holder else "another run"
-                raise FolderBusy(f"{out_dir}: {who} is using this output folder (not as a shard); "
-                                 "wait for it to finish or stop it (Ctrl-C), then run the shard again")
+                raise FolderBusy(
+                    f"{out_dir}: {who} is using this output folder (not as a shard); "
+                    "wait for it to finish or stop it (Ctrl-C), then run the shard again"
+                )
             with RunLock(out_dir, run_id, path=self.lock_path(out_dir)) as lock:
                 yield lock
         finally:
@@ -258,8 +271,6 @@ class ShardManifest(Manifest):
             return main.export_jsonl()
 
 
-
-
 class _WholeFolder:
     """The share of a plain run: the whole plan, the folder's lock, the main manifest."""
 
@@ -277,5 +288,16 @@ whole_folder = _WholeFolder()
 Share = Shard | _WholeFolder  # what execute() runs: a shard's share, or the whole folder
 
 
-__all__ = ["SHARD_ENV", "Share", "Shard", "ShardManifest", "ShareRunPlan", "canonical_batches", "owners", "shard_files",
-           "shard_states", "shards_dir", "whole_folder"]
+__all__ = [
+    "SHARD_ENV",
+    "Share",
+    "Shard",
+    "ShardManifest",
+    "ShareRunPlan",
+    "canonical_batches",
+    "owners",
+    "shard_files",
+    "shard_states",
+    "shards_dir",
+    "whole_folder",
+]
