@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import click
 
@@ -43,22 +43,32 @@ def help_epilog(examples: Sequence[str], exit_codes: Sequence[tuple[int, str]]) 
 BAD_INPUT = (2, "bad input: one `error:` line per problem on stderr; nothing changed")
 
 set_option = click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE",
-    help="Override a recipe field (repeatable), e.g. --set task.steps=8 --set seed=3.")
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a recipe field (repeatable), e.g. --set task.steps=8 --set seed=3.",
+)
 max_batch_option = click.option(
-    "--max-batch", type=click.IntRange(min=1, max=1024),
-    help="Largest batch per engine call, rounded down to a power of two (default: $FLOWGEN_MAX_BATCH, else 8).")
+    "--max-batch",
+    type=click.IntRange(min=1, max=1024),
+    help="Largest batch per engine call, rounded down to a power of two (default: $FLOWGEN_MAX_BATCH, else 8).",
+)
 # A plain string checked by the command (flowgen.run.dtype): a bad value is one `error:` line.
 DTYPE_METAVAR = "[auto|float32|bfloat16]"
 dtype_option = click.option(
-    "--dtype", metavar=DTYPE_METAVAR,
+    "--dtype",
+    metavar=DTYPE_METAVAR,
     help="Compute dtype; auto is bfloat16 on GPU/TPU, float32 on CPU (default: $FLOWGEN_DTYPE, else auto). "
-         "Part of each result's identity.")
+    "Part of each result's identity.",
+)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]},
-             epilog="`flowgen COMMAND --help` shows a command's options, examples and exit codes; "
-                    "docs/cli.md describes every command and environment variable.")
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="`flowgen COMMAND --help` shows a command's options, examples and exit codes; "
+    "docs/cli.md describes every command and environment variable.",
+)
 @click.version_option(__version__, prog_name="flowgen")
 def main():
     """flowgen — declarative batch image generation and editing with FLUX.2 [klein].
@@ -72,11 +82,18 @@ def main():
     """
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen validate recipes/product-photos.yaml",
-     "flowgen validate recipe.yaml --set task.steps=8 --set seed=3"],
-    [(0, "valid (a `note:` line says if the model's weights are not on this machine)"),
-     (2, "problems found: one `error:` line each, naming the field or file")]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen validate recipes/product-photos.yaml",
+            "flowgen validate recipe.yaml --set task.steps=8 --set seed=3",
+        ],
+        [
+            (0, "valid (a `note:` line says if the model's weights are not on this machine)"),
+            (2, "problems found: one `error:` line each, naming the field or file"),
+        ],
+    )
+)
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @set_option
 @user_errors
@@ -87,13 +104,19 @@ def validate(recipe, overrides):
     validate_command(recipe, list(overrides))
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen plan recipes/product-photos.yaml",
-     "flowgen plan recipe.yaml --set task.numberResults=1 --json | jq .counts"],
-    [(0, "plan printed (writes nothing, loads no weights; a `note:` says if they are missing here)"),
-     BAD_INPUT]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen plan recipes/product-photos.yaml",
+            "flowgen plan recipe.yaml --set task.numberResults=1 --json | jq .counts",
+        ],
+        [(0, "plan printed (writes nothing, loads no weights; a `note:` says if they are missing here)"), BAD_INPUT],
+    )
+)
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir)."
+)
 @set_option
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @max_batch_option
@@ -106,71 +129,163 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     plan_command(recipe, out_dir, list(overrides), as_json, max_batch, dtype)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen run recipes/quickstart.yaml",
-     "flowgen run recipe.yaml --set task.numberResults=1 --limit 10",
-     "flowgen run recipe.yaml --detach      # prints the run id at once",
-     "flowgen run recipe.yaml --require-delivery   # from cron: non-zero when an upload or webhook gave up",
-     "flowgen run recipe.yaml --shard 0/4   # one of 4 processes (SLURM array, Kubernetes indexed Job)",
-     "flowgen run recipe.yaml --ray         # batches on a Ray actor pool (--ray=auto: the cluster here)"],
-    [(0, "every result rendered or unchanged (or left for later by --limit / --budget)"),
-     (1, "some results failed (the others were rendered; `flowgen status` lists the failures), or --distributed: "
-         "a peer process died (run every process again)"),
-     (2, "bad input, missing weights, a busy output folder (nothing was run), or a manifest that cannot be "
-         "read or written (a corrupt file, a full disk: the data stays as it was)"),
-     (3, "--require-delivery: every result is fine, but a delivery gave up (`flowgen redeliver` resends it)"),
-     (70, "the run crashed (an internal error): recorded as failed, the traceback is in OUT/.flowgen/logs/RUN_ID.log"),
-     (130, "interrupted (Ctrl-C): the manifest is consistent; run again to continue")]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen run recipes/quickstart.yaml",
+            "flowgen run recipe.yaml --set task.numberResults=1 --limit 10",
+            "flowgen run recipe.yaml --detach      # prints the run id at once",
+            "flowgen run recipe.yaml --require-delivery   # from cron: non-zero when an upload or webhook gave up",
+            "flowgen run recipe.yaml --shard 0/4   # one of 4 processes (SLURM array, Kubernetes indexed Job)",
+            "flowgen run recipe.yaml --ray         # batches on a Ray actor pool (--ray=auto: the cluster here)",
+        ],
+        [
+            (0, "every result rendered or unchanged (or left for later by --limit / --budget)"),
+            (
+                1,
+                "some results failed (the others were rendered; `flowgen status` lists the failures), "
+                "or --distributed: a peer process died (run every process again)",
+            ),
+            (
+                2,
+                "bad input, missing weights, a busy output folder (nothing was run), or a manifest that cannot be "
+                "read or written (a corrupt file, a full disk: the data stays as it was)",
+            ),
+            (3, "--require-delivery: every result is fine, but a delivery gave up (`flowgen redeliver` resends it)"),
+            (
+                70,
+                "the run crashed (an internal error): recorded as failed, "
+                "the traceback is in OUT/.flowgen/logs/RUN_ID.log",
+            ),
+            (130, "interrupted (Ctrl-C): the manifest is consistent; run again to continue"),
+        ],
+    )
+)
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir).")
+@click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="Output folder (default: the recipe's output.dir)."
+)
 @set_option
 @click.option("--limit", type=click.IntRange(min=1), help="Run at most N results.")
 @click.option("--fail-fast", is_flag=True, help="Stop at the first failed item.")
 @max_batch_option
 @dtype_option
-@click.option("--budget", type=float, metavar="USD",
-              help="Stop before a batch would take the run's engine-time cost past USD "
-                   "(rate: $FLOWGEN_COST_PER_DEVICE_SECOND, default 0.0007).")
-@click.option("--deliver-flagged", is_flag=True, help="Deliver results the content check flagged too (default: withhold them).")
-@click.option("--detach", is_flag=True, help="Run in the background; print the run id at once (as deliveryMethod: async). "
-                                             "Bad input, missing weights or a busy folder are refused first (exit 2).")
-@click.option("--require-delivery", is_flag=True,
-              help="Exit 3 when every result is fine but an upload or webhook gave up after its retries "
-                   "(default: exit 0; the failed deliveries are recorded and `flowgen redeliver` resends them).")
-@click.option("--shard", metavar="K/N",
-              help="Run shard K of N (0 <= K < N): this process's deterministic share of the plan's batches, recorded "
-                   "in its own manifest shard; `flowgen merge` folds them (default: $FLOWGEN_SHARD).")
-@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
-              help="Render the batches on a Ray actor pool (needs flowgen[ray]): alone, a local cluster of its own; "
-                   "--ray=auto the cluster running here; --ray=HOST:PORT or ray://HOST:10001 another one.")
-@click.option("--distributed", is_flag=True,
-              help="One process of a multi-controller JAX job (jax.distributed): $FLOWGEN_COORDINATOR, "
-                   "$FLOWGEN_NUM_PROCESSES, $FLOWGEN_PROCESS_ID, or JAX's detection on TPU / SLURM; each process "
-                   "runs its share, process 0 merges.")
-@click.option("--heartbeat-timeout", type=click.IntRange(min=1), default=60, show_default=True, metavar="SECONDS",
-              help="--distributed: a peer silent this long is dead; the others stop with one line.")
-@click.option("--init-timeout", type=click.IntRange(min=1), default=300, show_default=True, metavar="SECONDS",
-              help="--distributed: how long to wait for every process (and the coordinator) to join.")
+@click.option(
+    "--budget",
+    type=float,
+    metavar="USD",
+    help="Stop before a batch would take the run's engine-time cost past USD "
+    "(rate: $FLOWGEN_COST_PER_DEVICE_SECOND, default 0.0007).",
+)
+@click.option(
+    "--deliver-flagged", is_flag=True, help="Deliver results the content check flagged too (default: withhold them)."
+)
+@click.option(
+    "--detach",
+    is_flag=True,
+    help="Run in the background; print the run id at once (as deliveryMethod: async). "
+    "Bad input, missing weights or a busy folder are refused first (exit 2).",
+)
+@click.option(
+    "--require-delivery",
+    is_flag=True,
+    help="Exit 3 when every result is fine but an upload or webhook gave up after its retries "
+    "(default: exit 0; the failed deliveries are recorded and `flowgen redeliver` resends them).",
+)
+@click.option(
+    "--shard",
+    metavar="K/N",
+    help="Run shard K of N (0 <= K < N): this process's deterministic share of the plan's batches, recorded "
+    "in its own manifest shard; `flowgen merge` folds them (default: $FLOWGEN_SHARD).",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="local",
+    metavar="[ADDRESS]",
+    help="Render the batches on a Ray actor pool (needs flowgen[ray]): alone, a local cluster of its own; "
+    "--ray=auto the cluster running here; --ray=HOST:PORT or ray://HOST:10001 another one.",
+)
+@click.option(
+    "--distributed",
+    is_flag=True,
+    help="One process of a multi-controller JAX job (jax.distributed): $FLOWGEN_COORDINATOR, "
+    "$FLOWGEN_NUM_PROCESSES, $FLOWGEN_PROCESS_ID, or JAX's detection on TPU / SLURM; each process "
+    "runs its share, process 0 merges.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    type=click.IntRange(min=1),
+    default=60,
+    show_default=True,
+    metavar="SECONDS",
+    help="--distributed: a peer silent this long is dead; the others stop with one line.",
+)
+@click.option(
+    "--init-timeout",
+    type=click.IntRange(min=1),
+    default=300,
+    show_default=True,
+    metavar="SECONDS",
+    help="--distributed: how long to wait for every process (and the coordinator) to join.",
+)
 @click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
 @click.option("--out-from-recipe", is_flag=True, hidden=True)  # the detached child's --out is the recipe's own
 @user_errors
-def run(recipe, out_dir, overrides, limit, fail_fast, max_batch, dtype, budget, deliver_flagged, detach,
-        require_delivery, shard, ray_address, distributed, heartbeat_timeout, init_timeout, run_id, out_from_recipe):
+def run(
+    recipe,
+    out_dir,
+    overrides,
+    limit,
+    fail_fast,
+    max_batch,
+    dtype,
+    budget,
+    deliver_flagged,
+    detach,
+    require_delivery,
+    shard,
+    ray_address,
+    distributed,
+    heartbeat_timeout,
+    init_timeout,
+    run_id,
+    out_from_recipe,
+):
     """Run RECIPE: render every missing or changed result, deliver it, and update the manifest."""
     from flowgen.commands import run_command
     from flowgen.run.distributed import DistributedSettings
 
     settings = DistributedSettings(heartbeat_timeout, init_timeout) if distributed else None
-    sys.exit(run_command(recipe, out_dir, list(overrides), limit, fail_fast, max_batch, dtype, budget=budget,
-                         deliver_flagged=deliver_flagged, detach=detach, run_id=run_id,
-                         require_delivery=require_delivery, out_from_recipe=out_from_recipe, shard=shard,
-                         ray_address=ray_address, distributed=settings))
+    sys.exit(
+        run_command(
+            recipe,
+            out_dir,
+            list(overrides),
+            limit,
+            fail_fast,
+            max_batch,
+            dtype,
+            budget=budget,
+            deliver_flagged=deliver_flagged,
+            detach=detach,
+            run_id=run_id,
+            require_delivery=require_delivery,
+            out_from_recipe=out_from_recipe,
+            shard=shard,
+            ray_address=ray_address,
+            distributed=settings,
+        )
+    )
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen status out/quickstart",
-     "flowgen status out/quickstart --json"],
-    [(0, "summary printed"), (2, "OUT_DIR holds no flowgen manifest, or one that cannot be read (a corrupt file)")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen status out/quickstart", "flowgen status out/quickstart --json"],
+        [(0, "summary printed"), (2, "OUT_DIR holds no flowgen manifest, or one that cannot be read (a corrupt file)")],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
@@ -181,19 +296,31 @@ def status(out_dir, as_json):
     status_command(out_dir, as_json)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen regen out/shoes 35f25bbdf15c --verify      # every result of an item",
-     "flowgen regen out/shoes 35f25bbdf15c#1 --to /tmp/again",
-     "flowgen regen out/shoes out/shoes/A-100_linen_0.webp"],
-    [(0, "every target regenerated (with --verify: byte-identical to its record)"),
-     (1, "a result could not be regenerated, or (--verify) its sha256 differs"),
-     (2, "bad input: no manifest in OUT_DIR, or a target it does not hold")]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen regen out/shoes 35f25bbdf15c --verify      # every result of an item",
+            "flowgen regen out/shoes 35f25bbdf15c#1 --to /tmp/again",
+            "flowgen regen out/shoes out/shoes/A-100_linen_0.webp",
+        ],
+        [
+            (0, "every target regenerated (with --verify: byte-identical to its record)"),
+            (1, "a result could not be regenerated, or (--verify) its sha256 differs"),
+            (2, "bad input: no manifest in OUT_DIR, or a target it does not hold"),
+        ],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--verify", is_flag=True, help="Compare sha256 with the recorded output.")
-@click.option("--to", "to_dir", type=click.Path(file_okay=False), help="Write regenerated files here (default: OUT_DIR/regen).")
-@click.option("--dtype", metavar=DTYPE_METAVAR,
-              help="Render in this dtype instead of the one recorded for each result (--verify then compares across dtypes).")
+@click.option(
+    "--to", "to_dir", type=click.Path(file_okay=False), help="Write regenerated files here (default: OUT_DIR/regen)."
+)
+@click.option(
+    "--dtype",
+    metavar=DTYPE_METAVAR,
+    help="Render in this dtype instead of the one recorded for each result (--verify then compares across dtypes).",
+)
 @user_errors
 def regen(out_dir, targets, verify, to_dir, dtype):
     """Regenerate results of OUT_DIR from their manifest records.
@@ -209,12 +336,16 @@ def regen(out_dir, targets, verify, to_dir, dtype):
     sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype))
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen redeliver out/shoes",
-     "flowgen redeliver out/shoes --flagged"],
-    [(0, "everything sent now arrived (or nothing was left to send)"),
-     (1, "some deliveries failed again (recorded; run it again later)"),
-     (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen redeliver out/shoes", "flowgen redeliver out/shoes --flagged"],
+        [
+            (0, "everything sent now arrived (or nothing was left to send)"),
+            (1, "some deliveries failed again (recorded; run it again later)"),
+            (2, "bad input: no manifest in OUT_DIR, or a run holds the folder"),
+        ],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--flagged", is_flag=True, help="Also send results the content check withheld.")
 @user_errors
@@ -225,9 +356,12 @@ def redeliver(out_dir, flagged):
     sys.exit(redeliver_command(out_dir, flagged))
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen gc out/shoes --dry-run", "flowgen gc out/shoes"],
-    [(0, "done (or listed, with --dry-run)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen gc out/shoes --dry-run", "flowgen gc out/shoes"],
+        [(0, "done (or listed, with --dry-run)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--dry-run", is_flag=True, help="List what would be removed.")
 @user_errors
@@ -238,12 +372,22 @@ def gc(out_dir, dry_run):
     gc_command(out_dir, dry_run)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen report out/shoes           # writes out/shoes/report.html",
-     "flowgen report out/shoes -o /tmp/shoes.html"],
-    [(0, "report written; its path printed"), (2, "bad input: no manifest in OUT_DIR, or the file cannot be written")]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen report out/shoes           # writes out/shoes/report.html",
+            "flowgen report out/shoes -o /tmp/shoes.html",
+        ],
+        [
+            (0, "report written; its path printed"),
+            (2, "bad input: no manifest in OUT_DIR, or the file cannot be written"),
+        ],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the report here (default: OUT_DIR/report.html).")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), help="Write the report here (default: OUT_DIR/report.html)."
+)
 @user_errors
 def report(out_dir, output):
     """Write a self-contained HTML report of OUT_DIR's results and print its path."""
@@ -252,17 +396,29 @@ def report(out_dir, output):
     report_command(out_dir, output)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen schedule recipes/nightly.yaml         # runs when due, waits for the next",
-     "flowgen schedule --once recipes/*.yaml        # from system cron or a systemd timer",
-     "flowgen schedule --once recipes/nightly.yaml --set task.steps=8"],
-    [(0, "every run that was due succeeded (or nothing was due: each recipe's next run is printed)"),
-     (1, "a run failed (or its canary found the renders changed)"),
-     (2, "bad input: a bad recipe or --set, none of the recipes has a schedule (others without one are "
-         "skipped with a note), or another run holds its folder"),
-     (130, "interrupted (Ctrl-C)")]))
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen schedule recipes/nightly.yaml         # runs when due, waits for the next",
+            "flowgen schedule --once recipes/*.yaml        # from system cron or a systemd timer",
+            "flowgen schedule --once recipes/nightly.yaml --set task.steps=8",
+        ],
+        [
+            (0, "every run that was due succeeded (or nothing was due: each recipe's next run is printed)"),
+            (1, "a run failed (or its canary found the renders changed)"),
+            (
+                2,
+                "bad input: a bad recipe or --set, none of the recipes has a schedule (others without one are "
+                "skipped with a note), or another run holds its folder",
+            ),
+            (130, "interrupted (Ctrl-C)"),
+        ],
+    )
+)
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--once", is_flag=True, help="Run the recipes that are due now, then exit (for system cron or a systemd timer).")
+@click.option(
+    "--once", is_flag=True, help="Run the recipes that are due now, then exit (for system cron or a systemd timer)."
+)
 @set_option
 @max_batch_option
 @dtype_option
@@ -274,12 +430,16 @@ def schedule(recipes, once, overrides, max_batch, dtype):
     sys.exit(schedule_command(list(recipes), once, max_batch, dtype, list(overrides)))
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen prune out/shoes              # lists what would be removed",
-     "flowgen prune out/shoes --yes"],
-    [(0, "listed (or removed, with --yes)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen prune out/shoes              # lists what would be removed", "flowgen prune out/shoes --yes"],
+        [(0, "listed (or removed, with --yes)"), (2, "bad input: no manifest in OUT_DIR, or a run holds the folder")],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--recipe", type=click.Path(dir_okay=False), help="Compare with this recipe (default: the one the last run used).")
+@click.option(
+    "--recipe", type=click.Path(dir_okay=False), help="Compare with this recipe (default: the one the last run used)."
+)
 @click.option("--yes", is_flag=True, help="Remove them (without it, only list what would be removed).")
 @user_errors
 def prune(out_dir, recipe, yes):
@@ -289,10 +449,15 @@ def prune(out_dir, recipe, yes):
     prune_command(out_dir, recipe, yes)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen merge out/shoes            # after `flowgen run recipe.yaml --shard K/N` on every process"],
-    [(0, "folded (shards still running are folded as far as they got, and kept)"),
-     (2, "bad input: OUT_DIR holds neither a manifest nor shard manifests, or one cannot be read")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen merge out/shoes            # after `flowgen run recipe.yaml --shard K/N` on every process"],
+        [
+            (0, "folded (shards still running are folded as far as they got, and kept)"),
+            (2, "bad input: OUT_DIR holds neither a manifest nor shard manifests, or one cannot be read"),
+        ],
+    )
+)
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @user_errors
 def merge(out_dir):
@@ -302,10 +467,12 @@ def merge(out_dir):
     merge_command(out_dir)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen models",
-     "flowgen models --json | jq '.[] | {name, present: .weights.present}'"],
-    [(0, "listed (whether or not the weights are here)"), (2, "a model card file is invalid")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen models", "flowgen models --json | jq '.[] | {name, present: .weights.present}'"],
+        [(0, "listed (whether or not the weights are here)"), (2, "a model card file is invalid")],
+    )
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @user_errors
 def models(as_json):
@@ -315,11 +482,15 @@ def models(as_json):
     models_command(as_json)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen init starter && cd starter && flowgen run recipe.yaml",
-     "flowgen init . --force"],
-    [(0, "starter files written; what to run next printed"),
-     (2, "a file already exists (nothing written; --force overwrites) or cannot be written")]))
+@main.command(
+    epilog=help_epilog(
+        ["flowgen init starter && cd starter && flowgen run recipe.yaml", "flowgen init . --force"],
+        [
+            (0, "starter files written; what to run next printed"),
+            (2, "a file already exists (nothing written; --force overwrites) or cannot be written"),
+        ],
+    )
+)
 @click.argument("directory", default=".", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="Overwrite files that already exist.")
 @user_errors
@@ -330,28 +501,61 @@ def init(directory, force):
     init_command(directory, force)
 
 
-@main.command(epilog=help_epilog(
-    ["flowgen serve                                   # http://127.0.0.1:8080/v1, every card whose weights are here",
-     "flowgen serve --model flowgen:1@1               # the embedded tiny model (no weights needed)",
-     "flowgen serve --host 0.0.0.0 --model runware:400@6  # needs $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE"],
-    [(0, "stopped with Ctrl-C after finishing (or failing) every accepted task"),
-     (2, "bad input: no API key for a non-loopback --host, an unknown --model or one without its weights, "
-         "an unusable --data-dir")]))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on; other than loopback only with $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE.")
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen serve                                   "
+            "# http://127.0.0.1:8080/v1, every card whose weights are here",
+            "flowgen serve --model flowgen:1@1               # the embedded tiny model (no weights needed)",
+            "flowgen serve --host 0.0.0.0 --model runware:400@6  # needs $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE",
+        ],
+        [
+            (0, "stopped with Ctrl-C after finishing (or failing) every accepted task"),
+            (
+                2,
+                "bad input: no API key for a non-loopback --host, an unknown --model or one without its weights, "
+                "an unusable --data-dir",
+            ),
+        ],
+    )
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; other than loopback only with $FLOWGEN_API_KEYS or $FLOWGEN_API_KEY_FILE.",
+)
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@click.option("--model", "models", multiple=True, metavar="CARD",
-              help="Serve this model (card name or AIR id; repeatable); its weights must be on this machine. "
-                   "Default: every model card whose weights are here.")
-@click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Where tasks, results and images are kept (default: `serve` in flowgen's cache folder, $FLOWGEN_CACHE).")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    metavar="CARD",
+    help="Serve this model (card name or AIR id; repeatable); its weights must be on this machine. "
+    "Default: every model card whose weights are here.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Where tasks, results and images are kept (default: `serve` in flowgen's cache folder, $FLOWGEN_CACHE).",
+)
 @max_batch_option
-@click.option("--window-ms", default=50.0, show_default=True, type=click.FloatRange(min=0),
-              help="Longest a task waits for others to share its batch.")
+@click.option(
+    "--window-ms",
+    default=50.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Longest a task waits for others to share its batch.",
+)
 @dtype_option
-@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST|CIDR",
-              help="Let reference-image URLs, webhookURL and uploadEndpoint reach this non-public host name, "
-                   "address or range (repeatable; adds to $FLOWGEN_ALLOW_HOSTS). Default: public addresses only.")
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="HOST|CIDR",
+    help="Let reference-image URLs, webhookURL and uploadEndpoint reach this non-public host name, "
+    "address or range (repeatable; adds to $FLOWGEN_ALLOW_HOSTS). Default: public addresses only.",
+)
 @user_errors
 def serve(host, port, models, data_dir, max_batch, window_ms, dtype, allow_hosts):
     """Answer Runware imageInference tasks (REST POST /v1 and WebSocket /v1), batching across clients."""

@@ -11,8 +11,8 @@ import time
 
 import click
 
-from flowgen.run.executor import new_run_id
 from flowgen.run.deliver import resend
+from flowgen.run.executor import new_run_id
 from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest
 from flowgen.run.output_paths import outside_reason
@@ -27,8 +27,10 @@ def redeliver_command(out_dir: str, flagged: bool) -> int:
         manifest.export_jsonl()
         left = len(manifest.deliveries(("failed",)))
         withheld = len(manifest.deliveries(("withheld",)))
-    click.echo(f"{out_dir}: {counts['ok']} delivered, {counts['failed']} failed again"
-               + (f", {withheld} withheld by the content check (--flagged sends them)" if withheld else ""))
+    click.echo(
+        f"{out_dir}: {counts['ok']} delivered, {counts['failed']} failed again"
+        + (f", {withheld} withheld by the content check (--flagged sends them)" if withheld else "")
+    )
     return 1 if left else 0
 
 
@@ -44,8 +46,11 @@ def gc_command(out_dir: str, dry_run: bool, now: float | None = None) -> None:
                 continue
             if record["updated_at"] + int(ttl) <= now:
                 due.append(record)
-        outside = {id(r): reason for r in due
-                   if (reason := outside_reason(manifest.out_dir, manifest.out_dir / r["output"]["path"]))}
+        outside = {
+            id(r): reason
+            for r in due
+            if (reason := outside_reason(manifest.out_dir, manifest.out_dir / r["output"]["path"]))
+        }
         for record in due:
             path = manifest.out_dir / record["output"]["path"]
             if id(record) in outside:  # never removed through a symlinked folder; not expired either
@@ -54,9 +59,13 @@ def gc_command(out_dir: str, dry_run: bool, now: float | None = None) -> None:
             if not dry_run:
                 path.unlink(missing_ok=True)
                 manifest.expire(record["item_id"], record["result_index"], record["content_hash"])
-            click.echo(f"{'would remove' if dry_run else 'removed'} {record['output']['path']} "
-                       f"(ttl {record['params']['ttl']}s ran out)")
+            click.echo(
+                f"{'would remove' if dry_run else 'removed'} {record['output']['path']} "
+                f"(ttl {record['params']['ttl']}s ran out)"
+            )
         if not dry_run:
             manifest.export_jsonl()
-    click.echo(f"{out_dir}: {len(due) - len(outside)} expired result(s) {'to remove' if dry_run else 'removed'}"
-               + (f", {len(outside)} left in place (outside the output folder)" if outside else ""))
+    click.echo(
+        f"{out_dir}: {len(due) - len(outside)} expired result(s) {'to remove' if dry_run else 'removed'}"
+        + (f", {len(outside)} left in place (outside the output folder)" if outside else "")
+    )

@@ -70,8 +70,10 @@ def init_command(directory: str, force: bool) -> None:
     if not force:
         for relative in files:
             if (root / relative).exists():
-                raise FlowgenError(f"{root / relative}: already exists; nothing was written "
-                                   "(pass --force to overwrite the starter files)")
+                raise FlowgenError(
+                    f"{root / relative}: already exists; nothing was written "
+                    "(pass --force to overwrite the starter files)"
+                )
     try:
         for relative, data in files.items():
             atomic_write_bytes(root / relative, data)

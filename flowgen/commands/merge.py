@@ -13,14 +13,17 @@ from flowgen.run.shards import shard_files
 def merge_command(out_dir: str) -> None:
     """Fold OUT_DIR's shard manifests into its main one (idempotent), export manifest.jsonl, say what it did."""
     if not manifest_path(out_dir).exists() and not shard_files(out_dir):
-        raise FlowgenError(f"{out_dir}: no flowgen manifest here (neither .flowgen/manifest.sqlite nor shard "
-                           "manifests in .flowgen/shards)")
+        raise FlowgenError(
+            f"{out_dir}: no flowgen manifest here (neither .flowgen/manifest.sqlite nor shard "
+            "manifests in .flowgen/shards)"
+        )
     folded = fold_shards(out_dir)
     with Manifest(out_dir, create=False) as manifest:
         manifest.export_jsonl()
         counts = manifest.counts()
-    parts = [f"{counts.get(status, 0)} {status}" for status in ("ok", "failed")] + \
-        [f"{counts[s]} {s}" for s in ("skipped",) if counts.get(s)]
+    parts = [f"{counts.get(status, 0)} {status}" for status in ("ok", "failed")] + [
+        f"{counts[s]} {s}" for s in ("skipped",) if counts.get(s)
+    ]
     line = f"{out_dir}: folded {len(folded.folded)} shard(s)"
     if folded.running:
         line += f", and {len(folded.running)} still running as far as they got ({', '.join(folded.running)})"

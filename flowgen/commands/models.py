@@ -26,9 +26,11 @@ def models_command(as_json: bool) -> None:
         return
     for row in rows:
         print_card(row)
-    click.echo("Real weights are looked up in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else "
-               "~/.cache/huggingface/hub), never downloaded by flowgen. A recipe's `model:` may also be a local "
-               "diffusers folder or a BFL single file (.safetensors).")
+    click.echo(
+        "Real weights are looked up in the Hugging Face cache ($HF_HUB_CACHE, else $HF_HOME/hub, else "
+        "~/.cache/huggingface/hub), never downloaded by flowgen. A recipe's `model:` may also be a local "
+        "diffusers folder or a BFL single file (.safetensors)."
+    )
 
 
 def weights_note(card: ModelCard | None) -> str | None:
@@ -81,16 +83,30 @@ def weights_status(card: ModelCard) -> dict[str, Any]:
     """present, path (when present), looked_in (where flowgen looks), source and problem (when absent)."""
     if card.tiny is not None:
         folder = flowgen_cache_dir() / "models"
-        return {"present": True, "embedded": True, "path": None, "looked_in": str(folder),
-                "source": "embedded in flowgen (random weights, written on first use)", "problem": None}
+        return {
+            "present": True,
+            "embedded": True,
+            "path": None,
+            "looked_in": str(folder),
+            "source": "embedded in flowgen (random weights, written on first use)",
+            "problem": None,
+        }
     problem = card.missing_weights()
     path = None if problem else str(card.weights_path())
     if card.weights.path is not None:
         looked_in, source = str(card.weights.path), "local folder"
     else:
+        assert card.weights.hf_repo is not None  # a real card names a local folder or an HF repo
         looked_in, source = str(_hf_cache_folder(card.weights.hf_repo)), f"huggingface.co/{card.weights.hf_repo}"
-    return {"present": problem is None, "embedded": False, "path": path, "looked_in": looked_in,
-            "source": source, "gated": card.weights.gated, "problem": problem}
+    return {
+        "present": problem is None,
+        "embedded": False,
+        "path": path,
+        "looked_in": looked_in,
+        "source": source,
+        "gated": card.weights.gated,
+        "problem": problem,
+    }
 
 
 def fetch_instructions(card: ModelCard) -> dict[str, Any] | None:
@@ -100,11 +116,18 @@ def fetch_instructions(card: ModelCard) -> dict[str, Any] | None:
     if card.weights.hf_repo is None:
         return {"command": None, "note": f"put a complete diffusers pipeline folder at {card.weights.path}"}
     repo = card.weights.hf_repo
-    note = (f"gated: accept the licence on https://huggingface.co/{repo} and set HF_TOKEN (or run `hf auth login`) "
-            "first" if card.weights.gated else "")
-    return {"command": f"hf download {repo}", "alternative": f"huggingface-cli download {repo}",
-            "local_dir": f"hf download {repo} --local-dir DIR, then model: DIR in the recipe",
-            "gated": card.weights.gated, "note": note}
+    note = (
+        f"gated: accept the licence on https://huggingface.co/{repo} and set HF_TOKEN (or run `hf auth login`) first"
+        if card.weights.gated
+        else ""
+    )
+    return {
+        "command": f"hf download {repo}",
+        "alternative": f"huggingface-cli download {repo}",
+        "local_dir": f"hf download {repo} --local-dir DIR, then model: DIR in the recipe",
+        "gated": card.weights.gated,
+        "note": note,
+    }
 
 
 def print_card(row: dict[str, Any]) -> None:

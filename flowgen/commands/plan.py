@@ -6,7 +6,8 @@ import json
 import shlex
 import time
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -23,15 +24,23 @@ from flowgen.run.settings import max_batch_setting
 SHOW_ITEMS = 20
 
 
-def plan_command(recipe: str, out_dir: str | None, overrides: Sequence[str], as_json: bool,
-                 max_batch: int | None = None, dtype: str | None = None) -> None:
+def plan_command(
+    recipe: str,
+    out_dir: str | None,
+    overrides: Sequence[str],
+    as_json: bool,
+    max_batch: int | None = None,
+    dtype: str | None = None,
+) -> None:
     """Compile RECIPE and print what a run would do; loads no model (nor JAX), writes nothing.
 
     max_batch: --max-batch (None: $FLOWGEN_MAX_BATCH, else 8).
     dtype: --dtype (None: $FLOWGEN_DTYPE, else auto, for the backend JAX would pick).
     """
     compute_dtype = resolve_dtype(dtype_setting(dtype), guess_backend())
-    plan = plan_recipe(recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks)
+    plan = plan_recipe(
+        recipe, out_dir, overrides, max_batch_setting(max_batch), compute_dtype, watermarks=load_watermarks
+    )
     run_plan, history, last_recipe = load_run_plan(plan)
     report = plan_report(run_plan, history)
     report["prune_command"] = prune_hint(plan, recipe, overrides, last_recipe)
@@ -79,17 +88,23 @@ def cost_estimate(batches, history: list[dict]) -> dict[str, Any]:
             unknown += len(batch.results)
         else:
             seconds += per_image * batch.size
-    return {"rate_per_second": per_second, "engine_seconds": round(seconds, 3), "usd": cost.cost_of(seconds, per_second),
-            "results_without_estimate": unknown}
+    return {
+        "rate_per_second": per_second,
+        "engine_seconds": round(seconds, 3),
+        "usd": cost.cost_of(seconds, per_second),
+        "results_without_estimate": unknown,
+    }
 
 
-def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
+def plan_report(run_plan: RunPlan, history: Sequence[dict] = ()) -> dict[str, Any]:
     """The plan against its output folder as JSON-able data (what `plan --json` prints)."""
     plan, diff = run_plan.plan, run_plan.diff
     runnable, batches = run_plan.runnable, run_plan.batches()
     rid = lambda r: f"{r.item.item_id}#{r.result_index}"  # noqa: E731
     shown_removed = set(diff.removed[:SHOW_ITEMS])
-    recorded = {(r["item_id"], r["result_index"]): r for r in history if (r["item_id"], r["result_index"]) in shown_removed}
+    recorded = {
+        (r["item_id"], r["result_index"]): r for r in history if (r["item_id"], r["result_index"]) in shown_removed
+    }
     return {
         "recipe": plan.recipe_name,
         "model": plan.model,
@@ -111,8 +126,13 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
             "batches": len(batches),
         },
         "items": [
-            {"item_id": i.item_id, "key": i.key, "results": i.number_results,
-             "references": len(i.references), "error": i.error}
+            {
+                "item_id": i.item_id,
+                "key": i.key,
+                "results": i.number_results,
+                "references": len(i.references),
+                "error": i.error,
+            }
             for i in plan.items
         ],
         "diff": {
@@ -121,15 +141,23 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
             "removed": [f"{item_id}#{index}" for item_id, index in diff.removed],
             # results the recipe no longer holds (`flowgen prune OUT_DIR` removes them), with their keys and files
             "removed_results": [
-                {"result": f"{item_id}#{index}", "key": (recorded.get((item_id, index)) or {}).get("item_key"),
-                 "path": ((recorded.get((item_id, index)) or {}).get("output") or {}).get("path")}
-                for item_id, index in diff.removed[:SHOW_ITEMS]],
+                {
+                    "result": f"{item_id}#{index}",
+                    "key": (recorded.get((item_id, index)) or {}).get("item_key"),
+                    "path": ((recorded.get((item_id, index)) or {}).get("output") or {}).get("path"),
+                }
+                for item_id, index in diff.removed[:SHOW_ITEMS]
+            ],
         },
         "batches": [
-            {"signature": b.signature.label, "size": b.size, "padding": b.padding,
-             "reference_sets": len({r.job.reference_set for r in b.results}),
-             "prompts": len({r.job.prompt for r in b.results}),
-             "results": [rid(r) for r in b.results]}
+            {
+                "signature": b.signature.label,
+                "size": b.size,
+                "padding": b.padding,
+                "reference_sets": len({r.job.reference_set for r in b.results}),
+                "prompts": len({r.job.prompt for r in b.results}),
+                "results": [rid(r) for r in b.results],
+            }
             for b in batches
         ],
         "cost": cost_estimate(batches, list(history)),
@@ -139,17 +167,25 @@ def plan_report(run_plan: RunPlan, history: list[dict] = ()) -> dict[str, Any]:
 def incremental_line(watermark: dict[str, Any], retained: int) -> str:
     """'incremental products: watermark of 2026-12-03 03:00 UTC holds 40 rows; 3 of 43 rows new (planned), ...'."""
     unit = "files" if watermark["kind"] == "files" else "rows"
-    when = (f"watermark of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(watermark['recorded_at']))} "
-            f"holds {watermark['watermark_rows']} {unit}" if watermark["recorded_at"] else "no watermark recorded yet")
-    return (f"incremental {watermark['dataset']}: {when}; {watermark['new_rows']} of {watermark['rows']} {unit} new "
-            f"(planned), {retained} item(s) left to earlier runs")
+    when = (
+        f"watermark of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(watermark['recorded_at']))} "
+        f"holds {watermark['watermark_rows']} {unit}"
+        if watermark["recorded_at"]
+        else "no watermark recorded yet"
+    )
+    return (
+        f"incremental {watermark['dataset']}: {when}; {watermark['new_rows']} of {watermark['rows']} {unit} new "
+        f"(planned), {retained} item(s) left to earlier runs"
+    )
 
 
 def print_plan(report: dict[str, Any]) -> None:
     counts = report["counts"]
     click.echo(f"recipe {report['recipe']} -> {report['out_dir']}  (model {report['model']}, {report['dtype']})")
-    click.echo(f"{counts['items']} item(s), {counts['results']} result(s): {counts['new']} new, "
-               f"{counts['unchanged']} unchanged, {counts['changed']} changed, {counts['removed']} removed in the manifest")
+    click.echo(
+        f"{counts['items']} item(s), {counts['results']} result(s): {counts['new']} new, "
+        f"{counts['unchanged']} unchanged, {counts['changed']} changed, {counts['removed']} removed in the manifest"
+    )
     for watermark in report.get("incremental", []):
         click.echo(incremental_line(watermark, report.get("retained_items", 0)))
     for item in report["items"][:SHOW_ITEMS]:
@@ -160,10 +196,14 @@ def print_plan(report: dict[str, Any]) -> None:
     for change in report["diff"]["changed"][:SHOW_ITEMS]:
         click.echo(f"  changed {change['result']} {change['key']}: {', '.join(change['fields'])}")
     if counts["removed"]:
-        click.echo(f"{counts['removed']} result(s) in the manifest no longer in the recipe "
-                   f"({report.get('prune_command') or 'flowgen prune ' + report['out_dir']} removes their files and rows):")
+        click.echo(
+            f"{counts['removed']} result(s) in the manifest no longer in the recipe "
+            f"({report.get('prune_command') or 'flowgen prune ' + report['out_dir']} removes their files and rows):"
+        )
         for gone in report["diff"]["removed_results"]:
-            click.echo(f"  removed {gone['result']} {gone['key'] or ''}" + (f" ({gone['path']})" if gone["path"] else ""))
+            click.echo(
+                f"  removed {gone['result']} {gone['key'] or ''}" + (f" ({gone['path']})" if gone["path"] else "")
+            )
         if counts["removed"] > len(report["diff"]["removed_results"]):
             click.echo(f"  ... {counts['removed'] - len(report['diff']['removed_results'])} more")
     for item in report["items"]:
@@ -180,6 +220,12 @@ def print_plan(report: dict[str, Any]) -> None:
     estimate = report["cost"]
     if counts["to_run"]:
         unknown = estimate["results_without_estimate"]
-        known = (f"≈ {estimate['engine_seconds']:.1f} engine-s, ${estimate['usd']:.4f} at ${estimate['rate_per_second']}/s"
-                 if unknown < counts["to_run"] else "no estimate yet")
-        click.echo(f"estimated cost: {known}" + (f" ({unknown} result(s) of shapes not yet run here not counted)" if unknown else ""))
+        known = (
+            f"≈ {estimate['engine_seconds']:.1f} engine-s, ${estimate['usd']:.4f} at ${estimate['rate_per_second']}/s"
+            if unknown < counts["to_run"]
+            else "no estimate yet"
+        )
+        click.echo(
+            f"estimated cost: {known}"
+            + (f" ({unknown} result(s) of shapes not yet run here not counted)" if unknown else "")
+        )

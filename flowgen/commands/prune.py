@@ -42,8 +42,14 @@ def prune_command(out_dir: str, recipe: str | None, yes: bool) -> None:
                 reason = _remove_file(manifest.out_dir, record)
                 if reason:
                     kept[(record["item_id"], record["result_index"])] = reason
-            manifest.remove_results(removed, str(path), [
-                [r["item_id"], r["result_index"], r.get("item_key"), (r.get("output") or {}).get("path")] for r in records])
+            manifest.remove_results(
+                removed,
+                str(path),
+                [
+                    [r["item_id"], r["result_index"], r.get("item_key"), (r.get("output") or {}).get("path")]
+                    for r in records
+                ],
+            )
             manifest.export_jsonl()
         verb = "removed" if yes else "would remove"
         for number, record in enumerate(records):
@@ -58,13 +64,20 @@ def prune_command(out_dir: str, recipe: str | None, yes: bool) -> None:
     if not records:
         click.echo(f"{out_dir}: nothing to prune: every result in the manifest is in {shown}")
     elif yes:
-        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown} removed: their manifest rows and "
-                   + (f"{len(records) - len(kept)} of their files ({len(kept)} left in place, listed above)"
-                      if kept else "their files"))
+        click.echo(
+            f"{out_dir}: {len(records)} result(s) no longer in {shown} removed: their manifest rows and "
+            + (
+                f"{len(records) - len(kept)} of their files ({len(kept)} left in place, listed above)"
+                if kept
+                else "their files"
+            )
+        )
     else:
         command = ["flowgen", "prune", out_dir, "--yes"] + (["--recipe", recipe] if recipe is not None else [])
-        click.echo(f"{out_dir}: {len(records)} result(s) no longer in {shown}; "
-                   f"`{shlex.join(command)}` removes their files and manifest rows")
+        click.echo(
+            f"{out_dir}: {len(records)} result(s) no longer in {shown}; "
+            f"`{shlex.join(command)}` removes their files and manifest rows"
+        )
 
 
 def _recipe_to_compare(out_dir: str, given: str | None, last: dict[str, Any] | None) -> tuple[str, list[str]]:
@@ -74,15 +87,18 @@ def _recipe_to_compare(out_dir: str, given: str | None, last: dict[str, Any] | N
     if not last or not last.get("path"):
         raise FlowgenError(f"{out_dir}: no run here recorded its recipe; name it with --recipe RECIPE")
     if not Path(last["path"]).is_file():
-        raise FlowgenError(f"{out_dir}: the last run's recipe {last['path']} is not there any more; "
-                           "name the recipe with --recipe RECIPE")
+        raise FlowgenError(
+            f"{out_dir}: the last run's recipe {last['path']} is not there any more; "
+            "name the recipe with --recipe RECIPE"
+        )
     return last["path"], list(last.get("overrides") or ())
 
 
 def _describe(record: dict[str, Any]) -> str:
     path = (record.get("output") or {}).get("path")
-    return (f"{record['item_id']}#{record['result_index']} {record.get('item_key') or ''}"
-            + (f" ({path})" if path else "")).rstrip()
+    return (
+        f"{record['item_id']}#{record['result_index']} {record.get('item_key') or ''}" + (f" ({path})" if path else "")
+    ).rstrip()
 
 
 def _remove_file(out_dir: Path, record: dict[str, Any]) -> str | None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import click
 
@@ -14,7 +14,9 @@ from flowgen.run.merge import fold_shards
 from flowgen.run.regen import cost_line, regenerate, resolve_targets
 
 
-def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None, dtype: str | None = None) -> int:
+def regen_command(
+    out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None, dtype: str | None = None
+) -> int:
     """Regenerate TARGETS (item ids, ID#N, or image files) of OUT_DIR into TO_DIR (default OUT_DIR/regen).
 
     dtype: --dtype for every result (None: the dtype recorded for each; $FLOWGEN_DTYPE is not read,
@@ -34,14 +36,20 @@ def regen_command(out_dir: str, targets: Sequence[str], verify: bool, to_dir: st
     for outcome in outcomes:
         name = f"{outcome.item_id}#{outcome.result_index}"
         # another dtype than recorded cannot reproduce the recorded bytes: say so on the line
-        other = f" at {outcome.dtype}, recorded at {outcome.recorded_dtype}" if outcome.dtype != outcome.recorded_dtype else ""
+        other = (
+            f" at {outcome.dtype}, recorded at {outcome.recorded_dtype}"
+            if outcome.dtype != outcome.recorded_dtype
+            else ""
+        )
         if outcome.error:
             click.echo(f"failed    {name}: {outcome.error}")
             code = 1
         elif verify:
             verdict = "identical" if outcome.matches else "DIFFERS "
-            click.echo(f"{verdict} {name} {outcome.path} sha256 {outcome.sha256[:16]} "
-                       f"(recorded {str(outcome.recorded_sha256)[:16]}{other})")
+            click.echo(
+                f"{verdict} {name} {outcome.path} sha256 {str(outcome.sha256)[:16]} "
+                f"(recorded {str(outcome.recorded_sha256)[:16]}{other})"
+            )
             code = code or (0 if outcome.matches else 1)
         else:
             click.echo(f"wrote     {name} {outcome.path}{other}")

@@ -8,8 +8,8 @@ line what it serves when it starts, and in one line that it stopped.
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import click
 
@@ -48,15 +48,24 @@ def served_cards(names: Sequence[str]) -> list[ModelCard]:
     return cards
 
 
-def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | None, max_batch: int | None,
-                  window_ms: float, dtype: str | None, allow_hosts: Sequence[str] = ()) -> None:
+def serve_command(
+    host: str,
+    port: int,
+    models: Sequence[str],
+    data_dir: str | None,
+    max_batch: int | None,
+    window_ms: float,
+    dtype: str | None,
+    allow_hosts: Sequence[str] = (),
+) -> None:
     try:
         import uvicorn
 
         from flowgen.serve.app import MAX_BODY_BYTES, create_app
     except ImportError as err:
-        raise FlowgenError(f"flowgen serve needs the serve extra ({err.name} is missing): "
-                           "pip install 'flowgen[serve]'") from None
+        raise FlowgenError(
+            f"flowgen serve needs the serve extra ({err.name} is missing): pip install 'flowgen[serve]'"
+        ) from None
     from flowgen.net.policy import DestinationPolicy
     from flowgen.run.dtype import dtype_setting
     from flowgen.run.engine import PipelineEngine
@@ -85,14 +94,19 @@ def serve_command(host: str, port: int, models: Sequence[str], data_dir: str | N
     batcher = Batcher(engine_for, window_s=window_ms / 1000, max_batch=max_batch_setting(max_batch))
     app = create_app(batcher=batcher, data_dir=folder, models=cards, keys=keys, destinations=destinations)
     served = ", ".join(app.state.server.service.models.label(card) for card in cards)
-    click.echo(f"flowgen serve: http://{host}:{port}/v1 (REST and WebSocket), models {served}, data in {folder}, "
-               f"{'API keys required' if keys else 'no API key (loopback only)'}", err=True)
+    click.echo(
+        f"flowgen serve: http://{host}:{port}/v1 (REST and WebSocket), models {served}, data in {folder}, "
+        f"{'API keys required' if keys else 'no API key (loopback only)'}",
+        err=True,
+    )
     # a WebSocket frame up to twice the body limit still reaches the app, which answers it with the
     # protocol's requestTooLarge error; only a larger one makes uvicorn drop the connection
-    uvicorn.run(app, host=host, port=port, log_level="warning", ws_max_size=2 * MAX_BODY_BYTES,
-                timeout_graceful_shutdown=60)
-    click.echo(f"flowgen serve: stopped; every accepted task finished or is recorded as interrupted in {folder}",
-               err=True)
+    uvicorn.run(
+        app, host=host, port=port, log_level="warning", ws_max_size=2 * MAX_BODY_BYTES, timeout_graceful_shutdown=60
+    )
+    click.echo(
+        f"flowgen serve: stopped; every accepted task finished or is recorded as interrupted in {folder}", err=True
+    )
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -19,8 +19,8 @@ from typing import Any
 
 import click
 
-from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
 from flowgen.errors import StorageError
+from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
 from flowgen.run.manifest import JSONL_NAME, Manifest
 from flowgen.run.merge import fold_shards
 
@@ -33,9 +33,10 @@ LEGEND: dict[str, dict[str, str]] = {
         "failed": "tried and failed (reason listed); the next run tries it again",
         "skipped": "not tried: --fail-fast stopped the run first; the next run renders it",
         "not rendered yet": "planned but not rendered (Ctrl-C, --limit, --budget, a crash, or still running); "
-                            "the next run renders it",
+        "the next run renders it",
         "expired": "its ttl ran out and `flowgen gc` removed the file; rendered again only if it changes",
-        "no longer in the recipe": "in the manifest, but the recipe no longer holds its item; `flowgen prune` removes it",
+        "no longer in the recipe": "in the manifest, but the recipe no longer holds its item; "
+        "`flowgen prune` removes it",
     },
     "run": {
         "ok": "the last run finished and every result it tried succeeded",
@@ -43,7 +44,7 @@ LEGEND: dict[str, dict[str, str]] = {
         "starting": "a run started with --detach whose process is alive but has not taken the folder yet",
         "interrupted": "the last run was stopped by Ctrl-C after a batch; the manifest is consistent",
         "died": "the last run was killed (or its machine went down) mid-run, or a detached run's process ended "
-                "before it started (see its log); the next run completes its work",
+        "before it started (see its log); the next run completes its work",
         "running": "a run holds the folder now and its heartbeat is recent",
         "stale": "a process holds the folder's lock but its heartbeat stopped: it may be hung",
     },
@@ -89,8 +90,11 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
     for record in held:
         if record["status"] == "failed":
             failed.append({k: record[k] for k in ("item_id", "result_index", "item_key", "error")})
-        elif (record["status"] == "ok" and (record["item_id"], record["result_index"]) not in expired
-              and not (Path(manifest.out_dir) / record["output"]["path"]).exists()):
+        elif (
+            record["status"] == "ok"
+            and (record["item_id"], record["result_index"]) not in expired
+            and not (Path(manifest.out_dir) / record["output"]["path"]).exists()
+        ):
             missing.append(record["output"]["path"])
     runs = manifest.runs()
     state, holder = folder_state(manifest.out_dir)
@@ -99,8 +103,13 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
     counts = dict(Counter(r["status"] for r in held))
     held_expired = sum(1 for rid in expired if rid in held_ids)
     not_rendered = None if planned is None else len(planned - held_ids)
-    deliveries = dict(Counter(d["state"] for d in manifest.deliveries()
-                              if planned is None or (d["item_id"], d["result_index"]) in held_ids))
+    deliveries = dict(
+        Counter(
+            d["state"]
+            for d in manifest.deliveries()
+            if planned is None or (d["item_id"], d["result_index"]) in held_ids
+        )
+    )
     recipe = manifest.last_recipe()
     report = {
         "state": state,  # running | stale | idle: whether a run holds the folder now
@@ -114,8 +123,10 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
         "results": len(held),  # the recipe's results the manifest holds a row for
         "counts": counts,  # of those, by status (ok includes expired ones)
         "not_rendered": not_rendered,
-        "removed": {"count": len(removed),
-                    "results": [f"{r['item_id']}#{r['result_index']}" for r in removed[:SHOW_FAILURES]]},
+        "removed": {
+            "count": len(removed),
+            "results": [f"{r['item_id']}#{r['result_index']}" for r in removed[:SHOW_FAILURES]],
+        },
         "failed": failed,
         "missing_outputs": missing,
         "runs": len(runs),
@@ -151,16 +162,19 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     if report["expired"]:
         parts.append(f"{report['expired']} expired")
     if report["planned"] is None:
-        lines = [f"{out}: {report['results']} result(s): {', '.join(parts)} "
-                 "(what the recipe plans is recorded from the next run on)"]
+        lines = [
+            f"{out}: {report['results']} result(s): {', '.join(parts)} "
+            "(what the recipe plans is recorded from the next run on)"
+        ]
     else:
         todo = report["not_rendered"]
         parts.append(f"{todo} not rendered yet" + (f" ({_who_renders(report)} renders them)" if todo else ""))
         lines = [f"{out}: {report['planned']} planned: {', '.join(parts)}"]
     removed = report["removed"]["count"]
     if removed:
-        lines.append(f"  {removed} result(s) no longer in the recipe, not counted above "
-                     f"(flowgen prune {out} removes them)")
+        lines.append(
+            f"  {removed} result(s) no longer in the recipe, not counted above (flowgen prune {out} removes them)"
+        )
     run = report["last_run"]
     if run:
         summary = run.get("summary") or {}
@@ -169,22 +183,35 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}{why}{log}")
     if report["state"] == "running" and report["progress"]:
         p = report["progress"]
-        lines.append(f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
-                     f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}")
+        lines.append(
+            f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
+            f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}"
+        )
     if report["state"] == "stale":
         lines.append(f"  stale: {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
     if report["deliveries"]:
-        lines.append("  deliveries: " + ", ".join(f"{n} {s}" for s, n in sorted(report["deliveries"].items()))
-                     + (f" (flowgen redeliver {out})" if report["deliveries"].get("failed") else ""))
+        lines.append(
+            "  deliveries: "
+            + ", ".join(f"{n} {s}" for s, n in sorted(report["deliveries"].items()))
+            + (f" (flowgen redeliver {out})" if report["deliveries"].get("failed") else "")
+        )
     for failure in report["failed"][:SHOW_FAILURES]:
-        lines.append(f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}")
+        lines.append(
+            f"  failed {failure['item_id']}#{failure['result_index']} {failure['item_key']}: {failure['error']}"
+        )
     if len(report["failed"]) > SHOW_FAILURES:
         lines.append(f"  ... {len(report['failed']) - SHOW_FAILURES} more failed (status --json lists them all)")
     if report["missing_outputs"]:
-        lines.append(f"  {len(report['missing_outputs'])} ok result(s) whose file is missing (a run will render them again)")
+        lines.append(
+            f"  {len(report['missing_outputs'])} ok result(s) whose file is missing (a run will render them again)"
+        )
     if report["legend"]:
         lines.append("what the words mean:")
-        lines += [f"  {word} ({kind}): {meaning}" for kind, words in report["legend"].items() for word, meaning in words.items()]
+        lines += [
+            f"  {word} ({kind}): {meaning}"
+            for kind, words in report["legend"].items()
+            for word, meaning in words.items()
+        ]
     return lines
 
 
@@ -192,16 +219,20 @@ def _legend(report: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The LEGEND entries of the words this report's text shows."""
     counts = report["counts"]
     shown = {
-        "result": ["ok", "failed"] + [w for w in ("skipped",) if counts.get(w)]
-                  + (["expired"] if report["expired"] else [])
-                  + (["not rendered yet"] if report["planned"] is not None else [])
-                  + (["no longer in the recipe"] if report["removed"]["count"] else []),
+        "result": ["ok", "failed"]
+        + [w for w in ("skipped",) if counts.get(w)]
+        + (["expired"] if report["expired"] else [])
+        + (["not rendered yet"] if report["planned"] is not None else [])
+        + (["no longer in the recipe"] if report["removed"]["count"] else []),
         "run": ([report["last_run"]["status"]] if report["last_run"] else [])
-               + ([report["state"]] if report["state"] != "idle" else []),
+        + ([report["state"]] if report["state"] != "idle" else []),
         "delivery": sorted(report["deliveries"]),
     }
-    return {kind: {w: LEGEND[kind][w] for w in dict.fromkeys(words) if w in LEGEND[kind]}
-            for kind, words in shown.items() if any(w in LEGEND[kind] for w in words)}
+    return {
+        kind: {w: LEGEND[kind][w] for w in dict.fromkeys(words) if w in LEGEND[kind]}
+        for kind, words in shown.items()
+        if any(w in LEGEND[kind] for w in words)
+    }
 
 
 def _who_renders(report: dict[str, Any]) -> str:

@@ -21,9 +21,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -101,12 +102,20 @@ class Server:
         if task_type == "getResponse":
             uuid = task.get("taskUUID")
             if not isinstance(uuid, str):
-                raise ProtocolError("invalidTaskUUID", "taskUUID: the task to answer for is required",
-                                    parameter="taskUUID", task_type="getResponse")
-            return await anyio.to_thread.run_sync(lambda: self.service.answer(uuid.lower(), base_url, owner=owner,
-                                                                              polled=True))
-        raise ProtocolError("invalidTask", "authentication is a WebSocket task; REST sends "
-                            "Authorization: Bearer KEY", task_type=task_type)
+                raise ProtocolError(
+                    "invalidTaskUUID",
+                    "taskUUID: the task to answer for is required",
+                    parameter="taskUUID",
+                    task_type="getResponse",
+                )
+            return await anyio.to_thread.run_sync(
+                lambda: self.service.answer(uuid.lower(), base_url, owner=owner, polled=True)
+            )
+        raise ProtocolError(
+            "invalidTask",
+            "authentication is a WebSocket task; REST sends Authorization: Bearer KEY",
+            task_type=task_type,
+        )
 
     async def _inputs(self, work, *args, **kwargs):
         """`work(*args, **kwargs)` on the input pool (see INPUT_WORKERS)."""
@@ -123,8 +132,15 @@ class Server:
 
     async def _rest(self, request: Request) -> Response:
         if not self.keys.accepts(bearer_key(request.headers.get("authorization"))):
-            return _errors([ProtocolError("invalidApiKey", "invalid API key: send Authorization: Bearer KEY with "
-                                          "a key this server accepts", http_status=401)])
+            return _errors(
+                [
+                    ProtocolError(
+                        "invalidApiKey",
+                        "invalid API key: send Authorization: Bearer KEY with a key this server accepts",
+                        http_status=401,
+                    )
+                ]
+            )
         try:
             body = await self._body(request)
             tasks = parse_tasks(body)
@@ -153,8 +169,11 @@ class Server:
         return b"".join(chunks)
 
     def _too_large(self, size: int) -> ProtocolError:
-        return ProtocolError("requestTooLarge", f"the request body is over the {self.max_body:,}-byte limit "
-                             f"({size:,} bytes or more)", http_status=413)
+        return ProtocolError(
+            "requestTooLarge",
+            f"the request body is over the {self.max_body:,}-byte limit ({size:,} bytes or more)",
+            http_status=413,
+        )
 
     # --- WebSocket ---------------------------------------------------------------------------
 
@@ -185,8 +204,9 @@ class Server:
             if done is None:
                 return
             await asyncio.shield(asyncio.wrap_future(done))
-            data, errors = await self.run_task({"taskType": "getResponse", "taskUUID": task_uuid},
-                                               _base_url(websocket), authenticated or "")
+            data, errors = await self.run_task(
+                {"taskType": "getResponse", "taskUUID": task_uuid}, _base_url(websocket), authenticated or ""
+            )
             await send(errors_frame(errors) if errors else {"data": data})
 
         async def handle(text: str | bytes) -> None:
@@ -208,8 +228,15 @@ class Server:
                     authenticated = accepted if accepted is not None else authenticated
                     await send(frame)
                 elif authenticated is None:
-                    await send(errors_frame([ProtocolError(
-                        "unauthenticated", "send an authentication task with your apiKey first").for_task(task)]))
+                    await send(
+                        errors_frame(
+                            [
+                                ProtocolError(
+                                    "unauthenticated", "send an authentication task with your apiKey first"
+                                ).for_task(task)
+                            ]
+                        )
+                    )
                 else:
                     job = asyncio.create_task(answer(task))
                     running.add(job)
@@ -237,8 +264,12 @@ class Server:
         """(the answer frame, the accepted key or None)."""
         key = task.get("apiKey")
         if not self.keys.accepts(key):
-            error = ProtocolError("invalidApiKey", "invalid API key: this server does not accept it",
-                                  parameter="apiKey", task_type="authentication")
+            error = ProtocolError(
+                "invalidApiKey",
+                "invalid API key: this server does not accept it",
+                parameter="apiKey",
+                task_type="authentication",
+            )
             return errors_frame([error]), None
         key = key if isinstance(key, str) else ""
         resumed = task.get("connectionSessionUUID")
@@ -250,8 +281,15 @@ class Server:
     async def stats(self, request: Request) -> Response:
         """The batcher's counters (queue depth, batches, images, mean and max batch size)."""
         if not self.keys.accepts(bearer_key(request.headers.get("authorization"))):
-            return _errors([ProtocolError("invalidApiKey", "invalid API key: send Authorization: Bearer KEY with "
-                                          "a key this server accepts", http_status=401)])
+            return _errors(
+                [
+                    ProtocolError(
+                        "invalidApiKey",
+                        "invalid API key: send Authorization: Bearer KEY with a key this server accepts",
+                        http_status=401,
+                    )
+                ]
+            )
         return JSONResponse(self.service.batcher.stats())
 
     # --- images ------------------------------------------------------------------------------
@@ -266,28 +304,55 @@ class Server:
         signed = store.urls.verify(name, request.query_params.get("expires"), request.query_params.get("signature"))
         if signed is None and stored is not None:
             key = bearer_key(request.headers.get("authorization"))
-            signed = True if key is not None and self.keys.accepts(key) and \
-                store.owns_image(stored.image_uuid, key_digest(key)) else None
+            signed = (
+                True
+                if key is not None and self.keys.accepts(key) and store.owns_image(stored.image_uuid, key_digest(key))
+                else None
+            )
         if signed is None or stored is None or stored.ext != ext.lower() or not stored.path.exists():
-            return JSONResponse({"errors": [{"code": "imageNotFound", "message": f"no image {name} here"}]},
-                                status_code=404)
+            return JSONResponse(
+                {"errors": [{"code": "imageNotFound", "message": f"no image {name} here"}]}, status_code=404
+            )
         if not signed or (stored.expires is not None and stored.expires < time.time()):
-            return JSONResponse({"errors": [{"code": "imageExpired", "message": f"image {name}: its URL has "
-                                             "expired (getResponse hands out a fresh one within the task's ttl)"}]},
-                                status_code=410)
+            return JSONResponse(
+                {
+                    "errors": [
+                        {
+                            "code": "imageExpired",
+                            "message": f"image {name}: its URL has "
+                            "expired (getResponse hands out a fresh one within the task's ttl)",
+                        }
+                    ]
+                },
+                status_code=410,
+            )
         return FileResponse(stored.path, media_type=MIME_TYPES.get(stored.ext, "application/octet-stream"))
 
 
-def create_app(*, batcher: Any, data_dir: str | Path, models: Iterable[ModelCard], keys: frozenset[str] = frozenset(),
-               max_body: int = MAX_BODY_BYTES, max_tasks_per_key: int = MAX_TASKS_PER_KEY,
-               input_limits: InputLimits = InputLimits(), destinations: DestinationPolicy | None = None) -> Starlette:
+def create_app(
+    *,
+    batcher: Any,
+    data_dir: str | Path,
+    models: Iterable[ModelCard],
+    keys: frozenset[str] = frozenset(),
+    max_body: int = MAX_BODY_BYTES,
+    max_tasks_per_key: int = MAX_TASKS_PER_KEY,
+    input_limits: InputLimits = InputLimits(),
+    destinations: DestinationPolicy | None = None,
+) -> Starlette:
     """The ASGI app. The batcher belongs to the app from here: closing the app closes it.
     `destinations`: where reference URLs and deliveries may connect (default: public addresses
     plus $FLOWGEN_ALLOW_HOSTS)."""
     store = Store(data_dir)
     inputs = ImageInputs(store, input_limits, destinations=destinations)
-    service = TaskService(store, batcher, ServedModels(models), inputs, delivery_options={"destinations": destinations},
-                          max_unfinished=max_tasks_per_key)
+    service = TaskService(
+        store,
+        batcher,
+        ServedModels(models),
+        inputs,
+        delivery_options={"destinations": destinations},
+        max_unfinished=max_tasks_per_key,
+    )
     server = Server(service, KeyCheck(keys), max_body)
 
     @contextlib.asynccontextmanager
@@ -297,19 +362,26 @@ def create_app(*, batcher: Any, data_dir: str | Path, models: Iterable[ModelCard
         await anyio.to_thread.run_sync(service.close)  # finish or fail every accepted task
         store.close()
 
-    app = Starlette(routes=[Route("/v1", server.rest, methods=["POST"]),
-                            WebSocketRoute("/v1", server.websocket),
-                            Route("/v1/stats", server.stats, methods=["GET"]),
-                            Route("/v1/images/{name}", server.image, methods=["GET"])],
-                    lifespan=lifespan)
+    app = Starlette(
+        routes=[
+            Route("/v1", server.rest, methods=["POST"]),
+            WebSocketRoute("/v1", server.websocket),
+            Route("/v1/stats", server.stats, methods=["GET"]),
+            Route("/v1/images/{name}", server.image, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
     app.state.server = server
     return app
 
 
 def _internal(err: Exception) -> ProtocolError:
     """The protocol error of an unexpected failure (the full trace goes to the server's log)."""
-    return ProtocolError("internalError", f"the server failed on this request ({type(err).__name__}); it was not "
-                         "run, and the server keeps serving", http_status=500)
+    return ProtocolError(
+        "internalError",
+        f"the server failed on this request ({type(err).__name__}); it was not run, and the server keeps serving",
+        http_status=500,
+    )
 
 
 def _errors(errors: list[ProtocolError]) -> JSONResponse:

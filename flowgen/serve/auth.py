@@ -12,8 +12,8 @@ import hashlib
 import hmac
 import ipaddress
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from flowgen.errors import FlowgenError
 
@@ -51,8 +51,10 @@ def is_loopback(host: str) -> bool:
 def check_can_listen(host: str, keys: frozenset[str]) -> None:
     """Refuse an open server on an address other machines can reach."""
     if not keys and not is_loopback(host):
-        raise FlowgenError(f"--host {host}: no API key configured, so flowgen serve listens only on a loopback "
-                           f"address (127.0.0.1, ::1, localhost); set {KEYS_ENV} or {KEY_FILE_ENV}")
+        raise FlowgenError(
+            f"--host {host}: no API key configured, so flowgen serve listens only on a loopback "
+            f"address (127.0.0.1, ::1, localhost); set {KEYS_ENV} or {KEY_FILE_ENV}"
+        )
 
 
 class KeyCheck:

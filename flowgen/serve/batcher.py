@@ -23,9 +23,9 @@ import itertools
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -101,8 +101,9 @@ class Batcher:
         with self._wake:
             if self._closing:
                 raise BatcherClosed("the server is shutting down: no new tasks are accepted")
-            request = _Request(model, job, int(seed), list(references or ()), future, time.monotonic(),
-                               next(self._numbers))
+            request = _Request(
+                model, job, int(seed), list(references or ()), future, time.monotonic(), next(self._numbers)
+            )
             self._groups[(model, job.signature)].append(request)
             self._queued += 1
             self._wake.notify()
@@ -111,9 +112,13 @@ class Batcher:
     def stats(self) -> dict:
         with self._wake:
             counts = self._counts
-            return {"queue_depth": self._queued, "batches": counts.batches, "images": counts.images,
-                    "mean_batch_size": counts.images / counts.batches if counts.batches else 0.0,
-                    "max_batch_size": counts.max_batch_size}
+            return {
+                "queue_depth": self._queued,
+                "batches": counts.batches,
+                "images": counts.images,
+                "mean_batch_size": counts.images / counts.batches if counts.batches else 0.0,
+                "max_batch_size": counts.max_batch_size,
+            }
 
     def close(self, finish: bool = True) -> None:
         """Stop. finish: run everything queued first; else fail the queued futures with
@@ -127,7 +132,7 @@ class Batcher:
         if self._worker is not threading.current_thread():
             self._worker.join()
 
-    def __enter__(self) -> "Batcher":
+    def __enter__(self) -> Batcher:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -136,7 +141,7 @@ class Batcher:
     # --- the worker thread --------------------------------------------------------------------
 
     def _serve(self) -> None:
-        batch: list[_Request] = []
+        batch: list[_Request] | None = []
         try:
             while True:
                 batch = self._next_batch()
@@ -208,9 +213,15 @@ class Batcher:
             return
         self._count(len(batch))
         for position, r in enumerate(batch):
-            r.future.set_result(BatcherResult(pixels=rendered.images[position],
-                                              engine_seconds=rendered.seconds_per_image, batch_size=len(batch),
-                                              batch_info=rendered.batch_record(r.job, position), engine=engine))
+            r.future.set_result(
+                BatcherResult(
+                    pixels=rendered.images[position],
+                    engine_seconds=rendered.seconds_per_image,
+                    batch_size=len(batch),
+                    batch_info=rendered.batch_record(r.job, position),
+                    engine=engine,
+                )
+            )
 
     def engine(self, model: str) -> Engine:
         """The engine of `model`, made on first use (the server's face pass reuses it)."""

@@ -40,27 +40,63 @@ UPLOAD_WAIT_S = 5.0  # how long a task's answer waits for a result's upload befo
 _URL_FIELDS = {"upload": "uploadEndpoint", "webhook": "webhookURL"}
 
 
-def finished_for(task_uuid: str, result_index: int, request: dict[str, Any], result: dict[str, Any], path: Path,
-                 image_url: str | None, owner: str | None) -> Finished:
+def finished_for(
+    task_uuid: str,
+    result_index: int,
+    request: dict[str, Any],
+    result: dict[str, Any],
+    path: Path,
+    image_url: str | None,
+    owner: str | None,
+) -> Finished:
     """What a sink needs of one stored result; its {filename} is the name the server serves it by,
     `image_url` where it serves it (a webhook's imageURL when nothing was uploaded)."""
-    return Finished(item_id=task_uuid, result_index=result_index, path=path,
-                    filename=f"{result['imageUUID']}{path.suffix}", seed=result["seed"], task_uuid=task_uuid,
-                    image_uuid=result["imageUUID"], output_type=request.get("outputType") or "URL",
-                    upload_endpoint=request.get("uploadEndpoint"), webhook_url=request.get("webhookURL"),
-                    cost=result.get("cost"), nsfw=result.get("NSFWContent"), image_url=image_url, owner=owner or None)
+    return Finished(
+        item_id=task_uuid,
+        result_index=result_index,
+        path=path,
+        filename=f"{result['imageUUID']}{path.suffix}",
+        seed=result["seed"],
+        task_uuid=task_uuid,
+        image_uuid=result["imageUUID"],
+        output_type=request.get("outputType") or "URL",
+        upload_endpoint=request.get("uploadEndpoint"),
+        webhook_url=request.get("webhookURL"),
+        cost=result.get("cost"),
+        nsfw=result.get("NSFWContent"),
+        image_url=image_url,
+        owner=owner or None,
+    )
 
 
 class ServeDeliveries:
     """The server's dispatcher over its store, and the waits and resends that are the server's (see module doc)."""
 
-    def __init__(self, store: Store, *, policy: RetryPolicy = DEFAULT_POLICY, max_workers: int = MAX_WORKERS,
-                 per_destination: int = PER_DESTINATION, per_key: int = PER_KEY, upload_wait_s: float = UPLOAD_WAIT_S,
-                 client=None, destinations: DestinationPolicy | None = None):
+    def __init__(
+        self,
+        store: Store,
+        *,
+        policy: RetryPolicy = DEFAULT_POLICY,
+        max_workers: int = MAX_WORKERS,
+        per_destination: int = PER_DESTINATION,
+        per_key: int = PER_KEY,
+        upload_wait_s: float = UPLOAD_WAIT_S,
+        client=None,
+        destinations: DestinationPolicy | None = None,
+    ):
         self.store = store
-        self.dispatcher = Dispatcher(store, SinkURLs(store.data_dir / FILE_NAME), run_id="serve", policy=policy,
-                                     max_workers=max_workers, per_destination=per_destination, per_key=per_key,
-                                     redeliverable=False, client=client, destinations=destinations)
+        self.dispatcher = Dispatcher(
+            store,
+            SinkURLs(store.data_dir / FILE_NAME),
+            run_id="serve",
+            policy=policy,
+            max_workers=max_workers,
+            per_destination=per_destination,
+            per_key=per_key,
+            redeliverable=False,
+            client=client,
+            destinations=destinations,
+        )
         self.upload_wait_s = upload_wait_s
         self._alarms = _Alarms()
 
@@ -81,8 +117,13 @@ class ServeDeliveries:
         `withheld` when the content check flagged it (a server never sends those)."""
         return self.dispatcher.first_states([finished])
 
-    def send(self, finished: Finished, on_uploaded: Callable[[], None] | None = None,
-             sinks: list[str] | None = None, uploaded_url: str | None = None) -> None:
+    def send(
+        self,
+        finished: Finished,
+        on_uploaded: Callable[[], None] | None = None,
+        sinks: list[str] | None = None,
+        uploaded_url: str | None = None,
+    ) -> None:
         """Send the result's sinks (or only `sinks`) in the background. `on_uploaded` runs once, when
         the upload sink is recorded or `upload_wait_s` after this call, whichever comes first (at
         once when there is no upload)."""
@@ -121,9 +162,15 @@ class ServeDeliveries:
         for sink in sinks:
             field = _URL_FIELDS[sink]
             if field in redacted:
-                self.store.set_delivery(record["taskUUID"], index, sink, "failed", target=record["request"].get(field),
-                                        error=f"the server restarted without the {field} as given (its "
-                                              "credentials are not stored); send the task again with a new taskUUID")
+                self.store.set_delivery(
+                    record["taskUUID"],
+                    index,
+                    sink,
+                    "failed",
+                    target=record["request"].get(field),
+                    error=f"the server restarted without the {field} as given (its "
+                    "credentials are not stored); send the task again with a new taskUUID",
+                )
             else:
                 left.append(sink)
         return left

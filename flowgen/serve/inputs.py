@@ -45,8 +45,13 @@ class InputLimits:
 
 
 class ImageInputs:
-    def __init__(self, store: Store, limits: InputLimits = InputLimits(), client: httpx.Client | None = None,
-                 destinations: DestinationPolicy | None = None):
+    def __init__(
+        self,
+        store: Store,
+        limits: InputLimits = InputLimits(),
+        client: httpx.Client | None = None,
+        destinations: DestinationPolicy | None = None,
+    ):
         """`destinations`: where URLs may be fetched from (default: public addresses plus
         $FLOWGEN_ALLOW_HOSTS); `client` replaces the guarded client built from it."""
         self.store, self.limits = store, limits
@@ -61,36 +66,50 @@ class ImageInputs:
         """The stored image a task's input names, stored for (or already owned by) the key whose
         digest is `owner`; ProtocolError naming `parameter` otherwise."""
         if not isinstance(value, str) or not value.strip():
-            raise ProtocolError("invalidImage", f"{parameter}: must be an imageUUID, a data URI, base64 or an "
-                                f"http(s) URL, got {type(value).__name__}", parameter=parameter)
+            raise ProtocolError(
+                "invalidImage",
+                f"{parameter}: must be an imageUUID, a data URI, base64 or an http(s) URL, got {type(value).__name__}",
+                parameter=parameter,
+            )
         value = value.strip()
         if is_uuid(value):
             stored = self.store.image(value) if self.store.owns_image(value, owner) else None
             if stored is None or not stored.path.exists():
-                raise ProtocolError("invalidImage", f"{parameter}: no image with imageUUID {value} on this server "
-                                    "(upload it with an imageUpload task first)", parameter=parameter)
+                raise ProtocolError(
+                    "invalidImage",
+                    f"{parameter}: no image with imageUUID {value} on this server "
+                    "(upload it with an imageUpload task first)",
+                    parameter=parameter,
+                )
             return stored
         if value.lower().startswith(("http://", "https://")):
             data = self._fetch(value, parameter, owner)
         elif value.lower().startswith("data:"):
             data = self._data_uri(value, parameter)
         else:
-            data = self._base64(value, parameter, "is not an imageUUID, a data URI, an http(s) URL or base64 "
-                                "image data")
+            data = self._base64(
+                value, parameter, "is not an imageUUID, a data URI, an http(s) URL or base64 image data"
+            )
         return self._store(data, parameter, ttl, owner)
 
     def _store(self, data: bytes, parameter: str, ttl: int | None, owner: str) -> StoredImage:
         """Check the bytes (size, format, image_problem's header rules), then store them for `owner`."""
         if len(data) > self.limits.max_bytes:
-            raise ProtocolError("invalidImage", f"{parameter}: the image is {len(data):,} bytes; the limit is "
-                                f"{self.limits.max_bytes:,}", parameter=parameter)
+            raise ProtocolError(
+                "invalidImage",
+                f"{parameter}: the image is {len(data):,} bytes; the limit is {self.limits.max_bytes:,}",
+                parameter=parameter,
+            )
         fmt = _format_of(data)
         if fmt is None:
-            raise ProtocolError("invalidImage", f"{parameter}: not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF)",
-                                parameter=parameter)
+            raise ProtocolError(
+                "invalidImage", f"{parameter}: not an image (JPEG, PNG, WEBP, GIF, BMP or TIFF)", parameter=parameter
+            )
 
         def problem(path) -> str | None:  # image_problem words a bomb's size; anything else unknown is refused
-            return image_problem(path, max_pixels=MAX_SERVE_INPUT_PIXELS) or (None if fmt in _FORMATS else "is too large to open")
+            return image_problem(path, max_pixels=MAX_SERVE_INPUT_PIXELS) or (
+                None if fmt in _FORMATS else "is too large to open"
+            )
 
         try:
             return self.store.put_image(data, _FORMATS.get(fmt, "img"), ttl, owner=owner, check=problem)
@@ -100,15 +119,19 @@ class ImageInputs:
     def _data_uri(self, value: str, parameter: str) -> bytes:
         match = _DATA_URI.match(value)
         if match is None or not match.group("b64"):
-            raise ProtocolError("invalidImage", f"{parameter}: a data URI must read data:image/...;base64,<data>",
-                                parameter=parameter)
-        return self._base64(value[match.end():], parameter, "holds invalid base64 after 'base64,'")
+            raise ProtocolError(
+                "invalidImage", f"{parameter}: a data URI must read data:image/...;base64,<data>", parameter=parameter
+            )
+        return self._base64(value[match.end() :], parameter, "holds invalid base64 after 'base64,'")
 
     def _base64(self, text: str, parameter: str, why: str) -> bytes:
         # the encoded size bounds the decoded one: refuse before decoding a huge string
         if len(text) > self.limits.max_bytes * 4 // 3 + 4:
-            raise ProtocolError("invalidImage", f"{parameter}: the image is larger than {self.limits.max_bytes:,} "
-                                "bytes", parameter=parameter)
+            raise ProtocolError(
+                "invalidImage",
+                f"{parameter}: the image is larger than {self.limits.max_bytes:,} bytes",
+                parameter=parameter,
+            )
         try:
             return base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError):
@@ -120,15 +143,20 @@ class ImageInputs:
         listens there."""
         try:
             with self.fetches.take(owner):
-                return fetch_bytes(self.client, url, max_bytes=self.limits.max_bytes,
-                                   timeout_s=self.limits.fetch_timeout_s)
+                return fetch_bytes(
+                    self.client, url, max_bytes=self.limits.max_bytes, timeout_s=self.limits.fetch_timeout_s
+                )
         except TooManyFetches:
-            raise ProtocolError("tooManyRequests", f"{parameter}: this API key already has "
-                                f"{self.limits.max_fetches_per_key} image URLs being fetched; send the task again "
-                                "when they are done", parameter=parameter, http_status=429) from None
+            raise ProtocolError(
+                "tooManyRequests",
+                f"{parameter}: this API key already has "
+                f"{self.limits.max_fetches_per_key} image URLs being fetched; send the task again "
+                "when they are done",
+                parameter=parameter,
+                http_status=429,
+            ) from None
         except FetchError as err:
-            raise ProtocolError("invalidImage", f"{parameter}: {redact_url(url)}: {err}",
-                                parameter=parameter) from None
+            raise ProtocolError("invalidImage", f"{parameter}: {redact_url(url)}: {err}", parameter=parameter) from None
 
 
 def _format_of(data: bytes) -> str | None:

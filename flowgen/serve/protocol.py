@@ -32,8 +32,16 @@ MIME_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 class ProtocolError(Exception):
     """One error item: `code` is a Runware-style camelCase code, `message` one line."""
 
-    def __init__(self, code: str, message: str, *, parameter: str | None = None, task_type: str | None = None,
-                 task_uuid: str | None = None, http_status: int = 400):
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        parameter: str | None = None,
+        task_type: str | None = None,
+        task_uuid: str | None = None,
+        http_status: int = 400,
+    ):
         super().__init__(message)
         self.code, self.message, self.parameter = code, message, parameter
         self.task_type, self.task_uuid, self.http_status = task_type, task_uuid, http_status
@@ -48,7 +56,7 @@ class ProtocolError(Exception):
             out["taskUUID"] = self.task_uuid
         return {k: v for k, v in out.items() if v is not None}
 
-    def for_task(self, task: Any) -> "ProtocolError":
+    def for_task(self, task: Any) -> ProtocolError:
         """This error, naming `task`'s type and UUID where it did not already."""
         if isinstance(task, dict):
             self.task_type = self.task_type or _str_or_none(task.get("taskType"))
@@ -90,8 +98,9 @@ def parse_tasks(body: bytes | str) -> list[Any]:
         raise ProtocolError("invalidJSON", f"the request body is not valid JSON ({reason})") from None
     if not isinstance(value, list):
         # a lone task object names its UUID: the error carries it, so the client's wait for it ends
-        raise ProtocolError("invalidRequestBody", "the request body must be a JSON array of task objects, "
-                            f"got {_json_type(value)}").for_task(value)
+        raise ProtocolError(
+            "invalidRequestBody", f"the request body must be a JSON array of task objects, got {_json_type(value)}"
+        ).for_task(value)
     if not value:
         raise ProtocolError("invalidRequestBody", "the request body is an empty array: send at least one task")
     if _count_values(value, MAX_VALUES) > MAX_VALUES:
@@ -100,8 +109,11 @@ def parse_tasks(body: bytes | str) -> list[Any]:
 
 
 def _too_many_values() -> ProtocolError:
-    return ProtocolError("requestTooLarge", f"the request body holds more than {MAX_VALUES:,} JSON values; "
-                         "send fewer or smaller tasks", http_status=413)
+    return ProtocolError(
+        "requestTooLarge",
+        f"the request body holds more than {MAX_VALUES:,} JSON values; send fewer or smaller tasks",
+        http_status=413,
+    )
 
 
 def check_task_size(task: Any) -> None:
@@ -112,16 +124,19 @@ def check_task_size(task: Any) -> None:
         value, depth = stack.pop()
         if isinstance(value, dict):
             if len(value) > MAX_FIELDS:
-                raise ProtocolError("invalidRequestBody", f"an object in the task has {len(value):,} fields; at most "
-                                    f"{MAX_FIELDS} are allowed").for_task(task)
+                raise ProtocolError(
+                    "invalidRequestBody",
+                    f"an object in the task has {len(value):,} fields; at most {MAX_FIELDS} are allowed",
+                ).for_task(task)
             children: Any = value.values()
         elif isinstance(value, list):
             children = value
         else:
             continue
         if depth > MAX_DEPTH:
-            raise ProtocolError("invalidRequestBody", f"the task nests arrays and objects more than {MAX_DEPTH} "
-                                "levels deep").for_task(task)
+            raise ProtocolError(
+                "invalidRequestBody", f"the task nests arrays and objects more than {MAX_DEPTH} levels deep"
+            ).for_task(task)
         stack.extend((child, depth + 1) for child in children)
 
 
@@ -154,8 +169,11 @@ def task_type_of(task: Any) -> str:
     task_type = task.get("taskType")
     if task_type not in TASK_TYPES:
         shown = "missing" if task_type is None else repr(task_type)
-        raise ProtocolError("unsupportedTaskType", f"taskType {shown} is not served here; use one of "
-                            + ", ".join(TASK_TYPES), parameter="taskType").for_task(task)
+        raise ProtocolError(
+            "unsupportedTaskType",
+            f"taskType {shown} is not served here; use one of " + ", ".join(TASK_TYPES),
+            parameter="taskType",
+        ).for_task(task)
     return task_type
 
 
@@ -164,8 +182,12 @@ def task_uuid_of(task: dict[str, Any], task_type: str) -> str:
     value = task.get("taskUUID")
     if not isinstance(value, str) or not _UUID.match(value):
         shown = "missing" if value is None else f"{str(value)[:60]!r}"
-        raise ProtocolError("invalidTaskUUID", f"taskUUID: must be a UUID string, got {shown}",
-                            parameter="taskUUID", task_type=task_type)
+        raise ProtocolError(
+            "invalidTaskUUID",
+            f"taskUUID: must be a UUID string, got {shown}",
+            parameter="taskUUID",
+            task_type=task_type,
+        )
     return value.lower()
 
 
@@ -197,4 +219,5 @@ def _str_or_none(value: Any) -> str | None:
 
 def _json_type(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(value), "a number")
+        type(value), "a number"
+    )

@@ -25,9 +25,10 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from flowgen.delivery.log import DeliveryTable, SinkOutcome, SinkState
 from flowgen.run.atomic import atomic_write_bytes
@@ -131,40 +132,56 @@ class Store:
         replaced, results and deliveries included: its resend runs it anew."""
         with self._lock, self.conn:
             self.conn.execute("BEGIN IMMEDIATE")  # the replacement is one transaction (the connection autocommits)
-            row = self.conn.execute("SELECT task_type, status, errors, owner FROM tasks WHERE task_uuid = ?",
-                                    (task_uuid,)).fetchone()
+            row = self.conn.execute(
+                "SELECT task_type, status, errors, owner FROM tasks WHERE task_uuid = ?", (task_uuid,)
+            ).fetchone()
             if row is not None:
                 if not (row[0] == task_type and row[3] == owner and _interrupted(row[1], row[2])):
                     return False
                 for table in ("tasks", "results"):
                     self.conn.execute(f"DELETE FROM {table} WHERE task_uuid = ?", (task_uuid,))
                 self._deliveries.delete(task_uuid)
-            self.conn.execute("INSERT INTO tasks (task_uuid, task_type, status, request, expected, created, owner) "
-                              "VALUES (?, ?, 'processing', ?, ?, ?, ?)",
-                              (task_uuid, task_type, json.dumps(request), expected, time.time(), owner))
+            self.conn.execute(
+                "INSERT INTO tasks (task_uuid, task_type, status, request, expected, created, owner) "
+                "VALUES (?, ?, 'processing', ?, ?, ?, ?)",
+                (task_uuid, task_type, json.dumps(request), expected, time.time(), owner),
+            )
         return True
 
-    def add_result(self, task_uuid: str, result_index: int, image_uuid: str, seed: int, cost: float | None,
-                   nsfw: bool | None = None, sinks: Iterable[SinkState] = ()) -> None:
+    def add_result(
+        self,
+        task_uuid: str,
+        result_index: int,
+        image_uuid: str,
+        seed: int,
+        cost: float | None,
+        nsfw: bool | None = None,
+        sinks: Iterable[SinkState] = (),
+    ) -> None:
         """Record one finished result; the task turns `success` when its last result arrives.
         `sinks` (the dispatcher's first states) are recorded in the same transaction, so a server
         killed before delivering finds them `pending` when it starts again."""
         with self._lock, self.conn:
             self.conn.execute("BEGIN IMMEDIATE")  # the result and its sinks: one transaction
-            self.conn.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
-                              (task_uuid, result_index, image_uuid, seed, cost, None if nsfw is None else int(nsfw)))
+            self.conn.execute(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?)",
+                (task_uuid, result_index, image_uuid, seed, cost, None if nsfw is None else int(nsfw)),
+            )
             self._deliveries.add_first_states(sinks)
             self.conn.execute(
                 "UPDATE tasks SET status = 'success', finished = ? WHERE task_uuid = ? AND status = 'processing' "
                 "AND expected <= (SELECT COUNT(*) FROM results WHERE results.task_uuid = tasks.task_uuid)",
-                (time.time(), task_uuid))
+                (time.time(), task_uuid),
+            )
 
     def fail(self, task_uuid: str, errors: list[dict[str, Any]]) -> None:
         """Mark a task failed (a finished task stays as it is)."""
         with self._lock:
-            self.conn.execute("UPDATE tasks SET status = 'error', errors = ?, finished = ? "
-                              "WHERE task_uuid = ? AND status = 'processing'",
-                              (json.dumps(errors), time.time(), task_uuid))
+            self.conn.execute(
+                "UPDATE tasks SET status = 'error', errors = ?, finished = ? "
+                "WHERE task_uuid = ? AND status = 'processing'",
+                (json.dumps(errors), time.time(), task_uuid),
+            )
 
     def fail_unfinished(self, message: str) -> int:
         """Fail every task still processing (at start: those a dead server left; at stop: those the
@@ -172,8 +189,9 @@ class Store:
         with self._lock:
             rows = self.conn.execute("SELECT task_uuid, task_type FROM tasks WHERE status = 'processing'").fetchall()
         for task_uuid, task_type in rows:
-            self.fail(task_uuid, [{"code": INTERRUPTED, "message": message, "taskType": task_type,
-                                   "taskUUID": task_uuid}])
+            self.fail(
+                task_uuid, [{"code": INTERRUPTED, "message": message, "taskType": task_type, "taskUUID": task_uuid}]
+            )
         return len(rows)
 
     def task(self, task_uuid: str) -> dict[str, Any] | None:
@@ -181,18 +199,32 @@ class Store:
         key digest that sent it (None for a task recorded before owners existed); `interrupted`
         says a stopped server left it (a resend by its owner runs it anew)."""
         with self._lock:
-            row = self.conn.execute("SELECT task_type, status, request, expected, errors, owner FROM tasks "
-                                    "WHERE task_uuid = ?", (task_uuid,)).fetchone()
+            row = self.conn.execute(
+                "SELECT task_type, status, request, expected, errors, owner FROM tasks WHERE task_uuid = ?",
+                (task_uuid,),
+            ).fetchone()
             if row is None:
                 return None
-            results = self.conn.execute("SELECT result_index, image_uuid, seed, cost, nsfw FROM results "
-                                        "WHERE task_uuid = ? ORDER BY result_index", (task_uuid,)).fetchall()
+            results = self.conn.execute(
+                "SELECT result_index, image_uuid, seed, cost, nsfw FROM results "
+                "WHERE task_uuid = ? ORDER BY result_index",
+                (task_uuid,),
+            ).fetchall()
         task_type, status, request, expected, errors, owner = row
-        return {"taskUUID": task_uuid, "taskType": task_type, "status": status, "request": json.loads(request),
-                "expected": expected, "errors": json.loads(errors) if errors else [], "owner": owner,
-                "interrupted": _interrupted(status, errors),
-                "results": [{"resultIndex": i, "imageUUID": u, "seed": s, "cost": c, "NSFWContent": None if n is None else bool(n)}
-                            for i, u, s, c, n in results]}
+        return {
+            "taskUUID": task_uuid,
+            "taskType": task_type,
+            "status": status,
+            "request": json.loads(request),
+            "expected": expected,
+            "errors": json.loads(errors) if errors else [],
+            "owner": owner,
+            "interrupted": _interrupted(status, errors),
+            "results": [
+                {"resultIndex": i, "imageUUID": u, "seed": s, "cost": c, "NSFWContent": None if n is None else bool(n)}
+                for i, u, s, c, n in results
+            ],
+        }
 
     # --- deliveries (webhookURL, uploadEndpoint) ----------------------------------------------
 
@@ -202,8 +234,9 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
             self._deliveries.record(outcome, run_id)
 
-    def set_delivery(self, task_uuid: str, result_index: int, sink: str, state: str, *, target: str | None,
-                     error: str | None) -> None:
+    def set_delivery(
+        self, task_uuid: str, result_index: int, sink: str, state: str, *, target: str | None, error: str | None
+    ) -> None:
         """A sink's state decided without sending it (a resend that cannot be made)."""
         with self._lock:
             self._deliveries.set_state(task_uuid, result_index, sink, state, target=target, error=error)
@@ -216,8 +249,15 @@ class Store:
 
     # --- images ------------------------------------------------------------------------------
 
-    def put_image(self, data: bytes, ext: str, ttl: int | None = None, *, owner: str,
-                  check: Callable[[Path], str | None] | None = None) -> StoredImage:
+    def put_image(
+        self,
+        data: bytes,
+        ext: str,
+        ttl: int | None = None,
+        *,
+        owner: str,
+        check: Callable[[Path], str | None] | None = None,
+    ) -> StoredImage:
         """Store image bytes of `owner` (once per content) and return their record; a ttl only
         ever extends the URL's life (another task may have asked for longer, or for none).
         `check` reads the bytes as a file before they are stored: a problem it returns raises
@@ -258,13 +298,18 @@ class Store:
 
     def owns_image(self, image_uuid: str, owner: str) -> bool:
         with self._lock:
-            return self.conn.execute("SELECT 1 FROM image_owners WHERE image_uuid = ? AND owner = ?",
-                                     (image_uuid.lower(), owner)).fetchone() is not None
+            return (
+                self.conn.execute(
+                    "SELECT 1 FROM image_owners WHERE image_uuid = ? AND owner = ?", (image_uuid.lower(), owner)
+                ).fetchone()
+                is not None
+            )
 
     def image(self, image_uuid: str) -> StoredImage | None:
         with self._lock:
-            row = self.conn.execute("SELECT sha256, ext, expires FROM images WHERE image_uuid = ?",
-                                    (image_uuid.lower(),)).fetchone()
+            row = self.conn.execute(
+                "SELECT sha256, ext, expires FROM images WHERE image_uuid = ?", (image_uuid.lower(),)
+            ).fetchone()
         if row is None:
             return None
         digest, ext, expires = row
@@ -284,8 +329,9 @@ class Store:
         digest = key_digest(key)
         with self._lock:
             if session_uuid:
-                row = self.conn.execute("SELECT key_digest FROM sessions WHERE session_uuid = ?",
-                                        (session_uuid,)).fetchone()
+                row = self.conn.execute(
+                    "SELECT key_digest FROM sessions WHERE session_uuid = ?", (session_uuid,)
+                ).fetchone()
                 if row is not None and row[0] == digest:
                     return session_uuid
             new = str(uuid.uuid4())
@@ -303,9 +349,11 @@ def _upgrade_deliveries(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         conn.execute("ALTER TABLE deliveries RENAME TO deliveries_before")
         DeliveryTable(conn).create()
-        conn.execute("INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at) "
-                     "SELECT task_uuid, result_index, sink, state, target, url, attempts, error, updated "
-                     "FROM deliveries_before")
+        conn.execute(
+            "INSERT INTO deliveries (item_id, result_index, sink, state, target, url, attempts, error, updated_at) "
+            "SELECT task_uuid, result_index, sink, state, target, url, attempts, error, updated "
+            "FROM deliveries_before"
+        )
         conn.execute("DROP TABLE deliveries_before")
 
 

@@ -26,9 +26,10 @@ from __future__ import annotations
 import secrets
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from flowgen.engine import MAX_SERVE_INPUT_PIXELS, ModelCard
 from flowgen.errors import FlowgenError
@@ -59,6 +60,9 @@ from flowgen.serve.protocol import (
 )
 from flowgen.serve.store import Store, StoredImage
 
+if TYPE_CHECKING:
+    from flowgen.safety import ContentChecker  # imported on first use (NudeNet, onnxruntime)
+
 SHUTDOWN = "the server shut down before this task finished; send it again (the same taskUUID runs it anew)"
 MAX_UNFINISHED_PER_KEY = 64  # imageInference tasks one API key may have unfinished at once
 SEED_RANGE = 2**32  # a served task without a seed: the spec's "random seed ... in the unsigned 32-bit range"
@@ -75,7 +79,8 @@ class ServedModels:
 
     def __init__(self, cards: Iterable[ModelCard]):
         self.cards = {card.name: card for card in cards}
-        self.aliases = {TINY_AIR: card for card in self.cards.values() if card.tiny is not None and not card.air}
+        tiny = [card for card in self.cards.values() if card.tiny is not None and not card.air]
+        self.aliases = {TINY_AIR: tiny[-1]} if tiny else {}  # the tiny card without an AIR answers to TINY_AIR
 
     def label(self, card: ModelCard) -> str:
         """The id results and messages name a card by: its AIR (the tiny model's is TINY_AIR)."""
@@ -84,14 +89,24 @@ class ServedModels:
     def card_for(self, model: Any, task_uuid: str) -> ModelCard:
         served = ", ".join(self.label(card) for card in self.cards.values())
         if not isinstance(model, str) or not model.strip():
-            raise ProtocolError("invalidModel", f"model: required (served here: {served})", parameter="model",
-                                task_type="imageInference", task_uuid=task_uuid)
+            raise ProtocolError(
+                "invalidModel",
+                f"model: required (served here: {served})",
+                parameter="model",
+                task_type="imageInference",
+                task_uuid=task_uuid,
+            )
         if model.strip().lower() in self.aliases:
             return self.aliases[model.strip().lower()]
         card, _ = find_card(model)
         if card is None or card.name not in self.cards:
-            raise ProtocolError("invalidModel", f"model: {model!r} is not served here; served: {served}",
-                                parameter="model", task_type="imageInference", task_uuid=task_uuid)
+            raise ProtocolError(
+                "invalidModel",
+                f"model: {model!r} is not served here; served: {served}",
+                parameter="model",
+                task_type="imageInference",
+                task_uuid=task_uuid,
+            )
         return card
 
 
@@ -111,15 +126,22 @@ class _Running:
 
 
 class TaskService:
-    def __init__(self, store: Store, batcher: Any, models: ServedModels, inputs: ImageInputs,
-                 delivery_options: dict | None = None, max_unfinished: int = MAX_UNFINISHED_PER_KEY):
+    def __init__(
+        self,
+        store: Store,
+        batcher: Any,
+        models: ServedModels,
+        inputs: ImageInputs,
+        delivery_options: dict | None = None,
+        max_unfinished: int = MAX_UNFINISHED_PER_KEY,
+    ):
         self.store, self.batcher, self.models, self.inputs = store, batcher, models, inputs
         self.max_unfinished = max_unfinished
         self.references = ReferenceLoader(max_pixels=MAX_SERVE_INPUT_PIXELS)  # clients' images: the lower limit
         self.loras = LoraResolver()
         self.deliveries = ServeDeliveries(store, **(delivery_options or {}))
         self.deliveries.resend_pending()  # what a stopped server left undelivered: once more
-        self._checker = None  # a flowgen.safety.ContentChecker once a task asks for one
+        self._checker: ContentChecker | None = None  # loaded once a task asks for one
         self._running: dict[str, _Running] = {}
         self._unfinished: Counter[str] = Counter()  # owner -> accepted imageInference tasks not yet final
         self._lock = threading.Lock()
@@ -143,15 +165,21 @@ class TaskService:
         except FlowgenError as err:  # a LoRA file that changed or vanished since the check above
             raise problem_error(str(err), "imageInference", task_uuid) from None
         # read once, as the planner reads a recipe item's task (flowgen.plan.compile)
-        resolved = ResolvedTask.from_task(task, guidance=guidance_for(task, card.distilled), references=paths,
-                                          reference_hashes=hashes, loras=loras)
+        resolved = ResolvedTask.from_task(
+            task, guidance=guidance_for(task, card.distilled), references=paths, reference_hashes=hashes, loras=loras
+        )
         job, delivery = resolved.job, resolved.delivery
         if job.face_pass is not None:
             try:
                 load_detector()  # no detector here: refused now, not after rendering
             except FlowgenError as err:
-                raise ProtocolError("unsupportedParameter", f"task.ultralytics: {err}", parameter="ultralytics",
-                                    task_type="imageInference", task_uuid=task_uuid) from None
+                raise ProtocolError(
+                    "unsupportedParameter",
+                    f"task.ultralytics: {err}",
+                    parameter="ultralytics",
+                    task_type="imageInference",
+                    task_uuid=task_uuid,
+                ) from None
         count = resolved.number_results
         seed = resolved.seed
         if seed is None:  # consecutive from a random base, all in range (as a fixed seed gives seed + i)
@@ -160,17 +188,29 @@ class TaskService:
         try:
             decoded = self.references.load_all(paths)
         except ValueError as err:
-            raise ProtocolError("invalidReferenceImages", str(err), parameter="inputs.referenceImages",
-                                task_type="imageInference", task_uuid=task_uuid) from None
+            raise ProtocolError(
+                "invalidReferenceImages",
+                str(err),
+                parameter="inputs.referenceImages",
+                task_type="imageInference",
+                task_uuid=task_uuid,
+            ) from None
         if delivery.check_content:
             self._content_checker(task_uuid)  # unavailable: refused now, not after rendering
         label = self.models.label(card)
         # what the store keeps of the task, for its answers and a resend after a restart
-        request = {"model": label, "outputType": delivery.output_type,
-                   "ext": extension_for(job.output_format), "outputQuality": job.output_quality,
-                   "includeCost": delivery.include_cost, "ttl": delivery.ttl, "checkContent": delivery.check_content,
-                   "webhookURL": delivery.webhook_url, "uploadEndpoint": delivery.upload_endpoint,
-                   "baseURL": base_url}  # where the server answering it serves images (a resend's webhook)
+        request = {
+            "model": label,
+            "outputType": delivery.output_type,
+            "ext": extension_for(job.output_format),
+            "outputQuality": job.output_quality,
+            "includeCost": delivery.include_cost,
+            "ttl": delivery.ttl,
+            "checkContent": delivery.check_content,
+            "webhookURL": delivery.webhook_url,
+            "uploadEndpoint": delivery.upload_endpoint,
+            "baseURL": base_url,
+        }  # where the server answering it serves images (a resend's webhook)
         running = _Running(task_uuid, count, resolved, owner, label, base_url)
         with self._lock:
             self._check_unfinished(owner, task_uuid)
@@ -199,20 +239,31 @@ class TaskService:
         if record is None:
             return None
         if record["owner"] != owner or record["taskType"] != task_type:
-            raise ProtocolError("invalidTaskUUID", f"taskUUID: {task_uuid} is already in use; every task needs a "
-                                "new UUID", parameter="taskUUID", task_type=task_type, task_uuid=task_uuid)
+            raise ProtocolError(
+                "invalidTaskUUID",
+                f"taskUUID: {task_uuid} is already in use; every task needs a new UUID",
+                parameter="taskUUID",
+                task_type=task_type,
+                task_uuid=task_uuid,
+            )
         if record["interrupted"]:
             return None
         return running.done if running is not None else _done()
 
     def _check_unfinished(self, owner: str, task_uuid: str) -> None:
         if self._unfinished[owner] >= self.max_unfinished:
-            raise ProtocolError("tooManyRequests", f"this API key already has {self.max_unfinished} unfinished "
-                                "imageInference tasks; wait for some to finish", task_type="imageInference",
-                                task_uuid=task_uuid, http_status=429)
+            raise ProtocolError(
+                "tooManyRequests",
+                f"this API key already has {self.max_unfinished} unfinished "
+                "imageInference tasks; wait for some to finish",
+                task_type="imageInference",
+                task_uuid=task_uuid,
+                http_status=429,
+            )
 
-    def _validated(self, raw: dict[str, Any], card: ModelCard, task_uuid: str,
-                   owner: str) -> tuple[dict, list[str], list[str]]:
+    def _validated(
+        self, raw: dict[str, Any], card: ModelCard, task_uuid: str, owner: str
+    ) -> tuple[dict, list[str], list[str]]:
         """The task as a recipe item's resolved task: defaults merged, every rule applied."""
         task = {k: v for k, v in raw.items() if k != "referenceImages"}
         for name in ("webhookURL", "uploadEndpoint"):
@@ -220,8 +271,13 @@ class TaskService:
                 try:
                     self.deliveries.check_destination(task[name])  # http(s), and no literal internal address
                 except ValueError as err:
-                    raise ProtocolError("invalid" + name[:1].upper() + name[1:], f"task.{name}: {err}",
-                                        parameter=name, task_type="imageInference", task_uuid=task_uuid) from None
+                    raise ProtocolError(
+                        "invalid" + name[:1].upper() + name[1:],
+                        f"task.{name}: {err}",
+                        parameter=name,
+                        task_type="imageInference",
+                        task_uuid=task_uuid,
+                    ) from None
         references = _reference_inputs(raw, task_uuid)
         if len(references) > MAX_REFERENCES:
             references = []  # not fetched: the spec rule below refuses the list as it stands
@@ -250,20 +306,46 @@ class TaskService:
         ext = extension_for(job.output_format)
         try:
             result = future.result()
-            metadata = {"item_id": running.task_uuid, "result_index": index, "seed": seed, "model": running.model,
-                        "taskUUID": running.task_uuid}
+            metadata = {
+                "item_id": running.task_uuid,
+                "result_index": index,
+                "seed": seed,
+                "model": running.model,
+                "taskUUID": running.task_uuid,
+            }
             # the face pass runs on the engine the batcher rendered with, one engine call at a time
-            image = finish_image(result.engine, job, seed, result.pixels, ext=ext, metadata=metadata,
-                                 engine_seconds=result.engine_seconds,
-                                 checker=self._checker if delivery.check_content else None,
-                                 include_cost=delivery.include_cost, engine_lock=self.batcher.engine_lock)
+            image = finish_image(
+                result.engine,
+                job,
+                seed,
+                result.pixels,
+                ext=ext,
+                metadata=metadata,
+                engine_seconds=result.engine_seconds,
+                checker=self._checker if delivery.check_content else None,
+                include_cost=delivery.include_cost,
+                engine_lock=self.batcher.engine_lock,
+            )
             stored = self.store.put_image(image.data, ext, delivery.ttl, owner=running.owner)
             url = self.store.image_url(running.base_url, stored) if running.base_url else None
-            finished = finished_for(running.task_uuid, index, request,
-                                    {"imageUUID": stored.image_uuid, "seed": seed, "cost": image.cost,
-                                     "NSFWContent": image.nsfw}, stored.path, url, running.owner)
-            self.store.add_result(running.task_uuid, index, stored.image_uuid, seed, image.cost, image.nsfw,
-                                  sinks=self.deliveries.first_states(finished))
+            finished = finished_for(
+                running.task_uuid,
+                index,
+                request,
+                {"imageUUID": stored.image_uuid, "seed": seed, "cost": image.cost, "NSFWContent": image.nsfw},
+                stored.path,
+                url,
+                running.owner,
+            )
+            self.store.add_result(
+                running.task_uuid,
+                index,
+                stored.image_uuid,
+                seed,
+                image.cost,
+                image.nsfw,
+                sinks=self.deliveries.first_states(finished),
+            )
         except Exception as err:
             self._failed(running, err)
             return
@@ -288,15 +370,28 @@ class TaskService:
             try:
                 self._checker = ContentChecker().load()
             except SafetyUnavailable as err:
-                raise ProtocolError("unsupportedParameter", f"task.safety.checkContent: {err}",
-                                    parameter="safety.checkContent", task_type="imageInference",
-                                    task_uuid=task_uuid) from None
+                raise ProtocolError(
+                    "unsupportedParameter",
+                    f"task.safety.checkContent: {err}",
+                    parameter="safety.checkContent",
+                    task_type="imageInference",
+                    task_uuid=task_uuid,
+                ) from None
         return self._checker
 
     def _failed(self, running: _Running, err: BaseException) -> None:
         reason = " ".join(str(err).split()) or type(err).__name__
-        self.store.fail(running.task_uuid, [{"code": "inferenceFailed", "message": f"the engine failed: {reason}",
-                                             "taskType": "imageInference", "taskUUID": running.task_uuid}])
+        self.store.fail(
+            running.task_uuid,
+            [
+                {
+                    "code": "inferenceFailed",
+                    "message": f"the engine failed: {reason}",
+                    "taskType": "imageInference",
+                    "taskUUID": running.task_uuid,
+                }
+            ],
+        )
         self._finish(running)
 
     def _finish(self, running: _Running) -> None:
@@ -330,8 +425,13 @@ class TaskService:
         task_uuid = task_uuid_of(raw, "mediaStorage")
         if raw.get("operation") != "upload":
             shown = "missing" if raw.get("operation") is None else repr(raw.get("operation"))
-            raise ProtocolError("unsupportedOperation", f"operation: {shown} is not served here; only 'upload' is",
-                                parameter="operation", task_type="mediaStorage", task_uuid=task_uuid)
+            raise ProtocolError(
+                "unsupportedOperation",
+                f"operation: {shown} is not served here; only 'upload' is",
+                parameter="operation",
+                task_type="mediaStorage",
+                task_uuid=task_uuid,
+            )
         return self._upload(raw, "mediaStorage", "media", owner)
 
     def _upload(self, raw: dict[str, Any], task_type: str, field: str, owner: str) -> str:
@@ -357,14 +457,24 @@ class TaskService:
         success` and answers `status: processing` for a task still running."""
         record = self.store.task(task_uuid)
         if record is None or record["owner"] != owner:
-            raise ProtocolError("taskNotFound", f"taskUUID: no task {task_uuid} on this server", parameter="taskUUID",
-                                task_type="getResponse", task_uuid=task_uuid)
+            raise ProtocolError(
+                "taskNotFound",
+                f"taskUUID: no task {task_uuid} on this server",
+                parameter="taskUUID",
+                task_type="getResponse",
+                task_uuid=task_uuid,
+            )
         if record["status"] == "processing":
             return [{"taskType": record["taskType"], "taskUUID": task_uuid, "status": "processing"}]
         if record["status"] == "error":
             first = record["errors"][0] if record["errors"] else {"code": "inferenceFailed", "message": "failed"}
-            raise ProtocolError(first["code"], first["message"], parameter=first.get("parameter"),
-                                task_type=record["taskType"], task_uuid=task_uuid)
+            raise ProtocolError(
+                first["code"],
+                first["message"],
+                parameter=first.get("parameter"),
+                task_type=record["taskType"],
+                task_uuid=task_uuid,
+            )
         return [self._item(record, result, base_url, polled) for result in record["results"]]
 
     def _item(self, record: dict, result: dict, base_url: str, polled: bool) -> dict[str, Any]:
@@ -377,11 +487,19 @@ class TaskService:
         if request.get("uploadEndpoint"):  # as runs: the uploaded file's URL, once the upload worked
             url = self.deliveries.store_url(record["taskUUID"], result["resultIndex"]) or url
         if record["taskType"] == "mediaStorage":  # runware-sdk's media shape
-            media = {"taskType": "mediaStorage", "taskUUID": record["taskUUID"], "operation": "upload",
-                     "mediaUUID": result["imageUUID"], "mediaURL": url}
+            media = {
+                "taskType": "mediaStorage",
+                "taskUUID": record["taskUUID"],
+                "operation": "upload",
+                "mediaUUID": result["imageUUID"],
+                "mediaURL": url,
+            }
             return {**media, "status": "success"} if polled else media
-        item: dict[str, Any] = {"taskType": record["taskType"], "taskUUID": record["taskUUID"],
-                                "imageUUID": result["imageUUID"]}
+        item: dict[str, Any] = {
+            "taskType": record["taskType"],
+            "taskUUID": record["taskUUID"],
+            "imageUUID": result["imageUUID"],
+        }
         output_type = request.get("outputType", "URL")
         data = image.path.read_bytes() if output_type != "URL" and image.path.exists() else b""
         key, value = output_value(output_type, data, ext, url)
@@ -418,9 +536,14 @@ def _reference_inputs(raw: dict[str, Any], task_uuid: str) -> list:
     if found is None:
         return []
     if not isinstance(found, list):
-        raise ProtocolError("invalidReferenceImages", f"task.{where}: must be a list of images (imageUUIDs, data "
-                            f"URIs, base64 or URLs), got {type(found).__name__}", parameter=where,
-                            task_type="imageInference", task_uuid=task_uuid)
+        raise ProtocolError(
+            "invalidReferenceImages",
+            f"task.{where}: must be a list of images (imageUUIDs, data "
+            f"URIs, base64 or URLs), got {type(found).__name__}",
+            parameter=where,
+            task_type="imageInference",
+            task_uuid=task_uuid,
+        )
     return list(found)
 
 
