@@ -72,9 +72,7 @@ def flowgen_rows(cfg, grid, n_txt, n_refs, repeats):
     report(f"flowgen edit KV shared by {SHARED_EDITS}, per step", (prepass / SHARED_EDITS + 4 * cached) / 4, None)
     print(f"  KV speed-up (4 steps) plain/KV = {4 * plain / (prepass + 4 * cached):.2f}x; "
           f"shared = {4 * plain / (prepass / SHARED_EDITS + 4 * cached):.2f}x")
-    del tr, kv, full, img, ref, txt
-    gc.collect()
-    jax.clear_caches()
+    # returning frees this model and its arrays (the caller then collects) before diffusers loads its own
 
 
 def diffusers_rows(cfg, grid, n_txt, n_refs, repeats, device):
@@ -144,6 +142,8 @@ def main():
           f"layers={cfg.depth}+{cfg.depth_single_blocks}; grid {grid}x{grid}, {n_txt} text tokens")
     print(f"{'row':<52}{'s/step':>10}{'TFLOP/s':>8}")
     flowgen_rows(cfg, grid, n_txt, 4, args.repeats)
+    gc.collect()
+    jax.clear_caches()
     if not args.skip_diffusers:
         import torch
 

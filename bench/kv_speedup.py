@@ -210,15 +210,18 @@ def main():
     for num_refs in (1, 4):
         w = Workload(num_refs)
         rows = {
-            "flowgen plain": (lambda: flowgen_plain(tr, w), 1),
-            "flowgen KV (pre-pass + 4 cached)": (lambda: flowgen_kv(tr, w), 1),
-            f"flowgen KV, pre-pass shared by {SHARED_EDITS} edits": (lambda: flowgen_kv_shared(tr, w), SHARED_EDITS),
-            f"  same, the {SHARED_EDITS} edits as one batch": (lambda: flowgen_kv_shared_batched(tr, w), SHARED_EDITS),
-            "diffusers plain": (lambda: diffusers_plain(plain_model, w), 1),
-            "diffusers KV (extract + 3 cached)": (lambda: diffusers_kv(kv_model, w), 1),
+            "flowgen plain": (lambda w=w: flowgen_plain(tr, w), 1),
+            "flowgen KV (pre-pass + 4 cached)": (lambda w=w: flowgen_kv(tr, w), 1),
+            f"flowgen KV, pre-pass shared by {SHARED_EDITS} edits": (lambda w=w: flowgen_kv_shared(tr, w), SHARED_EDITS),
+            f"  same, the {SHARED_EDITS} edits as one batch": (
+                lambda w=w: flowgen_kv_shared_batched(tr, w),
+                SHARED_EDITS,
+            ),
+            "diffusers plain": (lambda w=w: diffusers_plain(plain_model, w), 1),
+            "diffusers KV (extract + 3 cached)": (lambda w=w: diffusers_kv(kv_model, w), 1),
         }
         timings = best_interleaved(rows, args.repeats)
-        for name, (fn, images) in rows.items():
+        for name, (_fn, images) in rows.items():
             first, best = timings[name]
             results[name, num_refs] = best / images
             compile_s = f"{first - best:.2f}" if name.startswith("flowgen") else "-"

@@ -165,7 +165,7 @@ def cond_vs_host(base, size, repeats):
     keys = denoise.noise_keys([SEED])
     times = {"compiled lax.cond loop": [], "two executables, host decides": [], "uncached compiled loop": []}
     computed = None
-    for repeat in range(repeats + 2):
+    for _repeat in range(repeats + 2):
         start = time.perf_counter()
         _, record = base.denoiser(tr.params, x, cond, sigmas, FlowEuler(), keys, step_cache=cache)
         times["compiled lax.cond loop"].append(time.perf_counter() - start)

@@ -70,9 +70,9 @@ def bench_compile(products: int, surfaces: int, model: str) -> dict:
     from flowgen.commands.plan import load_run_plan
     from flowgen.plan.compile import compile_plan
     from flowgen.plan.from_recipe import _reference_check, model_facts
-    from flowgen.run.settings import max_batch_setting
     from flowgen.plan.hashing import canonical_json
     from flowgen.recipe.api import expand_items, load_recipe
+    from flowgen.run.settings import max_batch_setting
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_recipe(Path(tmp), products, surfaces, model, 128, 2)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from werkzeug import Response
@@ -27,7 +27,7 @@ def test_ok_first_try(httpserver, client, policy, sleeps):
     assert (attempt.number, attempt.status_code, attempt.error, attempt.outcome) == (1, 200, None, "ok")
     started = datetime.fromisoformat(attempt.started_at.replace("Z", "+00:00"))
     assert started.tzinfo is not None and started.utcoffset().total_seconds() == 0
-    assert abs((datetime.now(timezone.utc) - started).total_seconds()) < 10
+    assert abs((datetime.now(UTC) - started).total_seconds()) < 10
     assert 0 <= attempt.seconds < 2
     [(request, _)] = httpserver.log
     assert request.data == b'{"a":[2],"b":1}'

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine.transformer import attention as attn
-from flowgen.engine.sampling import loop as denoise
+from flowgen.engine.errors import EngineInputError
 from flowgen.engine.pipeline import Pipeline
 from flowgen.engine.references.cache import bucket_lengths, length_bucket
-from flowgen.engine.errors import EngineInputError
+from flowgen.engine.sampling import loop as denoise
+from flowgen.engine.transformer import attention as attn
 
 STEPS = 2
 MAX_LEN = 24

@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowgen.engine.catalog import cards
-from flowgen.engine.catalog import tiny_model
+from flowgen.engine.catalog import cards, tiny_model
 from flowgen.engine.weights import locate
 from flowgen.errors import CheckpointError
 

@@ -13,8 +13,16 @@ import pytest
 
 from flowgen.engine.faces import detect as face_detect
 from flowgen.engine.faces.detect import Face, FaceDetectorUnavailable, NudeNetFaces, YoloFaces, decode_yolov8, nms
-from flowgen.engine.faces.refine import (FaceRefineSettings, blur_reach, crop_box, feathered_mask, fitted_blur, padded_box,
-                                        paste, refine_faces)
+from flowgen.engine.faces.refine import (
+    FaceRefineSettings,
+    blur_reach,
+    crop_box,
+    feathered_mask,
+    fitted_blur,
+    padded_box,
+    paste,
+    refine_faces,
+)
 
 pytest.importorskip("nudenet")
 pytest.importorskip("skimage")
@@ -193,8 +201,8 @@ def test_img2img_start_index_is_diffusers_get_timesteps():
 def test_img2img_noises_the_encoded_image_to_diffusers_sigma_and_samples_the_rest(pipe, astronaut, monkeypatch):
     import torch
 
-    from flowgen.engine.transformer.positions import pack
     from flowgen.engine.pipeline import img2img_start, seed_noise
+    from flowgen.engine.transformer.positions import pack
 
     image = np.ascontiguousarray(astronaut[100:164, 180:244])  # 64x64: 16 tokens
     seen = {}

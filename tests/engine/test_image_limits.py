@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine.references import images
 from flowgen.engine.byte_lru import ByteLRU
+from flowgen.engine.references import images
+from flowgen.engine.references.files import ReferenceImageError
 from flowgen.engine.references.images import (
     MAX_SERVE_INPUT_PIXELS,
     image_header,
     load_image,
     prepare_reference,
 )
-from flowgen.engine.references.files import ReferenceImageError
 from flowgen.errors import ImageInputError
 from flowgen.plan.references import ReferenceInspector
 from flowgen.recipe.validation import image_problem

@@ -18,16 +18,16 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from flowgen.engine.transformer import positions as ids
-from flowgen.engine.transformer.config import NAMED_CONFIGS
 from flowgen.engine.lora.files import read_lora
 from flowgen.engine.lora.merge import LoraWeights, merged_params
+from flowgen.engine.transformer import positions as ids
 from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.config import NAMED_CONFIGS
 from flowgen.engine.transformer.params import param_location
 from flowgen.errors import CheckpointError
-from tests.engine.fixtures_transformer import diffusers_to_bfl
 from tests.engine.fixtures_pipeline import TRANSFORMER as CFG
 from tests.engine.fixtures_pipeline import sharpen_transformer_
+from tests.engine.fixtures_transformer import diffusers_to_bfl
 
 torch.set_grad_enabled(False)
 pytest.importorskip("peft")

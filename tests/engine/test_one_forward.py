@@ -22,11 +22,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from flowgen.engine.transformer import model as transformer
 from flowgen.engine.sampling import step_cache
+from flowgen.engine.transformer import model as transformer
+from flowgen.engine.transformer.compiled import CompiledTransformer
 from flowgen.engine.transformer.config import Flux2Config
 from flowgen.engine.transformer.positions import image_ids, reference_ids, text_ids
-from flowgen.engine.transformer.compiled import CompiledTransformer
 
 # tiny-model pipelines rendered with and without step caches: minutes on CPU
 pytestmark = pytest.mark.slow

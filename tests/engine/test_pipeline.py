@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flowgen.engine.sampling import loop as denoise
-from flowgen.engine.pipeline import Pipeline, seed_noise
 from flowgen.engine.errors import EngineInputError
+from flowgen.engine.pipeline import Pipeline, seed_noise
+from flowgen.engine.sampling import loop as denoise
 from flowgen.errors import FlowgenError, ImageInputError
 
 SIZE = dict(width=32, height=48)

@@ -107,8 +107,9 @@ def run_steps(sampler: Sampler, x, sigmas, steps: int, seeds=SEEDS) -> np.ndarra
     """The first `steps` steps, eagerly (for comparing an intermediate sample)."""
     keys, sigmas, x = denoise.noise_keys(seeds), jnp.asarray(sigmas, jnp.float32), jnp.asarray(x)
     state = sampler.init_state(x)
+    shape = x.shape[1:]  # every step keeps the sample's shape
     for i in range(steps):
-        x, state = sampler.step(model, i, x, state, sigmas, lambda i, k=0: denoise.row_noise(keys, i, k, x.shape[1:]))
+        x, state = sampler.step(model, i, x, state, sigmas, lambda i, k=0: denoise.row_noise(keys, i, k, shape))
     return np.asarray(x)
 
 

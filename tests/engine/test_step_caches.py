@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from flowgen.engine.errors import EngineInputError
 from flowgen.engine.sampling import loop as denoise
-from flowgen.engine.transformer.config import Flux2Config
-from flowgen.engine.transformer.positions import image_ids, reference_ids, text_ids
 from flowgen.engine.sampling import names
 from flowgen.engine.sampling.step_cache_settings import PRESETS, StepCache, resolve, window
-from flowgen.engine.transformer.compiled import CompiledTransformer
 from flowgen.engine.transformer.blocks import modulate
-from flowgen.engine.errors import EngineInputError
+from flowgen.engine.transformer.compiled import CompiledTransformer
+from flowgen.engine.transformer.config import Flux2Config
+from flowgen.engine.transformer.positions import image_ids, reference_ids, text_ids
 from tests.engine import step_cache_reference as ref
 
 # every test renders or compiles whole denoising loops: minutes on CPU

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from flowgen.engine.transformer import positions as ids
-from flowgen.engine.transformer.config import Flux2Config
 from flowgen.engine.transformer.compiled import TRACE_COUNTS, CompiledTransformer
+from flowgen.engine.transformer.config import Flux2Config
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_transformer import TINY
 

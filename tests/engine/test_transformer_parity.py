@@ -110,8 +110,8 @@ def sharp_models():
     from diffusers import Flux2Transformer2DModel
 
     from flowgen.engine.transformer.compiled import CompiledTransformer
-    from tests.engine.fixtures_transformer import diffusers_to_bfl
     from tests.engine.fixtures_pipeline import TRANSFORMER, sharpen_transformer_
+    from tests.engine.fixtures_transformer import diffusers_to_bfl
 
     config = dict(TRANSFORMER.to_diffusers())
     config.pop("_class_name")

@@ -255,8 +255,9 @@ def test_tiny_model_images_equal_the_runs():
     from flowgen.run.engine import PipelineEngine
 
     engine = PipelineEngine("flux2-klein-tiny")
-    small = lambda prompt: Job.from_task({"positivePrompt": prompt, "width": 128, "height": 128, "steps": 2},
-                                         guidance=None)
+    def small(prompt):
+        return Job.from_task({"positivePrompt": prompt, "width": 128, "height": 128, "steps": 2}, guidance=None)
+
     wanted = [(small("batcher test: a red fox"), 11), (small("batcher test: a blue car"), 12),
               (small("batcher test: a red fox"), 13)]
     before = dict(engine.pipe.counters)

@@ -300,7 +300,7 @@ def test_eight_clients_times_four_requests_at_once_all_complete_in_shared_batche
         stats = httpx.get(url + "/v1/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
         assert httpx.get(url + "/v1/stats", timeout=10).status_code == 401
     assert sorted(answers) == list(range(clients))
-    for number, rows in answers.items():
+    for rows in answers.values():
         for t, status, body in rows:
             assert status == 200, body
             (item,) = body["data"]

@@ -13,8 +13,8 @@ import uuid
 
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 from pytest_httpserver import URIPattern
+from safetensors.numpy import save_file
 from starlette.testclient import TestClient
 from werkzeug import Response
 

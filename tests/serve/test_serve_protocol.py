@@ -7,7 +7,6 @@ so each test takes well under a second; one test starts real uvicorn on a free l
 from __future__ import annotations
 
 import base64
-import io
 import json
 import socket
 import threading
@@ -17,14 +16,13 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from starlette.testclient import TestClient
 
+from flowgen.errors import FlowgenError
 from flowgen.recipe.api import validate_task
 from flowgen.run.engine import FakeEngine
 from flowgen.serve.auth import check_can_listen, key_digest, load_keys
 from flowgen.serve.store import image_uuid_for
-from flowgen.errors import FlowgenError
 from tests.serve.fake_app import AUTH, KEY, TINY, GatedEngine, decode, expected_pixels, make_app, png_bytes, task
 
 # --- auth -----------------------------------------------------------------------------------------
@@ -162,7 +160,6 @@ def test_an_uploaded_image_is_usable_as_a_reference_by_uuid_data_uri_or_base64(c
     assert client.get(item["imageURL"]).content == raw  # stored as sent, content-addressed
     import hashlib
     assert item["imageUUID"] == image_uuid_for(hashlib.sha256(raw).hexdigest())
-    reference = [np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))]
     pixels = []
     for form in (item["imageUUID"], upload["image"], base64.b64encode(raw).decode()):
         t = task(outputType="base64Data", outputFormat="PNG", seed=7, inputs={"referenceImages": [form]})

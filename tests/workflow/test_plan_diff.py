@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from flowgen.plan import compile_plan, diff_plan
 from flowgen.recipe.api import Item
 from flowgen.run.engine import FakeEngine

@@ -19,8 +19,8 @@ from flowgen.plan.hashing import ItemHasher, canonical_json, image_params, item_
 from flowgen.plan.params_json import ParamsJson
 from flowgen.recipe.api import load_recipe
 from flowgen.recipe.expansion import ItemBuilder, _base_defaults, _dataset_of_variables, _item, expand_keyed_combos
-from flowgen.recipe.validation import constant_result
 from flowgen.recipe.templates import TemplateProblem, render
+from flowgen.recipe.validation import constant_result
 
 _TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 _FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")

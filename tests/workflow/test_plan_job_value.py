@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def test_the_run_value_holds_the_diff_and_batches_once(tmp_path):
     limited = value.limited(3)
     assert (len(limited.runnable), limited.held_back, [b.size for b in limited.batches()]) == (3, 3, [4])
     assert limited.limited(None).runnable == value.runnable
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         value.diff = None  # type: ignore[misc]
 
 

@@ -104,7 +104,7 @@ def html(folder):
 
 
 def test_report_shows_every_item_result_and_failure_reason(folder, html):
-    for key, index in folder["records"]:
+    for key, _index in folder["records"]:
         assert f">{key}<" in html
     assert 'broken-packshot.png: is not a readable image' in html  # b-bad's reason
     assert "engine error: RuntimeError: out of device memory" in html  # e-boom's

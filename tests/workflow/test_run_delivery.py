@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,11 +19,12 @@ from werkzeug import Response
 
 from flowgen.delivery.http import RetryPolicy
 from flowgen.delivery.webhook import SIGNATURE_HEADER, verify_signature
+from flowgen.run.deliver import resend
 from flowgen.run.engine import BatchOutput, FakeEngine
 from flowgen.run.executor import against_folder, execute
 from flowgen.run.manifest import Manifest
-from flowgen.run.deliver import resend
 from tests.workflow.direct_runs import FAST, deliveries, item, plan_of
+
 
 @pytest.fixture
 def threaded_server():

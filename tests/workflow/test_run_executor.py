@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import against_folder, execute
 from flowgen.run.interrupt import StopRequest

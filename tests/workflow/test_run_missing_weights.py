@@ -1,7 +1,6 @@
 """A real model card whose weights are absent stops the run before anything is recorded (exit 2)."""
 
 import sqlite3
-from pathlib import Path
 
 from click.testing import CliRunner
 

@@ -3,7 +3,7 @@ lock refusing an overlapping start, the missed-runs policy, Ctrl-C."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -127,8 +127,8 @@ def test_an_interrupted_run_is_due_again_after_a_restart(tmp_path):
 def test_due_times_follow_the_schedules_time_zone():
     berlin = ScheduledRecipe(recipe="r.yaml", name="r", out_dir=Path("."), cron="0 3 * * *", timezone="Europe/Berlin")
     assert berlin.next_due(at(3, 1, 30)) == at(3, 2)  # 03:00 in Berlin is 02:00 UTC in winter
-    summer = datetime(2026, 7, 1, 0, 30, tzinfo=timezone.utc).timestamp()
-    assert berlin.next_due(summer) == datetime(2026, 7, 1, 1, 0, tzinfo=timezone.utc).timestamp()  # and 01:00 in summer
+    summer = datetime(2026, 7, 1, 0, 30, tzinfo=UTC).timestamp()
+    assert berlin.next_due(summer) == datetime(2026, 7, 1, 1, 0, tzinfo=UTC).timestamp()  # and 01:00 in summer
     assert berlin.latest_due(at(3, 2)) == at(3, 2)  # a due time exactly now is due now
     assert berlin.latest_due(at(3, 1, 59, 59)) == at(2, 2)
     assert berlin.shown(at(3, 2)) == "2026-12-03 03:00 Europe/Berlin"
