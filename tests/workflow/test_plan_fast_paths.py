@@ -18,7 +18,7 @@ import yaml
 from flowgen.plan.hashing import ItemHasher, canonical_json, image_params, item_hash
 from flowgen.plan.params_json import ParamsJson
 from flowgen.recipe.api import load_recipe
-from flowgen.recipe.expansion import ItemBuilder, _base_defaults, _dataset_of_variables, _item, expand_keyed_combos
+from flowgen.recipe.expansion import ItemBuilder, _dataset_of_variables, base_defaults, _item, expand_keyed_combos
 from flowgen.recipe.templates import TemplateProblem, render
 from flowgen.recipe.validation import constant_result
 
@@ -120,7 +120,7 @@ def test_item_builder_gives_the_items_and_problems_of_the_full_validation(tmp_pa
     recipe = load_recipe(recipe_file(tmp_path, **changes))
     keyed, problems = expand_keyed_combos(recipe)
     assert not problems
-    builder = ItemBuilder(recipe, _base_defaults(recipe))
+    builder = ItemBuilder(recipe, base_defaults(recipe.card, recipe.distilled))
     dataset_of = _dataset_of_variables(recipe)
     fast = 0
     for key, combo in keyed:
