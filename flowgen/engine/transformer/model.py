@@ -128,7 +128,7 @@ class TransformerStages(NamedTuple):
     """What the step-cached loop needs of a compiled transformer to run these stages (hashable: its
     graphdef and attention path are static arguments of the loop's jit)."""
 
-    graphdef: object
+    graphdef: nnx.GraphDef[Flux2Transformer]
     attention: str | None
 
 
