@@ -18,7 +18,7 @@ import yaml
 from flowgen.plan.hashing import ItemHasher, canonical_json, image_params, item_hash
 from flowgen.plan.params_json import ParamsJson
 from flowgen.recipe.api import load_recipe
-from flowgen.recipe.expansion import ItemBuilder, _dataset_of_variables, base_defaults, _item, expand_keyed_combos
+from flowgen.recipe.expansion import ItemBuilder, _dataset_of_variables, _item, base_defaults, expand_keyed_combos
 from flowgen.recipe.templates import TemplateProblem, render
 from flowgen.recipe.validation import constant_result
 
