@@ -144,13 +144,16 @@ class Pipeline:
         """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object.
 
         runtime: dtype and attention kernel (default: per backend, see `RuntimeConfig`); `dtype=`
-        is a shorthand for `RuntimeConfig(dtype=...)`.
+        is a shorthand for `RuntimeConfig(dtype=...)`. Turns on JAX's persistent compilation
+        cache first (`runtime/compile_cache.py`; FLOWGEN_COMPILE_CACHE).
         """
+        from flowgen.engine.runtime import compile_cache
         from flowgen.engine.text.qwen3 import load_text_encoder
         from flowgen.engine.text.tokenizer import load_tokenizer
         from flowgen.engine.transformer.checkpoint import load_transformer
         from flowgen.engine.vae import load_vae
 
+        compile_cache.enable()  # before anything compiles
         runtime = runtime or RuntimeConfig(dtype=dtype)
         settings = runtime.resolved()
         dtype = settings.dtype

@@ -1,4 +1,5 @@
-"""The denoising loop: every step of one batch in a single jitted program.
+"""The denoising loop: every step of one batch in jitted programs that the persistent compilation
+cache can keep.
 
 Four ways a step can see its references, all in one loop body:
 
@@ -14,8 +15,14 @@ Four ways a step can see its references, all in one loop body:
 The sampler (`sampling.base.Sampler`) is a static argument: it owns the update and its state
 (multistep history); stochastic samplers draw per-row noise from keys derived from each row's
 seed. Sigmas are a device array walked by `lax.fori_loop`, so one compiled program serves every
-call with the same shapes and sampler. After each step the loop reports to the host
-(`jax.debug.callback`, dispatched by a traced listener token: no retrace per listener).
+call with the same shapes and sampler.
+
+Two programs per loop: `_prepare` (once per call: CFG tiling of the per-row inputs, the initial
+sampler and cache state) and `_steps`, which runs steps [start, stop) over the carried state. Both
+bounds are traced, so one `_steps` program serves a whole loop in one call or a step per call; the
+host reports progress between calls. (No host callback inside a program: JAX does not persist
+programs that hold one.) A step's arithmetic is the same however the steps are split into calls,
+and the same as when the loop was one program with a callback (tests/engine/test_loop_chunks.py).
 
 A step cache (`step_cache_settings.StepCache`, static) runs the same loop through
 `step_cache.cached_forward` (the DiT's own stages over three block ranges) and also returns its
@@ -26,9 +33,8 @@ from __future__ import annotations
 
 import collections
 import functools
-import itertools
-import threading
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +43,7 @@ import numpy as np
 from flowgen.engine.sampling import step_cache as step_caches
 from flowgen.engine.sampling.base import Sampler
 from flowgen.engine.sampling.flow_schedule import NUM_TRAIN_TIMESTEPS
+from flowgen.engine.transformer.model import ReferenceKV
 
 # Incremented while tracing: tests check that repeated calls with the same shapes do not retrace.
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -52,7 +59,7 @@ class Conditioning(NamedTuple):
     txt: jax.Array  # (B, T, D) positive prompts; with CFG (2B, T, D): positives then negatives
     rope_txt: tuple  # RoPE tables of the text ids, (T, d/2) each
     rope_img: tuple  # RoPE of the output ids (+ reference ids when concatenated): (N', d/2) or per row (B, N', d/2)
-    ref_kv: object = None  # KV model: cached reference K/V, batch 1 (shared) or B (per row)
+    ref_kv: ReferenceKV | None = None  # KV model: cached reference K/V, batch 1 (shared) or B (per row)
     ref_tokens: jax.Array | None = None  # plain Klein: (1 or B, R, C) reference tokens to append
     key_lengths: jax.Array | None = None  # (B,) int32 valid keys per row over [txt, img, refs]; None: all
 
@@ -83,65 +90,30 @@ def row_noise(keys: jax.Array, i, k: int, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(one)(keys)
 
 
-def sample(sampler: Sampler, model: Callable, x: jax.Array, sigmas: jax.Array, keys: jax.Array,
-           on_step: Callable | None = None) -> jax.Array:
-    """Run `sampler` over `sigmas` (N + 1,) from x (B, N, C); pure and traceable (used inside jit).
-
-    keys: (B,) PRNG keys, one per row (used by stochastic samplers only). on_step(i) is traced
-    code run after step i (the loop's host report).
-    """
+def sample(sampler: Sampler, model: Callable, carry, sigmas: jax.Array, keys: jax.Array, start, stop):
+    """Run `sampler` over steps [start, stop) of `sigmas` (N + 1,) from carry (x (B, N, C), sampler
+    state); pure and traceable (used inside jit). keys: (B,) PRNG keys, one per row (used by
+    stochastic samplers only). Returns the carry after step stop - 1."""
+    x = carry[0]
 
     def noise(i, k: int = 0):
         return row_noise(keys, i, k, x.shape[1:])
 
     def body(i, carry):
         x, state = carry
-        x, state = sampler.step(model, i, x, state, sigmas, noise)
-        if on_step is not None:
-            on_step(i)
-        return x, state
+        return sampler.step(model, i, x, state, sigmas, noise)
 
-    x, _ = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, sampler.init_state(x)))
-    return x
-
-
-# ---- host progress reports --------------------------------------------------------------------
-
-_LISTENERS: dict[int, Callable[[int], None]] = {}
-_LISTENER_IDS = itertools.count(1)
-_LISTENERS_LOCK = threading.Lock()
-
-
-def _report(token, step) -> None:
-    listener = _LISTENERS.get(int(token))
-    if listener is not None:
-        listener(int(step) + 1)
-
-
-class _Listening:
-    """Registers `on_step(steps_done)` for one loop call; the loop sees only an int token."""
-
-    def __init__(self, on_step):
-        self.on_step, self.token = on_step, 0
-
-    def __enter__(self) -> int:
-        if self.on_step is not None:
-            with _LISTENERS_LOCK:
-                self.token = next(_LISTENER_IDS) & 0x7FFFFFFF
-                _LISTENERS[self.token] = self.on_step
-        return self.token
-
-    def __exit__(self, *exc) -> None:
-        _LISTENERS.pop(self.token, None)
+    return jax.lax.fori_loop(start, stop, body, carry)
 
 
 # ---- the compiled loop -------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t", "step_cache", "stages"))
-def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forward, cfg: bool,
-          sampler: Sampler, quantize_t: bool, step_cache=None, stages=None):
-    TRACE_COUNTS["denoise"] += 1
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "step_cache", "stages"))
+def _prepare(params, x, cond: Conditioning, sigmas, *, cfg: bool, sampler: Sampler, step_cache=None, stages=None):
+    """(cond as the steps read it, initial carry): once per loop call, whatever its number of `_steps`
+    calls. Per-row inputs are tiled for both CFG halves and reference tokens broadcast to the model batch."""
+    TRACE_COUNTS["prepare"] += 1
     batch, n = x.shape[0], x.shape[1]
     width = 2 * batch if cfg else batch
     ref_kv, ref_tokens, lengths = cond.ref_kv, cond.ref_tokens, cond.key_lengths
@@ -157,6 +129,42 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
             lengths = jnp.concatenate([lengths, lengths], axis=0)
     if ref_tokens is not None:
         ref_tokens = jnp.broadcast_to(ref_tokens.astype(x.dtype), (width, *ref_tokens.shape[1:]))
+    carry = (x, sampler.init_state(x))
+    prepared = Conditioning(cond.txt, cond.rope_txt, rope_img, ref_kv, ref_tokens, lengths)
+    if step_cache is None:
+        return prepared, carry
+    steps = sigmas.shape[0] - 1
+    n_tokens = n + (0 if ref_tokens is None else ref_tokens.shape[1])
+    state = step_caches.initial_state(stages, params, step_cache, (width, n_tokens), cond.txt.shape[1], steps, x.dtype)
+    return prepared, (*carry, state)
+
+
+@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t", "step_cache", "stages"))
+def _steps(
+    params,
+    carry,
+    cond: Conditioning,
+    sigmas,
+    guidance,
+    keys,
+    start,
+    stop,
+    *,
+    forward,
+    cfg: bool,
+    sampler: Sampler,
+    quantize_t: bool,
+    step_cache=None,
+    stages=None,
+):
+    """Steps [start, stop) of the loop over `carry` ((x, sampler state) [+ cache state]); the new carry.
+    cond: as `_prepare` left it (tiled for CFG)."""
+    TRACE_COUNTS["denoise"] += 1
+    x = carry[0]
+    batch, n = x.shape[0], x.shape[1]
+    width = 2 * batch if cfg else batch
+    txt, rope_txt = cond.txt, cond.rope_txt
+    ref_kv, ref_tokens, lengths, rope_img = cond.ref_kv, cond.ref_tokens, cond.key_lengths, cond.rope_img
 
     def model_using(transformer):  # the sampler's model(x, sigma) around transformer(tokens, times)
         def model(x, sigma):
@@ -172,27 +180,35 @@ def _loop(params, x, cond: Conditioning, sigmas, guidance, keys, token, *, forwa
 
         return model
 
-    def on_step(i):
-        jax.debug.callback(_report, token, i)
-
     if step_cache is None:
-        plain = lambda tokens, times: forward(params, tokens, rope_img, times, cond.txt, cond.rope_txt, ref_kv, lengths)  # noqa: E731
-        return sample(sampler, model_using(plain), x, sigmas, keys, on_step)
-    # step caches (sampling/step_cache.py): the loop also returns the cache's per-step record
+        plain = lambda tokens, times: forward(params, tokens, rope_img, times, txt, rope_txt, ref_kv, lengths)  # noqa: E731
+        return sample(sampler, model_using(plain), carry, sigmas, keys, start, stop)
+    # step caches (sampling/step_cache.py): the carry also holds the cache's state and per-step record
     steps = sigmas.shape[0] - 1
-    n_tokens = n + (0 if ref_tokens is None else ref_tokens.shape[1])
-    state = step_caches.initial_state(stages, params, step_cache, (width, n_tokens), cond.txt.shape[1], steps, x.dtype)
-
-    ranges = step_caches.block_ranges(stages, params, step_cache, ref_kv)  # weights sliced once, outside the steps
+    ranges = step_caches.block_ranges(stages, params, step_cache, ref_kv)  # weights sliced outside the steps
 
     def run(tokens, times, cache_state, i, decided):
-        return step_caches.cached_forward(stages, step_cache, ranges, params, tokens, rope_img, times, cond.txt,
-                                          cond.rope_txt, lengths, cache_state, i, steps, decided)
+        return step_caches.cached_forward(
+            stages,
+            step_cache,
+            ranges,
+            params,
+            tokens,
+            rope_img,
+            times,
+            txt,
+            rope_txt,
+            lengths,
+            cache_state,
+            i,
+            steps,
+            decided,
+        )
 
     shape = x.shape[1:]
-    x, state = step_caches.sample_cached(sampler, model_using, run, state, x, sigmas,
-                                         lambda i, k=0: row_noise(keys, i, k, shape), on_step)
-    return x, {"distances": state.distances, "computed": state.computed}
+    return step_caches.sample_cached(
+        sampler, model_using, run, carry, sigmas, lambda i, k=0: row_noise(keys, i, k, shape), start, stop
+    )
 
 
 class Denoiser:
@@ -202,33 +218,65 @@ class Denoiser:
     """
 
     def __init__(self, forward, stages=None):
-        # `forward` is a static argument of one module-level jit: pipelines sharing a transformer
+        # `forward` is a static argument of module-level jits: pipelines sharing a transformer
         # share compiled loops. `stages` (`CompiledTransformer.stages`) lets the loop run step caches.
         self.forward = forward
         self.stages = stages
 
-    def __call__(self, params, x: jax.Array, cond: Conditioning, sigmas, sampler: Sampler, keys: jax.Array,
-                 guidance: float | None = None, *, quantize_t: bool = False,
-                 on_step: Callable[[int], None] | None = None, step_cache=None):
+    def __call__(
+        self,
+        params,
+        x: jax.Array,
+        cond: Conditioning,
+        sigmas,
+        sampler: Sampler,
+        keys: jax.Array,
+        guidance: float | None = None,
+        *,
+        quantize_t: bool = False,
+        on_step: Callable[[int], None] | None = None,
+        step_cache=None,
+    ):
         """Denoise tokens x (B, N, C) along sigmas (N + 1,); returns the final tokens in x's dtype.
 
-        on_step(steps_done) is called on the host after each step. With `step_cache` (a
-        `step_cache_settings.StepCache`) returns (tokens, record): record["distances"] and
-        record["computed"] are numpy arrays with one entry per step.
+        on_step(steps_done) is called on the host after each step (the loop then runs a program
+        call per step; without it, one call). With `step_cache` (a `step_cache_settings.StepCache`)
+        returns (tokens, record): record["distances"] and record["computed"] are numpy arrays with
+        one entry per step.
         """
         if step_cache is not None and self.stages is None:
             raise ValueError("step caches need the transformer's stages: Denoiser(forward, transformer.stages)")
         cfg = guidance is not None
         g = jnp.float32(guidance if cfg else 1.0)
-        extra = {} if step_cache is None else {"step_cache": step_cache, "stages": self.stages}
-        with _Listening(on_step) as token:
-            out = _loop(params, x, cond, jnp.asarray(sigmas, jnp.float32), g, keys, jnp.int32(token),
-                        forward=self.forward, cfg=cfg, sampler=sampler, quantize_t=quantize_t, **extra)
-            out = jax.block_until_ready(out)
+        sigmas = jnp.asarray(sigmas, jnp.float32)
+        steps = sigmas.shape[0] - 1
+        cache = {} if step_cache is None else {"step_cache": step_cache, "stages": self.stages}
+        prepared, carry = _prepare(params, x, cond, sigmas, cfg=cfg, sampler=sampler, **cache)
+        bounds = [(i, i + 1) for i in range(steps)] if on_step is not None else [(0, steps)]
+        for start, stop in bounds:
+            carry = _steps(
+                params,
+                carry,
+                prepared,
+                sigmas,
+                g,
+                keys,
+                jnp.int32(start),
+                jnp.int32(stop),
+                forward=self.forward,
+                cfg=cfg,
+                sampler=sampler,
+                quantize_t=quantize_t,
+                **cache,
+            )
+            if on_step is not None:
+                jax.block_until_ready(carry[0])
+                on_step(stop)
+        tokens = jax.block_until_ready(carry[0])
         if step_cache is None:
-            return out
-        tokens, record = out
-        return tokens, {name: np.asarray(value) for name, value in record.items()}
+            return tokens
+        state = carry[2]
+        return tokens, {"distances": np.asarray(state.distances), "computed": np.asarray(state.computed)}
 
 
 def noise_keys(seeds) -> jax.Array:
@@ -236,4 +284,3 @@ def noise_keys(seeds) -> jax.Array:
     data = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], dtype=np.uint32).reshape(-1, 2)
     keys = jax.random.wrap_key_data(jnp.asarray(data))
     return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(keys)
-

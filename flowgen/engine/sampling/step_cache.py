@@ -72,8 +72,9 @@ def block_ranges(stages: TransformerStages, params, cache: StepCache, ref_kv) ->
     return CacheRanges(*(transformer.block_range(model, ref_kv, a, b) for a, b in itertools.pairwise(bounds)))
 
 
-def initial_state(stages: TransformerStages, params, cache: StepCache, tokens_shape, txt_len: int, steps: int,
-                  dtype) -> StepCacheState:
+def initial_state(
+    stages: TransformerStages, params, cache: StepCache, tokens_shape, txt_len: int, steps: int, dtype
+) -> StepCacheState:
     """Zero buffers shaped like the signal and the residual of a (W, N', C) token batch."""
     width, n_img = tokens_shape[0], tokens_shape[1]
     model = nnx.merge(stages.graphdef, params)
@@ -82,12 +83,29 @@ def initial_state(stages: TransformerStages, params, cache: StepCache, tokens_sh
     return StepCacheState(
         anchor=jnp.zeros((width, n_img, hidden), jnp.float32),
         residual=jnp.zeros((width, residual_len, hidden), model.dtype),
-        accumulated=jnp.float32(0), consecutive=jnp.int32(0),
-        distances=jnp.zeros((steps,), jnp.float32), computed=jnp.zeros((steps,), bool))
+        accumulated=jnp.float32(0),
+        consecutive=jnp.int32(0),
+        distances=jnp.zeros((steps,), jnp.float32),
+        computed=jnp.zeros((steps,), bool),
+    )
 
 
-def cached_forward(stages: TransformerStages, cache: StepCache, ranges: CacheRanges, params, x, rope_img, t, txt, rope_txt,
-                   key_lengths, state: StepCacheState, i, steps: int, decided=None):
+def cached_forward(
+    stages: TransformerStages,
+    cache: StepCache,
+    ranges: CacheRanges,
+    params,
+    x,
+    rope_img,
+    t,
+    txt,
+    rope_txt,
+    key_lengths,
+    state: StepCacheState,
+    i,
+    steps: int,
+    decided=None,
+):
     """`transformer.forward` with the middle range cached: velocity (W, N', C) float32, the new state and
     the skip decision. ranges: `block_ranges(...)` (they carry the reference K/V), made before the
     loop. decided=None: this call decides step i and updates the state; else a traced bool (skip)
@@ -121,8 +139,9 @@ def cached_forward(stages: TransformerStages, cache: StepCache, ranges: CacheRan
     return velocity, state, skip
 
 
-def _decide(cache: StepCache, state: StepCacheState, model, inputs: transformer.StepInputs, streams, front, i,
-            steps: int):
+def _decide(
+    cache: StepCache, state: StepCacheState, model, inputs: transformer.StepInputs, streams, front, i, steps: int
+):
     """The skip decision of step i and the state after it (residual excepted)."""
     img = transformer.image_tokens(streams, inputs.n_txt)
     if cache.kind == "teacache":  # block 0's modulated image input
@@ -146,8 +165,12 @@ def _decide(cache: StepCache, state: StepCacheState, model, inputs: transformer.
     anchor = signal if cache.kind == "teacache" else jnp.where(skip, state.anchor, signal)
     consecutive = jnp.where(skip, state.consecutive + 1, 0).astype(jnp.int32)
     return skip, state._replace(
-        anchor=anchor, accumulated=jnp.float32(accumulated), consecutive=consecutive,
-        distances=state.distances.at[i].set(distance), computed=state.computed.at[i].set(~skip))
+        anchor=anchor,
+        accumulated=jnp.float32(accumulated),
+        consecutive=consecutive,
+        distances=state.distances.at[i].set(distance),
+        computed=state.computed.at[i].set(~skip),
+    )
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -169,18 +192,16 @@ class _StepModel:
         return velocity
 
 
-def sample_cached(sampler, model_using: Callable, run, state: StepCacheState, x, sigmas, noise, on_step=None):
-    """`loop.sample` with a step cache: model_using(forward) -> the sampler's model(x, sigma)
-    around a transformer forward(tokens, times); run(tokens, times, state, i, decided) is
-    `cached_forward` bound to the batch. Returns (x, final cache state)."""
+def sample_cached(sampler, model_using: Callable, run, carry, sigmas, noise, start, stop):
+    """`loop.sample` with a step cache, over steps [start, stop): model_using(forward) -> the
+    sampler's model(x, sigma) around a transformer forward(tokens, times); run(tokens, times,
+    state, i, decided) is `cached_forward` bound to the batch. carry: (x, sampler state, cache
+    state); returns it after step stop - 1."""
 
     def body(i, carry):
         x, sampler_state, cache_state = carry
         step_model = _StepModel(run, cache_state, i)
         x, sampler_state = sampler.step(model_using(step_model), i, x, sampler_state, sigmas, noise)
-        if on_step is not None:
-            on_step(i)
         return x, sampler_state, step_model.state
 
-    x, _, state = jax.lax.fori_loop(0, sigmas.shape[0] - 1, body, (x, sampler.init_state(x), state))
-    return x, state
+    return jax.lax.fori_loop(start, stop, body, carry)
