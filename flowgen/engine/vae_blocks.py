@@ -9,7 +9,7 @@ Each layer is written in the form XLA:CPU runs fastest, with the same result (is
 bench/RESULTS.md "VAE"): the upsample never materialises the repeated image, a conv's bias folds
 into the GroupNorm after it, GroupNorm reduces per channel first, SiLU goes through tanh, 1x1 convs
 are matmuls, the 3-channel image is zero-padded to 4 channels, and CPU attention runs in 512-row
-query blocks. tests/engine/test_vae_blocks.py pins each form to the plain operation.
+query blocks. tests/engine/vae/test_vae_blocks.py pins each form to the plain operation.
 """
 
 from __future__ import annotations

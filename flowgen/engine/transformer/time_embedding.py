@@ -12,7 +12,7 @@ for bit.
 torch's own table is not the same on every CPU either: its float32 exp is not correctly rounded and
 its vector kernels differ (AVX-512 vs AVX2: 5 of the 128 entries differ by 1 ulp). The stored table
 is fixed, so flowgen's images do not depend on the host's CPU; each entry is within 1 ulp of the
-correctly rounded value (tests/engine/test_constants.py).
+correctly rounded value (tests/engine/transformer/test_constants.py).
 """
 
 from __future__ import annotations

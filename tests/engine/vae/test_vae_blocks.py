@@ -5,7 +5,7 @@ upsample never materialises the repeated image, GroupNorm folds a conv bias into
 3-channel convs are zero-padded to 4 channels, 1x1 convs are matmuls, SiLU goes through tanh, and
 attention runs in 512-row query blocks. These tests pin each form to the textbook operation on
 awkward shapes (odd sizes, ragged blocks, large means); the end-to-end parity with diffusers is
-tests/engine/test_vae_parity.py.
+tests/engine/vae/test_vae_parity.py.
 """
 
 from __future__ import annotations

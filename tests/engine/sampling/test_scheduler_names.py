@@ -17,7 +17,7 @@ from flowgen.errors import RecipeError
 from flowgen.recipe import spec as spec_values
 from flowgen.recipe.api import expand_items, load_recipe
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 def test_the_table_covers_exactly_the_spec_names():

@@ -241,7 +241,7 @@ def test_cards_ship_in_the_package_data():
     """setup.py maps models/ to flowgen/models; every card file must match its package_data glob."""
     folder = cards.cards_dir()
     assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(f"{n}.yaml" for n in EXPECTED)
-    setup_py = Path(__file__).resolve().parents[2] / "setup.py"
+    setup_py = Path(__file__).resolve().parents[3] / "setup.py"
     if setup_py.is_file():  # running from the source tree
         text = setup_py.read_text()
         assert '"flowgen.models": "models"' in text and '"flowgen.models": ["*.yaml"]' in text
@@ -256,7 +256,7 @@ def test_non_editable_wheel_contains_and_finds_the_cards(tmp_path):
 
     pytest.importorskip("setuptools")
     pytest.importorskip("wheel")
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     src = tmp_path / "src"
     shutil.copytree(root / "flowgen", src / "flowgen", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(root / "models", src / "models")

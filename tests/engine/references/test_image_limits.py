@@ -33,7 +33,7 @@ from flowgen.recipe.validation import image_problem
 from flowgen.run.references import ReferenceLoader, image_bytes
 from tests.png_files import header_only_png, solid_png
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
