@@ -65,7 +65,7 @@ def flowgen_side(folder: Path):
     import jax.numpy as jnp
     import numpy as np
 
-    from flowgen.engine.vae import load_vae
+    from flowgen.engine.vae.model import load_vae
 
     vae = load_vae(folder)
     return {

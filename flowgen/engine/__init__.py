@@ -13,7 +13,7 @@ The engine, by component:
     transformer/     the FLUX.2 transformer: config, blocks, rope, time embedding, attention,
                      positions (token ids), model (NNX module and its forward stages), compiled
                      (jit wrapper), checkpoint loading, params and keys (BFL <-> diffusers names)
-    vae/ or vae*.py  the autoencoder
+    vae/             the autoencoder: config, blocks, model, checkpoint, keys
     text/            Qwen3 text encoder, tokenizer (+ the tiny one), prompt cache, checkpoint keys
     references/      reference files and image decoding, latents/K/V cache, a batch's layout
     sampling/        the compiled loop, samplers, schedules, scheduler names, step caches
@@ -37,7 +37,7 @@ _EXPORTS = {
     "Flux2Config": "flowgen.engine.transformer.config",
     "CompiledTransformer": "flowgen.engine.transformer.compiled",
     "load_transformer": "flowgen.engine.transformer.checkpoint",
-    "load_vae": "flowgen.engine.vae",
+    "load_vae": "flowgen.engine.vae.model",
     "load_text_encoder": "flowgen.engine.text.qwen3",
     "load_tokenizer": "flowgen.engine.text.tokenizer",
     "refine_faces": "flowgen.engine.faces.refine",
@@ -92,7 +92,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
     from flowgen.engine.transformer.checkpoint import load_transformer
     from flowgen.engine.transformer.compiled import CompiledTransformer
     from flowgen.engine.transformer.config import Flux2Config
-    from flowgen.engine.vae import load_vae
+    from flowgen.engine.vae.model import load_vae
     from flowgen.engine.weights.locate import flowgen_cache_dir
 
 __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPORTS)

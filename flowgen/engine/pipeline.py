@@ -151,7 +151,7 @@ class Pipeline:
         from flowgen.engine.text.qwen3 import load_text_encoder
         from flowgen.engine.text.tokenizer import load_tokenizer
         from flowgen.engine.transformer.checkpoint import load_transformer
-        from flowgen.engine.vae import load_vae
+        from flowgen.engine.vae.model import load_vae
 
         compile_cache.enable()  # before anything compiles
         runtime = runtime or RuntimeConfig(dtype=dtype)

@@ -23,8 +23,8 @@ from safetensors.numpy import save_file
 
 from flowgen.engine.transformer.config import Flux2Config
 from flowgen.engine.transformer.keys import diffusers_shapes, expected_bfl_shapes
-from flowgen.engine.vae_config import VAEConfig
-from flowgen.engine.weights.vae_keys import diffusers_shapes as vae_shapes
+from flowgen.engine.vae.config import VAEConfig
+from flowgen.engine.vae.keys import diffusers_shapes as vae_shapes
 
 # Bump when the bytes written for a seed change (weight init, layout, configs): it is part of the
 # model's identity and of its cache folder name, so stale cached copies are never reused.

@@ -201,8 +201,8 @@ def test_dit_rope_tables_are_diffusers_to_the_bit():
 def test_vae_eps_match_diffusers():
     from diffusers import AutoencoderKLFlux2
 
-    from flowgen.engine.vae_blocks import GROUP_NORM_EPS
-    from flowgen.engine.vae_config import VAEConfig
+    from flowgen.engine.vae.blocks import GROUP_NORM_EPS
+    from flowgen.engine.vae.config import VAEConfig
     from tests.engine.fixtures_pipeline import VAE
 
     model = AutoencoderKLFlux2(**VAE)
@@ -214,7 +214,7 @@ def test_vae_eps_match_diffusers():
 def test_vae_batch_norm_stats_match_the_pipelines(tmp_path):
     from diffusers import AutoencoderKLFlux2
 
-    from flowgen.engine.vae import _bn_mean_std, load_vae
+    from flowgen.engine.vae.model import _bn_mean_std, load_vae
     from tests.engine.fixtures_pipeline import VAE, sharpen_vae_
 
     model = AutoencoderKLFlux2(**VAE).eval()

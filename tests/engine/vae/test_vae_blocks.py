@@ -1,6 +1,6 @@
 """The VAE's CPU formulations against the plain operations they replace (float64 torch references).
 
-Each layer of `flowgen.engine.vae_blocks` computes its operation in a form XLA:CPU runs well: the
+Each layer of `flowgen.engine.vae.blocks` computes its operation in a form XLA:CPU runs well: the
 upsample never materialises the repeated image, GroupNorm folds a conv bias into its statistics,
 3-channel convs are zero-padded to 4 channels, 1x1 convs are matmuls, SiLU goes through tanh, and
 attention runs in 512-row query blocks. These tests pin each form to the textbook operation on
@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowgen.engine import vae_blocks
+from flowgen.engine.vae import blocks as vae_blocks
 
 RNG = np.random.default_rng(0)
 
@@ -151,7 +151,7 @@ def test_a_batch_runs_image_by_image_on_cpu(tmp_path):
     batch mates (bit for bit), and the mapped program equals the batched one."""
     from diffusers import AutoencoderKLFlux2
 
-    from flowgen.engine import vae as vae_module
+    from flowgen.engine.vae import model as vae_module
 
     torch.manual_seed(0)
     AutoencoderKLFlux2(

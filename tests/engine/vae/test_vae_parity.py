@@ -19,9 +19,9 @@ from diffusers import AutoencoderKLFlux2
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
-from flowgen.engine.vae import load_vae
-from flowgen.engine.vae_config import VAEConfig
-from flowgen.engine.weights import vae_keys
+from flowgen.engine.vae import keys as vae_keys
+from flowgen.engine.vae.config import VAEConfig
+from flowgen.engine.vae.model import load_vae
 from flowgen.errors import CheckpointError
 from tests.engine.fixtures_pipeline import sharpen_vae_
 
@@ -133,7 +133,7 @@ def test_chunked_attention_equals_full_attention():
     """Large images attend over query blocks; the blocks (with a ragged last one) change nothing."""
     import jax.numpy as jnp
 
-    from flowgen.engine import vae_blocks
+    from flowgen.engine.vae import blocks as vae_blocks
 
     rng = np.random.default_rng(3)
     c = 8
@@ -178,7 +178,7 @@ def test_pure_functions_trace_inside_a_callers_jit(tiny, jax_vae):
     (lowered, not compiled, to keep the suite fast; the same functions are compared above)."""
     import jax
 
-    from flowgen.engine.vae import decode_to_uint8, encode_images
+    from flowgen.engine.vae.model import decode_to_uint8, encode_images
 
     _, _, images, _ = tiny
     config = jax_vae.config

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from flowgen.engine.vae_config import VAEConfig
-from flowgen.engine.weights import vae_keys
+from flowgen.engine.vae import keys as vae_keys
+from flowgen.engine.vae.config import VAEConfig
 from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
 from flowgen.errors import CheckpointError
 

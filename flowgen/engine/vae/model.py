@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flowgen.engine import vae_blocks as blocks
-from flowgen.engine.vae_config import VAEConfig
-from flowgen.engine.weights.vae_weights import read_vae_checkpoint
+from flowgen.engine.vae import blocks
+from flowgen.engine.vae.checkpoint import read_vae_checkpoint
+from flowgen.engine.vae.config import VAEConfig
 from flowgen.errors import ImageInputError
 
 Params = blocks.Params

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from flowgen.engine.vae_config import VAEConfig
+from flowgen.engine.vae.config import VAEConfig
 
 Shape = tuple[int, ...]
 # Present in some checkpoints, never used by inference.

@@ -1,0 +1,1 @@
+"""The FLUX.2 autoencoder: config, layers, the model (encode/decode), checkpoint reading and keys."""
