@@ -50,6 +50,7 @@ _EXPORTS = {
     "flowgen_cache_dir": "flowgen.engine.weights.locate",
     "resolve_source": "flowgen.engine.source",
     "RuntimeConfig": "flowgen.engine.runtime",
+    "compile_stats": "flowgen.engine.runtime.compile_cache:stats",
     "resolve_step_cache": "flowgen.engine.sampling.step_cache_settings:resolve",
     "step_cache_option_problems": "flowgen.engine.sampling.step_cache_settings:option_problems",
     "checked_lora_path": "flowgen.engine.lora.source",
@@ -84,6 +85,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
         reduced_for_preparation,
     )
     from flowgen.engine.runtime import RuntimeConfig
+    from flowgen.engine.runtime.compile_cache import stats as compile_stats
     from flowgen.engine.sampling.step_cache_settings import option_problems as step_cache_option_problems
     from flowgen.engine.sampling.step_cache_settings import resolve as resolve_step_cache
     from flowgen.engine.source import resolve_source
@@ -112,6 +114,7 @@ __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPO
     "flowgen_cache_dir",
     "resolve_source",
     "RuntimeConfig",
+    "compile_stats",
     "resolve_step_cache",
     "step_cache_option_problems",
     "checked_lora_path",

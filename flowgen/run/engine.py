@@ -103,6 +103,7 @@ class PipelineEngine:
         self.dtype = dtype
         self._pipe = None
         self.load_seconds = 0.0
+        self._compiled_before = _compile_stats()  # what this process compiled before this engine
 
     @property
     def _key(self) -> tuple[str, str]:
@@ -119,6 +120,18 @@ class PipelineEngine:
                 self.load_seconds = time.perf_counter() - start
             self._pipe = _LOADED[self._key]
         return self._pipe
+
+    def startup(self) -> dict[str, Any]:
+        """Start-up so far, for the run record: seconds loading the weights, and the programs JAX
+        compiled or read back from its persistent cache since this engine was made (with the seconds
+        spent tracing, lowering and compiling them)."""
+        now, before = _compile_stats(), self._compiled_before
+        return {
+            "load": round(self.load_seconds, 3),
+            "compile": round(now.seconds - before.seconds, 3),
+            "programs": now.programs - before.programs,
+            "cache_hits": now.cache_hits - before.cache_hits,
+        }
 
     def preflight(self) -> None:
         """Raise CheckpointError now if the weights are not on this machine (nothing is loaded)."""
@@ -158,6 +171,12 @@ class PipelineEngine:
         from flowgen.engine import refine_faces
 
         return refine_faces(self.pipe, pixels, settings, seed, loras=loras)
+
+
+def _compile_stats():
+    from flowgen.engine import compile_stats
+
+    return compile_stats()
 
 
 def _check_lora_hashes(request: BatchRequest, merged: tuple) -> None:

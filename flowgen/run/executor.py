@@ -68,6 +68,8 @@ class RunSummary:
     removed: int = 0  # results in the manifest that the recipe no longer holds (`flowgen prune` removes them)
     canary: list[dict] = field(default_factory=list)  # golden-seed canary verdicts (flowgen.run.canary)
     canary_failures: list[str] = field(default_factory=list)  # one line per drifted item: nothing was rendered
+    started: float = field(default_factory=time.perf_counter)  # when execute() began (perf_counter)
+    startup: dict = field(default_factory=dict)  # load / compile / first_image seconds (engine.startup())
     error: str | None = None  # what ended the run early: an unexpected exception, or a file it could not use
     log: str | None = None  # where the traceback of that exception was written
 
@@ -420,6 +422,7 @@ def _summary_dict(summary: RunSummary) -> dict:
         "deliveries": summary.deliveries,
         "removed": summary.removed,
         **({"canary": summary.canary, "canary_failures": summary.canary_failures} if summary.canary else {}),
+        **({"startup": summary.startup} if summary.startup else {}),
         **{key: value for key, value in (("error", summary.error), ("log", summary.log)) if value},
     }
 
@@ -488,6 +491,9 @@ class BatchRunner:
             return records + [self._fail(r, reason) for r, _ in slots], finished
         self.last_engine_seconds = rendered.seconds
         self.summary.stage_seconds["engine"] += rendered.seconds
+        if not self.summary.startup and hasattr(self.engine, "startup"):  # the run's first images
+            first = round(time.perf_counter() - self.summary.started, 3)
+            self.summary.startup = {**self.engine.startup(), "first_image": first}
         if self.engine_identity is None:
             self.engine_identity = self.engine.identity()
         per_image = round(rendered.seconds_per_image, 4)  # as recorded: what the cost is of

@@ -34,6 +34,9 @@ small = {small!r}
 assert run_command(recipes + "/quickstart.yaml", out + "/quick", small, None, False) == 0
 products = small + ["datasets.products.filter.sku=[C-300]", "include=[]", "task.numberResults=1"]
 assert run_command(recipes + "/product-photos.yaml", out + "/products", products, None, False) == 0
+from flowgen.run.manifest import Manifest
+with Manifest(out + "/quick", create=False) as manifest:
+    print("STARTUP " + json.dumps(manifest.runs()[-1]["summary"]["startup"]))
 print("STATS " + json.dumps(vars(compile_cache.stats())) + " DIR " + str(compile_cache.in_use()))
 """
 
@@ -48,9 +51,10 @@ def _render(recipes: Path, out: Path, env: dict) -> tuple[dict, str]:
         cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("STATS "))
-    stats, _, folder = line[len("STATS ") :].partition(" DIR ")
-    return json.loads(stats), folder
+    lines = done.stdout.splitlines()
+    stats, _, folder = next(x for x in lines if x.startswith("STATS "))[len("STATS ") :].partition(" DIR ")
+    startup = json.loads(next(x for x in lines if x.startswith("STARTUP "))[len("STARTUP ") :])
+    return {**json.loads(stats), "startup": startup}, folder
 
 
 @pytest.mark.slow
@@ -71,6 +75,12 @@ def test_a_second_process_compiles_nothing(tmp_path):
     second, _ = _render(recipes, tmp_path / "second", env)
     assert second["programs"] == first["programs"]
     assert second["cache_hits"] == second["cache_requests"] == second["programs"]  # nothing compiled
+
+    # the run record's start-up report (the quickstart run: the process's first, which loads the weights)
+    cold, warm = first["startup"], second["startup"]
+    assert set(cold) == {"load", "compile", "programs", "cache_hits", "first_image"}
+    assert 0 < cold["load"] < cold["first_image"] and 0 < cold["compile"] < cold["first_image"]
+    assert cold["cache_hits"] == 0 < cold["programs"] == warm["programs"] == warm["cache_hits"]
 
 
 def _fresh_setting(monkeypatch, **env):
