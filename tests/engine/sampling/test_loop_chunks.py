@@ -157,7 +157,7 @@ def _image_digests(out: Path) -> dict[str, str]:
 def test_quickstart_images_equal_the_fixed_length_program(tmp_path, monkeypatch):
     from flowgen.commands.run import run_command
 
-    recipe = Path(__file__).resolve().parents[2] / "recipes" / "quickstart.yaml"
+    recipe = Path(__file__).resolve().parents[3] / "recipes" / "quickstart.yaml"
     monkeypatch.setenv("FLOWGEN_CACHE", str(tmp_path / "cache"))
     assert run_command(str(recipe), str(tmp_path / "chunked"), [], None, False) == 0
     _use_fixed_length(monkeypatch)
