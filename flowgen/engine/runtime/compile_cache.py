@@ -77,10 +77,10 @@ def _on_event(event: str, **_) -> None:
                 _stats.cache_hits += 1
 
 
-def _on_duration(event: str, seconds: float, **_) -> None:
+def _on_duration(event: str, duration_secs: float, **_: str | int) -> None:
     if event in _COMPILE_EVENTS:
         with _stats_lock:
-            _stats.seconds += seconds
+            _stats.seconds += duration_secs
             _stats.programs += event == _PROGRAM_EVENT
 
 
@@ -130,8 +130,9 @@ def enable() -> Path | None:
 
     explicit = os.environ.get(ENV, "").strip()
     folder = setting()
-    if folder is not None and not explicit and jax.config.jax_compilation_cache_dir:
-        folder = Path(jax.config.jax_compilation_cache_dir)  # the user configured JAX's own cache
+    configured = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]  # a flag its stubs omit
+    if folder is not None and not explicit and configured:
+        folder = Path(configured)  # the user configured JAX's own cache
     _decided = True
     if folder is None:
         jax.config.update("jax_enable_compilation_cache", False)
