@@ -65,7 +65,10 @@ def flowgen_side(folder: Path):
     import jax.numpy as jnp
     import numpy as np
 
-    from flowgen.engine.vae.model import load_vae
+    try:
+        from flowgen.engine.vae.model import load_vae
+    except ImportError:  # a tree from before the VAE had its own folder (--before)
+        from flowgen.engine.vae import load_vae  # type: ignore[no-redef]
 
     vae = load_vae(folder)
     return {
