@@ -94,7 +94,13 @@ def kd():
     return module
 
 
-_LOOP = jax.jit(lambda sampler, x, sigmas, keys: denoise.sample(sampler, model, x, sigmas, keys), static_argnums=0)
+def _whole_loop(sampler, x, sigmas, keys):
+    """Every step in one call: the loop's carry from the sampler's initial state, steps [0, N)."""
+    carry = (x, sampler.init_state(x))
+    return denoise.sample(sampler, model, carry, sigmas, keys, 0, sigmas.shape[0] - 1)[0]
+
+
+_LOOP = jax.jit(_whole_loop, static_argnums=0)
 
 
 def run(sampler: Sampler, x, sigmas, seeds=SEEDS) -> np.ndarray:
