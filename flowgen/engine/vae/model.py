@@ -99,28 +99,16 @@ def _bn_mean_std(p: Params, config: VAEConfig) -> tuple[jax.Array, jax.Array]:
 
 def encode_images(params: Params, images: jax.Array, config: VAEConfig) -> jax.Array:
     """Images (B, H, W, 3) in [-1, 1] -> normalised latents (B, 128, H/16, W/16) float32."""
-    return _image_by_image(lambda x: _encode(params, x, config), images)
+    return _encode(params, images, config)
 
 
 def decode_latents(params: Params, z: jax.Array, config: VAEConfig) -> jax.Array:
-    """Normalised latents (B, 128, h, w) -> raw decoder output (B, 16h, 16w, 3) float32, unclamped."""
-    return _image_by_image(lambda x: _decode(params, x, config), z)
+    """Normalised latents (B, 128, h, w) -> raw decoder output (B, 16h, 16w, 3) float32, unclamped.
 
-
-def _image_by_image(fn, x: jax.Array) -> jax.Array:
-    """fn over the batch, one image at a time (lax.map) on CPU, as one batch elsewhere.
-
-    Every layer of the AE works within one image. On XLA:CPU a program's scratch memory holds every
-    live activation of the whole batch; above 64 MiB glibc serves it from fresh pages each call (the
-    executing thread's arena cannot hold it), so each call page-faults it in again, and one image's
-    activations stay closer to cache: 256² on one core, batch 2 decode 383 -> 293 ms, encode 132 ->
-    113 ms; batch 8 decode 1660 -> 1252 ms, encode 701 -> 457 ms (bench/RESULTS.md). An image's
-    result then does not depend on its batch mates (XLA compiles a batch of one, a loop of one trip,
-    as straight-line code, which may round differently).
-    """
-    if x.shape[0] == 1 or not blocks.on_cpu():
-        return fn(x)
-    return jax.lax.map(lambda one: fn(one[None])[0], x)
+    The whole batch in one program: mapping image by image (lax.map) ran faster on CPU, but its
+    rows then depended on the batch size (a loop of 2 trips and one of 3 or 4 round differently;
+    tests/engine/test_pipeline.py::test_images_do_not_depend_on_batch_mates caught it)."""
+    return _decode(params, z, config)
 
 
 def _encode(params: Params, images: jax.Array, config: VAEConfig) -> jax.Array:

@@ -145,10 +145,9 @@ def test_cpu_attention_in_query_blocks_matches_softmax_attention():
     assert np.abs(ours - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
-@pytest.mark.slow  # ~10-25 s: compiles the tiny VAE at three batch sizes
-def test_a_batch_runs_image_by_image_on_cpu(tmp_path):
-    """On CPU encode and decode map over the batch, so an image's result does not depend on its
-    batch mates (bit for bit), and the mapped program equals the batched one."""
+@pytest.mark.slow  # ~10-25 s: compiles the tiny VAE at two batch sizes
+def test_an_images_result_does_not_depend_on_its_batch_mates(tmp_path):
+    """Encode and decode give an image the same bits whatever its batch mates and position."""
     from diffusers import AutoencoderKLFlux2
 
     from flowgen.engine.vae import model as vae_module
@@ -164,7 +163,3 @@ def test_a_batch_runs_image_by_image_on_cpu(tmp_path):
     np.testing.assert_array_equal(np.asarray(vae.decode_float(z[[2, 0]], clamp=False))[1], decoded[0])
     encoded = np.asarray(vae.encode(images))
     np.testing.assert_array_equal(np.asarray(vae.encode(images[[1, 0]]))[1], encoded[0])
-    assert "scan" in str(jax.make_jaxpr(lambda p, z: vae_module.decode_latents(p, z, vae.config))(vae.params, z))
-    with vae_blocks.attention_kernels.attention_path("xla"):  # the batched form (GPU's)
-        batched = jax.jit(lambda p, z: vae_module.decode_latents(p, z, vae.config))(vae.params, z)
-    np.testing.assert_allclose(np.asarray(batched), decoded, rtol=1e-5, atol=1e-5)
