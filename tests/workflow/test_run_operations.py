@@ -42,7 +42,8 @@ def test_a_detached_run_returns_its_id_at_once_and_status_shows_it_to_completion
             report = json.loads(status.stdout)
             seen_states.add(report["state"])
             last = report["last_run"]
-            if last and last["run_id"] == run_id and last["status"] not in ("starting", "running"):
+            finished = last and last["run_id"] == run_id and last["status"] not in ("starting", "running")
+            if finished and report["state"] == "idle":  # the run is recorded before its process lets go of the folder
                 break
         time.sleep(0.5)
     else:
