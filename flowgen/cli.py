@@ -62,6 +62,27 @@ dtype_option = click.option(
     help="Compute dtype; auto is bfloat16 on GPU/TPU, float32 on CPU (default: $FLOWGEN_DTYPE, else auto). "
     "Part of each result's identity.",
 )
+# Checked here (syntax; flowgen.engine.MeshSpec) and against the devices before anything is written.
+mesh_option = click.option(
+    "--mesh",
+    metavar="data=D,model=M",
+    help="Device mesh: data splits each batch's rows over the devices, model splits the transformer's weights "
+    "(FSDP, for cards that cannot hold them); an axis left out fills the devices "
+    "(default: $FLOWGEN_MESH, else every device on data). Recorded with each result, not hashed.",
+)
+
+
+def use_mesh(mesh: str | None) -> str | None:
+    """--mesh checked (one `error:` line, exit 2) and handed to this process's engines and children."""
+    if mesh is None:
+        return None
+    import os
+
+    from flowgen.engine import MeshSpec
+
+    MeshSpec.parse(mesh)
+    os.environ["FLOWGEN_MESH"] = mesh  # the engines (flowgen.run.engine) and a detached run read it
+    return mesh
 
 
 @click.group(
@@ -230,6 +251,7 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     metavar="SECONDS",
     help="--distributed: how long to wait for every process (and the coordinator) to join.",
 )
+@mesh_option
 @click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
 @click.option("--out-from-recipe", is_flag=True, hidden=True)  # the detached child's --out is the recipe's own
 @user_errors
@@ -250,12 +272,15 @@ def run(
     distributed,
     heartbeat_timeout,
     init_timeout,
+    mesh,
     run_id,
     out_from_recipe,
 ):
     """Run RECIPE: render every missing or changed result, deliver it, and update the manifest."""
     from flowgen.commands import run_command
     from flowgen.run.distributed import DistributedSettings
+
+    use_mesh(mesh)
 
     settings = DistributedSettings(heartbeat_timeout, init_timeout) if distributed else None
     sys.exit(
@@ -321,8 +346,9 @@ def status(out_dir, as_json):
     metavar=DTYPE_METAVAR,
     help="Render in this dtype instead of the one recorded for each result (--verify then compares across dtypes).",
 )
+@mesh_option
 @user_errors
-def regen(out_dir, targets, verify, to_dir, dtype):
+def regen(out_dir, targets, verify, to_dir, dtype, mesh):
     """Regenerate results of OUT_DIR from their manifest records.
 
     \b
@@ -333,7 +359,7 @@ def regen(out_dir, targets, verify, to_dir, dtype):
     """
     from flowgen.commands import regen_command
 
-    sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype))
+    sys.exit(regen_command(out_dir, list(targets), verify, to_dir, dtype, use_mesh(mesh)))
 
 
 @main.command(
@@ -556,12 +582,39 @@ def init(directory, force):
     help="Let reference-image URLs, webhookURL and uploadEndpoint reach this non-public host name, "
     "address or range (repeatable; adds to $FLOWGEN_ALLOW_HOSTS). Default: public addresses only.",
 )
+@mesh_option
 @user_errors
-def serve(host, port, models, data_dir, max_batch, window_ms, dtype, allow_hosts):
+def serve(host, port, models, data_dir, max_batch, window_ms, dtype, allow_hosts, mesh):
     """Answer Runware imageInference tasks (REST POST /v1 and WebSocket /v1), batching across clients."""
     from flowgen.commands import serve_command
 
+    use_mesh(mesh)
     serve_command(host, port, models, data_dir, max_batch, window_ms, dtype, allow_hosts=allow_hosts)
+
+
+@main.command(
+    epilog=help_epilog(
+        [
+            "flowgen convert ~/.cache/huggingface/hub/models--black-forest-labs--FLUX.2-klein-9B/snapshots/REV k9b",
+            "flowgen convert flux-2-klein-9b.safetensors klein-9b-transformer --dtype bfloat16",
+        ],
+        [(0, "written"), (2, "bad input: unreadable or foreign weights, OUT exists or cannot be written")],
+    )
+)
+@click.argument("weights", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16"]),
+    help="Stored dtype (default: the weights' own: bfloat16 stays bfloat16, float32 and float16 become float32).",
+)
+@user_errors
+def convert(weights, out, dtype):
+    """Convert released transformer WEIGHTS (a diffusers folder or a BFL file) into OUT, an Orbax checkpoint
+    in the engine's layout that loads straight into the device mesh (a pipeline folder stays one)."""
+    from flowgen.commands import convert_command
+
+    sys.exit(convert_command(weights, out, dtype))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ _COMMANDS = {
     "models_command": "flowgen.commands.models",
     "init_command": "flowgen.commands.init",
     "serve_command": "flowgen.commands.serve",
+    "convert_command": "flowgen.commands.convert",
 }
 
 __all__ = list(_COMMANDS)

@@ -15,7 +15,12 @@ from flowgen.run.regen import cost_line, regenerate, resolve_targets
 
 
 def regen_command(
-    out_dir: str, targets: Sequence[str], verify: bool, to_dir: str | None, dtype: str | None = None
+    out_dir: str,
+    targets: Sequence[str],
+    verify: bool,
+    to_dir: str | None,
+    dtype: str | None = None,
+    mesh: str | None = None,
 ) -> int:
     """Regenerate TARGETS (item ids, ID#N, or image files) of OUT_DIR into TO_DIR (default OUT_DIR/regen).
 
@@ -23,6 +28,8 @@ def regen_command(
     so a replay is faithful by default). Returns 0, or 1 when a result could not be regenerated or
     (with verify) its sha256 differs. Ends with what the replay cost (cost_line): each engine call
     computes a whole batch of the recorded size, however few of its results were asked for.
+    mesh: --mesh for every result (None: $FLOWGEN_MESH, else each result's recorded mesh where this
+    machine can hold it; a line says which mesh was used where it could not).
     """
     compute_dtype = resolve_dtype(checked_dtype(dtype, f"--dtype {dtype!r}")) if dtype is not None else None
     fold_shards(out_dir)  # what shard runs recorded (flowgen.run.merge)
@@ -30,9 +37,11 @@ def regen_command(
         records = resolve_targets(manifest, list(targets))
     destination = Path(to_dir) if to_dir else Path(out_dir) / "regen"
     started = time.perf_counter()
-    outcomes = regenerate(records, destination, dtype=compute_dtype)
+    outcomes = regenerate(records, destination, dtype=compute_dtype, mesh=mesh)
     seconds = time.perf_counter() - started
     code = 0
+    for note in dict.fromkeys(o.mesh_note for o in outcomes if o.mesh_note):
+        click.echo(f"note: {note}")
     for outcome in outcomes:
         name = f"{outcome.item_id}#{outcome.result_index}"
         # another dtype than recorded cannot reproduce the recorded bytes: say so on the line

@@ -168,6 +168,7 @@ def _run(
     # recorded with the run: `prune` plans again with the same --set options, `status` says --out in its hints
     plan = replace(plan, source=recipe_source(recipe, overrides, out_dir is not None and not out_from_recipe))
     engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
+    plan = replace(plan, batch_multiple=_batch_multiple(engine))  # whole rows for every device of the mesh
     share = spread if isinstance(spread, Shard) else None
     if share is not None and share.index != 0 and plan.canary is not None:
         plan = replace(plan, canary=None)  # the canary is checked once, by shard 0 (docs/cli.md, Many machines)
@@ -218,6 +219,16 @@ def _run(
         summary, shown, engine.load_seconds if rendering is None else rendering.load_seconds, require_delivery
     )
     return exit_code(summary, require_delivery), plan.out_dir
+
+
+def _batch_multiple(engine) -> int:
+    """The engine's mesh "data" size (batch sizes are multiples of it); 1 when the mesh or the weights
+    cannot be resolved here: the run's preflight reports that, if anything is left to render."""
+    multiple = getattr(engine, "batch_multiple", None)  # stand-in engines have no mesh
+    try:
+        return multiple() if multiple is not None else 1
+    except FlowgenError:
+        return 1
 
 
 def exit_code(summary: RunSummary, require_delivery: bool = False) -> int:

@@ -79,6 +79,7 @@ def serve_command(
     cards = served_cards(models)
     check_port_free(host, port)
     setting = dtype_setting(dtype)
+    multiple = _batch_multiple(cards, setting)  # a mesh the devices cannot hold: refused before anything is written
     folder = Path(data_dir).expanduser() if data_dir else default_data_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -91,7 +92,9 @@ def serve_command(
 
         return PipelineEngine(by_name[name], resolve_dtype(setting))
 
-    batcher = Batcher(engine_for, window_s=window_ms / 1000, max_batch=max_batch_setting(max_batch))
+    batcher = Batcher(
+        engine_for, window_s=window_ms / 1000, max_batch=max_batch_setting(max_batch), batch_multiple=multiple
+    )
     app = create_app(batcher=batcher, data_dir=folder, models=cards, keys=keys, destinations=destinations)
     served = ", ".join(app.state.server.service.models.label(card) for card in cards)
     click.echo(
@@ -118,3 +121,14 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind((host.strip("[]"), port))
         except OSError as err:
             raise FlowgenError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
+
+
+def _batch_multiple(cards, setting) -> int:
+    """The device mesh's "data" size (--mesh / $FLOWGEN_MESH): batches of whole rows per device."""
+    if not cards:
+        return 1
+    from flowgen.run.dtype import resolve_dtype
+    from flowgen.run.engine import PipelineEngine
+
+    multiple = getattr(PipelineEngine(cards[0], resolve_dtype(setting)), "batch_multiple", None)
+    return multiple() if multiple is not None else 1  # stand-in engines have no mesh

@@ -37,6 +37,7 @@ _EXPORTS = {
     "Flux2Config": "flowgen.engine.transformer.config",
     "CompiledTransformer": "flowgen.engine.transformer.compiled",
     "load_transformer": "flowgen.engine.transformer.checkpoint",
+    "convert_weights": "flowgen.engine.weights.orbax_checkpoint",
     "load_vae": "flowgen.engine.vae.model",
     "load_text_encoder": "flowgen.engine.text.qwen3",
     "load_tokenizer": "flowgen.engine.text.tokenizer",
@@ -51,6 +52,9 @@ _EXPORTS = {
     "resolve_source": "flowgen.engine.source",
     "RuntimeConfig": "flowgen.engine.runtime",
     "compile_stats": "flowgen.engine.runtime.compile_cache:stats",
+    "LoopShape": "flowgen.engine.sampling.ahead",
+    "MeshSpec": "flowgen.engine.runtime.mesh",
+    "mesh_for": "flowgen.engine.runtime.placement",
     "resolve_step_cache": "flowgen.engine.sampling.step_cache_settings:resolve",
     "step_cache_option_problems": "flowgen.engine.sampling.step_cache_settings:option_problems",
     "checked_lora_path": "flowgen.engine.lora.source",
@@ -86,6 +90,9 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
     )
     from flowgen.engine.runtime import RuntimeConfig
     from flowgen.engine.runtime.compile_cache import stats as compile_stats
+    from flowgen.engine.runtime.mesh import MeshSpec
+    from flowgen.engine.runtime.placement import mesh_for
+    from flowgen.engine.sampling.ahead import LoopShape
     from flowgen.engine.sampling.step_cache_settings import option_problems as step_cache_option_problems
     from flowgen.engine.sampling.step_cache_settings import resolve as resolve_step_cache
     from flowgen.engine.source import resolve_source
@@ -96,12 +103,14 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
     from flowgen.engine.transformer.config import Flux2Config
     from flowgen.engine.vae.model import load_vae
     from flowgen.engine.weights.locate import flowgen_cache_dir
+    from flowgen.engine.weights.orbax_checkpoint import convert_weights
 
 __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPORTS)
     "Pipeline",
     "Flux2Config",
     "CompiledTransformer",
     "load_transformer",
+    "convert_weights",
     "load_vae",
     "load_text_encoder",
     "load_tokenizer",
@@ -115,6 +124,9 @@ __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPO
     "resolve_source",
     "RuntimeConfig",
     "compile_stats",
+    "LoopShape",
+    "MeshSpec",
+    "mesh_for",
     "resolve_step_cache",
     "step_cache_option_problems",
     "checked_lora_path",

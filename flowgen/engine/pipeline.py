@@ -24,10 +24,11 @@ float32 summation order:
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -43,8 +44,10 @@ from flowgen.engine.references.batch_layout import Layout, batch_references
 from flowgen.engine.references.cache import PreparedSet, ReferenceCache, prepare_set
 from flowgen.engine.references.images import default_output_size
 from flowgen.engine.request import PIXELS_PER_TOKEN, Request, check_request
-from flowgen.engine.runtime import RuntimeConfig
-from flowgen.engine.sampling import names, step_cache_settings
+from flowgen.engine.runtime import RuntimeConfig, compile_cache
+from flowgen.engine.runtime.placement import Placement, placement_for
+from flowgen.engine.sampling import ahead, names, step_cache_settings
+from flowgen.engine.sampling.ahead import LoopShape
 from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
 from flowgen.engine.source import ModelSource, resolve_source
 from flowgen.engine.text.prompt_cache import PromptEncoder
@@ -86,6 +89,24 @@ def img2img_start(strength: float, steps: int) -> int:
     return int(max(steps - min(steps * strength, steps), 0))
 
 
+def _compile_ahead(shapes, source: ModelSource, dtype: str, attention, where, text_length: int) -> list:
+    """Start compiling the loops of `shapes` (sampling/ahead.py); [] when there is nothing to compile
+    or no persistent cache to keep the programs in for the batches' own calls."""
+    if not shapes or compile_cache.in_use() is None:
+        return []
+    from flowgen.engine.transformer.checkpoint import transformer_config
+
+    model = ahead.abstract_model(transformer_config(source.transformer), dtype, attention, where)
+    return ahead.start(
+        shapes,
+        model,
+        distilled=source.distilled,
+        text_length=text_length,
+        placement=where,
+        coefficients=source.defaults.get("teacache_coefficients"),
+    )
+
+
 def _img2img_images(images, count: int) -> np.ndarray:
     """`img2img` images as one (B, H, W, 3) uint8 array; one-line errors naming the argument."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
@@ -117,8 +138,11 @@ class Pipeline:
         runtime: RuntimeConfig | None = None,
         max_sequence_length: int = 512,
         dtype: str | None = None,
+        placement: Placement | None = None,
     ):
         self.transformer, self.vae, self.source = transformer, vae, source
+        self.placement = placement  # the device mesh the weights were loaded onto; None: one device
+        self.ahead_seconds = 0.0  # seconds compiling loops ahead of time (from_pretrained's compile_ahead)
         # the transformer was loaded in the runtime's dtype (from_pretrained) or brings its own
         self.runtime = (runtime or RuntimeConfig(dtype=dtype or transformer.dtype.name)).resolved()
         self.dtype = jnp.dtype(self.runtime.dtype)
@@ -129,7 +153,7 @@ class Pipeline:
         self.references = ReferenceCache(vae, transformer, counters=self.counters)
         self.loras = LoraWeights(transformer, counters=self.counters)  # the weights under this batch's LoRAs
         self.params = transformer.params
-        self.denoiser = Denoiser(transformer.forward_fn, transformer.stages)
+        self.denoiser = Denoiser(transformer.forward_fn, transformer.stages, placement)
         self._check_compatible(text_encoder)
 
     @classmethod
@@ -140,14 +164,16 @@ class Pipeline:
         max_sequence_length: int = 512,
         *,
         dtype: str | None = None,
+        compile_ahead: Sequence[LoopShape] = (),
     ) -> Pipeline:
         """Load from a diffusers pipeline folder, a model card name, an AIR id or a card object.
 
-        runtime: dtype and attention kernel (default: per backend, see `RuntimeConfig`); `dtype=`
-        is a shorthand for `RuntimeConfig(dtype=...)`. Turns on JAX's persistent compilation
-        cache first (`runtime/compile_cache.py`; FLOWGEN_COMPILE_CACHE).
+        runtime: dtype, attention kernel and device mesh (default: per backend, every device on
+        "data", see `RuntimeConfig`); `dtype=` is a shorthand for `RuntimeConfig(dtype=...)`. Turns on
+        JAX's persistent compilation cache first (`runtime/compile_cache.py`; FLOWGEN_COMPILE_CACHE).
+        compile_ahead: the batches' loop shapes to compile in threads while the weights load
+        (`sampling/ahead.py`); `ahead_seconds` says how long those compiles took.
         """
-        from flowgen.engine.runtime import compile_cache
         from flowgen.engine.text.qwen3 import load_text_encoder
         from flowgen.engine.text.tokenizer import load_tokenizer
         from flowgen.engine.transformer.checkpoint import load_transformer
@@ -159,18 +185,27 @@ class Pipeline:
         dtype = settings.dtype
         assert dtype is not None  # resolved() chooses one
         src = resolve_source(source)
-        transformer = load_transformer(src.transformer, dtype=dtype)
+        where = placement_for(runtime.mesh, src, dtype)  # None on one device
+        attention = None if runtime.attention == "auto" else settings.attention
+        compiling = _compile_ahead(compile_ahead, src, dtype, attention, where, max_sequence_length)
+        with where.loading() if where is not None else contextlib.nullcontext():  # weights: host -> their shards
+            transformer = load_transformer(src.transformer, dtype=dtype)
+            vae = load_vae(src.root / "vae", dtype)
+            text_encoder = load_text_encoder(src.root / "text_encoder", dtype)
         if runtime.attention != "auto":
             transformer.use_attention(settings.attention)
-        return cls(
+        pipe = cls(
             transformer,
-            load_vae(src.root / "vae", dtype),
+            vae,
             load_tokenizer(src.root / "tokenizer", max_length=max_sequence_length),
-            load_text_encoder(src.root / "text_encoder", dtype),
+            text_encoder,
             src,
             runtime=runtime,
             max_sequence_length=max_sequence_length,
+            placement=where,
         )
+        pipe.ahead_seconds = ahead.finish(compiling)  # before the first batch
+        return pipe
 
     # ---- public --------------------------------------------------------------------------------
 
@@ -291,6 +326,7 @@ class Pipeline:
             )
             for position, item in enumerate(idx):
                 images[item], layouts[item], cache_records[item] = out[position], used.as_dict(), record
+                layouts[item]["mesh"] = self.mesh_text  # recorded, not hashed: a mesh changes summation order only
                 if record:  # what regen replays (the decisions depend on the batch mates)
                     layouts[item]["step_cache_computed"] = "".join("1" if c else "0" for c in record["computed"])
         filled = cast(list[np.ndarray], images)  # every row is in one size group, so every slot is set
@@ -359,9 +395,8 @@ class Pipeline:
 
         start = time.perf_counter()
         texts = self.prompts.embeddings(req.prompts, length)
-        if req.guidance is not None:
-            texts = jnp.concatenate([texts, self.prompts.embeddings(req.negative_prompts, length)], axis=0)
-        texts = jax.block_until_ready(texts)
+        negatives = None if req.guidance is None else self.prompts.embeddings(req.negative_prompts, length)
+        texts, negatives = jax.block_until_ready((texts, negatives))
         timings["text"] += time.perf_counter() - start
 
         start = time.perf_counter()
@@ -374,7 +409,10 @@ class Pipeline:
 
         start = time.perf_counter()
         cond = Conditioning(
-            texts, self.transformer.rope(text_ids(texts.shape[1])), self.transformer.rope(image_ids(h, w))
+            texts,
+            self.transformer.rope(text_ids(texts.shape[1])),
+            self.transformer.rope(image_ids(h, w)),
+            neg=negatives,
         )
         self.counters["img2img"] += 1
         tokens = self.denoiser(
@@ -394,6 +432,11 @@ class Pipeline:
         out = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
         timings["decode"] += time.perf_counter() - start
         return GenerateOutput(list(out), {k: round(v, 6) for k, v in timings.items()}, [{}] * len(out))
+
+    @property
+    def mesh_text(self) -> str:
+        """The device mesh this pipeline runs on, as recorded: `data=8,model=1` (one device: data=1,model=1)."""
+        return "data=1,model=1" if self.placement is None else self.placement.text
 
     def clear_caches(self) -> None:
         """Drop cached prompt embeddings, reference latents and reference K/V (frees device memory)."""
@@ -415,6 +458,7 @@ class Pipeline:
             "dtype": self.dtype.name,
             "attention": self.transformer.attention or self.runtime.attention,
             "device_kind": jax.devices()[0].device_kind,
+            "mesh": self.mesh_text,  # recorded, not hashed (see layouts)
             "max_sequence_length": self.max_sequence_length,
         }
 
@@ -438,11 +482,10 @@ class Pipeline:
         height, width = size
         h, w = height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN
         channels = self.transformer.config.in_channels
-        texts = txt if neg is None else jnp.concatenate([txt, neg], axis=0)
 
         start = time.perf_counter()
         refs = batch_references(
-            ref_sets, self.references, kv_model=self.is_kv, fixed_keys=texts.shape[1] + h * w, forced=forced
+            ref_sets, self.references, kv_model=self.is_kv, fixed_keys=txt.shape[1] + h * w, forced=forced
         )
         x_ids = image_ids(h, w)
         if refs.ref_ids is None:
@@ -460,7 +503,7 @@ class Pipeline:
         x = self._initial_tokens(req, idx, (channels, h, w))
         sigmas = choice.sigmas(req.steps, h * w)
         cond = Conditioning(
-            texts, self.transformer.rope(text_ids(texts.shape[1])), rope_img, refs.ref_kv, refs.ref_tokens, lengths
+            txt, self.transformer.rope(text_ids(txt.shape[1])), rope_img, refs.ref_kv, refs.ref_tokens, lengths, neg
         )
         seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1

@@ -29,21 +29,29 @@ def next_pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def chunk_sizes(n: int, max_batch: int) -> list[tuple[int, int]]:
-    """Split n results into (real count, padded size) chunks with power-of-two sizes ≤ max_batch."""
-    cap = 1 << (max(1, max_batch).bit_length() - 1)  # largest power of two ≤ max_batch
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def chunk_sizes(n: int, max_batch: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """Split n results into (real count, padded size) chunks with power-of-two sizes ≤ max_batch.
+
+    multiple: every padded size is a multiple of it (a device mesh's "data" size: each device gets
+    whole rows); the largest chunk is then at least `multiple`, and a remainder is padded up to a
+    multiple rather than split below it."""
+    cap = round_up(1 << (max(1, max_batch).bit_length() - 1), multiple)  # largest power of two ≤ max_batch
     chunks: list[tuple[int, int]] = []
     while n > 0:
         if n >= cap:
             chunks.append((cap, cap))
             n -= cap
             continue
-        padded = next_pow2(n)
-        if (padded - n) / padded <= MAX_PADDING_SHARE:
+        padded = min(round_up(next_pow2(n), multiple), cap)
+        low = round_up(next_pow2(n) // 2, multiple)  # the smaller whole chunk a split would cut
+        if (padded - n) / padded <= MAX_PADDING_SHARE or low >= n or low < multiple:
             chunks.append((n, padded))
             n = 0
         else:
-            low = padded // 2
             chunks.append((low, low))
             n -= low
     return chunks
@@ -72,14 +80,15 @@ def _rid(result: PlannedResult) -> tuple[str, int]:
     return result.item.item_id, result.result_index
 
 
-def make_batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
-    """Batches for `results` (only runnable ones should be passed), in a deterministic order.
+def make_batches(results: Sequence[PlannedResult], max_batch: int, multiple: int = 1) -> list[Batch]:
+    """Batches for `results` (only runnable ones should be passed), in a deterministic order; sizes
+    are multiples of `multiple` (the engine's device mesh, `Plan.batch_multiple`).
     (A run gets them from its RunPlan, flowgen.plan.run_plan, which calls this once.)"""
     with paused_gc():
-        return _batches(results, max_batch)
+        return _batches(results, max_batch, multiple)
 
 
-def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
+def _batches(results: Sequence[PlannedResult], max_batch: int, multiple: int = 1) -> list[Batch]:
     groups: dict[Signature, list[PlannedResult]] = defaultdict(list)
     for result in results:
         groups[result.item.job.signature].append(result)  # dict keeps first-appearance order
@@ -87,7 +96,7 @@ def _batches(results: Sequence[PlannedResult], max_batch: int) -> list[Batch]:
     for signature, members in groups.items():
         members = batch_order(members, _job, _rid)
         start = 0
-        for count, size in chunk_sizes(len(members), max_batch):
+        for count, size in chunk_sizes(len(members), max_batch, multiple):
             batches.append(Batch(signature, tuple(members[start : start + count]), size))
             start += count
     return batches

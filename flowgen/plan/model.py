@@ -155,6 +155,7 @@ class Plan:
     source: RecipeSource | None = None  # the recipe file it came from; None for a plan compiled in code
     incremental: Increment | None = None  # what its incremental datasets' watermarks select; None without any
     canary: Canary | None = None  # the recipe's golden-seed canary, if it has one
+    batch_multiple: int = 1  # batch sizes are multiples of it: the engine's device mesh "data" size (not hashed)
 
     @property
     def engine_model(self) -> Any:

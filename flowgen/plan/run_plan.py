@@ -64,7 +64,7 @@ class RunPlan:
 
     @cached_property
     def _batches(self) -> tuple[Batch, ...]:
-        return tuple(make_batches(self.runnable, self.plan.max_batch))
+        return tuple(make_batches(self.runnable, self.plan.max_batch, self.plan.batch_multiple))
 
     def limited(self, limit: int | None) -> RunPlan:
         """The same value with at most `limit` runnable results (the first in plan order); None: all."""

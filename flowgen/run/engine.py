@@ -8,6 +8,7 @@ function of (prompt, negative prompt, seed, reference pixels, size, steps, guida
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -87,27 +88,34 @@ class Engine(Protocol):
         ...
 
 
-# Loaded pipelines by (model, dtype): one load per process even across several runs (a daemon or
-# a test session running many recipes pays for weights and compilation once).
-_LOADED: dict[tuple[str, str], Any] = {}
+# Loaded pipelines by (model, dtype, mesh as asked): one load per process even across several runs
+# (a daemon or a test session running many recipes pays for weights and compilation once).
+_LOADED: dict[tuple[str, str, str], Any] = {}
+
+MESH_ENV = "FLOWGEN_MESH"  # the device mesh when none is given: data=D,model=M (flowgen.engine.MeshSpec)
 
 
 class PipelineEngine:
-    """flowgen.engine.Pipeline behind the Engine protocol; weights load on first use."""
+    """flowgen.engine.Pipeline behind the Engine protocol; weights load on first use.
 
-    def __init__(self, model: Any, dtype: str = "float32"):
+    mesh: the device mesh, `data=D,model=M` (None: $FLOWGEN_MESH, else the automatic mesh: every
+    device on "data"); its syntax is checked here, its fit to the devices by `preflight`."""
+
+    def __init__(self, model: Any, dtype: str = "float32", mesh: str | None = None):
         from flowgen.engine import RuntimeConfig
 
         self.model = model  # a card, a card name / AIR id, or a pipeline folder
-        self.runtime = RuntimeConfig(dtype=dtype)  # a resolved dtype: the one the plan hashed
+        self.mesh = (mesh if mesh is not None else os.environ.get(MESH_ENV, "")).strip() or None
+        self.runtime = RuntimeConfig(dtype=dtype, mesh=self.mesh)  # a resolved dtype: the one the plan hashed
         self.dtype = dtype
         self._pipe = None
         self.load_seconds = 0.0
         self._compiled_before = _compile_stats()  # what this process compiled before this engine
+        self._ahead: list = []  # the loop shapes `expect` gave, compiled while the weights load
 
     @property
-    def _key(self) -> tuple[str, str]:
-        return (str(getattr(self.model, "name", self.model)), self.dtype)
+    def _key(self) -> tuple[str, str, str]:
+        return (str(getattr(self.model, "name", self.model)), self.dtype, self.mesh or "")
 
     @property
     def pipe(self):
@@ -116,29 +124,51 @@ class PipelineEngine:
                 from flowgen.engine import Pipeline
 
                 start = time.perf_counter()
-                _LOADED[self._key] = Pipeline.from_pretrained(self.model, runtime=self.runtime)
+                _LOADED[self._key] = Pipeline.from_pretrained(
+                    self.model, runtime=self.runtime, compile_ahead=self._ahead
+                )
                 self.load_seconds = time.perf_counter() - start
             self._pipe = _LOADED[self._key]
         return self._pipe
+
+    def expect(self, batches: Sequence[Any]) -> None:
+        """The plan batches this engine will render (before it loads): their sampling loops are
+        compiled ahead of time, in threads, while the weights load (batches with references compile
+        at first use: their layout follows from the decoded images)."""
+        if self._pipe is None and self._key not in _LOADED:
+            self._ahead = [shape for batch in batches if (shape := _loop_shape(batch)) is not None]
 
     def startup(self) -> dict[str, Any]:
         """Start-up so far, for the run record: seconds loading the weights, and the programs JAX
         compiled or read back from its persistent cache since this engine was made (with the seconds
         spent tracing, lowering and compiling them)."""
         now, before = _compile_stats(), self._compiled_before
+        ahead = getattr(self._pipe, "ahead_seconds", 0.0) if self._pipe is not None else 0.0
         return {
             "load": round(self.load_seconds, 3),
+            "ahead": round(ahead, 3),  # of which compiling loops ahead of time, in threads beside the loading
             "compile": round(now.seconds - before.seconds, 3),
             "programs": now.programs - before.programs,
             "cache_hits": now.cache_hits - before.cache_hits,
         }
 
     def preflight(self) -> None:
-        """Raise CheckpointError now if the weights are not on this machine (nothing is loaded)."""
+        """Raise CheckpointError now if the weights are not on this machine, EngineInputError if the
+        mesh does not fit its devices (nothing is loaded)."""
         if self._pipe is None and self._key not in _LOADED:
             from flowgen.engine import resolve_source
 
             resolve_source(self.model)
+            self.batch_multiple()
+
+    def batch_multiple(self) -> int:
+        """The mesh's "data" size: batch sizes that are multiples of it give every device whole rows."""
+        if self._pipe is not None:
+            placement = self._pipe.placement
+            return 1 if placement is None else placement.data
+        from flowgen.engine import mesh_for
+
+        return mesh_for(self.mesh, self.model, self.dtype)[0]
 
     def generate_batch(self, request: BatchRequest) -> BatchOutput:
         kwargs: dict[str, Any] = dict(
@@ -171,6 +201,26 @@ class PipelineEngine:
         from flowgen.engine import refine_faces
 
         return refine_faces(self.pipe, pixels, settings, seed, loras=loras)
+
+
+def _loop_shape(batch) -> Any:
+    """The `flowgen.engine.LoopShape` of a plan batch without references (None with references)."""
+    from flowgen.engine import LoopShape
+
+    jobs = [result.item.job for result in batch.results]
+    if not jobs or any(job.references for job in jobs):
+        return None
+    first, signature = jobs[0], batch.signature
+    return LoopShape(
+        batch=batch.size,
+        width=signature.width,
+        height=signature.height,
+        steps=signature.steps,
+        guidance=signature.guidance,
+        scheduler=first.engine_scheduler,
+        acceleration=first.acceleration,
+        accelerator_options=tuple(sorted((first.accelerator_dict or {}).items())),
+    )
 
 
 def _compile_stats():

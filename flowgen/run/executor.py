@@ -193,6 +193,8 @@ def execute(
                 summary.failed += len(blocked)
                 summary.failures += [(r.item.key, r.result_index, r.item.error or "") for r in blocked]
             batches = todo.batches() if not (fail_fast and blocked) else ()
+            if render_batches is None and hasattr(engine, "expect"):
+                engine.expect(batches)  # their loops compile ahead of time while the weights load (run/engine.py)
             rendered = (render_batches or render_locally)(runner, batches)  # lazily, one batch per next()
             summary.stopped_early = bool(fail_fast and blocked)
             progress.start(len(runnable), len(batches))

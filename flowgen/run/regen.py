@@ -17,6 +17,7 @@ the references opened by the run's ReferenceLoader.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from flowgen.errors import FlowgenError
 from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.plan.job import Job
 from flowgen.run.atomic import atomic_write_bytes
-from flowgen.run.engine import BatchRequest, Engine, PipelineEngine
+from flowgen.run.engine import MESH_ENV, BatchRequest, Engine, PipelineEngine
 from flowgen.run.faces import face_settings
 from flowgen.run.manifest import Manifest
 from flowgen.run.outputs import encode_image, read_metadata
@@ -47,6 +48,9 @@ class RegenOutcome:
     error: str | None = None
     batch_size: int | None = None  # the recorded batch size it was rendered at
     call: int | None = None  # the engine call that rendered it (results of one call share its cost)
+    mesh: str | None = None  # the device mesh asked for this render (None: the automatic one)
+    recorded_mesh: str | None = None  # the mesh its run recorded (None: a record from before meshes)
+    mesh_note: str | None = None  # why it did not replay on the recorded mesh, when it could not
 
     @property
     def matches(self) -> bool:
@@ -75,25 +79,32 @@ def resolve_targets(manifest: Manifest, targets: list[str]) -> list[dict[str, An
 def regenerate(
     records: list[dict[str, Any]],
     to_dir: Path,
-    engine_for: Callable[[str, str], Engine] | None = None,
+    engine_for: Callable[..., Engine] | None = None,
     dtype: str | None = None,
+    mesh: str | None = None,
 ) -> list[RegenOutcome]:
     """Re-render `records` into `to_dir` (same relative paths); returns one outcome per record, in order.
 
     Results that replay with the same program and arithmetic (replay_key) share engine calls, up to
     their recorded batch size per call: an item's results, or several items of one batch, cost one
     call rather than one each. dtype: a resolved dtype for every record; None renders each in the
-    dtype recorded for it. engine_for(model, dtype) makes the engine (default: a PipelineEngine),
-    only when a result is left to render.
+    dtype recorded for it. engine_for(model, dtype[, mesh]) makes the engine (default: a
+    PipelineEngine), only when a result is left to render. mesh: --mesh for every record (None:
+    $FLOWGEN_MESH, else the mesh recorded for each when this machine's devices can hold it, else the
+    automatic one — a mesh changes float summation order only; `RegenOutcome.mesh_note` says so).
     """
-    engines: dict[tuple[str, str], Engine] = {}
+    engines: dict[tuple, Engine] = {}
     engine_for = engine_for or _pipeline_engine
     loader = ReferenceLoader()
     outcomes: list[RegenOutcome] = []
     calls: dict[tuple, list[tuple[dict[str, Any], Job, list, RegenOutcome]]] = {}
+    meshes = _MeshChoice(mesh)
     for record in records:
         recorded = record.get("dtype") or BASE_DTYPE
-        engine_key = (record["model"]["name"], dtype or recorded)
+        recorded_mesh = (record.get("batch") or {}).get("mesh")
+        use_mesh, note = meshes.choose(recorded_mesh, record["model"]["name"], dtype or recorded)
+        # the mesh joins the key only when there is one to ask for (engine_for(model, dtype[, mesh]))
+        engine_key: tuple = (record["model"]["name"], dtype or recorded) + ((use_mesh,) if use_mesh else ())
         outcome = RegenOutcome(
             record["item_id"],
             record["result_index"],
@@ -102,6 +113,9 @@ def regenerate(
             record["output"]["sha256"],
             dtype=engine_key[1],
             recorded_dtype=recorded,
+            mesh=use_mesh,
+            recorded_mesh=recorded_mesh,
+            mesh_note=note,
         )
         outcomes.append(outcome)
         inputs = _inputs(record, loader, outcome)
@@ -111,7 +125,7 @@ def regenerate(
     number = 0
     for (engine_key, _), rows in calls.items():
         if engine_key not in engines:
-            engines[engine_key] = engine_for(*engine_key)
+            engines[engine_key] = engine_for(*engine_key)  # (model, dtype) or (model, dtype, mesh)
         size = recorded_batch_size(rows[0][0])
         for start in range(0, len(rows), size):
             chunk = rows[start : start + size]
@@ -269,10 +283,41 @@ def job_of(record: dict[str, Any]) -> Job:
     )
 
 
-def _pipeline_engine(model: str, dtype: str) -> Engine:
+def _pipeline_engine(model: str, dtype: str, mesh: str | None = None) -> Engine:
     try:
         from flowgen.engine import resolve_model
 
-        return PipelineEngine(resolve_model(model), dtype)
+        return PipelineEngine(resolve_model(model), dtype, mesh)
     except ImportError:  # pragma: no cover - engine without cards
-        return PipelineEngine(model, dtype)
+        return PipelineEngine(model, dtype, mesh)
+
+
+class _MeshChoice:
+    """Which mesh a record replays on: the one asked for (--mesh, $FLOWGEN_MESH), else the recorded
+    one when this machine's devices can hold it, else the automatic mesh, with a note saying why."""
+
+    def __init__(self, asked: str | None):
+        self.asked = asked if asked is not None else (os.environ.get(MESH_ENV, "").strip() or None)
+        self._fits: dict[tuple[str, str, str], str | None] = {}
+
+    def choose(self, recorded: str | None, model: str, dtype: str) -> tuple[str | None, str | None]:
+        """(the mesh to ask for, or None for the automatic one; a note when the recorded one is not used)."""
+        if self.asked is not None or recorded is None:
+            return self.asked, None
+        key = (recorded, model, dtype)
+        if key not in self._fits:
+            from flowgen.engine import mesh_for
+            from flowgen.errors import FlowgenError
+
+            try:
+                mesh_for(recorded, model, dtype)
+                self._fits[key] = None
+            except FlowgenError as err:
+                self._fits[key] = str(err)
+        problem = self._fits[key]
+        if problem is None:
+            return recorded, None
+        return None, (
+            f"recorded on mesh {recorded}, which this machine cannot hold ({problem}); replayed on the "
+            "automatic mesh (a mesh changes float summation order only: pixels may differ by a level)"
+        )

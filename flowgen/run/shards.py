@@ -126,7 +126,7 @@ class Shard:
             verified=run_plan.verified,
             index=run_plan.index,
             shard=self,
-            share_batches=tuple(whole) + tuple(make_batches(rest, plan.max_batch)),
+            share_batches=tuple(whole) + tuple(make_batches(rest, plan.max_batch, plan.batch_multiple)),
         )
 
     # --- the folder -----------------------------------------------------------------------
@@ -168,7 +168,7 @@ class ShareRunPlan(RunPlan):
     def _batches(self) -> tuple[Batch, ...]:
         if self.limit is None:
             return self.share_batches
-        return tuple(make_batches(self.runnable, self.plan.max_batch))
+        return tuple(make_batches(self.runnable, self.plan.max_batch, self.plan.batch_multiple))
 
 
 def _owns(shard: Shard, owner: dict[tuple[str, int], int], result: PlannedResult) -> bool:
@@ -178,7 +178,7 @@ def _owns(shard: Shard, owner: dict[tuple[str, int], int], result: PlannedResult
 
 def canonical_batches(plan: Plan) -> list[Batch]:
     """The batches a single process would run on an empty folder: every result that can run."""
-    return make_batches([r for r in plan.results if not r.item.error], plan.max_batch)
+    return make_batches([r for r in plan.results if not r.item.error], plan.max_batch, plan.batch_multiple)
 
 
 def owners(plan: Plan, count: int) -> dict[tuple[str, int], int]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flowgen.plan.batching import batch_order, chunk_sizes, next_pow2
+from flowgen.plan.batching import batch_order, chunk_sizes, next_pow2, round_up
 from flowgen.plan.job import Job
 from flowgen.run.engine import Engine
 from flowgen.run.render import render_batch
@@ -72,7 +72,14 @@ GroupKey = tuple  # (model, Job.signature)
 class Batcher:
     """See the module doc. Thread-safe: submit, stats and close may be called from any thread."""
 
-    def __init__(self, engine_for: Callable[[str], Engine], *, window_s: float = 0.05, max_batch: int = 8):
+    def __init__(
+        self,
+        engine_for: Callable[[str], Engine],
+        *,
+        window_s: float = 0.05,
+        max_batch: int = 8,
+        batch_multiple: int = 1,
+    ):
         if window_s < 0:
             raise ValueError(f"window_s must be >= 0; got {window_s}")
         if max_batch < 1:
@@ -81,6 +88,7 @@ class Batcher:
         self._engines: dict[str, Engine] = {}  # only the worker thread touches these
         self.window_s = float(window_s)
         self.max_batch = int(max_batch)
+        self.batch_multiple = int(batch_multiple)  # the engine's device mesh "data" size: whole rows per device
         self._groups: dict[GroupKey, list[_Request]] = defaultdict(list)  # queued, in arrival order
         self._queued = 0
         self._numbers = itertools.count()
@@ -179,7 +187,7 @@ class Batcher:
     def _take(self, key: GroupKey) -> list[_Request]:
         """The oldest requests of a group, as many as its first chunk holds (the rest stay queued)."""
         members = self._groups[key]
-        count, _ = chunk_sizes(min(len(members), self.max_batch), self.max_batch)[0]
+        count, _ = chunk_sizes(min(len(members), self.max_batch), self.max_batch, self.batch_multiple)[0]
         taken, rest = members[:count], members[count:]
         if rest:
             self._groups[key] = rest
@@ -202,7 +210,7 @@ class Batcher:
             return
         # the padded size chunk_sizes gave the taken chunk (still a power of two <= max_batch when
         # cancellations shrank it)
-        size = next_pow2(len(batch))
+        size = round_up(next_pow2(len(batch)), self.batch_multiple)
         try:
             with self.engine_lock:
                 engine = self.engine(batch[0].model)

@@ -6,13 +6,15 @@ Defaults follow the backend: bfloat16 weights and activations on GPU/TPU (the 9B
 float32), float32 on CPU (exact parity with the float32 reference, and XLA:CPU has no fast bf16
 matmul). `attention` picks the kernel: "auto" is per backend (cuDNN-capable
 `dot_product_attention` on NVIDIA GPUs, XLA's on TPU and ROCm, blocked matmuls on CPU), or force one of "xla", "cudnn",
-"cpu". (The device mesh for sharding will join these settings.)
+"cpu". `mesh` lays the devices out (`mesh.py`): `data=D,model=M`, or None for the automatic mesh
+(every local device on "data", weights replicated, unless they do not fit a device's memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from flowgen.engine.runtime.mesh import MeshSpec
 from flowgen.errors import CheckpointError
 
 DTYPES = ("float32", "bfloat16")
@@ -23,8 +25,10 @@ ATTENTION_PATHS = ("auto", "cpu", "xla", "cudnn")
 class RuntimeConfig:
     dtype: str | None = None  # None: per backend (see module doc)
     attention: str = "auto"
+    mesh: str | None = None  # "data=D,model=M" (either may be left out); None: automatic (see module doc)
 
     def __post_init__(self):
+        MeshSpec.parse(self.mesh)  # a one-line EngineInputError for anything but data=D,model=M
         if self.dtype is not None and self.dtype not in DTYPES:
             raise CheckpointError(f"dtype {self.dtype!r} is not supported (allowed: {', '.join(DTYPES)})")
         if self.attention not in ATTENTION_PATHS:

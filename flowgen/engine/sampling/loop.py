@@ -39,7 +39,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from flowgen.engine.runtime import placement
+from flowgen.engine.runtime.placement import Placement, row_spec
 from flowgen.engine.sampling import step_cache as step_caches
 from flowgen.engine.sampling.base import Sampler
 from flowgen.engine.sampling.flow_schedule import NUM_TRAIN_TIMESTEPS
@@ -56,12 +60,13 @@ NOISE_STREAM = 0x5A4D
 class Conditioning(NamedTuple):
     """What the transformer sees besides the noisy tokens (None where a mode does not use it)."""
 
-    txt: jax.Array  # (B, T, D) positive prompts; with CFG (2B, T, D): positives then negatives
+    txt: jax.Array  # (B, T, D) positive prompts (as the steps read it, `_prepare`: with CFG (2B, T, D), + negatives)
     rope_txt: tuple  # RoPE tables of the text ids, (T, d/2) each
     rope_img: tuple  # RoPE of the output ids (+ reference ids when concatenated): (N', d/2) or per row (B, N', d/2)
     ref_kv: ReferenceKV | None = None  # KV model: cached reference K/V, batch 1 (shared) or B (per row)
     ref_tokens: jax.Array | None = None  # plain Klein: (1 or B, R, C) reference tokens to append
     key_lengths: jax.Array | None = None  # (B,) int32 valid keys per row over [txt, img, refs]; None: all
+    neg: jax.Array | None = None  # CFG: (B, T, D) negative prompts, one per row (None: no CFG)
 
 
 def model_time(sigma, quantize_bf16: bool = False):
@@ -109,10 +114,13 @@ def sample(sampler: Sampler, model: Callable, carry, sigmas: jax.Array, keys: ja
 # ---- the compiled loop -------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "step_cache", "stages"))
-def _prepare(params, x, cond: Conditioning, sigmas, *, cfg: bool, sampler: Sampler, step_cache=None, stages=None):
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "step_cache", "stages", "rows_axis"))
+def _prepare(
+    params, x, cond: Conditioning, sigmas, *, cfg: bool, sampler: Sampler, step_cache=None, stages=None, rows_axis=None
+):
     """(cond as the steps read it, initial carry): once per loop call, whatever its number of `_steps`
-    calls. Per-row inputs are tiled for both CFG halves and reference tokens broadcast to the model batch."""
+    calls. With CFG the negatives join the positives ([txt, neg]) and per-row inputs are tiled for
+    both halves; reference tokens are broadcast to the model batch. rows_axis: see `_steps`."""
     TRACE_COUNTS["prepare"] += 1
     batch, n = x.shape[0], x.shape[1]
     width = 2 * batch if cfg else batch
@@ -130,7 +138,8 @@ def _prepare(params, x, cond: Conditioning, sigmas, *, cfg: bool, sampler: Sampl
     if ref_tokens is not None:
         ref_tokens = jnp.broadcast_to(ref_tokens.astype(x.dtype), (width, *ref_tokens.shape[1:]))
     carry = (x, sampler.init_state(x))
-    prepared = Conditioning(cond.txt, cond.rope_txt, rope_img, ref_kv, ref_tokens, lengths)
+    txt = cond.txt if cond.neg is None else jnp.concatenate([cond.txt, cond.neg], axis=0)
+    prepared = Conditioning(txt, cond.rope_txt, rope_img, ref_kv, ref_tokens, lengths)
     if step_cache is None:
         return prepared, carry
     steps = sigmas.shape[0] - 1
@@ -139,7 +148,9 @@ def _prepare(params, x, cond: Conditioning, sigmas, *, cfg: bool, sampler: Sampl
     return prepared, (*carry, state)
 
 
-@functools.partial(jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t", "step_cache", "stages"))
+@functools.partial(
+    jax.jit, static_argnames=("forward", "cfg", "sampler", "quantize_t", "step_cache", "stages", "rows_axis")
+)
 def _steps(
     params,
     carry,
@@ -156,9 +167,48 @@ def _steps(
     quantize_t: bool,
     step_cache=None,
     stages=None,
+    rows_axis=None,
 ):
     """Steps [start, stop) of the loop over `carry` ((x, sampler state) [+ cache state]); the new carry.
-    cond: as `_prepare` left it (tiled for CFG)."""
+    cond: as `_prepare` left it (tiled for CFG). rows_axis: the mesh axis the batch's rows are split
+    over when this runs under `shard_map` (each device on its rows; the step caches then decide
+    over every device's rows), else None."""
+    with placement.rows_split(rows_axis):
+        return _steps_traced(
+            params,
+            carry,
+            cond,
+            sigmas,
+            guidance,
+            keys,
+            start,
+            stop,
+            forward=forward,
+            cfg=cfg,
+            sampler=sampler,
+            quantize_t=quantize_t,
+            step_cache=step_cache,
+            stages=stages,
+        )
+
+
+def _steps_traced(
+    params,
+    carry,
+    cond: Conditioning,
+    sigmas,
+    guidance,
+    keys,
+    start,
+    stop,
+    *,
+    forward,
+    cfg: bool,
+    sampler: Sampler,
+    quantize_t: bool,
+    step_cache=None,
+    stages=None,
+):
     TRACE_COUNTS["denoise"] += 1
     x = carry[0]
     batch, n = x.shape[0], x.shape[1]
@@ -217,11 +267,13 @@ class Denoiser:
     `forward(params, x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)` is `CompiledTransformer.forward_fn`.
     """
 
-    def __init__(self, forward, stages=None):
+    def __init__(self, forward, stages=None, placement: Placement | None = None):
         # `forward` is a static argument of module-level jits: pipelines sharing a transformer
         # share compiled loops. `stages` (`CompiledTransformer.stages`) lets the loop run step caches.
+        # `placement`: the device mesh; its "data" axis splits the batch's rows (see `_on_mesh`).
         self.forward = forward
         self.stages = stages
+        self.placement = placement
 
     def __call__(
         self,
@@ -251,32 +303,149 @@ class Denoiser:
         sigmas = jnp.asarray(sigmas, jnp.float32)
         steps = sigmas.shape[0] - 1
         cache = {} if step_cache is None else {"step_cache": step_cache, "stages": self.stages}
-        prepared, carry = _prepare(params, x, cond, sigmas, cfg=cfg, sampler=sampler, **cache)
+        prepare_static = dict(cfg=cfg, sampler=sampler, **cache)
+        steps_static = dict(forward=self.forward, cfg=cfg, sampler=sampler, quantize_t=quantize_t, **cache)
+        prepare, run_steps = functools.partial(_prepare, **prepare_static), functools.partial(_steps, **steps_static)
+        rows = x.shape[0]
+        if self.placement is not None and self.placement.data > 1:
+            x, cond, keys = _pad_rows(-rows % self.placement.data, x, cond, keys)  # whole rows per device
+            x, cond, keys = _place_rows(self.placement, x, cond, keys)
+            prepare, run_steps = _on_mesh(self.placement, params, x, cond, sigmas, prepare_static, steps_static)
+        prepared, carry = prepare(params, x, cond, sigmas)
         bounds = [(i, i + 1) for i in range(steps)] if on_step is not None else [(0, steps)]
         for start, stop in bounds:
-            carry = _steps(
-                params,
-                carry,
-                prepared,
-                sigmas,
-                g,
-                keys,
-                jnp.int32(start),
-                jnp.int32(stop),
-                forward=self.forward,
-                cfg=cfg,
-                sampler=sampler,
-                quantize_t=quantize_t,
-                **cache,
-            )
+            carry = run_steps(params, carry, prepared, sigmas, g, keys, jnp.int32(start), jnp.int32(stop))
             if on_step is not None:
                 jax.block_until_ready(carry[0])
                 on_step(stop)
-        tokens = jax.block_until_ready(carry[0])
+        tokens = jax.block_until_ready(carry[0] if carry[0].shape[0] == rows else carry[0][:rows])
         if step_cache is None:
             return tokens
         state = carry[2]
         return tokens, {"distances": np.asarray(state.distances), "computed": np.asarray(state.computed)}
+
+
+# ---- on a mesh: each device runs the one-device program on its rows -----------------------------
+
+
+def _cond_specs(cond: Conditioning, batch: int) -> Conditioning:
+    """Which of a loop's inputs carry the batch's rows (split over "data") and which serve every row."""
+
+    def rows_if_batch(a, axis: int = 0):
+        return row_spec(axis) if a.shape[axis] == batch else P()
+
+    return Conditioning._make(  # a Conditioning of PartitionSpecs: the same pytree as `cond`
+        (
+            row_spec(),  # txt
+            tuple(P() for _ in cond.rope_txt),
+            tuple(row_spec() if a.ndim == 3 else P() for a in cond.rope_img),
+            None if cond.ref_kv is None else type(cond.ref_kv)(*(rows_if_batch(a, 1) for a in cond.ref_kv)),
+            None if cond.ref_tokens is None else rows_if_batch(cond.ref_tokens),
+            None if cond.key_lengths is None else row_spec(),
+            None if cond.neg is None else row_spec(),
+        )
+    )
+
+
+def _pad_rows(pad: int, x, cond: Conditioning, keys):
+    """x, cond and keys with `pad` copies of the last row appended to every per-row input: a copy
+    changes no other row, nor a step cache's batch-wide decision (a maximum over the rows)."""
+    if not pad:
+        return x, cond, keys
+    batch = x.shape[0]
+
+    def padded(a, spec):
+        if spec == P():
+            return a
+        axis = tuple(spec).index("data")
+        last = jax.lax.slice_in_dim(a, batch - 1, batch, axis=axis)
+        return jnp.concatenate([a, *([last] * pad)], axis=axis)
+
+    specs = (row_spec(), _cond_specs(cond, batch), row_spec())
+    return jax.tree.map(padded, (x, cond, keys), specs, is_leaf=lambda a: isinstance(a, P))
+
+
+def _place_rows(placement: Placement, x, cond: Conditioning, keys):
+    """x, cond and keys on the mesh: rows split over "data", the rest replicated (from wherever they are)."""
+    specs = (row_spec(), _cond_specs(cond, x.shape[0]), row_spec())
+    shardings = jax.tree.map(
+        lambda spec: NamedSharding(placement.mesh, spec), specs, is_leaf=lambda a: isinstance(a, P)
+    )
+    return jax.device_put((x, cond, keys), shardings)
+
+
+def _local(tree, specs, data: int):
+    """Abstract values of `tree` as one device sees them: each axis split over "data" divided by `data`."""
+
+    def one(a, spec):
+        shape = [
+            size // data if name == "data" else size
+            for size, name in zip(a.shape, tuple(spec) + (None,) * (len(a.shape) - len(spec)))
+        ]
+        return jax.ShapeDtypeStruct(tuple(shape), a.dtype)
+
+    return jax.tree.map(one, tree, specs, is_leaf=lambda a: isinstance(a, P))
+
+
+def _split_specs(whole, local, data: int):
+    """PartitionSpecs of an output from its whole and one-device abstract values: the axis that is
+    `data` times larger whole is split over "data"; equal shapes are replicated."""
+
+    def one(w, part):
+        for axis, (a, b) in enumerate(zip(w.shape, part.shape)):
+            if a != b:
+                assert a == data * b, (w.shape, part.shape)
+                return row_spec(axis)
+        return P()
+
+    return jax.tree.map(one, whole, local)
+
+
+_MESH_PROGRAMS: dict = {}  # the shard_map'd programs, by mesh, static settings and input layout
+
+
+def _on_mesh(placement: Placement, params, x, cond: Conditioning, sigmas, prepare_static: dict, steps_static: dict):
+    """`_prepare` and `_steps` under `shard_map`, manual over "data" ("model" is left to XLA, which
+    gathers split block weights a layer at a time): every device runs the one-device program on its
+    own rows, so the loop holds no collective but the step caches' batch-wide max. Returns the two
+    callables with `_prepare`'s and `_steps`'s positional arguments."""
+    mesh, data = placement.mesh, placement.data
+    cond_specs = _cond_specs(cond, x.shape[0])
+    shapes = jax.tree.map(lambda a: (a.shape, str(a.dtype)), (x, cond))
+    key = (
+        mesh,
+        tuple(sorted(prepare_static.items(), key=str)),
+        tuple(sorted(steps_static.items(), key=str)),
+        jax.tree.structure((x, cond)),
+        shapes,
+        cond_specs,
+    )
+    if key not in _MESH_PROGRAMS:
+        prepare = functools.partial(_prepare, **prepare_static)
+        whole = jax.eval_shape(prepare, params, x, cond, sigmas)
+        local = jax.eval_shape(prepare, params, *_local((x, cond), (row_spec(), cond_specs), data), sigmas)
+        prepared_specs, carry_specs = _split_specs(whole, local, data)
+        manual = frozenset({"data"})  # "model" stays with XLA
+        prepare_program = jax.jit(
+            jax.shard_map(
+                functools.partial(_prepare, **prepare_static, rows_axis="data"),
+                in_specs=(P(), row_spec(), cond_specs, P()),
+                out_specs=(prepared_specs, carry_specs),
+                mesh=mesh,
+                axis_names=manual,
+            )
+        )
+        steps_program = jax.jit(
+            jax.shard_map(
+                functools.partial(_steps, **steps_static, rows_axis="data"),
+                in_specs=(P(), carry_specs, prepared_specs, P(), P(), row_spec(), P(), P()),
+                out_specs=carry_specs,
+                mesh=mesh,
+                axis_names=manual,
+            )
+        )
+        _MESH_PROGRAMS[key] = (prepare_program, steps_program)
+    return _MESH_PROGRAMS[key]
 
 
 def noise_keys(seeds) -> jax.Array:

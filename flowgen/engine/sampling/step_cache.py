@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgen.engine.runtime import placement
 from flowgen.engine.sampling.step_cache_settings import StepCache
 from flowgen.engine.transformer import model as transformer
 from flowgen.engine.transformer.attention import attention_path
@@ -49,7 +50,8 @@ def relative_l1(a: jax.Array, b: jax.Array) -> jax.Array:
     axes = tuple(range(1, a.ndim))
     num = jnp.mean(jnp.abs(a - b), axis=axes)
     den = jnp.mean(jnp.abs(b), axis=axes)
-    return jnp.max(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny))
+    # the batch's rows may be split over devices (a mesh's "data" axis): the max over all of them
+    return placement.batch_max(jnp.max(num / jnp.maximum(den, jnp.finfo(jnp.float32).tiny)))
 
 
 # ---- the cached step, from the transformer's stages (transformer/model.py) ----------------------
@@ -110,7 +112,7 @@ def cached_forward(
     the skip decision. ranges: `block_ranges(...)` (they carry the reference K/V), made before the
     loop. decided=None: this call decides step i and updates the state; else a traced bool (skip)
     from the step's first call, and the state is returned unchanged."""
-    with attention_path(stages.attention):
+    with attention_path(stages.attention), placement.gathering(stages.gather):
         model = nnx.merge(stages.graphdef, params)
         inputs, streams = transformer.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
         front = transformer.run_blocks(inputs, streams, ranges.front)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from flowgen.engine.runtime import placement
 from flowgen.engine.text import keys as qwen3_keys
 from flowgen.engine.weights.safetensors_io import open_safetensors
 from flowgen.errors import CheckpointError
@@ -194,12 +195,13 @@ def load_text_encoder(folder: str | Path, dtype: str = "float32", layers: Sequen
     embed_key = prefix + qwen3_keys.EMBED_KEY
     qwen3_keys.check_tensor(tensors, embed_key, (c.vocab_size, c.hidden_size))
     np_dtype = np.dtype(_DTYPES[dtype])
-    stacked = qwen3_keys.load_stacked_layers(tensors, prefix, max(layers), shapes, np_dtype, jnp.asarray)
+    # on a mesh: replicated, from host memory (runtime/placement.py)
+    stacked = qwen3_keys.load_stacked_layers(tensors, prefix, max(layers), shapes, np_dtype, placement.to_device)
     final_norm = None
     if c.num_layers in layers:
         norm_key = prefix + qwen3_keys.FINAL_NORM_KEY
         qwen3_keys.check_tensor(tensors, norm_key, (c.hidden_size,))
-        final_norm = jnp.asarray(np.asarray(tensors[norm_key], dtype=np_dtype))
+        final_norm = placement.to_device(np.asarray(tensors[norm_key], dtype=np_dtype))
     return TextEncoder(config, layers, tensors[embed_key], stacked, final_norm, dtype)
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flowgen.engine.runtime import placement
 from flowgen.engine.transformer.attention import attention
 from flowgen.engine.transformer.rope import apply_rope
 
@@ -219,11 +220,12 @@ class SingleStreamBlock(nnx.Module):
 
 
 def scan_layers(stacked: nnx.Module, body: Callable, carry, per_layer=None):
-    """Run `body(layer, carry, per_layer_slice) -> (carry, out)` over a stacked block module with lax.scan."""
+    """Run `body(layer, carry, per_layer_slice) -> (carry, out)` over a stacked block module with lax.scan.
+    Weights split over a mesh's "model" axis are gathered one layer at a time (`placement.gather_layer`)."""
     graphdef, state = nnx.split(stacked)
 
     def step(c, xs):
         layer_state, extra = xs
-        return body(nnx.merge(graphdef, layer_state), c, extra)
+        return body(nnx.merge(graphdef, placement.gather_layer(layer_state)), c, extra)
 
     return jax.lax.scan(step, carry, (state, per_layer))

@@ -1,8 +1,9 @@
 """Load a FLUX.2 [klein] transformer from a diffusers folder or a BFL single file.
 
-Accepted paths: a diffusers `transformer/` folder (one file or shards + index), a pipeline root holding
-`transformer/`, a single `.safetensors` file in either layout (BFL files may carry ComfyUI's
-`model.diffusion_model.` prefix), or a `*.safetensors.index.json`.
+Accepted paths: a converted transformer folder (`flowgen convert`, an Orbax checkpoint restored
+straight into its layout: weights/orbax_checkpoint.py), a diffusers `transformer/` folder (one file
+or shards + index), a pipeline root holding `transformer/`, a single `.safetensors` file in either
+layout (BFL files may carry ComfyUI's `model.diffusion_model.` prefix), or a `*.safetensors.index.json`.
 
 Loading streams: tensors are memory-mapped, the diffusers layout is presented to the model as a lazy
 BFL-named view (`DiffusersAsBfl`), and the model converts one tensor at a time, so host memory peaks
@@ -29,6 +30,7 @@ from flowgen.engine.transformer.keys import (
     rule_for_bfl,
     rule_for_diffusers,
 )
+from flowgen.engine.weights import orbax_checkpoint
 from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
 from flowgen.errors import CheckpointError
 
@@ -77,12 +79,31 @@ def load_transformer(
     """
     from flowgen.engine.transformer.compiled import CompiledTransformer  # the model module is heavy; import on use
 
+    converted = _converted_folder(Path(path))
+    if converted is not None:  # `flowgen convert` output: restored straight into its layout
+        return orbax_checkpoint.restore_transformer(converted, dtype)
     checkpoint = open_checkpoint(path)
     cfg, cfg_origin = resolve_config(config, checkpoint)
     check_tensors(checkpoint, CompiledTransformer.expected_bfl_shapes(cfg), cfg_origin)
     transformer = CompiledTransformer.from_bfl_tensors(cfg, _GivingBackMemory(checkpoint.bfl), dtype=dtype)
     release_free_heap()
     return transformer
+
+
+def transformer_config(path: str | Path) -> Flux2Config:
+    """The config `load_transformer(path)` builds, read from headers and config files only (no tensor)."""
+    converted = _converted_folder(Path(path))
+    if converted is not None:
+        return orbax_checkpoint.recorded_config(converted)
+    return resolve_config(None, open_checkpoint(path))[0]
+
+
+def _converted_folder(path: Path) -> Path | None:
+    """The converted transformer folder `path` is or holds (a pipeline root's transformer/), else None."""
+    for folder in (path, path / "transformer"):
+        if orbax_checkpoint.is_converted(folder):
+            return folder
+    return None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

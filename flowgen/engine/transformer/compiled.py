@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from flowgen.engine.host_memory import keep_freed_buffers
+from flowgen.engine.runtime import placement
 from flowgen.engine.transformer.attention import PATHS, attention_path
 from flowgen.engine.transformer.config import Flux2Config
 from flowgen.engine.transformer.model import (
@@ -53,33 +54,36 @@ def _dtype(dtype) -> jnp.dtype:
     return jnp.dtype(_DTYPES[name])
 
 
-def _forward_pure(graphdef, path, params, x, rope_img, t, txt, rope_txt, ref_kv=None, key_lengths=None):
+def _forward_pure(graphdef, path, gather, params, x, rope_img, t, txt, rope_txt, ref_kv=None, key_lengths=None):
     TRACE_COUNTS["forward"] += 1
-    with attention_path(path):
+    with attention_path(path), placement.gathering(gather):
         return forward(nnx.merge(graphdef, params), x, rope_img, t, txt, rope_txt, ref_kv, key_lengths)
 
 
-def _prepass_pure(graphdef, path, params, ref, rope_ref, key_lengths=None):
+def _prepass_pure(graphdef, path, gather, params, ref, rope_ref, key_lengths=None):
     TRACE_COUNTS["reference_prepass"] += 1
-    with attention_path(path):
+    with attention_path(path), placement.gathering(gather):
         return reference_prepass(nnx.merge(graphdef, params), ref, rope_ref, key_lengths)
 
 
-# The graphdef (model structure: config and dtype) and the attention path are static, so models of
-# the same kind share compiled programs; weights are ordinary arguments.
-_forward_jit = jax.jit(_forward_pure, static_argnums=(0, 1))
-_prepass_jit = jax.jit(_prepass_pure, static_argnums=(0, 1))
+# The graphdef (model structure: config and dtype), the attention path and the layer gathering
+# (None, or the replicated sharding when the block weights are split over "model",
+# runtime/placement.py) are static, so models of the same kind share compiled programs; weights
+# are ordinary arguments.
+_forward_jit = jax.jit(_forward_pure, static_argnums=(0, 1, 2))
+_prepass_jit = jax.jit(_prepass_pure, static_argnums=(0, 1, 2))
 
 
 class CompiledTransformer:
     """A FLUX.2 [klein] transformer with its weights, forward and pre-pass jit-compiled; call it like the
     reference transformer (see module doc)."""
 
-    def __init__(self, config: Flux2Config, graphdef, params, dtype, attention: str | None = None):
+    def __init__(self, config: Flux2Config, graphdef, params, dtype, attention: str | None = None, gather=None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.graphdef = graphdef
         self.params = params
+        self.gather = gather  # the sharding each layer's weights are gathered to where they are split, else None
         self.use_attention(attention)
         self._rope_cache: dict = {}
         if jax.default_backend() == "cpu":
@@ -103,8 +107,17 @@ class CompiledTransformer:
         dtype = _dtype(dtype)
         graphdef, abstract = cls._abstract(config, dtype)
         pure = convert_bfl_tensors(config, tensors, nnx.to_pure_dict(abstract), dtype)
+        return cls.from_pure(config, graphdef, abstract, pure, dtype)
+
+    @classmethod
+    def from_pure(cls, config: Flux2Config, graphdef, abstract, pure: dict, dtype) -> CompiledTransformer:
+        """Build from a pure-dict param tree (`nnx.to_pure_dict` layout) already on the device(s);
+        placed on a mesh whose "model" axis splits the block weights (`placement.loading`), each
+        layer's weights are gathered where the layer runs."""
         nnx.replace_by_pure_dict(abstract, pure)
-        return cls(config, graphdef, abstract, dtype)
+        loading = placement.loading_placement()
+        gather = loading.replicated if loading is not None and loading.shards_weights else None
+        return cls(config, graphdef, abstract, _dtype(dtype), gather=gather)
 
     @classmethod
     def random(cls, config: Flux2Config, seed: int = 0, dtype="float32") -> CompiledTransformer:
@@ -122,9 +135,10 @@ class CompiledTransformer:
         if path is not None and path not in PATHS:
             raise CheckpointError(f"attention path {path!r} is not supported; use one of {', '.join(PATHS)}")
         self.attention = path
-        self.forward_fn = functools.partial(_forward_jit, self.graphdef, path)
-        self.prepass_fn = functools.partial(_prepass_jit, self.graphdef, path)
-        self.stages = TransformerStages(self.graphdef, path)  # what the step-cached loop runs (sampling/step_cache.py)
+        self.forward_fn = functools.partial(_forward_jit, self.graphdef, path, self.gather)
+        self.prepass_fn = functools.partial(_prepass_jit, self.graphdef, path, self.gather)
+        # what the step-cached loop runs (sampling/step_cache.py)
+        self.stages = TransformerStages(self.graphdef, path, self.gather)
 
     def rope(self, ids) -> tuple[jax.Array, jax.Array]:
         """Device RoPE tables for position ids (N, 4) (cached per distinct ids)."""

@@ -130,6 +130,7 @@ class TransformerStages(NamedTuple):
 
     graphdef: nnx.GraphDef[Flux2Transformer]
     attention: str | None
+    gather: object = None  # the layers' gathering sharding when the block weights are split (runtime/placement.py)
 
 
 # The token streams between stages: (img, txt) while in the double blocks, the joint [txt, img]

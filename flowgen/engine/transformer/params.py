@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowgen.engine.runtime import placement
 from flowgen.engine.transformer.config import Flux2Config
 from flowgen.engine.transformer.keys import expected_bfl_shapes  # noqa: F401  (re-exported)
 from flowgen.errors import CheckpointError
@@ -72,7 +73,8 @@ def convert_bfl_tensors(config: Flux2Config, tensors: Mapping, abstract_params: 
     """Fill a pure-dict param tree (shapes from `abstract_params`) from BFL tensors, one tensor at a time.
 
     Stacked arrays are allocated on device once and filled layer by layer in place (donated
-    buffers), so host memory holds at most one source tensor beyond the growing params.
+    buffers), so host memory holds at most one source tensor beyond the growing params. Inside
+    `Placement.loading()` every array is placed from host memory into its sharding on the mesh.
     """
     expected = validate_bfl_tensors(config, tensors)
     params: dict = {}
@@ -94,13 +96,14 @@ def convert_bfl_tensors(config: Flux2Config, tensors: Mapping, abstract_params: 
         target = abstract_leaf(path)
         leaf_dtype = target.dtype if path[-1] == "scale" else jnp.dtype(dtype)
         host = np.asarray(tensors[key])
-        host = host.T if path[-1] == "kernel" else host
-        value = jnp.asarray(host.astype(leaf_dtype, copy=False))
+        host = (host.T if path[-1] == "kernel" else host).astype(leaf_dtype, copy=False)
         node, name = leaf_slot(path)
         if layer is None:
-            node[name] = value
+            node[name] = placement.to_device(host)
             continue
-        if name not in node:
-            node[name] = jnp.zeros(target.shape, leaf_dtype)
+        if name not in node:  # on a mesh: in the leaf's sharding (placement.py), filled layer by layer
+            node[name] = placement.zeros(target.shape, leaf_dtype, stacked=True)
+        into = placement.layer_sharding(node[name])  # a layer goes from host straight to its shards
+        value = jnp.asarray(host) if into is None else jax.device_put(host, into)
         node[name] = _set_layer_inplace(node[name], layer, value)
     return params

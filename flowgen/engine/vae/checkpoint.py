@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from flowgen.engine.runtime import placement
 from flowgen.engine.vae import keys as vae_keys
 from flowgen.engine.vae.config import VAEConfig
 from flowgen.engine.weights.safetensors_io import LazyTensors, open_safetensors
@@ -144,14 +145,14 @@ def _to_jax_layout(name: str, array: np.ndarray, dtype: jnp.dtype) -> tuple[str,
     """PyTorch tensor -> (leaf name, JAX array): conv OIHW -> HWIO, Linear (out, in) -> (in, out)."""
     leaf = name.rsplit(".", 1)[1]
     if name.startswith("bn."):
-        return leaf, jnp.asarray(array, dtype=jnp.float32)  # statistics stay float32
+        return leaf, placement.to_device(array, jnp.float32)  # statistics stay float32
     if leaf == "weight" and array.ndim == 4:
         leaf, array = "kernel", array.transpose(2, 3, 1, 0)
     elif leaf == "weight" and array.ndim == 2:
         leaf, array = "kernel", array.T
     elif leaf == "weight":
         leaf = "scale"
-    return leaf, jnp.asarray(np.ascontiguousarray(array), dtype=dtype)
+    return leaf, placement.to_device(np.ascontiguousarray(array), dtype)  # on a mesh: replicated, from host
 
 
 def _insert(tree: dict, name: str, leaf: tuple[str, jnp.ndarray]) -> None:

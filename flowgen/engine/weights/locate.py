@@ -130,6 +130,7 @@ def check_pipeline_folder(folder: Path, *, label: str, hint: str) -> Path:
         if c != "scheduler"
         and not any((folder / c).glob("*.safetensors*"))
         and not (folder / c / "tokenizer.json").is_file()
+        and not (folder / c / "flowgen-orbax.json").is_file()  # converted by `flowgen convert` (orbax_checkpoint.py)
     ]
     if missing:
         raise CheckpointError(f"model {label}: {folder} is incomplete (no weights in {', '.join(missing)}); {hint}")

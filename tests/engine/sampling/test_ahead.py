@@ -1,0 +1,93 @@
+"""Sampling loops compiled ahead of time (sampling/ahead.py) while the weights load.
+
+In a fresh process with an empty compile cache, `Pipeline.from_pretrained(compile_ahead=[shape])`
+compiles the loop for `shape` before it returns; the first `generate` of that shape then compiles
+no loop (`_prepare` and `_steps` come from the cache or the process), while a shape that was not
+announced still compiles its loop at first use — on one device and on an 8-device mesh.
+`flowgen run` announces its batches (PipelineEngine.expect) and records the seconds in `startup`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+_SCRIPT = r"""
+import json, logging, sys
+compiled = []
+class Misses(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("PERSISTENT COMPILATION CACHE MISS for"):
+            compiled.append(message.split("'")[1])
+logger = logging.getLogger("jax._src.compiler")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(Misses())
+
+from flowgen.engine import LoopShape, Pipeline
+
+announced = LoopShape(batch=8, width=64, height=64, steps=2)
+pipe = Pipeline.from_pretrained("flux2-klein-tiny", compile_ahead=[announced], max_sequence_length=24)
+ahead = [name for name in compiled if name in ("jit__prepare", "jit__steps")]
+compiled.clear()
+pipe.generate(prompts=list("abcdefgh"), seeds=list(range(8)), width=64, height=64, steps=2, on_step=lambda d: None)
+first_call = [name for name in compiled if name in ("jit__prepare", "jit__steps")]
+compiled.clear()
+pipe.generate(prompts=list("abcdefgh"), seeds=list(range(8)), width=64, height=48, steps=2)
+unannounced = [name for name in compiled if name in ("jit__prepare", "jit__steps")]
+print("RESULT " + json.dumps({"ahead": ahead, "first_call": first_call, "unannounced": unannounced,
+                              "seconds": pipe.ahead_seconds, "mesh": pipe.mesh_text}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("devices", [1, 8])
+def test_an_announced_loop_is_compiled_before_the_first_batch(tmp_path, devices):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLOWGEN_MESH", "FLOWGEN_COMPILE_CACHE")}
+    env.update(JAX_PLATFORMS="cpu", FLOWGEN_CACHE=str(tmp_path / "cache"))
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    done = subprocess.run(
+        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    assert result["mesh"] == f"data={devices},model=1"
+    assert sorted(result["ahead"]) == ["jit__prepare", "jit__steps"] and result["seconds"] > 0
+    assert result["first_call"] == []  # nothing of the loop compiled at the first batch
+    assert "jit__steps" in result["unannounced"]  # the control: another shape compiles at first use
+
+
+_RUN = r"""
+import json, sys
+from flowgen.commands.run import run_command
+from flowgen.run.manifest import Manifest
+assert run_command(sys.argv[1], sys.argv[2], ["task.width=128", "task.height=128", "task.steps=2"], None, False) == 0
+with Manifest(sys.argv[2], create=False) as manifest:
+    print("STARTUP " + json.dumps(manifest.runs()[-1]["summary"]["startup"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_run_compiles_its_batches_ahead_and_records_it(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLOWGEN_MESH", "FLOWGEN_COMPILE_CACHE")}
+    env.update(JAX_PLATFORMS="cpu", FLOWGEN_CACHE=str(tmp_path / "cache"))
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    done = subprocess.run(
+        [sys.executable, "-c", _RUN, str(recipe), str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    startup = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("STARTUP "))[len("STARTUP ") :])
+    assert 0 < startup["ahead"] < startup["load"] < startup["first_image"]
