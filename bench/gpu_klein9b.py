@@ -5,8 +5,16 @@ tokens) and a 4-reference 1024² edit (4 × 4,096 reference tokens): plain step 
 concatenated), KV (reference pre-pass + cached steps) and one pre-pass shared by 8 edits.
 Prints seconds per step and achieved TFLOP/s (matmul + attention FLOPs).
 
+`--throughput`: the whole sampling loop (flowgen's `Denoiser`, 4 steps, 1024² text-to-image) at
+batch 1/2/4/8 — images per second, and the first call's compile apart — and, when more than one
+device is present, data-parallel scaling: the loop on a mesh of every device (`data=N`, weights
+replicated, each device on its rows) at N times the largest batch, against one device.
+
     .venv/bin/python bench/gpu_klein9b.py            # on a GPU machine
+    .venv/bin/python bench/gpu_klein9b.py --throughput --skip-steps
     JAX_PLATFORMS=cpu .venv/bin/python bench/gpu_klein9b.py --tiny   # CPU smoke check
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
+        .venv/bin/python bench/gpu_klein9b.py --tiny --throughput --skip-steps   # the mesh path on CPU
 """
 
 from __future__ import annotations
@@ -128,11 +136,58 @@ def diffusers_rows(cfg, grid, n_txt, n_refs, repeats, device):
     report("diffusers edit KV, per step of a 4-step edit", (extract + 3 * cached) / 4, None)
 
 
+def throughput_rows(cfg, grid, n_txt, batches, steps, repeats):
+    """Images per second of the whole loop per batch size; with several devices, data-parallel scaling."""
+    from flowgen.engine.runtime.placement import Placement
+    from flowgen.engine.sampling import names
+    from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
+
+    tr = CompiledTransformer.random(cfg, dtype="bfloat16")
+    choice = names.resolve(None)
+    sigmas, sampler = choice.sigmas(steps, grid * grid), choice.sampler()
+    rope_txt, rope_img = tr.rope(ids.text_ids(n_txt)), tr.rope(ids.image_ids(grid, grid))
+
+    def loop_seconds(denoiser, params, batch) -> tuple[float, float]:
+        key = jax.random.key(batch)
+        x = jax.random.normal(key, (batch, grid * grid, 128), jnp.bfloat16)
+        txt = jax.random.normal(key, (batch, n_txt, cfg.context_in_dim), jnp.bfloat16)
+        cond, keys = Conditioning(txt, rope_txt, rope_img), noise_keys(list(range(batch)))
+
+        def run():
+            jax.block_until_ready(denoiser(params, x, cond, sigmas, sampler, keys, quantize_t=True))
+
+        start = time.perf_counter()
+        run()  # compile (from the persistent cache when warm) + one loop
+        first = time.perf_counter() - start
+        best = timed(run, repeats)
+        return best, first - best
+
+    one = Denoiser(tr.forward_fn, tr.stages)
+    per_image = {}
+    for batch in batches:
+        seconds, compile_s = loop_seconds(one, tr.params, batch)
+        per_image[batch] = seconds / batch
+        print(f"{'loop batch ' + str(batch) + f', {steps} steps (1 device)':<52}{seconds:>10.4f}  "
+              f"{batch / seconds:6.3f} img/s  compile {compile_s:.1f} s")
+    devices = jax.local_device_count()
+    if devices > 1:
+        placement = Placement.build(devices, 1)
+        params = placement.everywhere(tr.params)
+        batch = max(batches) * devices
+        seconds, compile_s = loop_seconds(Denoiser(tr.forward_fn, tr.stages, placement), params, batch)
+        rate, alone = batch / seconds, 1 / per_image[max(batches)]
+        print(f"{'loop batch ' + str(batch) + f' on data={devices}':<52}{seconds:>10.4f}  {rate:6.3f} img/s  "
+              f"compile {compile_s:.1f} s  scaling {rate / alone:.2f}x of {devices} (vs batch {max(batches)} alone)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="small config and sizes: a CPU smoke check")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--skip-steps", action="store_true", help="leave out the per-step rows (flowgen and diffusers)")
+    parser.add_argument("--throughput", action="store_true", help="the loop at batch 1/2/4/8, and data-parallel scaling")
+    parser.add_argument("--steps", type=int, default=4, help="--throughput: sampling steps per loop")
     args = parser.parse_args()
     if args.tiny:
         cfg, grid, n_txt = TINY, 8, 16
@@ -140,11 +195,17 @@ def main():
         cfg, grid, n_txt = Flux2Config.named("klein-9b"), 64, 512  # 1024² -> 64×64 tokens
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; config hidden={cfg.hidden_size} "
           f"layers={cfg.depth}+{cfg.depth_single_blocks}; grid {grid}x{grid}, {n_txt} text tokens")
-    print(f"{'row':<52}{'s/step':>10}{'TFLOP/s':>8}")
-    flowgen_rows(cfg, grid, n_txt, 4, args.repeats)
-    gc.collect()
-    jax.clear_caches()
-    if not args.skip_diffusers:
+    if not args.skip_steps:
+        print(f"{'row':<52}{'s/step':>10}{'TFLOP/s':>8}")
+        flowgen_rows(cfg, grid, n_txt, 4, args.repeats)
+        gc.collect()
+        jax.clear_caches()
+    if args.throughput:
+        print(f"{'row':<52}{'s/loop':>10}")
+        throughput_rows(cfg, grid, n_txt, (1, 2, 4, 8), args.steps, max(1, args.repeats - 1))
+        gc.collect()
+        jax.clear_caches()
+    if not args.skip_diffusers and not args.skip_steps:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -40,7 +40,6 @@ print("LOAD " + json.dumps({"seconds": time.perf_counter() - start}))
 def _env(cache: Path, compile_cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWGEN_COMPILE_CACHE")}
     env.update(FLOWGEN_CACHE=str(cache), FLOWGEN_COMPILE_CACHE=str(compile_cache))
-    env.setdefault("JAX_PLATFORMS", "cpu")
     return env
 
 
@@ -73,6 +72,15 @@ def load_once(model: str, env: dict) -> float:
     return json.loads(next(x for x in done.stdout.splitlines() if x.startswith("LOAD "))[5:])["seconds"]
 
 
+def weights_folder(model: str, env: dict) -> str:
+    """The pipeline folder a card name (or a folder) stands for."""
+    code = "import sys; from flowgen.engine import resolve_model; print(resolve_model(sys.argv[1]).weights_path())"
+    done = subprocess.run([sys.executable, "-c", code, model], env=env, capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise SystemExit(f"cannot find the weights of {model}: {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
 def convert(model: str, out: Path, env: dict) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "flowgen", "convert", model, str(out)], env=env, capture_output=True, text=True, cwd=REPO
@@ -97,11 +105,12 @@ def measure(model: str, repeats: int, work: Path) -> dict:
         warm.append(start_once(recipe, model, work / "out", env))
     result = {"model": model, "cold": cold, "warm": warm}
     if _has_convert():
+        folder = weights_folder(model, env)
         orbax = work / "orbax"
-        convert(model, orbax, env)
+        convert(folder, orbax, env)
         from_safetensors, from_orbax = [], []
         for _ in range(repeats):
-            from_safetensors.append(load_once(model, env))
+            from_safetensors.append(load_once(folder, env))
             from_orbax.append(load_once(str(orbax), env))
         result.update(load_safetensors=from_safetensors, load_orbax=from_orbax)
     return result
