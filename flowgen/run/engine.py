@@ -124,9 +124,8 @@ class PipelineEngine:
                 from flowgen.engine import Pipeline
 
                 start = time.perf_counter()
-                _LOADED[self._key] = Pipeline.from_pretrained(
-                    self.model, runtime=self.runtime, compile_ahead=self._ahead
-                )
+                ahead = {"compile_ahead": self._ahead} if self._ahead else {}  # compiled while the weights load
+                _LOADED[self._key] = Pipeline.from_pretrained(self.model, runtime=self.runtime, **ahead)
                 self.load_seconds = time.perf_counter() - start
             self._pipe = _LOADED[self._key]
         return self._pipe

@@ -207,7 +207,7 @@ def test_pipeline_engines_of_two_dtypes_load_and_cache_separately(monkeypatch):
     f32, bf16 = PipelineEngine("some-model", "float32").pipe, PipelineEngine("some-model", "bfloat16").pipe
     assert PipelineEngine("some-model", "bfloat16").pipe is bf16 and f32 is not bf16
     assert loads == [("some-model", "float32", None), ("some-model", "bfloat16", None)]
-    assert set(run_engine._LOADED) == {("some-model", "float32"), ("some-model", "bfloat16")}
+    assert set(run_engine._LOADED) == {("some-model", "float32", ""), ("some-model", "bfloat16", "")}  # "": the automatic mesh
 
 
 # ---- progress per step ---------------------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_batch_of_distinct_references_is_one_loop_within_float32_noise(which, kv
     # each set's pre-pass once, though the K/V cache keeps only two sets between batches
     assert pipe.counters["reference_prepass"] == (8 if which == "kv" else 0)
     layout = batch.layout
-    assert layout == {"reference_layout": "rows", "reference_length": 112, "batch": 8}
+    assert layout == {"reference_layout": "rows", "reference_length": 112, "batch": 8, "mesh": "data=1,model=1"}
     for i in range(8):
         alone = pipe.generate([prompts[i]], references=[refs[i]], seeds=[seeds[i]], steps=STEPS, **SIZE)
         assert alone.layouts[0]["reference_layout"] == "shared"
