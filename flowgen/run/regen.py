@@ -298,7 +298,7 @@ class _MeshChoice:
 
     def __init__(self, asked: str | None):
         self.asked = asked if asked is not None else (os.environ.get(MESH_ENV, "").strip() or None)
-        self._fits: dict[tuple[str, str, str], str | None] = {}
+        self._fits: dict[tuple[str, str, str], str | None] = {}  # None: ask for it; "": the automatic one; else why not
 
     def choose(self, recorded: str | None, model: str, dtype: str) -> tuple[str | None, str | None]:
         """(the mesh to ask for, or None for the automatic one; a note when the recorded one is not used)."""
@@ -310,11 +310,13 @@ class _MeshChoice:
             from flowgen.errors import FlowgenError
 
             try:
-                mesh_for(recorded, model, dtype)
-                self._fits[key] = None
+                # the automatic mesh when it is the recorded one: the run's loaded engine serves the replay
+                self._fits[key] = "" if mesh_for(recorded, model, dtype) == mesh_for(None, model, dtype) else None
             except FlowgenError as err:
                 self._fits[key] = str(err)
         problem = self._fits[key]
+        if problem == "":
+            return None, None
         if problem is None:
             return recorded, None
         return None, (

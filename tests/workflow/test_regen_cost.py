@@ -120,7 +120,7 @@ def test_two_items_of_a_batch_of_eight_replay_in_one_call_bit_for_bit(tiny_run, 
 
     records = records_of(tiny_run, [item_id(tiny_run, "subject=a paper crane"), item_id(tiny_run, "subject=a red bicycle")])
     assert [r["batch"]["size"] for r in records] == [8] * 4 and len({r["batch"]["position"] for r in records}) == 4
-    pipe = next(p for (name, _), p in run_engine._LOADED.items() if name == "flux2-klein-tiny")
+    pipe = next(p for (name, *_), p in run_engine._LOADED.items() if name == "flux2-klein-tiny")
     loops = pipe.counters["denoise"]
     outcomes = regenerate(records, tmp_path / "again")
     assert [o.matches for o in outcomes] == [True] * 4, outcomes
