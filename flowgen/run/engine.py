@@ -124,8 +124,11 @@ class PipelineEngine:
                 from flowgen.engine import Pipeline
 
                 start = time.perf_counter()
-                ahead = {"compile_ahead": self._ahead} if self._ahead else {}  # compiled while the weights load
-                _LOADED[self._key] = Pipeline.from_pretrained(self.model, runtime=self.runtime, **ahead)
+                if self._ahead:  # their loops compile while the weights load
+                    pipe = Pipeline.from_pretrained(self.model, runtime=self.runtime, compile_ahead=self._ahead)
+                else:  # (stand-in loaders in tests take no compile_ahead)
+                    pipe = Pipeline.from_pretrained(self.model, runtime=self.runtime)
+                _LOADED[self._key] = pipe
                 self.load_seconds = time.perf_counter() - start
             self._pipe = _LOADED[self._key]
         return self._pipe
