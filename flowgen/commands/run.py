@@ -170,8 +170,10 @@ def _run(
     engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
     plan = replace(plan, batch_multiple=_batch_multiple(engine))  # whole rows for every device of the mesh
     share = spread if isinstance(spread, Shard) else None
-    if share is not None and share.index != 0 and plan.canary is not None:
-        plan = replace(plan, canary=None)  # the canary is checked once, by shard 0 (docs/cli.md, Many machines)
+    if share is not None and share.index != 0 and not share.lockstep and plan.canary is not None:
+        # the canary is checked once, by shard 0 (docs/cli.md, Many machines); --distributed processes
+        # all compute it in lockstep on their one mesh (every engine call is made by every process)
+        plan = replace(plan, canary=None)
     if share is None:
         fold_shards(plan.out_dir)  # a plain run reads, and then writes, what shard runs recorded (flowgen.run.merge)
     if run_id is None and spread is None and (detach or _all_async(plan)):

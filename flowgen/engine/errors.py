@@ -14,3 +14,8 @@ from flowgen.errors import FlowgenError
 
 class EngineInputError(FlowgenError):
     """An argument of an engine call is not allowed; the message names it and what is allowed."""
+
+
+class MeshPeerLost(FlowgenError):
+    """A process whose devices are part of the mesh cannot be reached (multi-controller JAX: it died).
+    Not a bad input: the call cannot complete anywhere; callers end the run rather than fail a batch."""

@@ -45,7 +45,7 @@ from flowgen.engine.references.cache import PreparedSet, ReferenceCache, prepare
 from flowgen.engine.references.images import default_output_size
 from flowgen.engine.request import PIXELS_PER_TOKEN, Request, check_request
 from flowgen.engine.runtime import RuntimeConfig, compile_cache
-from flowgen.engine.runtime.placement import Placement, placement_for
+from flowgen.engine.runtime.placement import Placement, placement_for, to_host
 from flowgen.engine.sampling import ahead, names, step_cache_settings
 from flowgen.engine.sampling.ahead import LoopShape
 from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
@@ -429,7 +429,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        out = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
+        out = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
         timings["decode"] += time.perf_counter() - start
         return GenerateOutput(list(out), {k: round(v, 6) for k, v in timings.items()}, [{}] * len(out))
 
@@ -437,6 +437,15 @@ class Pipeline:
     def mesh_text(self) -> str:
         """The device mesh this pipeline runs on, as recorded: `data=8,model=1` (one device: data=1,model=1)."""
         return "data=1,model=1" if self.placement is None else self.placement.text
+
+    def own_rows(self, rows: int) -> list[int]:
+        """The rows of a batch of `rows` that this process's devices compute (all of them but when the
+        mesh spans several processes: `Placement.row_owners`). Every process gets every image back;
+        this is who keeps which."""
+        if self.placement is None or self.placement.processes == 1:
+            return list(range(rows))
+        me = jax.process_index()
+        return [row for row, owner in enumerate(self.placement.row_owners(rows)) if owner == me]
 
     def clear_caches(self) -> None:
         """Drop cached prompt embeddings, reference latents and reference K/V (frees device memory)."""
@@ -541,7 +550,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        pixels = np.asarray(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
+        pixels = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))  # every row, every process
         timings["decode"] += time.perf_counter() - start
         return list(pixels), refs.layout, record
 

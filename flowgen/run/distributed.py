@@ -2,16 +2,26 @@
 
 Each process joins the job with jax.distributed.initialize — from FLOWGEN_COORDINATOR (HOST:PORT
 of process 0), FLOWGEN_NUM_PROCESSES and FLOWGEN_PROCESS_ID, or JAX's own cluster detection (TPU
-slices, SLURM, Open MPI) for what they leave unset — and then runs its share of the plan exactly as
-`--shard K/N` does (flowgen.run.shards, K = process id, N = process count): its canonical batches,
-its own lock and manifest shard. Process 0 folds the shards into the main manifest once every
-process is done. The processes render without collectives, each on its own devices: one global mesh
-with the batch on `data` is issue 20's work.
+slices, SLURM, Open MPI) for what they leave unset. The engine then lays ONE device mesh over every
+process's devices, the batch's rows on "data" (flowgen.engine.runtime.placement), so every engine
+call is a call of every process: the processes run in lockstep. Each process:
+- builds the same plan and, against the same manifest view (the main manifest and every shard), the
+  same batches to render; the processes publish a digest of that list through the coordination
+  service's key-value store and compare (`ProcessShare.agree`): nobody records anything between
+  the diff and that barrier, so a rerun agrees on what is missing;
+- renders every batch (and the canary) with the others, and stores and records only the rows its
+  own devices computed (`PipelineEngine.own_rows`), in its own manifest shard
+  (.flowgen/shards/K-of-N.sqlite, flowgen.run.shards, K = process id, N = process count) under its
+  own lock, as `--shard K/N` does. Process 0 folds the shards into the main manifest once every
+  process is done.
 
 A dead peer ends the run on every survivor with one line, not a core dump:
+- the next engine call gathers the batch's images from every process and fails within a second
+  (MeshPeerLost: gloo "Connection closed by peer"); the run ends there, what was recorded is kept
+  (the batch in progress is not recorded), the process says so and exits 1;
 - jax_enable_recoverability keeps a process alive when a peer dies; a watcher thread reads the
   coordination service's live processes every second and stops the run after its current batch
-  (everything rendered is recorded); the process then says which peer died and exits 1.
+  when one is gone (a peer silent for --heartbeat-timeout), and ends the waits at the barriers.
 - When process 0 dies, the coordination service dies with it and XLA aborts every other process at
   once (SIGABRT, whatever the flags). So the command runs the JAX work in a child process and
   supervises it: XLA's log lines go to a file, and a child killed by a signal becomes one line.
@@ -22,6 +32,7 @@ is dead after --heartbeat-timeout. Run every process again to complete the plan.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import resource
@@ -32,12 +43,13 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
+from flowgen.engine.errors import MeshPeerLost
 from flowgen.errors import FlowgenError
 from flowgen.run.crash import one_line
 from flowgen.run.interrupt import StopRequest
@@ -63,6 +75,49 @@ class DistributedSettings:
     init_timeout: int = DEFAULT_INIT_TIMEOUT
 
 
+class PeerGone(Exception):
+    """A barrier cannot pass: a peer process died (the message says which, or that process 0 is gone)."""
+
+
+@dataclass(frozen=True)
+class ProcessShare(Shard):
+    """Process `index` of `count` of the job: renders every batch in lockstep with the others and
+    records the rows its devices computed in its own manifest shard (see module doc).
+    exchange(name, value): publishes this process's `value` under `name` and returns every process's."""
+
+    exchange: Callable[[str, str], list[str]] | None = field(default=None, compare=False)
+    lockstep = True
+
+    def select(self, run_plan):
+        """Every batch (the others render them too); the results that cannot run, recorded by one process."""
+        from dataclasses import replace
+
+        from flowgen.run.shards import _item_owner
+
+        return replace(
+            run_plan,
+            blocked=tuple(r for r in run_plan.blocked if _item_owner(r.item.item_id, self.count) == self.index),
+        )
+
+    def agree(self, batches: Sequence) -> None:
+        """Wait until every process has diffed the plan against the folder, then check that they all
+        render the same batches (a FlowgenError otherwise: the folder changed under them)."""
+        assert self.exchange is not None
+        digest = hashlib.sha256(
+            "\n".join(
+                f"{batch.size}:" + ",".join(f"{i}#{n}" for i, n in (r.rid for r in batch.results)) for batch in batches
+            ).encode()
+        ).hexdigest()
+        theirs = self.exchange("todo", digest)
+        differing = [k for k, value in enumerate(theirs) if value != digest]
+        if differing:
+            raise FlowgenError(
+                f"distributed run: process {', '.join(map(str, differing))} found other work left to do than process "
+                f"{self.index} ({len(batches)} batch(es)); was the output folder or the recipe changed while the "
+                "processes started? Run every process again"
+            )
+
+
 RunShare = Callable[[Shard, StopRequest], "tuple[int, Path]"]  # runs a share; returns (exit code, output folder)
 
 
@@ -71,18 +126,31 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
     runs it; as that child, join the job, run the share, wait for the others (see the module doc)."""
     if os.environ.get(_CHILD_ENV) != "1":
         return _supervise()
-    shard, client = _join(settings)
-    click.echo(f"distributed: process {shard.index} of {shard.count}", err=True)  # the parent names it so
+    joined, client = _join(settings)
+    click.echo(f"distributed: process {joined.index} of {joined.count}", err=True)  # the parent names it so
     stop = StopRequest(
         on_first=lambda: click.echo("stopping after the current batch (Ctrl-C again to abort)", err=True)
     )
-    watch = _PeerWatch(client, shard, stop)
+    watch = _PeerWatch(client, joined, stop)
+
+    def exchange(name: str, value: str) -> list[str]:
+        client.key_value_set(f"flowgen/{name}/{joined.index}", value)
+        keys = [f"flowgen/{name}/{k}" for k in range(joined.count)]
+        _wait(watch, lambda: all(_has_key(client, key) for key in keys))
+        if watch.dead is not None:
+            raise PeerGone(watch.dead)
+        return [client.key_value_try_get(key) for key in keys]
+
+    shard = ProcessShare(joined.index, joined.count, exchange)
     watch.start()
     try:
         code, out_dir = run_share(shard, stop)
         if watch.dead is None:
             client.key_value_set(f"flowgen/done/{shard.index}", str(code))
             _wait(watch, lambda: all(_has_key(client, f"flowgen/done/{k}") for k in range(shard.count)))
+    except (PeerGone, MeshPeerLost) as err:  # the run's end is recorded; one line, not the shutdown barrier's wait
+        watch.close()
+        _dead_peer_exit(shard, str(err), current_recorded=False)
     except BaseException:
         watch.close()
         raise
@@ -197,11 +265,16 @@ def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> None:
         time.sleep(POLL_SECONDS / 4)
 
 
-def _dead_peer_exit(shard: Shard, why: str) -> None:
+def _dead_peer_exit(shard: Shard, why: str, current_recorded: bool = True) -> None:
     """One line, then exit 1 at once: jax.distributed.shutdown would wait for the dead peer."""
+    stopped = (
+        "this process stopped after its current batch and everything it rendered is recorded"
+        if current_recorded
+        else "this process stopped; the batches it completed are recorded, the one in progress is not"
+    )
     click.echo(
-        f"error: distributed run, process {shard.index} of {shard.count}: {why}; this process stopped after its "
-        "current batch and everything it rendered is recorded; run every process again to complete the plan",
+        f"error: distributed run, process {shard.index} of {shard.count}: {why}; {stopped}; "
+        "run every process again to complete the plan",
         err=True,
     )
     sys.stdout.flush()

@@ -172,6 +172,11 @@ class PipelineEngine:
 
         return mesh_for(self.mesh, self.model, self.dtype)[0]
 
+    def own_rows(self, rows: int) -> list[int]:
+        """The rows of a batch of `rows` this process keeps (`Pipeline.own_rows`: all, but on a mesh
+        over several processes, those its devices computed)."""
+        return self.pipe.own_rows(rows)
+
     def generate_batch(self, request: BatchRequest) -> BatchOutput:
         kwargs: dict[str, Any] = dict(
             prompts=request.prompts,

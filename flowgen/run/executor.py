@@ -16,12 +16,13 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowgen.delivery.dispatch import Dispatcher, Finished
 from flowgen.delivery.log import SinkState
+from flowgen.engine.errors import MeshPeerLost
 from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, disk_full
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
@@ -167,7 +168,9 @@ def execute(
             plan.source.as_record() if plan.source is not None else None,
         )
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
-        runner = BatchRunner(plan, engine, summary, progress, checker)
+        runner = BatchRunner(
+            plan, engine, summary, progress, checker, own_rows=engine.own_rows if share.lockstep else None
+        )
         dispatcher: Dispatcher | None = None
         rendered = render_locally(runner, ())  # nothing yet: the real one comes below; closed in every case
         went_through = False  # the loop ended by itself (not by an exception)
@@ -193,6 +196,7 @@ def execute(
                 summary.failed += len(blocked)
                 summary.failures += [(r.item.key, r.result_index, r.item.error or "") for r in blocked]
             batches = todo.batches() if not (fail_fast and blocked) else ()
+            share.agree(batches)  # --distributed: every process renders these very batches, in lockstep
             if render_batches is None and hasattr(engine, "expect"):
                 engine.expect(batches)  # their loops compile ahead of time while the weights load (run/engine.py)
             rendered = (render_batches or render_locally)(runner, batches)  # lazily, one batch per next()
@@ -224,7 +228,8 @@ def execute(
                     dispatcher.submit(done)
                 failed = sum(r["status"] == "failed" for r in records)
                 summary.batches += 1
-                progress.advance(len(records), failed + set_aside)
+                # --distributed: every process renders the whole batch and records its rows; it shows the job's progress
+                progress.advance(len(batch.results) if share.lockstep else len(records), failed + set_aside)
                 set_aside = 0
                 lock.progress.update(rendered=summary.rendered, failed=summary.failed, batches_done=summary.batches)
                 lock.beat()
@@ -433,8 +438,19 @@ class BatchRunner:
     """Turns one Batch into records and finished results: references, engine call, then per image
     check, encode, store and record."""
 
-    def __init__(self, plan: Plan, engine: Engine, summary: RunSummary, progress: Progress, checker=None):
+    def __init__(
+        self,
+        plan: Plan,
+        engine: Engine,
+        summary: RunSummary,
+        progress: Progress,
+        checker=None,
+        own_rows: Callable[[int], Sequence[int]] | None = None,
+    ):
+        """own_rows(batch size): the rows of a batch this process stores and records (None: all of
+        them); a `--distributed` process keeps those its devices computed (flowgen.run.distributed)."""
         self.plan, self.engine, self.summary, self.checker = plan, engine, summary, checker
+        self.own_rows = own_rows
         self.last_engine_seconds = 0.0
         self.progress: Progress | None = progress  # None once a step report failed
         self.references = ReferenceLoader()
@@ -474,11 +490,13 @@ class BatchRunner:
         records: list[dict] = []
         finished: list[Finished] = []
         slots: list[tuple[PlannedResult, list]] = []
-        for result in batch.results:
+        mine = set(range(batch.size) if self.own_rows is None else self.own_rows(batch.size))
+        for position, result in enumerate(batch.results):
             try:
                 slots.append((result, self.references.load_all(result.job.references)))
             except ValueError as err:
-                records.append(self._fail(result, str(err)))
+                if position in mine:
+                    records.append(self._fail(result, str(err)))
         if not slots:
             return records, finished
         try:
@@ -488,9 +506,11 @@ class BatchRunner:
                 batch.size,
                 on_step=lambda done: self._step(done, batch.signature.steps),
             )
+        except MeshPeerLost:  # no process can complete this batch: the run ends (flowgen.run.distributed)
+            raise
         except Exception as err:  # the engine failing one batch must not end the run
             reason = f"engine error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            return records + [self._fail(r, reason) for r, _ in slots], finished
+            return records + [self._fail(r, reason) for i, (r, _) in enumerate(slots) if i in mine], finished
         self.last_engine_seconds = rendered.seconds
         self.summary.stage_seconds["engine"] += rendered.seconds
         if not self.summary.startup and hasattr(self.engine, "startup"):  # the run's first images
@@ -505,6 +525,8 @@ class BatchRunner:
             "engine_stages": {k: round(v, 4) for k, v in rendered.stages.items()},
         }
         for position, (result, _) in enumerate(slots):
+            if position not in mine and result.job.face_pass is None:
+                continue  # another process of the mesh stores and records it
             try:
                 image = finish_image(
                     self.engine,
@@ -518,7 +540,10 @@ class BatchRunner:
                     include_cost=result.item.delivery.include_cost,
                 )
             except FacePassError as err:  # one image's face pass failing must not end the run
-                records.append(self._fail(result, str(err)))
+                if position in mine:
+                    records.append(self._fail(result, str(err)))
+                continue
+            if position not in mine:  # its face pass ran here too: the engine calls stay in lockstep
                 continue
             record, done = self._store(result, image, rendered.batch_record(result.job, position), engine_timings)
             records.append(record)

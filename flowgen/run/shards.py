@@ -20,8 +20,10 @@ A shard holds the folder's run lock shared (a plain run, `prune`, `gc` and `rede
 whole, so they and shards exclude each other) and its own lock, .flowgen/shards/K-of-N.lock, whole
 (with the heartbeat `status` reads). It records into its own manifest, .flowgen/shards/K-of-N.sqlite
 (ShardManifest), which diffs against the main manifest and every shard together and which
-flowgen.run.merge folds into the main manifest. `--distributed` (process id / count) and the Ray
-runner use this same mechanism (flowgen.run.distributed, flowgen.run.ray_runner).
+flowgen.run.merge folds into the main manifest. `--distributed` and the Ray runner use this same
+mechanism (flowgen.run.distributed, flowgen.run.ray_runner): a `--distributed` process is a shard
+whose share is every batch, rendered in lockstep with the others on one device mesh, of which it
+records the rows its devices computed (`lockstep`, `agree`).
 """
 
 from __future__ import annotations
@@ -94,6 +96,11 @@ class Shard:
         return shards_dir(out_dir) / f"{self.name}.lock"
 
     # --- the share ------------------------------------------------------------------------
+    lockstep = False  # renders its own batches alone (`--distributed`'s processes render every batch together)
+
+    def agree(self, batches) -> None:
+        """Nothing to agree on: no other process renders these batches (see distributed.ProcessShare)."""
+
     def select(self, run_plan: RunPlan) -> ShareRunPlan:
         """`run_plan` cut to this shard's share: its results, and its canonical batches that are
         still wholly to do, as they are (see the module doc)."""
@@ -273,6 +280,11 @@ class ShardManifest(Manifest):
 
 class _WholeFolder:
     """The share of a plain run: the whole plan, the folder's lock, the main manifest."""
+
+    lockstep = False
+
+    def agree(self, batches) -> None:
+        """A plain run renders alone."""
 
     def select(self, run_plan: RunPlan) -> RunPlan:
         return run_plan

@@ -20,11 +20,24 @@ all-gathers one layer's weights where it is used and the activations are never s
 
 Rows: inside `rows_split(axis)` (the sampling loop under `shard_map`, each device on its own rows)
 `batch_max` takes a batch-wide maximum across the devices (the step caches decide per batch).
+
+Many processes (multi-controller JAX, after `jax.distributed.initialize`): the mesh spans every
+process's devices (`mesh_devices`, ordered by process, so each process's devices hold a contiguous
+block of a batch's rows: `row_owners`). Every process makes the same engine calls in the same
+order with the same host inputs (lockstep); `jax.device_put` of host data (or of a one-device
+array holding the same value on every process) into a sharding over the global mesh fills each
+process's own shards from its own copy, without a transfer: for a batch every process holds whole,
+this is `jax.make_array_from_process_local_data` with the full batch as local data. Results leave
+the devices through `to_host`: an array split over other processes' devices is gathered
+(`process_allgather`) so every process holds the whole batch and the work after the engine call
+(face passes, canaries) stays in lockstep too. A gather that fails (a peer process died) raises
+`MeshPeerLost`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +49,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from flowgen.engine.errors import MeshPeerLost
 from flowgen.engine.runtime.mesh import MeshSpec, choose_model_size, resolved_text
 
 SHARD_BYTES = 1 << 16  # stacked leaves below this stay replicated (norm scales, small kernels)
@@ -51,7 +65,7 @@ class Placement:
 
     @classmethod
     def build(cls, data: int, model: int, devices=None) -> Placement:
-        devices = list(devices if devices is not None else jax.devices())[: data * model]
+        devices = list(devices if devices is not None else mesh_devices())[: data * model]
         return cls(Mesh(np.array(devices).reshape(data, model), ("data", "model")))
 
     @property
@@ -67,12 +81,27 @@ class Placement:
         return self.data * self.model
 
     @property
+    def processes(self) -> int:
+        """How many processes' devices the mesh spans (1 but under multi-controller JAX)."""
+        return len({device.process_index for device in self.mesh.devices.flat})
+
+    @property
     def text(self) -> str:
-        return resolved_text(self.data, self.model)
+        """As recorded: `data=4,model=1`, and ` over 2 processes` when it spans several."""
+        text = resolved_text(self.data, self.model)
+        return text if self.processes == 1 else f"{text} over {self.processes} processes"
 
     def record(self) -> dict[str, Any]:
         """What a result records of the mesh (its layout; not hashed)."""
-        return {"data": self.data, "model": self.model, "devices": self.size}
+        return {"data": self.data, "model": self.model, "devices": self.size, "processes": self.processes}
+
+    def row_owners(self, rows: int) -> list[int]:
+        """The process whose devices hold each row of a batch of `rows` rows (as the sampling loop
+        lays them out: padded to a multiple of "data", each "data" slice a contiguous block; the
+        first device of a slice names its process)."""
+        per_slice = -(-rows // self.data)
+        firsts = [int(self.mesh.devices[d, 0].process_index) for d in range(self.data)]
+        return [firsts[row // per_slice] for row in range(rows)]
 
     # ---- weights ------------------------------------------------------------------------------
 
@@ -111,11 +140,60 @@ class Placement:
 
     def rows(self, array, axis: int = 0):
         """`array` with axis `axis` (its rows) split over "data"."""
-        return jax.device_put(array, NamedSharding(self.mesh, row_spec(axis)))
+        return self.put(array, NamedSharding(self.mesh, row_spec(axis)))
 
     def everywhere(self, tree):
         """`tree`'s arrays replicated on every device of the mesh."""
-        return jax.device_put(tree, self.replicated)
+        return self.put(tree, jax.tree.map(lambda _: self.replicated, tree))
+
+    def put(self, tree, shardings):
+        """`tree`'s arrays in `shardings` (a matching tree of shardings on this mesh), from wherever
+        they are. Over several processes (every process holds the same values, see module doc): an
+        array already on the whole mesh is resharded by a compiled identity, any other one is built
+        from this process's copy (`make_array_from_callback`: each process fills its own shards)."""
+        if self.processes == 1:
+            return jax.device_put(tree, shardings)
+        leaves, structure = jax.tree.flatten(tree)
+        targets = structure.flatten_up_to(shardings)
+        mesh_devices = set(self.mesh.devices.flat)
+        placed = []
+        for leaf, sharding in zip(leaves, targets):
+            if isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == mesh_devices:
+                placed.append(_reshard(leaf, sharding))
+            elif jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed PRNG keys: their data
+                placed.append(jax.random.wrap_key_data(_from_host(jax.random.key_data(leaf), sharding)))
+            else:
+                placed.append(_from_host(leaf, sharding))
+        return jax.tree.unflatten(structure, placed)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _reshard_jit(array, sharding):
+    return jax.lax.with_sharding_constraint(array, sharding)
+
+
+def _reshard(array: jax.Array, sharding) -> jax.Array:
+    """`array` (on the whole mesh) in `sharding`, by every process at once."""
+    return array if array.sharding == sharding else _reshard_jit(array, sharding)
+
+
+def _from_host(array, sharding) -> jax.Array:
+    """A global array from this process's whole copy of it: each process fills its own shards."""
+    host = np.asarray(array)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(array) -> np.ndarray:
+    """`array` in host memory, whole: an array split over other processes' devices is gathered from
+    them (every process holds every row after; see module doc). MeshPeerLost when a process is gone."""
+    if getattr(array, "is_fully_addressable", True) or array.is_fully_replicated:
+        return np.asarray(array)
+    from jax.experimental import multihost_utils
+
+    try:
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    except jax.errors.JaxRuntimeError as err:  # gloo / NCCL: "Connection closed by peer", ...
+        raise MeshPeerLost(f"a process of the device mesh cannot be reached ({str(err).splitlines()[0]})") from None
 
 
 def row_spec(axis: int = 0) -> P:
@@ -210,10 +288,18 @@ def device_memory(device) -> int | None:
     return stats.get("bytes_limit") or None
 
 
+def mesh_devices() -> list:
+    """The devices a mesh is laid over: this process's, or under multi-controller JAX every
+    process's, ordered by process (each process's devices a contiguous block of the mesh)."""
+    if jax.process_count() == 1:
+        return list(jax.local_devices())
+    return sorted(jax.devices(), key=lambda device: (device.process_index, device.id))
+
+
 def resolve_mesh(text: str | None, weight_bytes: int = 0, sharded_share: float = 1.0) -> tuple[int, int]:
-    """(data, model) for `text` (`mesh.MeshSpec`) over this process's devices; left out, `model`
-    follows the device memory (`mesh.choose_model_size`). One-line EngineInputError when it does not fit."""
-    devices = jax.local_devices()
+    """(data, model) for `text` (`mesh.MeshSpec`) over the mesh's devices (`mesh_devices`); left out,
+    `model` follows the device memory (`mesh.choose_model_size`). One-line EngineInputError when it does not fit."""
+    devices = mesh_devices()
     spec = MeshSpec.parse(text)
     model = None
     if spec.data is None and spec.model is None:
@@ -238,7 +324,7 @@ def placement_for(text: str | None, source, dtype: str) -> Placement | None:
     data, model = mesh_for(text, source, dtype)
     if data * model == 1:
         return None
-    return Placement.build(data, model, jax.local_devices())
+    return Placement.build(data, model, mesh_devices())
 
 
 def weight_bytes(source, dtype: str) -> tuple[int, int]:

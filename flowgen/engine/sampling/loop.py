@@ -322,7 +322,7 @@ class Denoiser:
         if step_cache is None:
             return tokens
         state = carry[2]
-        return tokens, {"distances": np.asarray(state.distances), "computed": np.asarray(state.computed)}
+        return tokens, {"distances": placement.to_host(state.distances), "computed": placement.to_host(state.computed)}
 
 
 # ---- on a mesh: each device runs the one-device program on its rows -----------------------------
@@ -371,7 +371,7 @@ def _place_rows(placement: Placement, x, cond: Conditioning, keys):
     shardings = jax.tree.map(
         lambda spec: NamedSharding(placement.mesh, spec), specs, is_leaf=lambda a: isinstance(a, P)
     )
-    return jax.device_put((x, cond, keys), shardings)
+    return placement.put((x, cond, keys), shardings)  # over several processes: each fills its own shards
 
 
 def _local(tree, specs, data: int):

@@ -127,7 +127,7 @@ def restore_transformer(path: str | Path, dtype: str) -> CompiledTransformer:
     expected = nnx.to_pure_dict(abstract)
     _check_tree(path, expected)
     loading = placement.loading_placement()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def target(keys, leaf):
         stacked = keys[0].key in _STACKED
