@@ -62,6 +62,9 @@ _CHILD_ENV = "_FLOWGEN_DISTRIBUTED_CHILD"  # set by the supervising parent for t
 _ANNOUNCE = re.compile(r"^distributed: process (\d+) of (\d+)")
 # XLA / absl log lines ("F1207 18:03:13.591021    7130 client.h:80] ...") and what follows a fatal one
 _NATIVE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
+# what flowgen itself writes to stderr; after a native log line, any other line continues it (gRPC's
+# "Additional GRPC error information ..." lines)
+_OWN = re.compile(r"^(error:|warning:|distributed:|stopping|rendering|removed|interrupted|\[\d+/\d+\])")
 POLL_SECONDS = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 60
 DEFAULT_INIT_TIMEOUT = 300
@@ -302,13 +305,15 @@ def _supervise() -> int:
     native: deque[str] = deque(maxlen=400)
     who = "this process"
     dying = False
+    continuing = False  # the last line was XLA's: a line that is not flowgen's continues it
     try:
         assert child.stderr is not None
         for line in child.stderr:
             announced = _ANNOUNCE.match(line)
             if announced:
                 who = f"process {announced[1]} of {announced[2]}"
-            if dying or _NATIVE.match(line):
+            continuing = bool(dying or _NATIVE.match(line) or (continuing and not _OWN.match(line)))
+            if continuing:
                 native.append(line)
                 dying = dying or line.startswith("F")  # a fatal line: what follows is its stack trace
             else:
