@@ -304,6 +304,9 @@ class _MeshChoice:
         """(the mesh to ask for, or None for the automatic one; a note when the recorded one is not used)."""
         if self.asked is not None or recorded is None:
             return self.asked, None
+        # a mesh over several processes (`run --distributed`): the same axes on this machine's devices
+        # run the same per-device program on the same rows
+        recorded = recorded.split(" over ")[0]
         key = (recorded, model, dtype)
         if key not in self._fits:
             from flowgen.engine import mesh_for

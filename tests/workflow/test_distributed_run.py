@@ -100,6 +100,14 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
         runs = Counter(r["run_id"] for r in manifest.records())
     assert sorted(runs.values()) == [12, 12], runs
     assert list(Path(out, ".flowgen", "shards").glob("*.sqlite")) == []  # process 0 folded both
+    with Manifest(out, create=False) as manifest:  # a row process 1's devices computed (position 3 of 4) ...
+        row = next(r for r in manifest.records() if r["batch"]["position"] == 3)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    replay = subprocess.run(  # ... replays bit for bit in one process on the same axes (data=4,model=1)
+        [sys.executable, "-m", "flowgen.cli", "regen", str(out), f"{row['item_id']}#{row['result_index']}",
+         "--verify", "--to", str(tmp_path / "regen")], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=TIMEOUT)
+    assert replay.returncode == 0 and replay.stdout.startswith("identical"), replay.stdout + replay.stderr[-2000:]
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 24
 
     killed_out = tmp_path / "killed"
