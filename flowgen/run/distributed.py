@@ -60,6 +60,8 @@ NUM_PROCESSES_ENV = "FLOWGEN_NUM_PROCESSES"
 PROCESS_ID_ENV = "FLOWGEN_PROCESS_ID"
 _CHILD_ENV = "_FLOWGEN_DISTRIBUTED_CHILD"  # set by the supervising parent for the process that runs JAX
 _ANNOUNCE = re.compile(r"^distributed: process (\d+) of (\d+)")
+_FINISHED_TEXT = "distributed: finished, exit code "  # the child's last line before it disconnects (not shown)
+_FINISHED = re.compile(r"^distributed: finished, exit code (\d+)$")
 # XLA / absl log lines ("F1207 18:03:13.591021    7130 client.h:80] ...") and what follows a fatal one
 _NATIVE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
 # what flowgen itself writes to stderr; after a native log line, any other line continues it (gRPC's
@@ -174,6 +176,9 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         _dead_peer_exit(shard, watch.dead)
     import jax
 
+    # the work is done and recorded: a failure from here on (the service going away while this process
+    # disconnects, seen under load) must not turn the run into a failure; the parent is told so
+    click.echo(f"{_FINISHED_TEXT}{code}", err=True)
     jax.distributed.shutdown()  # every process is here: the shutdown barrier passes at once
     return code
 
@@ -306,12 +311,17 @@ def _supervise() -> int:
     who = "this process"
     dying = False
     continuing = False  # the last line was XLA's: a line that is not flowgen's continues it
+    finished: int | None = None  # the exit code the child's run ended with, once it said so
     try:
         assert child.stderr is not None
         for line in child.stderr:
             announced = _ANNOUNCE.match(line)
             if announced:
                 who = f"process {announced[1]} of {announced[2]}"
+            done = _FINISHED.match(line.rstrip("\n"))
+            if done:
+                finished = int(done[1])
+                continue
             continuing = bool(dying or _NATIVE.match(line) or (continuing and not _OWN.match(line)))
             if continuing:
                 native.append(line)
@@ -326,6 +336,8 @@ def _supervise() -> int:
         signal.signal(signal.SIGINT, previous_int)
     if code >= 0:
         return code
+    if finished is not None:  # it died disconnecting after its run ended and was recorded: that run's code
+        return finished
     fatal = next((line for line in native if line.startswith("F")), None)
     reason = fatal.split("]", 1)[1].strip().split(". ")[0] if fatal else f"killed by {signal.Signals(-code).name}"
     log = _keep(native)
