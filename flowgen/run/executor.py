@@ -169,7 +169,12 @@ def execute(
         )
         manifest.start_run(summary.run_id, plan.recipe_name, plan.recipe_hash, plan.plan_hash)
         runner = BatchRunner(
-            plan, engine, summary, progress, checker, own_rows=engine.own_rows if share.lockstep else None
+            plan,
+            engine,
+            summary,
+            progress,
+            checker,
+            own_rows=getattr(engine, "own_rows", None) if share.lockstep else None,
         )
         dispatcher: Dispatcher | None = None
         rendered = render_locally(runner, ())  # nothing yet: the real one comes below; closed in every case

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ import pytest
 from flowgen.engine.errors import EngineInputError
 from flowgen.engine.runtime import RuntimeConfig
 from flowgen.engine.runtime.mesh import MeshSpec, choose_model_size
+from flowgen.engine.runtime.placement import Placement
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,6 +90,24 @@ def test_the_automatic_model_size_follows_device_memory():
     assert choose_model_size(8, 30 * gb, 16 * gb, sharded_share=0.6) == 8  # 12 + 18/8 > 12.8: best effort
     assert choose_model_size(6, 30 * gb, 28 * gb, sharded_share=0.6) == 2
     assert MeshSpec().resolve(8, model_size=2) == (4, 2)
+
+
+def _placement_over(processes: list[int], data: int, model: int) -> Placement:
+    """A Placement over stand-in devices of the given processes (what row ownership reads of a mesh)."""
+    devices = np.array([SimpleNamespace(process_index=p) for p in processes], dtype=object).reshape(data, model)
+    return Placement(SimpleNamespace(shape={"data": data, "model": model}, devices=devices))
+
+
+def test_each_process_owns_the_rows_its_devices_compute():
+    two = _placement_over([0, 0, 1, 1], 4, 1)  # 2 processes x 2 devices, ordered by process
+    assert two.text == "data=4,model=1 over 2 processes" and two.processes == 2
+    assert two.row_owners(4) == [0, 0, 1, 1]
+    assert two.row_owners(8) == [0, 0, 0, 0, 1, 1, 1, 1]  # contiguous blocks of rows per device
+    assert two.row_owners(1) == [0]  # padded to 4 rows: the real one is on device 0
+    assert two.row_owners(6) == [0, 0, 0, 0, 1, 1]  # padded to 8: 2 rows per device
+    assert _placement_over([0, 0, 1, 1], 2, 2).row_owners(4) == [0, 0, 1, 1]  # a data slice's first device
+    one = _placement_over([0] * 4, 4, 1)
+    assert one.text == "data=4,model=1" and one.row_owners(4) == [0, 0, 0, 0]
 
 
 _RENDER = r"""

@@ -153,18 +153,16 @@ class Placement:
         from this process's copy (`make_array_from_callback`: each process fills its own shards)."""
         if self.processes == 1:
             return jax.device_put(tree, shardings)
-        leaves, structure = jax.tree.flatten(tree)
-        targets = structure.flatten_up_to(shardings)
         mesh_devices = set(self.mesh.devices.flat)
-        placed = []
-        for leaf, sharding in zip(leaves, targets):
+
+        def one(leaf, sharding):
             if isinstance(leaf, jax.Array) and set(leaf.sharding.device_set) == mesh_devices:
-                placed.append(_reshard(leaf, sharding))
-            elif jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed PRNG keys: their data
-                placed.append(jax.random.wrap_key_data(_from_host(jax.random.key_data(leaf), sharding)))
-            else:
-                placed.append(_from_host(leaf, sharding))
-        return jax.tree.unflatten(structure, placed)
+                return _reshard(leaf, sharding)
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed PRNG keys: their data
+                return jax.random.wrap_key_data(_from_host(jax.random.key_data(leaf), sharding))
+            return _from_host(leaf, sharding)
+
+        return jax.tree.map(one, tree, shardings)
 
 
 @functools.partial(jax.jit, static_argnums=1)
