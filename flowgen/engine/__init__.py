@@ -21,7 +21,7 @@ The engine, by component:
     faces/           face detection and refinement
     catalog/         JAX-free: model cards, capabilities, the embedded tiny model
     weights/         safetensors reading, where weights are on disk
-    errors.py        EngineInputError (an argument the engine refuses)
+    errors.py        EngineInputError (an argument the engine refuses), MeshPeerLost (a process of the mesh is gone)
     host_memory.py, byte_lru.py   host-allocator settings; a byte-bounded LRU (shared by caches)
 """
 
@@ -44,6 +44,7 @@ _EXPORTS = {
     "refine_faces": "flowgen.engine.faces.refine",
     # JAX-free: what the workflow reads while validating, planning and preparing inputs
     "EngineInputError": "flowgen.engine.errors",
+    "MeshPeerLost": "flowgen.engine.errors",
     "ModelCard": "flowgen.engine.catalog.cards",
     "list_cards": "flowgen.engine.catalog.cards",
     "resolve_model": "flowgen.engine.catalog.cards",
@@ -75,7 +76,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
     from flowgen.engine.byte_lru import ByteLRU
     from flowgen.engine.catalog.capabilities import capabilities
     from flowgen.engine.catalog.cards import ModelCard, list_cards, resolve_model
-    from flowgen.engine.errors import EngineInputError
+    from flowgen.engine.errors import EngineInputError, MeshPeerLost
     from flowgen.engine.faces.detect import face_detector
     from flowgen.engine.faces.refine import FaceRefineResult, FaceRefineSettings, refine_faces
     from flowgen.engine.host_memory import release_free_heap
@@ -116,6 +117,7 @@ __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPO
     "load_tokenizer",
     "refine_faces",
     "EngineInputError",
+    "MeshPeerLost",
     "ModelCard",
     "list_cards",
     "resolve_model",

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import click
 
-from flowgen.engine.errors import MeshPeerLost
+from flowgen.engine import MeshPeerLost
 from flowgen.errors import FlowgenError
 from flowgen.run.crash import one_line
 from flowgen.run.interrupt import StopRequest

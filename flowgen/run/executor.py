@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flowgen.delivery.dispatch import Dispatcher, Finished
 from flowgen.delivery.log import SinkState
-from flowgen.engine.errors import MeshPeerLost
+from flowgen.engine import MeshPeerLost
 from flowgen.errors import FlowgenError, RecipeError, RunCrashed, StorageError, disk_full
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
