@@ -168,12 +168,13 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
         client.key_value_set("flowgen/merged", "1")
     else:
         _wait(watch, lambda: _has_key(client, "flowgen/merged"))
-    if watch.dead is None:  # everyone saw the merge before anyone shuts down (process 0's service with it)
+    everyone_left = False  # everyone saw the merge before anyone shuts down (process 0's service with it)
+    if watch.dead is None:
         client.key_value_set(f"flowgen/leaving/{shard.index}", "1")
-        _wait(watch, lambda: all(_has_key(client, f"flowgen/leaving/{k}") for k in range(shard.count)))
+        everyone_left = _wait(watch, lambda: all(_has_key(client, f"flowgen/leaving/{k}") for k in range(shard.count)))
     watch.close()
-    if watch.dead is not None:
-        _dead_peer_exit(shard, watch.dead)
+    if not everyone_left:  # (a peer that passed the barrier and disconnected first is not dead: it finished)
+        _dead_peer_exit(shard, watch.dead or "a peer process stopped")
     import jax
 
     # the work is done and recorded: a failure from here on (the service going away while this process
@@ -261,15 +262,19 @@ def _has_key(client, key: str) -> bool:
         raise
 
 
-def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> None:
-    """Until `done()` holds or a peer died (no time limit while every peer lives: one may have more to render)."""
-    while watch.dead is None:
+def _wait(watch: _PeerWatch, done: Callable[[], bool]) -> bool:
+    """Until `done()` holds (True) or a peer died (False); no time limit while every peer lives: one
+    may have more to render. `done()` is asked first: a peer that passed this barrier and left is
+    not dead to the ones still here."""
+    while True:
         try:
             if done():
-                return
+                return True
         except Exception as err:  # the coordination service is gone: process 0 died
-            watch.dead = f"the JAX coordination service cannot be reached ({one_line(err)})"
-            return
+            watch.dead = watch.dead or f"the JAX coordination service cannot be reached ({one_line(err)})"
+            return False
+        if watch.dead is not None:
+            return False
         time.sleep(POLL_SECONDS / 4)
 
 

@@ -26,6 +26,7 @@ from PIL import Image
 
 from flowgen.commands.run import run_command
 from flowgen.run.manifest import Manifest
+from flowgen.run.merge import MergedView
 from flowgen.run.shards import Shard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,6 +57,31 @@ def _pair(recipe: Path, out: Path) -> list[tuple[int, str, str]]:
     return [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in procs]
 
 
+def _kill_mid_run(recipe: Path, out: Path, victim: int) -> tuple[int, float, str]:
+    """Start both processes on `out`, SIGKILL `victim` once it recorded a batch this time; the
+    survivor's (exit code, seconds it took to exit after the kill, stderr)."""
+    port = _free_port()
+    procs = [_start(recipe, out, port, k) for k in range(2)]
+    victim_db = Shard(victim, 2).db_path(out)
+    before = _recorded(victim_db)
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and procs[victim].poll() is None and _recorded(victim_db) <= before:
+        time.sleep(0.05)
+    procs[victim].send_signal(signal.SIGKILL)  # the command and, with it, its JAX process
+    killed_at = time.monotonic()
+    procs[victim].communicate()
+    code = procs[1 - victim].wait(timeout=TIMEOUT)
+    return code, time.monotonic() - killed_at, procs[1 - victim].communicate()[1]
+
+
+def _recorded(db: Path) -> int:
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+    except sqlite3.OperationalError:  # not there yet
+        return 0
+
+
 def _essentials(out: Path) -> dict[tuple[str, int], tuple]:
     """What a result is, without timings, run ids or layout: status, content hash, file, seed, batch size."""
     with Manifest(out, create=False) as manifest:
@@ -80,7 +106,7 @@ def _meshes(out: Path) -> set[str]:
 @pytest.mark.slow
 def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one_line(tmp_path, monkeypatch):
     recipe = tmp_path / "quickstart.yaml"
-    shutil.copy(ROOT / "recipes" / "quickstart.yaml", recipe)
+    recipe.write_text((ROOT / "recipes" / "quickstart.yaml").read_text() + "canary: {items: 2, threshold_db: 40}\n")
     monkeypatch.setenv("FLOWGEN_MAX_BATCH", "4")
     single = tmp_path / "single"
     assert run_command(str(recipe), str(single), OPTIONS, None, False) == 0
@@ -100,6 +126,9 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
         runs = Counter(r["run_id"] for r in manifest.records())
     assert sorted(runs.values()) == [12, 12], runs
     assert list(Path(out, ".flowgen", "shards").glob("*.sqlite")) == []  # process 0 folded both
+    for code, stdout, stderr in _pair(recipe, out):  # again: nothing to render; the canary, on both, together
+        assert code == 0, stderr[-3000:]
+        assert "0 rendered, 24 unchanged" in stdout and "canary: 2 fixed item(s) render as their first" in stdout
     with Manifest(out, create=False) as manifest:  # a row process 1's devices computed (position 3 of 4) ...
         row = next(r for r in manifest.records() if r["batch"]["position"] == 3)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
@@ -111,34 +140,21 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
     assert len((out / "manifest.jsonl").read_text().splitlines()) == 24
 
     killed_out = tmp_path / "killed"
-    port = _free_port()
-    survivor, victim = _start(recipe, killed_out, port, 0), _start(recipe, killed_out, port, 1)
-    victim_db = Shard(1, 2).db_path(killed_out)
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline and victim.poll() is None:  # process 1 recorded a batch: kill it
-        try:
-            if victim_db.exists() and sqlite3.connect(victim_db, timeout=1).execute(
-                    "SELECT COUNT(*) FROM results").fetchone()[0]:
-                break
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)  # the command and, with it, its JAX process
-    killed_at = time.monotonic()
-    victim.communicate()
-    code = survivor.wait(timeout=TIMEOUT)
-    waited = time.monotonic() - killed_at
-    stderr = survivor.communicate()[1]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1, stderr[-3000:]
-    # the next gather of a batch's images fails at once, else the watcher sees the heartbeats stop
-    assert errors[0].startswith("error: distributed run, process 0 of 2: "), errors[0]
-    assert ("a process of the device mesh cannot be reached" in errors[0]
-            or "process 1 stopped sending heartbeats" in errors[0]), errors[0]
-    assert "Traceback" not in stderr and "Check failure" not in stderr
-    assert waited < HEARTBEAT + 30, waited  # at most the heartbeat timeout and the batch in progress
-    with Manifest(killed_out, create=False) as manifest:  # process 0 folded what both recorded
-        assert 0 < len(list(manifest.records())) < 24
+    for victim in (1, 0):  # process 1: process 0 finds it gone; process 0: the coordination service goes with it
+        survivor = 1 - victim
+        code, waited, stderr = _kill_mid_run(recipe, killed_out, victim)
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert code == 1 and len(errors) == 1, stderr[-3000:]
+        assert "Traceback" not in stderr and "Check failure" not in stderr and "GRPC" not in stderr, stderr[-3000:]
+        assert waited < HEARTBEAT + 30, waited  # at most the heartbeat timeout and the batch in progress
+        if victim == 1:  # the next gather of a batch's images fails at once, else the watcher sees no heartbeats
+            assert errors[0].startswith("error: distributed run, process 0 of 2: "), errors[0]
+            assert ("a process of the device mesh cannot be reached" in errors[0]
+                    or "process 1 stopped sending heartbeats" in errors[0]), errors[0]
+        else:  # XLA ends the survivor at once: its supervisor says so
+            assert errors[0].startswith(f"error: distributed run, process {survivor} of 2 stopped: "), errors[0]
+        with MergedView(killed_out) as view:
+            assert 0 < len(view.index()) < 24  # what completed batches recorded is kept
 
     for code, _stdout, stderr in _pair(recipe, killed_out):  # the rerun completes the plan
         assert code == 0, stderr[-3000:]
