@@ -1,7 +1,9 @@
 """Images per second of one plan run by 1 process, by 2 shard processes at once (`--shard K/N`),
-and on a local Ray cluster (`--ray`), on this machine, with the fixed start-up costs listed apart.
+by 2 processes of one multi-controller JAX job on one mesh of 4 forced CPU devices (`--distributed`,
+a coordinator on 127.0.0.1), and on a local Ray cluster (`--ray`), on this machine, with the fixed
+start-up costs listed apart.
 
-    python bench/multihost.py [--results 32] [--json out.json]
+    python bench/multihost.py [--results 32] [--skip-ray] [--json out.json]
 
 Each configuration is fresh processes on a fresh output folder (the tiny model, 128x128, 2 steps,
 batches of 4). "start-up" is wall time minus the run's own time (the summary line's seconds):
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,11 +36,24 @@ def _command(out: Path, results: int, *extra: str) -> list[str]:
             *[a for o in options for a in ("--set", o)], *extra]
 
 
-def _run_all(commands: list[list[str]]) -> tuple[float, list[tuple[int, float]]]:
-    """Start every command at once; (wall seconds, [(rendered, run seconds)] per process)."""
+def _distributed(out: Path, results: int) -> list[tuple[list[str], dict[str, str]]]:
+    """The two processes of a `--distributed` job (2 forced CPU devices each: one mesh of 4)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FLOWGEN_COORDINATOR": f"127.0.0.1:{port}",
+           "FLOWGEN_NUM_PROCESSES": "2"}
+    return [(_command(out, results, "--distributed"), {**env, "FLOWGEN_PROCESS_ID": str(k)}) for k in range(2)]
+
+
+def _run_all(commands: list) -> tuple[float, list[tuple[int, float]]]:
+    """Start every command (a list, or (list, extra environment)) at once; (wall seconds, [(rendered,
+    run seconds)] per process)."""
     env = {**os.environ, "FLOWGEN_MAX_BATCH": "4", "JAX_PLATFORMS": "cpu"}
+    commands = [c if isinstance(c, tuple) else (c, {}) for c in commands]
     start = time.perf_counter()
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for c in commands]
+    procs = [subprocess.Popen(c, env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for c, extra in commands]
     outputs = [p.communicate()[0] for p in procs]
     wall = time.perf_counter() - start
     parsed = []
@@ -52,6 +68,7 @@ def _run_all(commands: list[list[str]]) -> tuple[float, list[tuple[int, float]]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=int, default=32, help="results in the plan (a multiple of 4)")
+    parser.add_argument("--skip-ray", action="store_true", help="leave the Ray row out (its cluster start is slow)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     rows = []
@@ -60,8 +77,11 @@ def main() -> None:
             "1 process": [_command(Path(tmp, "one"), args.results)],
             "2 shards (--shard 0/2, 1/2 at once)": [_command(Path(tmp, "two"), args.results, "--shard", f"{k}/2")
                                                     for k in range(2)],
+            "--distributed (2 processes, one mesh of 4)": _distributed(Path(tmp, "dist"), args.results),
             "ray (local cluster, 2 actors)": [_command(Path(tmp, "ray"), args.results, "--ray")],
         }
+        if args.skip_ray:
+            del configs["ray (local cluster, 2 actors)"]
         for name, commands in configs.items():
             wall, parsed = _run_all(commands)
             rendered = sum(n for n, _ in parsed)

@@ -317,6 +317,7 @@ def _supervise() -> int:
     dying = False
     continuing = False  # the last line was XLA's: a line that is not flowgen's continues it
     finished: int | None = None  # the exit code the child's run ended with, once it said so
+    said_error = False  # the child wrote an `error:` line of its own
     try:
         assert child.stderr is not None
         for line in child.stderr:
@@ -327,7 +328,9 @@ def _supervise() -> int:
             if done:
                 finished = int(done[1])
                 continue
-            continuing = bool(dying or _NATIVE.match(line) or (continuing and not _OWN.match(line)))
+            said = line.startswith("error:")  # the child's own one line: shown even amid XLA's dying words
+            said_error = said_error or said
+            continuing = not said and bool(dying or _NATIVE.match(line) or (continuing and not _OWN.match(line)))
             if continuing:
                 native.append(line)
                 dying = dying or line.startswith("F")  # a fatal line: what follows is its stack trace
@@ -339,11 +342,11 @@ def _supervise() -> int:
         for sig, handler in forwarded.items():
             signal.signal(sig, handler)
         signal.signal(signal.SIGINT, previous_int)
-    if code >= 0:
-        return code
-    if finished is not None:  # it died disconnecting after its run ended and was recorded: that run's code
-        return finished
     fatal = next((line for line in native if line.startswith("F")), None)
+    if finished is not None and (code < 0 or fatal):  # it died disconnecting after its run ended and was recorded
+        return finished
+    if code >= 0 and (said_error or fatal is None):  # it ended by itself, or said why (e.g. XLA's abort raced
+        return code  # its own exit after a dead peer)
     reason = fatal.split("]", 1)[1].strip().split(". ")[0] if fatal else f"killed by {signal.Signals(-code).name}"
     log = _keep(native)
     click.echo(

@@ -147,12 +147,12 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
         assert code == 1 and len(errors) == 1, stderr[-3000:]
         assert "Traceback" not in stderr and "Check failure" not in stderr and "GRPC" not in stderr, stderr[-3000:]
         assert waited < HEARTBEAT + 30, waited  # at most the heartbeat timeout and the batch in progress
-        if victim == 1:  # the next gather of a batch's images fails at once, else the watcher sees no heartbeats
-            assert errors[0].startswith("error: distributed run, process 0 of 2: "), errors[0]
-            assert ("a process of the device mesh cannot be reached" in errors[0]
-                    or "process 1 stopped sending heartbeats" in errors[0]), errors[0]
-        else:  # XLA ends the survivor at once: its supervisor says so
-            assert errors[0].startswith(f"error: distributed run, process {survivor} of 2 stopped: "), errors[0]
+        # the next gather of a batch's images fails at once (either way), the watcher sees no heartbeats
+        # (process 1 gone), or XLA ends the survivor at once (process 0 gone: its supervisor says so)
+        assert errors[0].startswith(f"error: distributed run, process {survivor} of 2"), errors[0]
+        reasons = ["a process of the device mesh cannot be reached", "process 1 stopped sending heartbeats",
+                   f"process {survivor} of 2 stopped: Terminating process because the JAX distributed service"]
+        assert any(reason in errors[0] for reason in reasons[: 2 if victim == 1 else 3]), errors[0]
         with MergedView(killed_out) as view:
             assert 0 < len(view.index()) < 24  # what completed batches recorded is kept
 
