@@ -41,19 +41,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _start(recipe: Path, out: Path, port: int, process_id: int, count: int = 2) -> subprocess.Popen:
+def _start(recipe: Path, out: Path, port: int, process_id: int, count: int = 2, options=OPTIONS) -> subprocess.Popen:
     env = {**os.environ, "FLOWGEN_MAX_BATCH": "4", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "FLOWGEN_COORDINATOR": f"127.0.0.1:{port}",
            "FLOWGEN_NUM_PROCESSES": str(count), "FLOWGEN_PROCESS_ID": str(process_id)}
     args = [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(out), "--distributed",
             "--heartbeat-timeout", str(HEARTBEAT), "--init-timeout", "120"]
-    args += [a for option in OPTIONS for a in ("--set", option)]
+    args += [a for option in options for a in ("--set", option)]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _pair(recipe: Path, out: Path) -> list[tuple[int, str, str]]:
+def _pair(recipe: Path, out: Path, options=OPTIONS) -> list[tuple[int, str, str]]:
     port = _free_port()
-    procs = [_start(recipe, out, port, k) for k in range(2)]
+    procs = [_start(recipe, out, port, k, options=options) for k in range(2)]
     return [(p.wait(timeout=TIMEOUT), *p.communicate()) for p in procs]
 
 
@@ -161,6 +161,56 @@ def test_two_processes_render_one_plan_and_a_killed_peer_ends_the_other_with_one
     assert _essentials(killed_out) == expected
     rows = [json.loads(line) for line in (killed_out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 24 == len({(r["item_id"], r["result_index"]) for r in rows})
+
+
+EDITS = """version: 1
+name: edits
+model: flux2-klein-tiny
+seed: 11
+datasets:
+  products: {jsonl: rows.jsonl, key: "{sku}"}
+  surfaces: {values: [marble, oak]}
+matrix: {product: products, surface: surfaces}
+task:
+  positivePrompt: "{product.name} on {surface}"
+  width: 128
+  height: 128
+  steps: 2
+  numberResults: 2
+  outputFormat: PNG
+  inputs: "{product.inputs}"
+output: {dir: out, filename: "{product.sku}_{surface}_{result}.{ext}"}
+"""
+EDIT_ROWS = [  # two references, one, a shared style image, none: per-row and shared reference K/V on the mesh
+    {"sku": "A", "name": "white sneaker", "inputs": {"referenceImages": ["refs/A-100.jpg", "refs/brand-style.jpg"]}},
+    {"sku": "B", "name": "brown boot", "inputs": {"referenceImages": ["refs/B-200.jpg"]}},
+    {"sku": "D", "name": "a lighthouse", "inputs": {}},
+]
+
+
+@pytest.mark.slow
+def test_references_on_the_mesh_over_two_processes_render_as_one_process_on_the_same_axes(tmp_path):
+    shutil.copytree(ROOT / "recipes" / "refs", tmp_path / "refs")
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in EDIT_ROWS))
+    recipe = tmp_path / "edits.yaml"
+    recipe.write_text(EDITS)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "FLOWGEN_MAX_BATCH": "4",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    one = subprocess.run([sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(tmp_path / "one")],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for code, _stdout, stderr in _pair(recipe, tmp_path / "two", options=[]):
+        assert code == 0, stderr[-3000:]
+    with Manifest(tmp_path / "one", create=False) as a, Manifest(tmp_path / "two", create=False) as b:
+        ones = {(r["item_id"], r["result_index"]): r for r in a.records()}
+        twos = {(r["item_id"], r["result_index"]): r for r in b.records()}
+    assert ones.keys() == twos.keys() and len(ones) == 12
+    for rid, record in twos.items():  # the same per-device program on the same rows: the same bytes
+        assert record["batch"]["mesh"] == "data=4,model=1 over 2 processes", record["batch"]
+        assert ones[rid]["batch"]["mesh"] == "data=4,model=1"
+        assert {k: v for k, v in record["batch"].items() if k != "mesh"} == {
+            k: v for k, v in ones[rid]["batch"].items() if k != "mesh"}
+        assert record["output"]["sha256"] == ones[rid]["output"]["sha256"], rid
 
 
 def test_a_process_id_out_of_range_is_one_line_and_nothing_is_written(tmp_path):
