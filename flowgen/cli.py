@@ -232,8 +232,9 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     "--distributed",
     is_flag=True,
     help="One process of a multi-controller JAX job (jax.distributed): $FLOWGEN_COORDINATOR, "
-    "$FLOWGEN_NUM_PROCESSES, $FLOWGEN_PROCESS_ID, or JAX's detection on TPU / SLURM; each process "
-    "runs its share, process 0 merges.",
+    "$FLOWGEN_NUM_PROCESSES, $FLOWGEN_PROCESS_ID, or JAX's detection on TPU / SLURM; the processes "
+    "render every batch on one device mesh over all their devices, each recording its devices' rows; "
+    "process 0 merges.",
 )
 @click.option(
     "--heartbeat-timeout",

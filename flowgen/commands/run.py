@@ -59,8 +59,8 @@ def run_command(
     always given the output folder (out_from_recipe: the user gave no --out, the recipe named it).
     Many processes (flowgen.run.shards): shard ('K/N', else $FLOWGEN_SHARD) runs that share of the
     plan; ray_address ('local' for a cluster of its own) renders the batches on a Ray actor pool
-    (flowgen.run.ray_runner); distributed runs this process's share of a multi-controller JAX job
-    (flowgen.run.distributed).
+    (flowgen.run.ray_runner); distributed makes this process one of a multi-controller JAX job that
+    renders every batch on one mesh over all the processes' devices (flowgen.run.distributed).
     User errors before anything runs raise FlowgenError (exit 2 via the CLI); a crash raises
     RunCrashed (exit 70) once the run is recorded as failed.
     """
@@ -128,7 +128,7 @@ def _spread(
     if len(chosen) > 1:
         raise FlowgenError(
             f"{' and '.join(chosen)} cannot be combined: --shard K/N runs one share, --distributed "
-            "takes its share from the JAX process id and count, --ray renders every batch on a Ray cluster"
+            "renders every batch with the other JAX processes on one mesh, --ray renders every batch on a Ray cluster"
         )
     if chosen and detach:
         raise FlowgenError(
