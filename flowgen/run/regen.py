@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowgen.engine import reference_sha256
+from flowgen.engine import MeshPeerLost, reference_sha256
 from flowgen.errors import FlowgenError
 from flowgen.plan.hashing import BASE_DTYPE, sha256_file
 from flowgen.plan.job import Job
@@ -232,6 +232,8 @@ def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) ->
     )
     try:
         output = engine.generate_batch(request)
+    except MeshPeerLost:  # no result of any call can be rendered: the run (or regen) ends
+        raise
     except Exception as err:  # noqa: BLE001 - reported per result, the other calls go on
         return [ReplayError(f"engine error: {_first_line(err)}")] * len(rows)
     results: list[Any] = []
@@ -242,6 +244,8 @@ def replay_rows(rows: list[tuple[dict[str, Any], Job, list]], engine: Engine) ->
             continue
         try:
             results.append(engine.refine_faces(pixels, settings, int(record["seed"]), loras=job.engine_loras).image)
+        except MeshPeerLost:
+            raise
         except Exception as err:  # noqa: BLE001 - this result fails, its batch mates stand
             results.append(ReplayError(f"face refinement error: {_first_line(err)}"))
     return results

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from flowgen.engine import MeshPeerLost
 from flowgen.plan.job import Job
 from flowgen.run.cost import cost_of
 from flowgen.run.engine import BatchRequest, Engine
@@ -130,6 +131,8 @@ def finish_image(
         try:
             with engine_lock or contextlib.nullcontext():
                 refined = engine.refine_faces(pixels, settings, seed, loras=job.engine_loras)
+        except MeshPeerLost:  # a process of the mesh is gone: the run ends (flowgen.run.distributed)
+            raise
         except Exception as err:
             first = str(err).splitlines()[0] if str(err) else ""
             raise FacePassError(f"face refinement error: {type(err).__name__}: {first}") from err
