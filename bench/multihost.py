@@ -1,6 +1,6 @@
 """Images per second of one plan run by 1 process, by 2 shard processes at once (`--shard K/N`),
 by 2 processes of one multi-controller JAX job on one mesh of 4 forced CPU devices (`--distributed`,
-a coordinator on 127.0.0.1), and on a local Ray cluster (`--ray`), on this machine, with the fixed
+a coordinator on 127.0.0.1; next to 1 process on the same 4-device mesh), and on a local Ray cluster (`--ray`), on this machine, with the fixed
 start-up costs listed apart.
 
     python bench/multihost.py [--results 32] [--skip-ray] [--json out.json]
@@ -77,6 +77,8 @@ def main() -> None:
             "1 process": [_command(Path(tmp, "one"), args.results)],
             "2 shards (--shard 0/2, 1/2 at once)": [_command(Path(tmp, "two"), args.results, "--shard", f"{k}/2")
                                                     for k in range(2)],
+            "1 process, 4 forced CPU devices (data=4)": [
+                (_command(Path(tmp, "four"), args.results), {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})],
             "--distributed (2 processes, one mesh of 4)": _distributed(Path(tmp, "dist"), args.results),
             "ray (local cluster, 2 actors)": [_command(Path(tmp, "ray"), args.results, "--ray")],
         }
