@@ -80,7 +80,7 @@ class DistributedSettings:
     init_timeout: int = DEFAULT_INIT_TIMEOUT
 
 
-class PeerGone(Exception):
+class PeerGone(FlowgenError):
     """A barrier cannot pass: a peer process died (the message says which, or that process 0 is gone)."""
 
 
@@ -122,6 +122,16 @@ class ProcessShare(Shard):
                 "processes started? Run every process again"
             )
 
+    def decide(self, name: str, reason: str | None) -> str | None:
+        """Whether the run halts at this point, decided by every process together: a process that would
+        stop (Ctrl-C or SIGTERM, its --budget, a failure under --fail-fast, a dead peer) stops them all
+        here, so no process waits in an engine call for one that left (the most urgent reason wins)."""
+        assert self.exchange is not None
+        said = set(self.exchange(f"halt/{name}", reason or ""))
+        return next((r for r in HALT_REASONS if r in said), None)
+
+
+HALT_REASONS = ("interrupted", "budget", "fail_fast")  # most urgent first
 
 RunShare = Callable[[Shard, StopRequest], "tuple[int, Path]"]  # runs a share; returns (exit code, output folder)
 

@@ -217,11 +217,15 @@ def execute(
             }  # every key set now: the heartbeat thread reads it
             lock.beat()
             for number, batch in enumerate(batches):
-                if stop.requested:
+                halt = "interrupted" if stop.requested else None
+                if halt is None and not spending.allows(batch.size, seconds_per_image(history, batch.signature.label)):
+                    halt = "budget"
+                halt = share.decide(f"batch/{number}", halt)  # --distributed: all halt where any one would
+                if halt == "interrupted":
                     summary.interrupted = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
-                if not spending.allows(batch.size, seconds_per_image(history, batch.signature.label)):
+                if halt == "budget":
                     summary.budget_stopped = True
                     summary.not_run += sum(len(b.results) for b in batches[number:])
                     break
@@ -238,9 +242,9 @@ def execute(
                 set_aside = 0
                 lock.progress.update(rendered=summary.rendered, failed=summary.failed, batches_done=summary.batches)
                 lock.beat()
-                if fail_fast and failed:
+                if fail_fast and share.decide(f"failed/{number}", "fail_fast" if failed else None):
                     summary.stopped_early = True
-                    rest = [r for b in batches[number + 1 :] for r in b.results]
+                    rest = [r for b in batches[number + 1 :] for i, r in enumerate(b.results) if runner.keeps(b, i)]
                     summary.not_run += len(rest)
                     _commit(
                         manifest,
@@ -462,6 +466,10 @@ class BatchRunner:
         self.engine_identity: dict | None = None
         self.unrecorded: list[Path] = []  # files written for the current batch, not yet in the manifest
 
+    def keeps(self, batch: Batch, position: int) -> bool:
+        """Whether this process stores and records the row at `position` of `batch` (see own_rows)."""
+        return self.own_rows is None or position in self.own_rows(batch.size)
+
     def recorded(self) -> None:
         """The current batch's records are committed: its files are accounted for."""
         self.unrecorded.clear()
@@ -495,7 +503,7 @@ class BatchRunner:
         records: list[dict] = []
         finished: list[Finished] = []
         slots: list[tuple[PlannedResult, list]] = []
-        mine = set(range(batch.size) if self.own_rows is None else self.own_rows(batch.size))
+        mine = {position for position in range(batch.size) if self.keeps(batch, position)}
         for position, result in enumerate(batch.results):
             try:
                 slots.append((result, self.references.load_all(result.job.references)))

@@ -101,6 +101,10 @@ class Shard:
     def agree(self, batches) -> None:
         """Nothing to agree on: no other process renders these batches (see distributed.ProcessShare)."""
 
+    def decide(self, name: str, reason: str | None) -> str | None:
+        """Whether the run halts here (`reason`: "interrupted", "budget", "fail_fast"), decided alone."""
+        return reason
+
     def select(self, run_plan: RunPlan) -> ShareRunPlan:
         """`run_plan` cut to this shard's share: its results, and its canonical batches that are
         still wholly to do, as they are (see the module doc)."""
@@ -285,6 +289,9 @@ class _WholeFolder:
 
     def agree(self, batches) -> None:
         """A plain run renders alone."""
+
+    def decide(self, name: str, reason: str | None) -> str | None:
+        return reason
 
     def select(self, run_plan: RunPlan) -> RunPlan:
         return run_plan

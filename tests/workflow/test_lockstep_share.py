@@ -26,14 +26,15 @@ class HalfMesh(FakeEngine):
 
 
 class Exchange:
-    """The coordination service's key-value store as one process sees it: what each process published."""
+    """The coordination service's key-value store as process 1 of 2 sees it: process 0 publishes what
+    `theirs` says under a name (default: the same value as this process)."""
 
-    def __init__(self, other: str | None = None):
-        self.other, self.published = other, []
+    def __init__(self, **theirs: str):
+        self.theirs, self.published = theirs, []
 
     def __call__(self, name: str, value: str) -> list[str]:
         self.published.append((name, value))
-        return [value if self.other is None else self.other, value]
+        return [self.theirs.get(name.replace("/", "_"), value), value]
 
 
 def test_a_process_renders_every_batch_and_records_the_rows_of_its_devices(tmp_path):
@@ -43,7 +44,8 @@ def test_a_process_renders_every_batch_and_records_the_rows_of_its_devices(tmp_p
     summary = execute(against_folder(plan_of(items, out)), engine, share=ProcessShare(1, 2, exchange))
     assert [len(call.prompts) for call in engine.calls] == [4, 4]  # every batch, as one process would run it
     assert summary.rendered == 4 and summary.exit_code == 0
-    assert [name for name, _ in exchange.published] == ["todo"]  # agreed once, before rendering
+    # agreed before rendering, and before each batch whether to go on
+    assert [name for name, _ in exchange.published] == ["todo", "halt/batch/0", "halt/batch/1"]
     with Shard(1, 2).manifest(out) as manifest:
         recorded = sorted(r["item_key"] for r in manifest.records())
         positions = {r["batch"]["position"] for r in manifest.records()}
@@ -55,7 +57,7 @@ def test_processes_that_found_other_work_left_stop_before_rendering(tmp_path):
     out = tmp_path / "out"
     engine = HalfMesh()
     with pytest.raises(FlowgenError) as err:
-        execute(against_folder(plan_of([item("k0")], out)), engine, share=ProcessShare(1, 2, Exchange(other="x")))
+        execute(against_folder(plan_of([item("k0")], out)), engine, share=ProcessShare(1, 2, Exchange(todo="x")))
     assert "process 0 found other work left to do than process 1" in str(err.value) and "\n" not in str(err.value)
     assert engine.calls == [] and not (out / "img").exists()
 
@@ -80,3 +82,11 @@ def test_a_lost_peer_during_a_replay_is_not_a_drifted_engine(tmp_path):
         [record] = [view.get(*rid) for rid in view.index()]
     with pytest.raises(MeshPeerLost):  # the canary and regen end, rather than report the item as drifted
         replay(record, job_of(record), [], LostPeer())
+
+
+def test_a_process_stops_where_another_one_would(tmp_path):
+    out = tmp_path / "out"
+    engine = HalfMesh()
+    share = ProcessShare(1, 2, Exchange(halt_batch_1="budget"))  # process 0's --budget ends after a batch
+    summary = execute(against_folder(plan_of([item(f"k{i}") for i in range(8)], out)), engine, share=share)
+    assert len(engine.calls) == 1 and summary.budget_stopped and summary.rendered == 2
