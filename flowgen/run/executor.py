@@ -178,10 +178,10 @@ def execute(
             dispatcher = run_dispatcher(manifest, summary.run_id, **options)
             history = list(manifest.records()) if budget is not None else []
             if plan.canary is not None:  # before anything renders: a drifted engine stops the run here
-                from flowgen.run.canary import check_canary
-
-                summary.canary, summary.canary_failures = check_canary(
-                    manifest, plan, engine, plan.canary, summary.run_id
+                lock.progress = {"stage": "canary"}  # `status`: checking it, or waiting for the shard that does
+                lock.beat()
+                summary.canary, summary.canary_failures = share.check_canary(
+                    manifest, plan, engine, summary.run_id, progress.note
                 )
                 if summary.canary_failures:
                     summary.not_run += len(blocked) + len(runnable)

@@ -193,6 +193,14 @@ class MergedView:
             merged.update(manifest.index())
         return merged
 
+    def canary_items(self) -> list[str]:
+        """The canary's fixed items: the first manifest that fixed them (the main one first)."""
+        for manifest in self._manifests:
+            items = manifest.canary_items()
+            if items:
+                return items
+        return []
+
     def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
         for manifest in reversed(self._manifests):
             record = manifest.get(item_id, result_index)

@@ -31,9 +31,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -46,16 +46,19 @@ from flowgen.run.lock import FolderBusy, Holder, RunLock, lock_path, lock_state,
 from flowgen.run.manifest import STATE_DIR, Manifest
 
 SHARDS_DIR = "shards"
+DEFAULT_CANARY_WAIT = 1800.0  # seconds a shard waits for the shard checking the canary (run --canary-wait)
 SHARD_ENV = "FLOWGEN_SHARD"
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard `index` of `count` (0 <= index < count)."""
+    """Shard `index` of `count` (0 <= index < count); canary_wait: how long it waits for the shard
+    that checks the canary (flowgen.run.shard_canary)."""
 
     index: int
     count: int
+    canary_wait: float = field(default=DEFAULT_CANARY_WAIT, compare=False)
 
     @classmethod
     def parse(cls, text: str, source: str = "--shard") -> Shard:
@@ -154,6 +157,13 @@ class Shard:
 
     def manifest(self, out_dir: str | Path) -> ShardManifest:
         return ShardManifest(out_dir, self)
+
+    def check_canary(self, manifest: Manifest, plan: Plan, engine, run_id: str, note: Callable[[str], None]):
+        """The canary's (verdicts, failure lines): checked once for every shard of the plan, by the
+        first to get there; the others wait for its verdict (flowgen.run.shard_canary)."""
+        from flowgen.run.shard_canary import shared_canary
+
+        return shared_canary(manifest, plan, engine, run_id, str(self), self.canary_wait, note)
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,13 @@ class ShardManifest(Manifest):
         with MergedView(self.out_dir) as view:
             return view.get(item_id, result_index)
 
+    def canary_items(self) -> list[str]:
+        """The canary's fixed items as the folder knows them (the main manifest's, else a shard's)."""
+        from flowgen.run.merge import MergedView
+
+        with MergedView(self.out_dir) as view:
+            return view.canary_items()
+
     def record_watermarks(self, watermarks, run_id: str) -> None:
         """This shard completed its share: the watermarks move when every shard of the plan has (flowgen.run.merge)."""
         row = self.conn.execute("SELECT plan_hash FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -282,6 +299,13 @@ class _WholeFolder:
 
     def manifest(self, out_dir: str | Path) -> Manifest:
         return Manifest(out_dir)
+
+    def check_canary(self, manifest: Manifest, plan: Plan, engine, run_id: str, note: Callable[[str], None]):
+        """The canary's (verdicts, failure lines), checked here (flowgen.run.canary)."""
+        from flowgen.run.canary import check_canary
+
+        assert plan.canary is not None
+        return check_canary(manifest, plan, engine, plan.canary, run_id)
 
 
 whole_folder = _WholeFolder()
