@@ -227,7 +227,7 @@ def shard_states(out_dir: str | Path, now: float | None = None) -> list[tuple[st
     if not folder.is_dir():
         return []
     found = []
-    for path in sorted(folder.glob("*.lock")):
+    for path in sorted(folder.glob("*-of-*.lock")):  # not canary.lock (flowgen.run.shard_canary)
         state, holder = lock_state(path, now)
         if state != "idle":
             found.append((path.stem, state, holder))
