@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowgen.cli import main as cli
+from flowgen.commands.run import run_command
 from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import against_folder, execute
@@ -237,3 +238,19 @@ def test_status_shows_every_running_shard_with_its_progress_and_what_is_merged(t
     assert report["counts"] == {"ok": first} and report["not_rendered"] == 10 - first
     after = CliRunner().invoke(cli, ["status", str(out), "--json"])  # no process holds them: folded, gone
     assert json.loads(after.output)["shards"] == [] and shard_files(out) == []
+
+
+def test_the_watermark_waits_for_a_shard_that_did_not_complete_its_share(tmp_path, engine):
+    recipe = write_recipe(tmp_path)
+    write_rows(tmp_path, [(f"S{i}", f"product {i}") for i in range(6)])
+    out = tmp_path / "out" / "nightly"
+    assert run(recipe, shard="0/2", max_batch=2) == 0
+    assert run_command(str(recipe), None, [], 1, False, 2, shard="1/2") == 0  # --limit 1: part of its share
+    fold_shards(out)
+    with Manifest(out) as manifest:
+        assert manifest.watermarks() == {}  # shard 1 did not complete: every row is still new
+        assert 0 < manifest.counts()["ok"] < 6
+    assert run(recipe, shard="1/2", max_batch=2) == 0  # the rest of its share
+    with Manifest(out) as manifest:
+        assert set(manifest.watermarks()["products"]["entries"]) == {f"S{i}" for i in range(6)}
+    assert sorted(engine) == sorted(f"photo of product {i}" for i in range(6))  # each row once
