@@ -42,7 +42,7 @@ from flowgen.plan.batching import make_batches
 from flowgen.plan.diff import PlanDiff
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
-from flowgen.run.lock import FolderBusy, Holder, RunLock, lock_path, lock_state, read_holder
+from flowgen.run.lock import FolderBusy, Holder, RunLock, acquire, lock_path, lock_state, read_holder
 from flowgen.run.manifest import STATE_DIR, Manifest
 
 SHARDS_DIR = "shards"
@@ -136,14 +136,12 @@ class Shard:
     @contextmanager
     def lock(self, out_dir: str | Path, run_id: str) -> Iterator[RunLock]:
         """Hold the folder's run lock shared and this shard's lock whole (FolderBusy otherwise)."""
-        from flowgen.run.lock import _try_lock
-
         main = lock_path(out_dir)
         main.parent.mkdir(parents=True, exist_ok=True)
         shards_dir(out_dir).mkdir(parents=True, exist_ok=True)
         fd = os.open(main, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _try_lock(fd, fcntl.LOCK_SH, attempts=3):
+            if not acquire(fd, fcntl.LOCK_SH, out_dir, main):
                 holder = read_holder(main)
                 who = holder.describe() if holder else "another run"
                 raise FolderBusy(
