@@ -99,13 +99,19 @@ def verdict_key(plan: Plan, engine: Engine) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_FIELDS = {"plan_hash", "shard", "run_id", "users", "checked_at", "verdicts", "failures"}
+
+
 def read_verdicts(folder: Path) -> dict[str, dict[str, Any]]:
-    """The verdicts recorded in `folder` by key ({} when none, or the file is unreadable)."""
+    """The verdicts recorded in `folder` by key ({} when none; an unreadable file or entry counts as
+    none: the shard then checks the canary itself)."""
     try:
         data = json.loads((folder / VERDICTS_NAME).read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {key: value for key, value in data.items() if isinstance(value, dict) and _FIELDS <= value.keys()}
 
 
 def _write_verdicts(folder: Path, verdicts: dict[str, dict[str, Any]]) -> None:
