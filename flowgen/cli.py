@@ -252,6 +252,13 @@ def plan(recipe, out_dir, overrides, as_json, max_batch, dtype):
     metavar="SECONDS",
     help="--distributed: how long to wait for every process (and the coordinator) to join.",
 )
+@click.option(
+    "--canary-wait",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="--shard / --distributed: how long a shard waits for the shard that checks the recipe's canary "
+    "(every shard renders only after it passed)  [default: 1800]",
+)
 @mesh_option
 @click.option("--run-id", hidden=True)  # the detached child's id, chosen by the parent
 @click.option("--out-from-recipe", is_flag=True, hidden=True)  # the detached child's --out is the recipe's own
@@ -273,6 +280,7 @@ def run(
     distributed,
     heartbeat_timeout,
     init_timeout,
+    canary_wait,
     mesh,
     run_id,
     out_from_recipe,
@@ -302,6 +310,7 @@ def run(
             shard=shard,
             ray_address=ray_address,
             distributed=settings,
+            canary_wait=canary_wait,
         )
     )
 

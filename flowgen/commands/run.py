@@ -48,6 +48,7 @@ def run_command(
     shard: str | None = None,
     ray_address: str | None = None,
     distributed: DistributedSettings | None = None,
+    canary_wait: float | None = None,
 ) -> int:
     """Run RECIPE; returns the exit code (0 all ok, 1 some failed, 3 with require_delivery when a
     delivery gave up, 130 after Ctrl-C).
@@ -58,9 +59,11 @@ def run_command(
     its run id at once. run_id: set in that background process (the id its parent printed), which is
     always given the output folder (out_from_recipe: the user gave no --out, the recipe named it).
     Many processes (flowgen.run.shards): shard ('K/N', else $FLOWGEN_SHARD) runs that share of the
-    plan; ray_address ('local' for a cluster of its own) renders the batches on a Ray actor pool
-    (flowgen.run.ray_runner); distributed makes this process one of a multi-controller JAX job that
-    renders every batch on one mesh over all the processes' devices (flowgen.run.distributed).
+    plan, waiting at most canary_wait seconds (None: the default) for the shard that checks the
+    canary (flowgen.run.shard_canary); ray_address ('local' for a cluster of its own) renders the
+    batches on a Ray actor pool (flowgen.run.ray_runner); distributed makes this process one of a
+    multi-controller JAX job that renders every batch on one mesh over all the processes' devices
+    (flowgen.run.distributed).
     User errors before anything runs raise FlowgenError (exit 2 via the CLI); a crash raises
     RunCrashed (exit 70) once the run is recorded as failed.
     """
@@ -87,6 +90,7 @@ def run_command(
                     out_from_recipe,
                     share,
                     stop=stop,
+                    canary_wait=canary_wait,
                 ),
             )
         return _run(
@@ -104,6 +108,7 @@ def run_command(
             require_delivery,
             out_from_recipe,
             spread,
+            canary_wait=canary_wait,
         )[0]
     except BaseException as err:
         if run_id is not None and out_dir is not None:  # a detached run: its death is recorded for `status`
@@ -159,6 +164,7 @@ def _run(
     spread=None,
     *,
     stop=None,
+    canary_wait=None,
 ) -> tuple[int, Path]:
     """(exit code, output folder) of the run."""
     compute_dtype = resolve_dtype(dtype_setting(dtype))  # JAX decides "auto": it runs the batches
@@ -170,10 +176,8 @@ def _run(
     engine = PipelineEngine(plan.engine_model, plan.dtype)  # loads on the first batch only
     plan = replace(plan, batch_multiple=_batch_multiple(engine))  # whole rows for every device of the mesh
     share = spread if isinstance(spread, Shard) else None
-    if share is not None and share.index != 0 and not share.lockstep and plan.canary is not None:
-        # the canary is checked once, by shard 0 (docs/cli.md, Many machines); --distributed processes
-        # all compute it in lockstep on their one mesh (every engine call is made by every process)
-        plan = replace(plan, canary=None)
+    if share is not None and canary_wait is not None:  # how long it waits for the shard checking the canary
+        share = replace(share, canary_wait=canary_wait)
     if share is None:
         fold_shards(plan.out_dir)  # a plain run reads, and then writes, what shard runs recorded (flowgen.run.merge)
     if run_id is None and spread is None and (detach or _all_async(plan)):

@@ -22,7 +22,8 @@ import click
 from flowgen.errors import StorageError
 from flowgen.run.lock import STALE_AFTER_SECONDS, folder_state, process_exists
 from flowgen.run.manifest import JSONL_NAME, Manifest
-from flowgen.run.merge import fold_shards
+from flowgen.run.merge import fold_shards, shard_counts
+from flowgen.run.shards import shard_files, shard_states
 
 SHOW_FAILURES = 20
 
@@ -96,8 +97,10 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
             and not (Path(manifest.out_dir) / record["output"]["path"]).exists()
         ):
             missing.append(record["output"]["path"])
-    runs = manifest.runs()
+    # the lock before the runs: a run lets go of the folder only after its end is recorded, so a
+    # folder found idle here has its last run's end in the runs read next (flowgen.run.lock)
     state, holder = folder_state(manifest.out_dir)
+    runs = manifest.runs()
     if runs and state == "idle":
         _mark_gone(runs[-1])
     counts = dict(Counter(r["status"] for r in held))
@@ -131,9 +134,35 @@ def status_report(manifest: Manifest) -> dict[str, Any]:
         "missing_outputs": missing,
         "runs": len(runs),
         "last_run": runs[-1] if runs else None,
+        "shards": shard_report(manifest),  # every shard held now, or not folded yet (run --shard)
     }
     report["legend"] = _legend(report)
     return report
+
+
+def shard_report(manifest: Manifest, now: float | None = None) -> list[dict[str, Any]]:
+    """Every shard of the folder that a process holds now (running, or stale) or whose manifest is
+    not folded yet: its holder, heartbeat and progress, and the results its manifest holds, of which
+    `unmerged` are not in the main manifest yet (flowgen.run.shards, flowgen.run.merge)."""
+    now = time.time() if now is None else now
+    held = {name: (state, holder) for name, state, holder in shard_states(manifest.out_dir, now)}
+    files = {path.stem: path for path in shard_files(manifest.out_dir)}
+    shards = []
+    for name in sorted(set(held) | set(files), key=lambda n: tuple(int(k) for k in n.split("-of-"))[::-1]):
+        state, holder = held.get(name, ("idle", None))
+        counts = shard_counts(manifest, files[name]) if name in files else None
+        shards.append(
+            {
+                "shard": name.replace("-of-", "/"),
+                "state": state,
+                "holder": holder.describe() if holder else None,
+                "heartbeat_age_s": round(now - holder.heartbeat_at, 1) if holder else None,
+                "progress": holder.progress if holder else None,
+                "results": counts[0] if counts else 0,
+                "unmerged": counts[1] if counts else 0,
+            }
+        )
+    return shards
 
 
 def _mark_gone(run: dict[str, Any]) -> None:
@@ -168,7 +197,7 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         ]
     else:
         todo = report["not_rendered"]
-        parts.append(f"{todo} not rendered yet" + (f" ({_who_renders(report)} renders them)" if todo else ""))
+        parts.append(f"{todo} not rendered yet" + (f" ({_who_renders(report)})" if todo else ""))
         lines = [f"{out}: {report['planned']} planned: {', '.join(parts)}"]
     removed = report["removed"]["count"]
     if removed:
@@ -181,13 +210,11 @@ def status_lines(report: dict[str, Any]) -> list[str]:
         why = f": {summary['error']}" if summary.get("error") and run["status"] in ("failed", "died") else ""
         log = f" (log: {summary['log']})" if summary.get("log") and why else ""
         lines.append(f"last run {run['run_id']} ({run['recipe_name']}): {run['status']}{why}{log}")
-    if report["state"] == "running" and report["progress"]:
-        p = report["progress"]
-        lines.append(
-            f"  running now ({report['holder']}): {p.get('rendered', 0)}/{p.get('to_render', 0)} rendered, "
-            f"{p.get('failed', 0)} failed, batch {p.get('batches_done', 0)}/{p.get('batches', 0)}"
-        )
-    if report["state"] == "stale":
+    if report["shards"]:
+        lines += [_shard_line(shard, out) for shard in report["shards"]]
+    elif report["state"] == "running" and report["progress"]:
+        lines.append(f"  running now ({report['holder']}): {_progress_text(report['progress'])}")
+    if report["state"] == "stale" and not report["shards"]:
         lines.append(f"  stale: {report['holder']} holds the folder's lock but its heartbeat stopped: it may be hung")
     if report["deliveries"]:
         lines.append(
@@ -215,6 +242,38 @@ def status_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _progress_text(progress: dict[str, Any]) -> str:
+    """A run's progress as its heartbeat says it."""
+    if progress.get("stage") == "canary":
+        return "checking the canary (or waiting for the shard that checks it); nothing rendered yet"
+    if "to_render" not in progress:
+        return "starting (planning, loading the model)"
+    return (
+        f"{progress.get('rendered', 0)}/{progress.get('to_render', 0)} rendered, {progress.get('failed', 0)} failed, "
+        f"batch {progress.get('batches_done', 0)}/{progress.get('batches', 0)}"
+    )
+
+
+def _shard_line(shard: dict[str, Any], out: str) -> str:
+    """One shard: its state, holder and heartbeat, its progress, and what of its manifest is merged."""
+    if shard["state"] == "idle":
+        head = f"  shard {shard['shard']}: no process holds it"
+    else:
+        beat = f"heartbeat {shard['heartbeat_age_s']:.0f}s ago"
+        head = f"  shard {shard['shard']} {shard['state']}: {shard['holder']}, {beat}"
+        head += (
+            ": its heartbeat stopped, it may be hung"
+            if shard["state"] == "stale"
+            else f": {_progress_text(shard['progress'] or {})}"
+        )
+    merged = (
+        "all merged"
+        if not shard["unmerged"]
+        else f"{shard['unmerged']} not merged yet (flowgen merge {out}, or when the shard ends)"
+    )
+    return f"{head}; {shard['results']} result(s) in its manifest, {merged}"
+
+
 def _legend(report: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The LEGEND entries of the words this report's text shows."""
     counts = report["counts"]
@@ -236,13 +295,14 @@ def _legend(report: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def _who_renders(report: dict[str, Any]) -> str:
-    """What renders the results not rendered yet: the run holding the folder now, else the command
-    that runs the last run's recipe again with its options (--set, and --out when it had one)."""
+    """What renders the results not rendered yet: the run (or shard runs) holding the folder now,
+    else the command that runs the last run's recipe again with its options (--set, and --out when
+    it had one)."""
     if report["state"] == "running":
-        return "the run in progress"
+        return "the shard runs in progress render them" if report["shards"] else "the run in progress renders them"
     if report["state"] == "stale":
-        return "once the stale run is gone, `flowgen run` on its recipe"
-    return "flowgen run " + _recipe_shown(report)
+        return "once the stale run is gone, `flowgen run` on its recipe renders them"
+    return "flowgen run " + _recipe_shown(report) + " renders them"
 
 
 def _recipe_shown(report: dict[str, Any]) -> str:

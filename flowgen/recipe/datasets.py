@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flowgen.recipe.limits import MAX_DATASET_BYTES, MAX_DEPTH, FileProblem, deeper_than, read_limited
+from flowgen.limits import MAX_DATASET_BYTES, MAX_DEPTH, FileProblem, deeper_than, read_limited
 from flowgen.recipe.schema import DatasetSpec
 from flowgen.recipe.templates import TemplateProblem, render
 

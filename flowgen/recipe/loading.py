@@ -4,7 +4,7 @@ load(): YAML -> --set overrides -> structure -> tasks -> model card -> datasets 
 Each stage adds to one list of problems so a user sees everything wrong in one go; stages that
 depend on an earlier one (datasets need a valid structure) are skipped when it failed.
 
-Safe YAML (safe_yaml.py): data only, bounded in size, depth and alias expansion, with
+Safe YAML (flowgen/safe_yaml.py): data only, bounded in size, depth and alias expansion, with
 file:line:col in every syntax error.
 
 `--set a.b.c=value` overrides are applied to the raw recipe dict before validation. The value is a
@@ -26,7 +26,6 @@ from pydantic import ValidationError
 from flowgen.errors import RecipeError
 from flowgen.recipe.datasets import load_dataset
 from flowgen.recipe.expansion import RESERVED
-from flowgen.recipe.safe_yaml import parse_yaml, read_yaml_file
 from flowgen.recipe.schema import Recipe
 from flowgen.recipe.templates import TemplateProblem, is_template, template_fields
 from flowgen.recipe.validation import (
@@ -37,6 +36,7 @@ from flowgen.recipe.validation import (
     merged_problems,
     task_problems,
 )
+from flowgen.safe_yaml import parse_yaml, read_yaml_file
 
 # --- load(): the stages ------------------------------------------------------------------------
 

@@ -90,7 +90,7 @@ class ProcessShare(Shard):
     records the rows its devices computed in its own manifest shard (see module doc).
     exchange(name, value): publishes this process's `value` under `name` and returns every process's."""
 
-    exchange: Callable[[str, str], list[str]] | None = field(default=None, compare=False)
+    exchange: Callable[[str, str], list[str]] | None = field(default=None, compare=False, kw_only=True)
     lockstep = True
 
     def select(self, run_plan):
@@ -103,6 +103,13 @@ class ProcessShare(Shard):
             run_plan,
             blocked=tuple(r for r in run_plan.blocked if _item_owner(r.item.item_id, self.count) == self.index),
         )
+
+    def check_canary(self, manifest, plan, engine, run_id: str, note: Callable[[str], None]):
+        """The canary, checked by every process together (each of its engine calls is every process's),
+        not once by the first shard while the others wait, as `--shard` does (flowgen.run.shard_canary)."""
+        from flowgen.run.shards import whole_folder
+
+        return whole_folder.check_canary(manifest, plan, engine, run_id, note)
 
     def agree(self, batches: Sequence) -> None:
         """Wait until every process has diffed the plan against the folder, then check that they all
@@ -156,7 +163,7 @@ def run_distributed(settings: DistributedSettings, run_share: RunShare) -> int:
             raise PeerGone(watch.dead)
         return [client.key_value_try_get(key) for key in keys]
 
-    shard = ProcessShare(joined.index, joined.count, exchange)
+    shard = ProcessShare(joined.index, joined.count, exchange=exchange)
     watch.start()
     try:
         code, out_dir = run_share(shard, stop)

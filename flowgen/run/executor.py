@@ -34,6 +34,7 @@ from flowgen.run.deliver import resend, run_dispatcher
 from flowgen.run.engine import Engine
 from flowgen.run.faces import load_detector
 from flowgen.run.interrupt import StopRequest
+from flowgen.run.lock import RunLock
 from flowgen.run.manifest import Manifest, manifest_path, run_log_path
 from flowgen.run.output_paths import outside_reason
 from flowgen.run.progress import NullProgress, Progress
@@ -186,10 +187,10 @@ def execute(
             dispatcher = run_dispatcher(manifest, summary.run_id, **options)
             history = list(manifest.records()) if budget is not None else []
             if plan.canary is not None:  # before anything renders: a drifted engine stops the run here
-                from flowgen.run.canary import check_canary
-
-                summary.canary, summary.canary_failures = check_canary(
-                    manifest, plan, engine, plan.canary, summary.run_id
+                lock.progress = {"stage": "canary"}  # `status`: checking it, or waiting for the shard that does
+                lock.beat()
+                summary.canary, summary.canary_failures = share.check_canary(
+                    manifest, plan, engine, summary.run_id, progress.note
                 )
                 if summary.canary_failures:
                     summary.not_run += len(blocked) + len(runnable)
@@ -261,9 +262,9 @@ def execute(
         except BaseException as err:
             rendered.close()
             runner.discard_unrecorded()  # written, never recorded: gone, so a rerun renders them
-            recorded = _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, err)
+            recorded = _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, err, lock)
             raise _reported(err, summary, plan.out_dir, recorded) from err
-        _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, None)
+        _end_run(manifest, plan, summary, progress, dispatcher, spending, start, went_through, None, lock)
     return summary
 
 
@@ -311,8 +312,10 @@ def _end_run(
     start: float,
     went_through: bool,
     error: BaseException | None,
+    lock: RunLock | None = None,
 ) -> bool:
     """Wait for the deliveries in flight and record how the run ended: its status and summary, then
+    (its lock marked ending, so the next run waits for it rather than being refused: run/lock.py)
     the manifest.jsonl export. After an exception (`error`) the reason is recorded too, and a
     failure here (the same full disk, say) is logged rather than raised over the first one.
     Returns whether the run's end is in the manifest."""
@@ -345,6 +348,8 @@ def _end_run(
             manifest.record_watermarks(watermarks, summary.run_id)
         manifest.finish_run(summary.run_id, status, _summary_dict(summary))
         recorded = True
+        if lock is not None:
+            lock.ended()
         manifest.export_jsonl()
     except Exception as late:
         if error is None:

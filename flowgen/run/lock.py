@@ -6,6 +6,12 @@ acquires the lock and marks the dead run's manifest row "died". While the lock i
 rewrites the lock file's JSON (pid, host, run id, heartbeat time) every few seconds, so `status`
 can say "running" (lock held, recent heartbeat) or "died" (lock free, or a heartbeat that stopped
 on a filesystem where flock is not shared between hosts).
+
+A run records its end in the manifest a moment before it lets go of the lock (it still exports
+manifest.jsonl). So that a client that sees the run ended can start the next one at once, the run
+marks its lock file "ending" as soon as its end is recorded: `status` calls such a folder idle, and
+a run that finds the lock held only by ending runs waits for them (at most ENDING_WAIT_SECONDS)
+instead of being refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flowgen.errors import FlowgenError
 LOCK_NAME = "run.lock"
 HEARTBEAT_SECONDS = 5.0
 STALE_AFTER_SECONDS = 60.0  # a heartbeat this old means the run is gone, whatever the lock says
+ENDING_WAIT_SECONDS = 60.0  # how long a run waits for runs that recorded their end to let go
 
 
 class FolderBusy(FlowgenError):
@@ -40,6 +47,7 @@ class Holder:
     started_at: float
     heartbeat_at: float
     progress: dict
+    ending: bool = False  # its end is recorded; it lets go of the lock in a moment
 
     def describe(self) -> str:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started_at))
@@ -69,6 +77,7 @@ class RunLock:
         self.heartbeat_seconds = heartbeat_seconds
         self.started_at = time.time()
         self.progress: dict = {}  # what the run has done so far, for `status` while it runs
+        self.ending = False  # the run's end is recorded (see the module doc)
         self._fd: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -76,7 +85,7 @@ class RunLock:
     def __enter__(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd, fcntl.LOCK_EX, attempts=3):  # a `status` probe holds it for an instant
+        if not acquire(fd, fcntl.LOCK_EX, self.out_dir, self.path):
             os.close(fd)
             raise FolderBusy(
                 f"{self.out_dir}: {_who_holds(self.out_dir, self.path)} is using this output folder; "
@@ -97,6 +106,14 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def ended(self) -> None:
+        """The run's end is recorded: runs starting now wait for this one to let go (module doc)."""
+        self.ending = True
+        try:
+            self.beat()
+        except OSError:  # a full disk: the next run is refused until this one lets go, as without the mark
+            pass
+
     def beat(self) -> None:
         """Write the heartbeat (and progress) now; the thread also does every few seconds."""
         record = {
@@ -106,6 +123,7 @@ class RunLock:
             "started_at": self.started_at,
             "heartbeat_at": time.time(),
             "progress": self.progress,
+            "ending": self.ending,
         }
         data = json.dumps(record).encode()
         # rewritten in place (not renamed): the lock belongs to this inode; padded so that a
@@ -156,6 +174,18 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+def acquire(fd: int, kind: int, out_dir: str | Path, path: Path) -> bool:
+    """Lock `fd` (the lock file `path` of `out_dir`) as `kind`; while only runs that recorded their
+    end hold it, wait for them to let go (at most ENDING_WAIT_SECONDS). False: a run holds it."""
+    deadline = time.monotonic() + ENDING_WAIT_SECONDS
+    while not _try_lock(fd, kind, attempts=3):  # a `status` probe holds it for an instant
+        state, _ = folder_state(out_dir) if path == lock_path(out_dir) else lock_state(path)
+        if state != "idle" or time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _try_lock(fd: int, kind: int, attempts: int = 1) -> bool:
     for attempt in range(attempts):
         try:
@@ -177,6 +207,7 @@ def read_holder(path: Path) -> Holder | None:
             float(record["started_at"]),
             float(record["heartbeat_at"]),
             dict(record.get("progress") or {}),
+            bool(record.get("ending", False)),
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -185,7 +216,7 @@ def read_holder(path: Path) -> Holder | None:
 def folder_state(out_dir: str | Path, now: float | None = None) -> tuple[str, Holder | None]:
     """("running", holder) while a live run holds the folder; ("stale", holder) when the lock is
     held but its heartbeat stopped (a hung process, or a lock not shared across hosts); ("idle",
-    last holder or None) when no run holds it.
+    last holder or None) when no run holds it, or only a run that recorded its end and is letting go.
 
     Probing holds a shared lock for an instant when the lock is free; a run starting in that
     instant retries (RunLock tries three times, 0.1 s apart). While shard runs hold the folder
@@ -214,4 +245,6 @@ def lock_state(path: Path, now: float | None = None) -> tuple[str, Holder | None
     now = time.time() if now is None else now
     if holder is not None and now - holder.heartbeat_at > STALE_AFTER_SECONDS:
         return "stale", holder
+    if holder is not None and holder.ending:  # its end is recorded: free in a moment (the module doc)
+        return "idle", holder
     return "running", holder

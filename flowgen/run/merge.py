@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -95,6 +96,28 @@ def _fold_one(main: Manifest, path: Path, idle: bool) -> None:
             )
     finally:
         conn.execute("DETACH DATABASE shard")
+
+
+def shard_counts(main: Manifest, path: Path) -> tuple[int, int] | None:
+    """(results a shard manifest holds, how many of those the main manifest does not hold yet as the
+    shard does): what a fold would still bring in. None when the shard is gone (folded meanwhile)
+    or cannot be read. Reads only."""
+    try:
+        shard = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    except sqlite3.Error:
+        return None
+    try:
+        rows = shard.execute("SELECT item_id, result_index, updated_at FROM results").fetchall()
+    except sqlite3.Error:
+        return None
+    finally:
+        shard.close()
+    merged = {
+        (item_id, index): updated
+        for item_id, index, updated in main.conn.execute("SELECT item_id, result_index, updated_at FROM results")
+    }
+    unmerged = sum(1 for item_id, index, updated in rows if merged.get((item_id, index), -1.0) < updated)
+    return len(rows), unmerged
 
 
 def _columns(conn, table: str) -> list[str]:
@@ -192,6 +215,14 @@ class MergedView:
         for manifest in self._manifests:
             merged.update(manifest.index())
         return merged
+
+    def canary_items(self) -> list[str]:
+        """The canary's fixed items: the first manifest that fixed them (the main one first)."""
+        for manifest in self._manifests:
+            items = manifest.canary_items()
+            if items:
+                return items
+        return []
 
     def get(self, item_id: str, result_index: int) -> dict[str, Any] | None:
         for manifest in reversed(self._manifests):

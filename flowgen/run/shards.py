@@ -33,9 +33,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -44,20 +44,23 @@ from flowgen.plan.batching import make_batches
 from flowgen.plan.diff import PlanDiff
 from flowgen.plan.model import Batch, Plan, PlannedResult
 from flowgen.plan.run_plan import RunPlan
-from flowgen.run.lock import FolderBusy, Holder, RunLock, lock_path, lock_state, read_holder
+from flowgen.run.lock import FolderBusy, Holder, RunLock, acquire, lock_path, lock_state, read_holder
 from flowgen.run.manifest import STATE_DIR, Manifest
 
 SHARDS_DIR = "shards"
+DEFAULT_CANARY_WAIT = 1800.0  # seconds a shard waits for the shard checking the canary (run --canary-wait)
 SHARD_ENV = "FLOWGEN_SHARD"
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
 class Shard:
-    """Shard `index` of `count` (0 <= index < count)."""
+    """Shard `index` of `count` (0 <= index < count); canary_wait: how long it waits for the shard
+    that checks the canary (flowgen.run.shard_canary)."""
 
     index: int
     count: int
+    canary_wait: float = field(default=DEFAULT_CANARY_WAIT, compare=False)
 
     @classmethod
     def parse(cls, text: str, source: str = "--shard") -> Shard:
@@ -144,14 +147,12 @@ class Shard:
     @contextmanager
     def lock(self, out_dir: str | Path, run_id: str) -> Iterator[RunLock]:
         """Hold the folder's run lock shared and this shard's lock whole (FolderBusy otherwise)."""
-        from flowgen.run.lock import _try_lock
-
         main = lock_path(out_dir)
         main.parent.mkdir(parents=True, exist_ok=True)
         shards_dir(out_dir).mkdir(parents=True, exist_ok=True)
         fd = os.open(main, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            if not _try_lock(fd, fcntl.LOCK_SH, attempts=3):
+            if not acquire(fd, fcntl.LOCK_SH, out_dir, main):
                 holder = read_holder(main)
                 who = holder.describe() if holder else "another run"
                 raise FolderBusy(
@@ -165,6 +166,13 @@ class Shard:
 
     def manifest(self, out_dir: str | Path) -> ShardManifest:
         return ShardManifest(out_dir, self)
+
+    def check_canary(self, manifest: Manifest, plan: Plan, engine, run_id: str, note: Callable[[str], None]):
+        """The canary's (verdicts, failure lines): checked once for every shard of the plan, by the
+        first to get there; the others wait for its verdict (flowgen.run.shard_canary)."""
+        from flowgen.run.shard_canary import shared_canary
+
+        return shared_canary(manifest, plan, engine, run_id, str(self), self.canary_wait, note)
 
 
 @dataclass(frozen=True)
@@ -228,7 +236,7 @@ def shard_states(out_dir: str | Path, now: float | None = None) -> list[tuple[st
     if not folder.is_dir():
         return []
     found = []
-    for path in sorted(folder.glob("*.lock")):
+    for path in sorted(folder.glob("*-of-*.lock")):  # not canary.lock (flowgen.run.shard_canary)
         state, holder = lock_state(path, now)
         if state != "idle":
             found.append((path.stem, state, holder))
@@ -267,6 +275,13 @@ class ShardManifest(Manifest):
         with MergedView(self.out_dir) as view:
             return view.get(item_id, result_index)
 
+    def canary_items(self) -> list[str]:
+        """The canary's fixed items as the folder knows them (the main manifest's, else a shard's)."""
+        from flowgen.run.merge import MergedView
+
+        with MergedView(self.out_dir) as view:
+            return view.canary_items()
+
     def record_watermarks(self, watermarks, run_id: str) -> None:
         """This shard completed its share: the watermarks move when every shard of the plan has (flowgen.run.merge)."""
         row = self.conn.execute("SELECT plan_hash FROM runs WHERE run_id=?", (run_id,)).fetchone()
@@ -301,6 +316,13 @@ class _WholeFolder:
 
     def manifest(self, out_dir: str | Path) -> Manifest:
         return Manifest(out_dir)
+
+    def check_canary(self, manifest: Manifest, plan: Plan, engine, run_id: str, note: Callable[[str], None]):
+        """The canary's (verdicts, failure lines), checked here (flowgen.run.canary)."""
+        from flowgen.run.canary import check_canary
+
+        assert plan.canary is not None
+        return check_canary(manifest, plan, engine, plan.canary, run_id)
 
 
 whole_folder = _WholeFolder()

@@ -1,17 +1,28 @@
-"""Golden-seed canary: fixed items re-rendered before a run and compared with their first renders."""
+"""Golden-seed canary: fixed items re-rendered before a run and compared with their first renders; with
+shards, checked once before any shard renders; with --ray, by the driver before any batch leaves it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
+import threading
+import time
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from flowgen.cli import main as cli
 from flowgen.run.canary import identity_changes, psnr_db
 from flowgen.run.engine import FakeEngine
+from flowgen.run.lock import read_holder
 from flowgen.run.manifest import Manifest, load_watermarks
+from flowgen.run.merge import fold_shards
+from flowgen.run.shard_canary import _CanaryLock
+from flowgen.run.shards import Shard, shards_dir
 from tests.workflow.incremental_recipe import run, write_recipe, write_rows
 
 
@@ -170,3 +181,176 @@ def test_psnr_and_identity_changes():
     assert identity_changes(first, now) == ["jax 0.7.0 → 0.7.2", "device_kind cpu → NVIDIA H200", "weights changed",
                                             "attention (none) → cudnn"]
     assert identity_changes(first, first) == []
+
+
+# --- shards: the canary is checked once, before any shard renders (flowgen.run.shard_canary) ----------------------
+
+SHARD_ROWS = [("A-1", "a"), ("B-2", "b"), ("C-3", "c")] + [(f"N-{i}", f"new {i}") for i in range(6)]
+
+
+class GatedEngine(DriftingEngine):
+    """DriftingEngine whose first engine call (the canary's first replay) waits for `gate`: the test
+    holds the checking shard there while another one starts."""
+
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def generate_batch(self, request):
+        if not GatedEngine.entered.is_set():
+            GatedEngine.entered.set()
+            assert GatedEngine.gate.wait(30), "the test never opened the gate"
+        return super().generate_batch(request)
+
+
+def _shard_in_thread(recipe, spec, results, **options):
+    def target():
+        try:
+            results[spec] = run(recipe, shard=spec, max_batch=2, **options)
+        except BaseException as err:  # noqa: BLE001 - the test reports it
+            results[spec] = err
+
+    thread = threading.Thread(target=target, name=f"shard {spec}")
+    thread.start()
+    return thread
+
+
+def _waits_for_the_canary(out, shard):
+    """Until `shard` holds its lock and says it is at the canary (bounded)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        holder = read_holder(shard.lock_path(out))
+        if holder is not None and holder.progress == {"stage": "canary"}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"shard {shard} never reached the canary")
+
+
+def _two_shards_with_the_first_held_in_its_check(tmp_path, engine, monkeypatch):
+    """Shard 0/2 starts and is held inside its canary check; shard 1/2 starts and waits; both end."""
+    recipe, out, fixed = setup_first_run(tmp_path, engine)
+    write_rows(tmp_path, SHARD_ROWS)
+    engine.prompts.clear()
+    GatedEngine.gate, GatedEngine.entered = threading.Event(), threading.Event()
+    monkeypatch.setattr("flowgen.commands.run.PipelineEngine", GatedEngine)
+    results: dict = {}
+    first = _shard_in_thread(recipe, "0/2", results)
+    assert GatedEngine.entered.wait(30), "shard 0 never checked the canary"
+    second = _shard_in_thread(recipe, "1/2", results)
+    _waits_for_the_canary(out, Shard(1, 2))
+    time.sleep(0.5)  # shard 1 had time to render, had it not waited
+    held = list(engine.prompts)
+    GatedEngine.gate.set()
+    first.join(60)
+    second.join(60)
+    return recipe, out, fixed, held, results
+
+
+def test_shards_check_the_canary_once_and_the_other_shard_renders_only_after_its_verdict(
+    tmp_path, engine, monkeypatch, capsys
+):
+    recipe, out, fixed, held, results = _two_shards_with_the_first_held_in_its_check(tmp_path, engine, monkeypatch)
+    assert held == []  # while shard 0 checked, nothing rendered: not shard 1 either
+    assert results == {"0/2": 0, "1/2": 0}
+    # the canary's 2 replays (each a batch of 4, as first rendered) once, then the 6 new rows once each
+    canary = ["photo of a"] * 4 + ["photo of b"] * 4
+    assert engine.prompts[:8] == canary and engine.prompts.count("photo of a") == 4
+    assert sorted(engine.prompts[8:]) == sorted(f"photo of new {i}" for i in range(6))
+    captured = capsys.readouterr()
+    output = captured.out + captured.err
+    assert "waiting for the canary: shard 0/2 (run " in output
+    assert "canary: passed as shard 0/2 (run " in output and "not checked again" in output
+    fold_shards(out)
+    with Manifest(out) as manifest:
+        verdicts = manifest.canary_verdicts()
+        assert manifest.counts() == {"ok": 9}
+    assert [v["item_id"] for v in verdicts] == fixed and len({v["run_id"] for v in verdicts}) == 1
+
+    engine.prompts.clear()  # a shard run later, alone: a new round, so it checks the canary itself
+    assert run(recipe, shard="1/2", max_batch=2) == 0
+    assert engine.prompts == canary
+
+
+def test_a_drifted_canary_stops_every_shard_before_anything_renders(tmp_path, engine, monkeypatch, capsys):
+    recipe, out, fixed = setup_first_run(tmp_path, engine)
+    before = files(out)
+    engine.shift = 12  # about 26 dB below the first renders
+    write_rows(tmp_path, SHARD_ROWS)
+    engine.prompts.clear()
+    GatedEngine.gate, GatedEngine.entered = threading.Event(), threading.Event()
+    monkeypatch.setattr("flowgen.commands.run.PipelineEngine", GatedEngine)
+    results: dict = {}
+    first = _shard_in_thread(recipe, "0/2", results)
+    assert GatedEngine.entered.wait(30)
+    second = _shard_in_thread(recipe, "1/2", results)
+    _waits_for_the_canary(out, Shard(1, 2))
+    GatedEngine.gate.set()
+    first.join(60)
+    second.join(60)
+    assert results == {"0/2": 1, "1/2": 1}
+    assert engine.prompts == ["photo of a"] * 4 + ["photo of b"] * 4  # the one check; no row rendered
+    assert files(out) == before
+    err = capsys.readouterr().err.splitlines()
+    failures = [line for line in err if line.startswith("error: canary: item")]
+    assert len(failures) == 4 and failures[:2] == failures[2:]  # both shards: the same two lines
+    assert failures[0].startswith(f"error: canary: item 'product=A-1' ({fixed[0]}#0) renders at ")
+    assert err.count("error: the canary failed, so nothing was rendered; see docs/recipes.md (Golden-seed canary)") == 2
+    fold_shards(out)
+    with Manifest(out) as manifest:
+        assert manifest.counts() == {"ok": 3}
+        assert [r["status"] for r in manifest.runs()[-2:]] == ["failed", "failed"]
+
+
+def test_a_shard_waits_for_the_canary_at_most_canary_wait_then_stops_in_one_line(tmp_path, engine):
+    recipe, out, _ = setup_first_run(tmp_path, engine)
+    write_rows(tmp_path, SHARD_ROWS)
+    engine.prompts.clear()
+    with _CanaryLock(shards_dir(out), "checker-run", "0/2", 0, print):  # another shard checks, and hangs
+        result = CliRunner().invoke(
+            cli, ["run", str(recipe), "--shard", "1/2", "--max-batch", "2", "--canary-wait", "0.5"]
+        )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == [
+        f"error: shard 1/2: shard 0/2 (run checker-run, pid {os.getpid()} on {socket.gethostname()}) is still "
+        "checking the canary after 0.5 s, so this shard rendered nothing; raise --canary-wait, or stop that run "
+        "and run this shard again (it then checks the canary itself)"
+    ]
+    assert engine.prompts == []
+    fold_shards(out)
+    with Manifest(out) as manifest:
+        last = manifest.runs()[-1]
+    assert last["status"] == "failed" and "still checking the canary" in last["summary"]["error"]
+
+
+def test_with_ray_the_driver_checks_the_canary_before_any_batch_goes_to_the_actors(tmp_path, engine, monkeypatch):
+    """--ray is a plain run whose batches render elsewhere: the driver's engine checks the canary
+    first; a drifted one sends no batch to the actor pool (Ray itself stands in here)."""
+    from flowgen.run.batch_rendering import render_locally
+
+    recipe, out, _ = setup_first_run(tmp_path, engine)
+    write_rows(tmp_path, [("A-1", "a"), ("B-2", "b"), ("C-3", "c"), ("D-4", "d")])
+    handed: list[tuple[int, list[str]]] = []  # (batches given to the pool, what the driver had rendered by then)
+
+    class FakePool:
+        load_seconds = 0.0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+        def __call__(self, runner, batches):
+            handed.append((len(batches), list(engine.prompts)))
+            return render_locally(runner, batches)
+
+    monkeypatch.setattr("flowgen.run.ray_runner.RayRendering.connect", lambda plan, address, progress: FakePool())
+    engine.shift = 12
+    engine.prompts.clear()
+    assert run(recipe, ray_address="local") == 1
+    assert handed == [(0, ["photo of a"] * 4 + ["photo of b"] * 4)]  # checked first; nothing handed on
+    engine.shift = 0
+    engine.prompts.clear()
+    handed.clear()
+    assert run(recipe, ray_address="local") == 0
+    assert handed == [(1, ["photo of a"] * 4 + ["photo of b"] * 4)]

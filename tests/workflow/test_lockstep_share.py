@@ -41,7 +41,7 @@ def test_a_process_renders_every_batch_and_records_the_rows_of_its_devices(tmp_p
     out = tmp_path / "out"
     items = [item(f"k{i}") for i in range(8)]
     engine, exchange = HalfMesh(), Exchange()
-    summary = execute(against_folder(plan_of(items, out)), engine, share=ProcessShare(1, 2, exchange))
+    summary = execute(against_folder(plan_of(items, out)), engine, share=ProcessShare(1, 2, exchange=exchange))
     assert [len(call.prompts) for call in engine.calls] == [4, 4]  # every batch, as one process would run it
     assert summary.rendered == 4 and summary.exit_code == 0
     # agreed before rendering, and before each batch whether to go on
@@ -57,7 +57,7 @@ def test_processes_that_found_other_work_left_stop_before_rendering(tmp_path):
     out = tmp_path / "out"
     engine = HalfMesh()
     with pytest.raises(FlowgenError) as err:
-        execute(against_folder(plan_of([item("k0")], out)), engine, share=ProcessShare(1, 2, Exchange(todo="x")))
+        execute(against_folder(plan_of([item("k0")], out)), engine, share=ProcessShare(1, 2, exchange=Exchange(todo="x")))
     assert "process 0 found other work left to do than process 1" in str(err.value) and "\n" not in str(err.value)
     assert engine.calls == [] and not (out / "img").exists()
 
@@ -70,7 +70,7 @@ class LostPeer(HalfMesh):
 def test_a_lost_peer_ends_the_run_without_failing_a_result(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(MeshPeerLost):
-        execute(against_folder(plan_of([item("k0"), item("k1")], out)), LostPeer(), share=ProcessShare(1, 2, Exchange()))
+        execute(against_folder(plan_of([item("k0"), item("k1")], out)), LostPeer(), share=ProcessShare(1, 2, exchange=Exchange()))
     with MergedView(out) as view:
         assert len(view.index()) == 0  # nothing recorded as failed: a rerun renders them
 
@@ -87,6 +87,6 @@ def test_a_lost_peer_during_a_replay_is_not_a_drifted_engine(tmp_path):
 def test_a_process_stops_where_another_one_would(tmp_path):
     out = tmp_path / "out"
     engine = HalfMesh()
-    share = ProcessShare(1, 2, Exchange(halt_batch_1="budget"))  # process 0's --budget ends after a batch
+    share = ProcessShare(1, 2, exchange=Exchange(halt_batch_1="budget"))  # process 0's --budget ends after a batch
     summary = execute(against_folder(plan_of([item(f"k{i}") for i in range(8)], out)), engine, share=share)
     assert len(engine.calls) == 1 and summary.budget_stopped and summary.rendered == 2

@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from flowgen.errors import RecipeError
+from flowgen.limits import MAX_DATASET_BYTES, MAX_DEPTH, MAX_RECIPE_BYTES, MAX_VALUES
 from flowgen.recipe.api import expand_items, load_recipe
-from flowgen.recipe.limits import MAX_DATASET_BYTES, MAX_DEPTH, MAX_RECIPE_BYTES, MAX_VALUES
 
 ROOT = Path(__file__).parents[2]
 HEAD = "version: 1\nname: t\nmodel: flux2-klein-tiny\ntask: {positivePrompt: a cat, width: 256, height: 256}\n"

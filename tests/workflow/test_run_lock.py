@@ -1,4 +1,5 @@
-"""One run per output folder: a second run is refused, a run killed with -9 is detected and taken over."""
+"""One run per output folder: a second run is refused, a run killed with -9 is detected and taken over,
+and a run recorded as ended lets the next one start at once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -16,7 +18,9 @@ from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import against_folder, execute
 from flowgen.run.lock import FolderBusy, RunLock, folder_state, lock_path
-from flowgen.run.manifest import Manifest
+from flowgen.run.manifest import Manifest, manifest_path
+from flowgen.run.merge import fold_shards
+from flowgen.run.shards import Shard
 from tests.workflow.direct_runs import item, plan_of
 
 
@@ -76,3 +80,35 @@ def test_a_run_killed_with_minus_9_reads_died_and_the_next_run_takes_over(tmp_pa
     with Manifest(out) as manifest:
         statuses = {run["run_id"]: run["status"] for run in manifest.runs()}
     assert statuses["run-killed"] == "died" and statuses[summary.run_id] == "ok"
+
+
+@pytest.mark.parametrize("share", [None, Shard(0, 1)], ids=["plain run", "shard"])
+def test_a_client_that_sees_the_run_ok_can_start_the_next_run_at_once(tmp_path, monkeypatch, share):
+    """The run records its end a moment before it lets go of the folder (it still exports
+    manifest.jsonl, here slowed down): a client that reads `ok` then starts the next run at once."""
+    out = tmp_path / "out"
+    export = Manifest.export_jsonl
+    client: dict = {}
+
+    def next_run():  # a client polling status, then starting the next run the moment it reads ok
+        fold_shards(out)
+        with Manifest(out, create=False) as manifest:
+            client["report"] = status_report(manifest)
+        try:
+            client["next"] = execute(against_folder(plan_of([item("k0")], out)), FakeEngine(), share=share).unchanged
+        except FolderBusy as err:
+            client["next"] = str(err)
+
+    def slow_export(manifest):
+        if "thread" not in client and manifest.path == manifest_path(out):  # the first run's end: recorded
+            client["thread"] = threading.Thread(target=next_run)
+            client["thread"].start()
+            time.sleep(1.0)  # longer than a start's retries (0.3 s)
+        return export(manifest)
+
+    monkeypatch.setattr(Manifest, "export_jsonl", slow_export)
+    execute(against_folder(plan_of([item("k0")], out)), FakeEngine(), share=share)
+    client["thread"].join(30)
+    report = client["report"]
+    assert report["last_run"]["status"] == "ok" and report["state"] == "idle"
+    assert client["next"] == 1  # the next run took the folder (its one result unchanged), not refused

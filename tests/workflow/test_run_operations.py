@@ -42,15 +42,15 @@ def test_a_detached_run_returns_its_id_at_once_and_status_shows_it_to_completion
             report = json.loads(status.stdout)
             seen_states.add(report["state"])
             last = report["last_run"]
-            finished = last and last["run_id"] == run_id and last["status"] not in ("starting", "running")
-            if finished and report["state"] == "idle":  # the run is recorded before its process lets go of the folder
+            if last and last["run_id"] == run_id and last["status"] not in ("starting", "running"):
                 break
         time.sleep(0.5)
     else:
         raise AssertionError(f"the detached run did not finish; log: {list((out / '.flowgen' / 'logs').glob('*'))}")
-    assert last["status"] == "ok" and report["counts"] == {"ok": 8} and report["state"] == "idle"  # 4 items x 2
+    assert last["status"] == "ok" and report["counts"] == {"ok": 8}  # 4 items x 2
     assert "running" in seen_states  # status saw it while it rendered (compiling alone takes seconds)
     assert (out / ".flowgen" / "logs" / f"{run_id}.log").exists()
+    # started the moment `ok` is read: the detached process may still be letting go of the folder (run/lock.py)
     again = CliRunner().invoke(cli, ["run", str(tmp_path / "quickstart.yaml"), "--out", str(out)]
                                + [a for s in TINY for a in ("--set", s)])
     assert again.exit_code == 0 and "0 rendered, 8 unchanged" in again.stdout

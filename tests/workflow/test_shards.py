@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from flowgen.cli import main as cli
+from flowgen.commands.run import run_command
 from flowgen.commands.status import status_report
 from flowgen.run.engine import FakeEngine
 from flowgen.run.executor import against_folder, execute
@@ -195,3 +196,61 @@ def test_jsonl_of_shard_runs_holds_each_result_once(tmp_path):
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted((r["item_id"], r["result_index"]) for r in rows) == sorted(
         {(r["item_id"], r["result_index"]) for r in rows}) and len(rows) == 10
+
+
+def test_status_shows_every_running_shard_with_its_progress_and_what_is_merged(tmp_path):
+    items = _items(5)
+    out = tmp_path / "out"
+
+    class StopAfterFirstBatch(FakeEngine):
+        def generate_batch(self, request):
+            stop.request()
+            return super().generate_batch(request)
+
+    stop = StopRequest()
+    first = execute(against_folder(plan_of(items, out)), StopAfterFirstBatch(), share=Shard(0, 2), stop=stop).rendered
+    with Shard(0, 2).lock(out, "run-zero") as zero, Shard(1, 2).lock(out, "run-one") as one:
+        zero.progress = {"to_render": 6, "batches": 2, "batches_done": 1, "rendered": 4, "failed": 0}
+        one.progress = {"stage": "canary"}
+        zero.beat(), one.beat()
+        result = CliRunner().invoke(cli, ["status", str(out)])
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        shown = [line for line in lines if line.startswith("  shard ")]
+        assert len(shown) == 2, result.output
+        assert shown[0].startswith("  shard 0/2 running: run run-zero (pid ") and shown[0].endswith(
+            f"heartbeat 0s ago: 4/6 rendered, 0 failed, batch 1/2; {first} result(s) in its manifest, all merged")
+        assert shown[1].startswith("  shard 1/2 running: run run-one (pid ") and shown[1].endswith(
+            "checking the canary (or waiting for the shard that checks it); nothing rendered yet; "
+            "0 result(s) in its manifest, all merged")
+        assert "not rendered yet (the shard runs in progress render them)" in lines[0]
+
+        conn = sqlite3.connect(Shard(0, 2).db_path(out))  # the shard records two more after the fold
+        conn.execute("UPDATE results SET updated_at = updated_at + 1 WHERE rowid IN "
+                     "(SELECT rowid FROM results LIMIT 2)")
+        conn.commit()
+        conn.close()
+        with Manifest(out, create=False) as manifest:
+            report = status_report(manifest)
+    assert [(s["shard"], s["state"], s["results"], s["unmerged"]) for s in report["shards"]] == [
+        ("0/2", "running", first, 2), ("1/2", "running", 0, 0)]
+    assert report["shards"][1]["progress"] == {"stage": "canary"} and report["shards"][0]["heartbeat_age_s"] < 5
+    assert report["counts"] == {"ok": first} and report["not_rendered"] == 10 - first
+    after = CliRunner().invoke(cli, ["status", str(out), "--json"])  # no process holds them: folded, gone
+    assert json.loads(after.output)["shards"] == [] and shard_files(out) == []
+
+
+def test_the_watermark_waits_for_a_shard_that_did_not_complete_its_share(tmp_path, engine):
+    recipe = write_recipe(tmp_path)
+    write_rows(tmp_path, [(f"S{i}", f"product {i}") for i in range(6)])
+    out = tmp_path / "out" / "nightly"
+    assert run(recipe, shard="0/2", max_batch=2) == 0
+    assert run_command(str(recipe), None, [], 1, False, 2, shard="1/2") == 0  # --limit 1: part of its share
+    fold_shards(out)
+    with Manifest(out) as manifest:
+        assert manifest.watermarks() == {}  # shard 1 did not complete: every row is still new
+        assert 0 < manifest.counts()["ok"] < 6
+    assert run(recipe, shard="1/2", max_batch=2) == 0  # the rest of its share
+    with Manifest(out) as manifest:
+        assert set(manifest.watermarks()["products"]["entries"]) == {f"S{i}" for i in range(6)}
+    assert sorted(engine) == sorted(f"photo of product {i}" for i in range(6))  # each row once

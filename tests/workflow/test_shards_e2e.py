@@ -115,3 +115,53 @@ def test_two_shards_at_once_one_killed_and_rerun_equal_a_single_process_run(tmp_
     for _ in range(2):
         assert CliRunner().invoke(cli, ["merge", str(out)]).exit_code == 0
     assert (_rows(manifest_path(out)), (out / "manifest.jsonl").read_text()) == merged_once
+
+
+@pytest.mark.slow
+def test_two_shards_at_once_check_the_canary_once_and_a_drifted_canary_stops_both(tmp_path):
+    """The canary runs once, before any shard renders: of two shards started together one checks it
+    and the other takes its verdict; with another dtype the canary drifts and neither renders."""
+    recipe = tmp_path / "quickstart.yaml"
+    # 99 dB: only identical renders pass (the replays of an unchanged engine are byte-identical)
+    recipe.write_text((ROOT / "recipes" / "quickstart.yaml").read_text() + "canary: {items: 2, threshold_db: 99}\n")
+    out = tmp_path / "out"
+    first = subprocess.run(
+        [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(out)]
+        + [a for option in OPTIONS[:-1] + ["task.numberResults=1"] for a in ("--set", option)],
+        env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert first.returncode == 0, first.stdout + first.stderr  # the canary's first renders
+
+    def together(*extra: str) -> list[tuple[int, str]]:
+        procs = [_shard(recipe, out, spec) if not extra else subprocess.Popen(
+            [sys.executable, "-m", "flowgen.cli", "run", str(recipe), "--out", str(out), "--shard", spec, *extra]
+            + [a for option in OPTIONS for a in ("--set", option)],
+            env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for spec in ("0/2", "1/2")]
+        return [(proc.wait(TIMEOUT), _output(proc)) for proc in procs]
+
+    def verdicts() -> list[tuple]:
+        CliRunner().invoke(cli, ["merge", str(out)])
+        conn = sqlite3.connect(manifest_path(out))
+        try:
+            return conn.execute("SELECT run_id, item_id, passed FROM canary ORDER BY checked_at").fetchall()
+        finally:
+            conn.close()
+
+    ran = together()
+    assert [code for code, _ in ran] == [0, 0], ran
+    assert sum("not checked again" in log for _, log in ran) == 1, ran  # one shard took the other's verdict
+    checked = verdicts()
+    assert len(checked) == 2 and len({run for run, _, _ in checked}) == 1 and {p for *_, p in checked} == {1}
+    report = json.loads(CliRunner().invoke(cli, ["status", str(out), "--json"]).output)
+    assert report["counts"] == {"ok": 24} and report["not_rendered"] == 0
+    files = _files(out)
+
+    drifted = together("--dtype", "bfloat16")  # the engine changed: the canary fails, on one check
+    assert [code for code, _ in drifted] == [1, 1], drifted
+    for _, log in drifted:
+        lines = log.splitlines()
+        assert sum(line.startswith("error: canary: item ") for line in lines) == 2, log
+        assert "dtype float32 → bfloat16" in log and "0 rendered" in log
+    assert sum("not checked again" in log for _, log in drifted) == 1, drifted
+    new = verdicts()[len(checked):]
+    assert len(new) == 2 and len({run for run, _, _ in new}) == 1 and {p for *_, p in new} == {0}
+    assert _files(out) == files  # nothing rendered

@@ -27,11 +27,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flowgen.engine.weights import locate
 from flowgen.errors import CheckpointError
+from flowgen.safe_yaml import read_yaml_file
 
 Architecture = Literal["klein-9b", "klein-4b", "tiny", "custom"]  # transformer config names (+ tiny, custom)
 _PIPELINE_CLASSES = {"Flux2KleinKVPipeline": True, "Flux2KleinPipeline": False}  # class -> kv
@@ -238,11 +238,9 @@ def _load_cards(folder: Path) -> tuple[ModelCard, ...]:
 def load_card(path: str | Path) -> ModelCard:
     """Read and validate one card YAML file. Raises CheckpointError naming the file."""
     path = Path(path)
+    data = read_yaml_file(path, kind="model card", error=CheckpointError)  # a recipe's bounds (flowgen.limits)
     try:
-        data = yaml.safe_load(path.read_text())
         card = ModelCard.model_validate(data)
-    except (OSError, yaml.YAMLError) as err:
-        raise CheckpointError(f"{path}: cannot read model card ({' '.join(str(err).split())})") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "card"

@@ -59,10 +59,16 @@ class Flux2Config:
             path = Path(config)
             if path.is_dir():
                 path = path / "config.json"
+            source = path  # errors name the file itself
             try:
                 values = json.loads(path.read_text())
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"{path}: cannot read transformer config ({err})") from None
+        if not isinstance(values, dict):  # valid JSON, but a list or a number at the top
+            raise CheckpointError(
+                f"{source}: not a FLUX.2 transformer config (a JSON object is expected, "
+                f"this holds a {type(values).__name__})"
+            )
         try:
             if values.get("guidance_embeds"):
                 raise CheckpointError(f"{source}: guidance_embeds=true is FLUX.2 dev, not a [klein] model")

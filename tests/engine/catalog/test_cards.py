@@ -14,6 +14,7 @@ import pytest
 from flowgen.engine.catalog import cards, tiny_model
 from flowgen.engine.weights import locate
 from flowgen.errors import CheckpointError
+from flowgen.limits import MAX_DEPTH, MAX_RECIPE_BYTES, MAX_VALUES
 
 EXPECTED = {  # name: (AIR, architecture, kv, distilled, steps, CFG)
     "klein-9b-kv": ("runware:400@6", "klein-9b", True, True, 4, 1.0),
@@ -235,6 +236,48 @@ def test_invalid_card_names_file_and_field(tmp_path):
                    "defaults: {steps: 4, CFGScale: 1.0, width: 1000, height: 1024}\n")
     with pytest.raises(CheckpointError, match=r"bad.yaml: invalid model card: (defaults.width|stepz)"):
         cards.load_card(bad)
+
+
+CARD = ("name: x\narchitecture: klein-9b\nkv: true\ndistilled: true\n"
+        "defaults: {steps: 4, CFGScale: 1.0, width: 1024, height: 1024}\nweights: {hf_repo: a/b}\n")
+
+
+def test_a_card_is_read_with_a_recipes_bounds(tmp_path):
+    """Cards are read as recipes are (flowgen.safe_yaml, flowgen.limits): size, aliases, depth, tags,
+    duplicate keys and what is not a file are one CheckpointError line naming the file."""
+    card = tmp_path / "card.yaml"
+    card.write_text(CARD)
+    assert cards.load_card(card).name == "x"
+
+    card.write_text(CARD + "# " + "x" * MAX_RECIPE_BYTES + "\n")
+    with pytest.raises(CheckpointError) as err:
+        cards.load_card(card)
+    assert str(err.value) == f"{card}: is {card.stat().st_size:,} bytes, over the limit of 512 KiB for a model card"
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']  # "billion laughs": 9^9 values
+    lines += [f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]" for prev, name in zip("abcdefgh", "bcdefghi")]
+    card.write_text("\n".join(lines) + "\n" + CARD)
+    with pytest.raises(CheckpointError) as err:
+        cards.load_card(card)
+    assert str(err.value).startswith(f"{card}:") and str(err.value).endswith(
+        f"holds more than {MAX_VALUES:,} values with its aliases expanded; model cards are limited to {MAX_VALUES:,}")
+
+    card.write_text(CARD + "extra: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n")
+    with pytest.raises(CheckpointError, match=rf"card.yaml:7:\d+: nests deeper than {MAX_DEPTH} levels; "
+                                              rf"model cards are limited to {MAX_DEPTH}$"):
+        cards.load_card(card)
+    card.write_text(CARD + "x: !!python/object:os.system {}\n")
+    with pytest.raises(CheckpointError, match=r"card.yaml:7:4: YAML tag .* is not allowed: model cards are data only$"):
+        cards.load_card(card)
+    card.write_text(CARD + "name: y\n")
+    with pytest.raises(CheckpointError, match=r"card.yaml:7:1: .*duplicate key 'name' \(first defined at line 1\)$"):
+        cards.load_card(card)
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would wait for a writer, forever
+    with pytest.raises(CheckpointError) as err:
+        cards.load_card(fifo)
+    assert str(err.value) == f"{fifo}: is not a regular file (a device, FIFO or socket); expected a file"
 
 
 def test_cards_ship_in_the_package_data():

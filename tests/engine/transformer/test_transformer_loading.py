@@ -361,3 +361,13 @@ def test_other_models_are_refused(tmp_path):
 def test_unknown_config_name(folders):
     message = _error(folders / "single", config="klein-13b")
     assert "klein-13b" in message and "klein-9b" in message
+
+
+@pytest.mark.parametrize("text, kind", [("[1, 2]", "list"), ("42", "int"), ('"klein"', "str"), ("null", "NoneType")])
+def test_a_config_json_that_is_not_an_object_is_one_line_naming_the_file(tmp_path, text, kind):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError) as err:
+        Flux2Config.from_diffusers(tmp_path)  # the folder: the message names the file in it
+    assert str(err.value) == (
+        f"{tmp_path / 'config.json'}: not a FLUX.2 transformer config (a JSON object is expected, this holds a {kind})"
+    )

@@ -1,11 +1,12 @@
-"""The bounds on what a recipe makes flowgen read: file sizes, nesting depth, values.
+"""The bounds on what a recipe (or a model card) makes flowgen read: file sizes, nesting depth, values.
 
 A recipe may come from someone else, and a path in it may name anything: a FIFO or /dev/zero (an
 endless read), a symlink to one, or a file of gigabytes. So read_limited opens a file without
 blocking, requires a regular file, and checks its size against the limit before a byte is read;
 the read itself stops one byte past the limit (the file may grow in between). Data nested deeper
 than MAX_DEPTH is refused before anything walks it recursively (safe_yaml.py for YAML, the
-dataset readers for JSON lines). Every refusal is one line.
+dataset readers for JSON lines). Every refusal is one line. At the package's root, not in
+flowgen.recipe: the engine's catalog reads model cards within the same bounds.
 """
 
 from __future__ import annotations
