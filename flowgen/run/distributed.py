@@ -13,7 +13,11 @@ call is a call of every process: the processes run in lockstep. Each process:
   own devices computed (`PipelineEngine.own_rows`), in its own manifest shard
   (.flowgen/shards/K-of-N.sqlite, flowgen.run.shards, K = process id, N = process count) under its
   own lock, as `--shard K/N` does. Process 0 folds the shards into the main manifest once every
-  process is done.
+  process is done;
+- decides with the others, before each batch, whether to go on (`ProcessShare.decide`): one that
+  would stop (Ctrl-C, SIGTERM, its --budget, --fail-fast, a dead peer) stops them all there, so no
+  process is left waiting in an engine call for one that left. The canary is computed by all of
+  them together, not once by the first shard as `--shard` does.
 
 A dead peer ends the run on every survivor with one line, not a core dump:
 - the next engine call gathers the batch's images from every process and fails within a second
