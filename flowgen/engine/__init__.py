@@ -22,6 +22,8 @@ The engine, by component:
     catalog/         JAX-free: model cards, capabilities, the embedded tiny model
     weights/         safetensors reading, where weights are on disk
     errors.py        EngineInputError (an argument the engine refuses)
+    runtime/         dtype/attention settings, compile cache, device mesh and placement, which
+                     backend runs (backend.py), CPU programs side by side on host threads
     host_memory.py, byte_lru.py   host-allocator settings; a byte-bounded LRU (shared by caches)
 """
 
