@@ -37,19 +37,12 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
-def side_by_side(fn: Callable[[T], R], items: Sequence[T], *, arrays: Sequence = ()) -> list[R]:
+def side_by_side(fn: Callable[[T], R], items: Sequence[T]) -> list[R]:
     """[fn(item) for item in items], each result ready; on the CPU backend with more than one core and
-    item, the calls run on a pool of host threads at once. `arrays`: inputs that must all sit on one
-    device for that (a sharded array keeps the calls in this thread)."""
-    if len(items) < 2 or not _parallel(arrays):
+    item, the calls run on a pool of host threads at once."""
+    if len(items) < 2 or host_cores() < 2 or jax.default_backend() != "cpu":
         return [jax.block_until_ready(fn(item)) for item in items]
     return list(_threads().map(lambda item: jax.block_until_ready(fn(item)), items))
-
-
-def _parallel(arrays: Sequence) -> bool:
-    if host_cores() < 2 or jax.default_backend() != "cpu":
-        return False
-    return all(len(a.sharding.device_set) == 1 for a in arrays if isinstance(a, jax.Array))
 
 
 def _threads() -> ThreadPoolExecutor:

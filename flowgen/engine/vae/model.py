@@ -212,11 +212,12 @@ class VAE:
 
 
 def _by_image(fn, batch: jax.Array) -> jax.Array:
-    """fn over a batch: whole on an accelerator; on the CPU backend image by image (batch-1 programs,
-    so an image's result never depends on its batch mates), the images side by side on host threads."""
-    if batch.shape[0] < 2 or jax.default_backend() != "cpu":
+    """fn over a batch: whole on an accelerator or when the batch is split over devices (a mesh); on
+    one CPU device image by image (batch-1 programs, so an image's result never depends on its batch
+    mates), the images side by side on host threads."""
+    if batch.shape[0] < 2 or jax.default_backend() != "cpu" or len(batch.sharding.device_set) > 1:
         return fn(batch)
-    return jnp.concatenate(side_by_side(fn, [batch[i : i + 1] for i in range(batch.shape[0])], arrays=[batch]))
+    return jnp.concatenate(side_by_side(fn, [batch[i : i + 1] for i in range(batch.shape[0])]))
 
 
 def load_vae(
