@@ -5,17 +5,23 @@ transformer hidden 512 (4 heads × 128), 2 double + 4 single blocks; Qwen3 hidde
 (Klein reads hidden states 9/18/27, so flowgen never runs layers 28-36); a small 4-level VAE.
 Both pipelines run float32 on the same CPU with the same prompts, references and latents.
 
-Measured, per image (a batch of 2 prompts, seconds / 2), after one warm-up call, keeping per stage
-and in total the fastest of `--repeats` runs:
-  * text-to-image, and a 4-reference edit (references of different sizes);
-  * stages: text (prompt encoding), references (preparation + VAE encode + KV pre-pass for
-    flowgen; preparation + VAE encode for diffusers, whose KV extraction is part of step 0),
-    denoise, decode. flowgen's prompt/reference caches are cleared before every timed call, so
-    both sides do the same work (cache hits would make flowgen's text/references ~0).
-And the text encoder alone: Klein's layers (up to 27) vs running all 36 layers.
+Measured, per image (a batch of `--batch` distinct prompts, seconds / batch), after one warm-up call,
+keeping per stage and in total the fastest of `--repeats` runs (the two sides interleaved call by call):
+  * text-to-image, and a 4-reference edit (references of different sizes, shared by the batch);
+  * stages, the same work on both sides:
+      text        prompt encoding;
+      references  reference preparation (resize/crop to pixels in [-1, 1]) + VAE encode;
+      denoise     the sampling loop, INCLUDING the reference K/V computation: diffusers extracts the
+                  K/V inside step 0 (all tokens through the blocks), flowgen runs a reference pre-pass
+                  and then 4 cached steps (the pre-pass is timed apart and moved here from its
+                  references stage); plus each side's small glue;
+      decode      VAE decode + conversion to host pixels (diffusers' postprocess to numpy).
+    flowgen's prompt/reference caches are cleared before every timed call, so both sides do the
+    same work (cache hits would make flowgen's text/references ~0).
+And the text encoder alone: Klein's layers (up to 27) vs running all 36 layers (`--text-alone`).
 
-Usage: JAX_PLATFORMS=cpu .venv/bin/python bench/pipeline.py [--size 256] [--repeats 4]
-       [--no-append]   (appends a section to bench/RESULTS.md unless --no-append)
+Usage: JAX_PLATFORMS=cpu .venv/bin/python bench/pipeline.py [--size 256] [--repeats 4] [--batch 2]
+       [--cases t2i,edit] [--text-alone] [--no-append]   (appends to bench/RESULTS.md unless --no-append)
 """
 
 from __future__ import annotations
@@ -85,15 +91,50 @@ def pictures():
     return out
 
 
+def batch_prompts(batch: int) -> list[str]:
+    """`batch` distinct prompts (the first two are PROMPTS), so neither side's text stage can share work."""
+    return [PROMPTS[i % 2] + ("" if i < 2 else f", take {i // 2 + 1}") for i in range(batch)]
+
+
 # ---------------------------------------------------------------------------------------------- flowgen
 
 
-def run_flowgen(pipe, latents, refs, size):
+@contextlib.contextmanager
+def timed_prepass(pipe):
+    """Times flowgen's reference K/V pre-pass (waiting for its result), which its references stage
+    includes; diffusers does that work inside its step 0."""
+    import jax
+
+    spent = [0.0]
+    transformer = pipe.transformer
+    original = transformer.reference_kv
+
+    def call(*args, **kwargs):
+        jax.block_until_ready((args, kwargs))  # the reference tokens' VAE encodes (dispatched async) stay out
+        start = time.perf_counter()
+        try:
+            return jax.block_until_ready(original(*args, **kwargs))
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    transformer.reference_kv = call
+    try:
+        yield spent
+    finally:
+        transformer.__dict__.pop("reference_kv", None)
+
+
+def run_flowgen(pipe, prompts, latents, refs, size):
     pipe.clear_caches()  # cold: the same work diffusers does
-    start = time.perf_counter()
-    out = pipe.generate(PROMPTS, references=None if refs is None else [refs] * len(PROMPTS), width=size,
-                        height=size, steps=4, latents=latents)
-    return time.perf_counter() - start, out.timings
+    with timed_prepass(pipe) as prepass:
+        start = time.perf_counter()
+        out = pipe.generate(prompts, references=None if refs is None else [refs] * len(prompts), width=size,
+                            height=size, steps=4, latents=latents)
+        total = time.perf_counter() - start
+    times = dict(out.timings)
+    times["references"] -= prepass[0]  # like for like: the K/V computation counts in denoise on both sides
+    times["denoise"] += prepass[0]
+    return total, times
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -108,16 +149,21 @@ class StageClock:
     @contextlib.contextmanager
     def wrapped(self):
         pipe = self.pipe
-        saved = pipe.encode_prompt, pipe.prepare_image_latents, pipe.vae.decode
-        pipe.encode_prompt = self._timed("text", saved[0])
-        pipe.prepare_image_latents = self._timed("references", saved[1])
-        pipe.vae.decode = self._timed("decode", saved[2])
+        processor = pipe.image_processor
+        pipe.encode_prompt = self._timed("text", pipe.encode_prompt)
+        # references: resize/crop (preprocess) + VAE encode (prepare_image_latents), as flowgen's stage
+        processor.preprocess = self._timed("references", processor.preprocess)
+        pipe.prepare_image_latents = self._timed("references", pipe.prepare_image_latents)
+        # decode: VAE decode + postprocess to numpy pixels, as flowgen's stage (decode + uint8 on the host)
+        pipe.vae.decode = self._timed("decode", pipe.vae.decode)
+        processor.postprocess = self._timed("decode", processor.postprocess)
         try:
             yield self.times
         finally:
-            pipe.encode_prompt, pipe.prepare_image_latents, pipe.vae.decode = saved
             for name in ("encode_prompt", "prepare_image_latents"):
                 pipe.__dict__.pop(name, None)
+            for name in ("preprocess", "postprocess"):
+                processor.__dict__.pop(name, None)
             pipe.vae.__dict__.pop("decode", None)
 
     def _timed(self, stage, fn):
@@ -131,16 +177,16 @@ class StageClock:
         return call
 
 
-def run_diffusers(pipe, latents, refs, size):
+def run_diffusers(pipe, prompts, latents, refs, size):
     import torch
 
     clock = StageClock(pipe)
     with torch.no_grad(), clock.wrapped() as times:
         start = time.perf_counter()
-        pipe(image=refs, prompt=PROMPTS, height=size, width=size, num_inference_steps=4,
+        pipe(image=refs, prompt=prompts, height=size, width=size, num_inference_steps=4,
              latents=torch.from_numpy(latents), output_type="np")
         total = time.perf_counter() - start
-    # the rest of the call: the denoising loop (incl. KV extraction on step 0) and small glue
+    # the rest of the call: the denoising loop (incl. the K/V extraction in step 0) and small glue
     times["denoise"] = total - times["text"] - times["references"] - times["decode"]
     return total, times
 
@@ -179,8 +225,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2, help="distinct prompts per call (default 2)")
+    parser.add_argument("--cases", default="t2i,edit", help="comma-separated: t2i, edit")
+    parser.add_argument("--text-alone", action="store_true", help="also time the text encoder alone (27 vs 36 layers)")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
+    cases = [c for c in args.cases.split(",") if c]
+    if args.batch < 1 or not cases or set(cases) - {"t2i", "edit"}:
+        parser.error("--batch must be >= 1 and --cases a comma-separated subset of t2i,edit")
+    prompts = batch_prompts(args.batch)
+    load_before = os.getloadavg()
 
     import jax
     import torch
@@ -194,24 +248,26 @@ def main() -> None:
         theirs = Flux2KleinKVPipeline.from_pretrained(folder, torch_dtype=torch.float32)
         theirs.set_progress_bar_config(disable=True)
         n = args.size // 16
-        latents = np.random.default_rng(1).standard_normal((len(PROMPTS), 128, n, n)).astype(np.float32)
+        latents = np.random.default_rng(1).standard_normal((len(prompts), 128, n, n)).astype(np.float32)
         refs = pictures()
         rows = []
-        for label, case_refs in (("text-to-image", None), ("4-reference edit", refs)):
+        chosen = {"t2i": ("text-to-image", None), "edit": ("4-reference edit", refs)}
+        for label, case_refs in (chosen[c] for c in cases):
             sides = {"flowgen": (run_flowgen, ours), "diffusers": (run_diffusers, theirs)}
             runs = {name: [] for name in sides}
             for repeat in range(args.repeats + 1):  # interleaved, so both sides see the same machine load
                 for name, (run, pipe) in sides.items():
-                    result = run(pipe, latents, case_refs, args.size)
+                    result = run(pipe, prompts, latents, case_refs, args.size)
                     if repeat:  # the first call is a warm-up (flowgen: compiles)
                         runs[name].append(result)
             results = {name: best(r) for name, r in runs.items()}
             for name, (total, _) in results.items():
                 print(f"{label:18s} {name:9s} {total:.3f} s / batch", flush=True)
             rows.append((label, results))
-        klein, full = text_encoder_saving(folder, 3 * args.repeats)
+        klein_full = text_encoder_saving(folder, 3 * args.repeats) if args.text_alone else None
+    load_after = os.getloadavg()
 
-    batch = len(PROMPTS)
+    batch = len(prompts)
     lines = [
         "",
         SECTION,
@@ -220,10 +276,12 @@ def main() -> None:
         f"VAE 32/64/64/64), float32, {args.size}×{args.size} output, 4 steps, batch {batch}, 512-token prompts; "
         f"the edit uses 4 references of {', '.join(f'{w}×{h}' for w, h in REF_SIZES)}. Seconds per image, fastest of "
         f"{args.repeats} repeats per stage and in total, after a warm-up; flowgen's prompt/reference caches "
-        "cleared before each call. "
+        "cleared before each call. Stages are the same work on both sides: references = resize + VAE encode, "
+        "the reference K/V (diffusers' step-0 extraction, flowgen's pre-pass) counted in denoise. "
         f"{platform.machine()}, {os.cpu_count()} CPU, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d')}; shared "
-        "machine, so treat ratios as indicative.",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), {time.strftime('%Y-%m-%d %H:%M')}; load "
+        f"average {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end (shared machine: compare the "
+        "ratios).",
         "",
         "| case | stage | flowgen s/img | diffusers s/img | diffusers / flowgen |",
         "|---|---|---|---|---|",
@@ -236,13 +294,15 @@ def main() -> None:
             lines.append(f"| {label} | {stage} | {a:.4f} | {b:.4f} | {_ratio(b, a)} |")
         a, b = ours_total / batch, their_total / batch
         lines.append(f"| {label} | **total** | **{a:.4f}** | **{b:.4f}** | **{_ratio(b, a)}** |")
-    lines += [
-        "",
-        f"Text encoder alone (flowgen, batch 1 × 512 tokens, fastest of {3 * args.repeats}): Klein's layers 1-27 {klein * 1000:.1f} ms vs all 36 "
-        f"layers {full * 1000:.1f} ms — stopping at layer 27 saves {100 * (1 - klein / full):.0f} % "
-        f"({full / klein:.2f}× faster).",
-        "",
-    ]
+    if klein_full is not None:
+        klein, full = klein_full
+        lines += [
+            "",
+            f"Text encoder alone (flowgen, batch 1 × 512 tokens, fastest of {3 * args.repeats}): Klein's layers 1-27 "
+            f"{klein * 1000:.1f} ms vs all 36 layers {full * 1000:.1f} ms — stopping at layer 27 saves "
+            f"{100 * (1 - klein / full):.0f} % ({full / klein:.2f}× faster).",
+        ]
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if not args.no_append:

@@ -12,11 +12,12 @@ from typing import Any
 import click
 
 from flowgen.commands.models import weights_note
+from flowgen.engine import guess_backend
 from flowgen.plan.from_recipe import plan_recipe
 from flowgen.plan.model import Plan
 from flowgen.plan.run_plan import RunPlan
 from flowgen.run import cost
-from flowgen.run.dtype import dtype_setting, guess_backend, resolve_dtype
+from flowgen.run.dtype import dtype_setting, resolve_dtype
 from flowgen.run.manifest import Manifest, load_watermarks, manifest_path
 from flowgen.run.merge import fold_shards
 from flowgen.run.settings import max_batch_setting

@@ -22,6 +22,8 @@ The engine, by component:
     catalog/         JAX-free: model cards, capabilities, the embedded tiny model
     weights/         safetensors reading, where weights are on disk
     errors.py        EngineInputError (an argument the engine refuses), MeshPeerLost (a process of the mesh is gone)
+    runtime/         dtype/attention settings, compile cache, device mesh and placement, which
+                     backend runs (backend.py), CPU programs side by side on host threads
     host_memory.py, byte_lru.py   host-allocator settings; a byte-bounded LRU (shared by caches)
 """
 
@@ -52,6 +54,7 @@ _EXPORTS = {
     "flowgen_cache_dir": "flowgen.engine.weights.locate",
     "resolve_source": "flowgen.engine.source",
     "RuntimeConfig": "flowgen.engine.runtime",
+    "guess_backend": "flowgen.engine.runtime.backend",
     "compile_stats": "flowgen.engine.runtime.compile_cache:stats",
     "LoopShape": "flowgen.engine.sampling.ahead",
     "MeshSpec": "flowgen.engine.runtime.mesh",
@@ -90,6 +93,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
         reduced_for_preparation,
     )
     from flowgen.engine.runtime import RuntimeConfig
+    from flowgen.engine.runtime.backend import guess_backend
     from flowgen.engine.runtime.compile_cache import stats as compile_stats
     from flowgen.engine.runtime.mesh import MeshSpec
     from flowgen.engine.runtime.placement import mesh_for
@@ -125,6 +129,7 @@ __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPO
     "flowgen_cache_dir",
     "resolve_source",
     "RuntimeConfig",
+    "guess_backend",
     "compile_stats",
     "LoopShape",
     "MeshSpec",

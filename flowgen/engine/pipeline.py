@@ -39,12 +39,14 @@ import numpy as np
 
 from flowgen.engine.catalog.cards import ModelCard
 from flowgen.engine.errors import EngineInputError
+from flowgen.engine.host_memory import keep_freed_buffers
 from flowgen.engine.lora.merge import LoraWeights
 from flowgen.engine.references.batch_layout import Layout, batch_references
 from flowgen.engine.references.cache import PreparedSet, ReferenceCache, prepare_set
 from flowgen.engine.references.images import default_output_size
 from flowgen.engine.request import PIXELS_PER_TOKEN, Request, check_request
 from flowgen.engine.runtime import RuntimeConfig, compile_cache
+from flowgen.engine.runtime.backend import guess_backend
 from flowgen.engine.runtime.placement import Placement, placement_for, to_host
 from flowgen.engine.sampling import ahead, names, step_cache_settings
 from flowgen.engine.sampling.ahead import LoopShape
@@ -179,6 +181,8 @@ class Pipeline:
         from flowgen.engine.transformer.checkpoint import load_transformer
         from flowgen.engine.vae.model import load_vae
 
+        if guess_backend() == "cpu":  # before JAX's CPU worker threads first allocate (host_memory)
+            keep_freed_buffers()
         compile_cache.enable()  # before anything compiles
         runtime = runtime or RuntimeConfig(dtype=dtype)
         settings = runtime.resolved()

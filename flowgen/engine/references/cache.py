@@ -3,7 +3,8 @@
 A reference *set* (an item's ordered list of images) is keyed by the content of its prepared
 pixels, so equal images given as different objects (or paths) share work:
 
-* each image is VAE-encoded on its own (batch 1), so its latents never depend on batch mates;
+* each image is VAE-encoded on its own (batch 1), so its latents never depend on batch mates; a
+  set's new images are encoded side by side on the CPU's cores (`runtime/host_threads.py`);
 * the latents and K/V kept are bounded by bytes (LATENT_CACHE_BYTES, KV_CACHE_BYTES), not by count:
   one 9B set's K/V is 2 GiB, a tiny model's a few KiB;
 * the KV model's reference pre-pass runs once per distinct set and weights (a LoRA set changes
@@ -30,6 +31,7 @@ from PIL import Image
 
 from flowgen.engine.byte_lru import ByteLRU
 from flowgen.engine.references.images import MAX_REFERENCES, prepare_references
+from flowgen.engine.runtime.host_threads import side_by_side
 from flowgen.engine.transformer.model import ReferenceKV
 from flowgen.engine.transformer.positions import pack, reference_ids
 from flowgen.errors import ImageInputError
@@ -166,9 +168,15 @@ class ReferenceCache:
     def tokens(self, refs: PreparedSet) -> ReferenceTokens:
         """All of a set's reference tokens, concatenated in order, with t = 10·(k+1) ids, padded to
         the set's length bucket."""
+        missing = {key: image for image, key in zip(refs.images, refs.keys) if key not in self._latents}
+        made = dict(zip(missing, side_by_side(self._encode, list(missing.values()))))  # at once on CPU cores
         packed, sizes = [], []
         for image, key in zip(refs.images, refs.keys):
-            latents = self._latents.get_or_make(key, functools.partial(self._encode, image))
+            if key in made:
+                latents = made[key]
+                self._latents.put(key, latents)
+            else:
+                latents = self._latents.get_or_make(key, functools.partial(self._encode, image))
             height, width = latents.shape[2:]
             sizes.append((height, width))
             packed.append(pack(latents))

@@ -125,7 +125,10 @@ def cached_forward(
             return transformer.joint_tokens(streams) if cache.back else transformer.image_tokens(streams, inputs.n_txt)
 
         def computed(residual):
-            out = tokens(transformer.run_blocks(inputs, front, ranges.middle))
+            if cache.back:
+                out = tokens(transformer.run_blocks(inputs, front, ranges.middle))
+            else:  # the middle ends the stack: as `transformer.forward` runs it
+                out = transformer.image_after(inputs, front, ranges.middle)
             return out, (out - tokens(front)).astype(residual.dtype)
 
         def reused(residual):
@@ -134,7 +137,7 @@ def cached_forward(
 
         out, residual = jax.lax.cond(skip, reused, computed, state.residual)
         if cache.back:
-            out = transformer.image_tokens(transformer.run_blocks(inputs, out, ranges.back), inputs.n_txt)
+            out = transformer.image_after(inputs, out, ranges.back)
         velocity = transformer.velocity(model, inputs, out)
     if decided is None:
         state = state._replace(residual=residual)

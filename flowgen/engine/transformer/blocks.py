@@ -209,10 +209,32 @@ class SingleStreamBlock(nnx.Module):
         Multiplies by the K/V columns of linear1 alone: 1/3 of its work (no q, gate or up).
         """
         shift, scale, _ = mod_ref
-        kv = modulate(ref, shift, scale, self.eps) @ self.linear1.kernel[..., self.dim : 3 * self.dim]
+        return self._kv(modulate(ref, shift, scale, self.eps), rope_ref)
+
+    def image_rows(self, h, rope: Rope, mod, n_txt: int, ref_kv: KV | None = None, key_lengths=None):
+        """The step's output for the image rows h[:, n_txt:] alone (B, N, H), for a last block whose text
+        rows are never read: every row still gives its keys and values, but only the image rows are
+        queried and run through the MLP and linear2 (the text rows' share of linear1's q, gate and
+        up columns, of attention and of linear2 is skipped)."""
+        shift, scale, gate = mod
+        x = modulate(h, shift, scale, self.eps)
+        k, v = self._kv(x, rope)
+        kernel = self.linear1.kernel[...]
+        img = x[:, n_txt:]
+        q = img @ kernel[..., : self.dim]
+        b, n, _ = q.shape
+        q = q.reshape(b, n, self.num_heads, -1).transpose(0, 2, 1, 3)
+        cos, sin = (table[..., n_txt:, :] for table in rope)
+        q = apply_rope(self.norm.query_norm(q), cos, sin)
+        mlp = img @ kernel[..., 3 * self.dim :]
+        return self._out(h[:, n_txt:], attention(q, k, v, ref_kv, key_lengths), mlp, (shift, scale, gate))
+
+    def _kv(self, x_mod, rope: Rope) -> KV:
+        """Post-RoPE keys and values of modulated rows, from linear1's K/V columns alone."""
+        kv = x_mod @ self.linear1.kernel[..., self.dim : 3 * self.dim]
         b, n, _ = kv.shape
         kv = kv.reshape(b, n, 2, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        return apply_rope(self.norm.key_norm(kv[0]), *rope_ref), kv[1]
+        return apply_rope(self.norm.key_norm(kv[0]), *rope), kv[1]
 
     def reference(self, ref, rope_ref: Rope, mod_ref, key_lengths=None) -> tuple[jnp.ndarray, KV]:
         q, k, v, mlp = self._qkv_mlp(ref, rope_ref, mod_ref)

@@ -3,7 +3,9 @@
 * `forward` — plain step over [txt, img] tokens; optionally with cached reference K/V
   (`ref_kv`) appended as extra keys in every layer (the KV model's cached step; also step 0).
   It is the composition of its stages `embed` -> `run_blocks` over a `block_range` -> `velocity`,
-  which the step caches (sampling/step_cache.py) run over parts of the block stack.
+  which the step caches (sampling/step_cache.py) run over parts of the block stack; the range
+  that ends the stack runs through `image_after`, whose last block skips the text rows' queries
+  and MLP (only the image tokens are read after it).
 * `reference_prepass` — reference tokens alone, modulated at t = 0, attending only among
   themselves (double blocks use the image-stream weights); returns every layer's post-RoPE K/V.
 
@@ -263,6 +265,32 @@ def run_blocks(inputs: StepInputs, streams: Streams, blocks: BlockRange) -> Stre
     return streams
 
 
+def image_after(inputs: StepInputs, streams: Streams, blocks: BlockRange) -> jnp.ndarray:
+    """`image_tokens(run_blocks(inputs, streams, blocks))`, for a range after which only the image
+    tokens are read (the end of the stack): its last single block computes its image rows alone
+    (`SingleStreamBlock.image_rows`; the text rows still give keys and values)."""
+    if blocks.single is None:
+        return image_tokens(run_blocks(inputs, streams, blocks), inputs.n_txt)
+    n_txt = inputs.n_txt
+    h = joint_tokens(run_blocks(inputs, streams, blocks._replace(single=None, single_kv=None)))
+    last = blocks.single.linear1.kernel.shape[0] - 1
+
+    def single(block, carry, per_layer):
+        kv, index = per_layer
+
+        def full(c):
+            return block(c, inputs.rope, inputs.mod_single, ref_kv=kv, key_lengths=inputs.key_lengths)
+
+        def image_only(c):  # same shape as `full`'s: the text rows pass through unread
+            img = block.image_rows(c, inputs.rope, inputs.mod_single, n_txt, ref_kv=kv, key_lengths=inputs.key_lengths)
+            return jnp.concatenate([c[:, :n_txt], img], axis=1)
+
+        return jax.lax.cond(index == last, image_only, full, carry), None
+
+    h, _ = scan_layers(blocks.single, single, h, (blocks.single_kv, jnp.arange(last + 1)))
+    return h[:, n_txt:]
+
+
 def image_tokens(streams: Streams, n_txt: int) -> jnp.ndarray:
     """The image stream (B, N, H) of either form of the streams."""
     return streams[0] if isinstance(streams, tuple) else streams[:, n_txt:]
@@ -293,8 +321,7 @@ def forward(
     rope_img may be per row ((B, N, d/2) tables: concatenated references that differ per row);
     key_lengths (B,) masks each row's padded tail of [txt, x, ref_kv] (see `attention`)."""
     inputs, streams = embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
-    streams = run_blocks(inputs, streams, block_range(model, ref_kv))
-    return velocity(model, inputs, image_tokens(streams, inputs.n_txt))
+    return velocity(model, inputs, image_after(inputs, streams, block_range(model, ref_kv)))
 
 
 def reference_prepass(model: Flux2Transformer, ref: jnp.ndarray, rope_ref: Rope, key_lengths=None) -> ReferenceKV:

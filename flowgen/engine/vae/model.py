@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flowgen.engine.runtime.host_threads import side_by_side
 from flowgen.engine.vae import blocks
 from flowgen.engine.vae.checkpoint import read_vae_checkpoint
 from flowgen.engine.vae.config import VAEConfig
@@ -171,16 +172,20 @@ class VAE:
         self.decode_float_fn = functools.partial(decode_float_jit, config=config)
 
     def encode(self, images: jax.Array | np.ndarray) -> jax.Array:
-        """(B, H, W, 3) float in [-1, 1], H and W multiples of 16 -> (B, 128, H/16, W/16) float32."""
+        """(B, H, W, 3) float in [-1, 1], H and W multiples of 16 -> (B, 128, H/16, W/16) float32.
+
+        On the CPU backend the images of a batch are encoded one per host thread (runtime/host_threads.py)."""
         self._check_images(images)
-        return self.encode_fn(self.params, jnp.asarray(images))
+        return _by_image(lambda x: self.encode_fn(self.params, x), jnp.asarray(images))
 
     def decode(self, z: jax.Array | np.ndarray) -> jax.Array:
-        """(B, 128, h, w) normalised latents -> (B, 16h, 16w, 3) uint8, quantised on device."""
+        """(B, 128, h, w) normalised latents -> (B, 16h, 16w, 3) uint8, quantised on device.
+
+        On the CPU backend the images of a batch are decoded one per host thread (runtime/host_threads.py)."""
         self._check_latents(z)
         # decoder and quantisation as two device calls, so decode and decode_float share one
         # compiled decoder per shape; the float image never leaves the device.
-        return _to_uint8_jit(self.decode_float_fn(self.params, jnp.asarray(z)))
+        return _by_image(lambda x: _to_uint8_jit(self.decode_float_fn(self.params, x)), jnp.asarray(z))
 
     def decode_float(self, z: jax.Array | np.ndarray, *, clamp: bool = True) -> jax.Array:
         """As `decode` but float32 NHWC before quantisation; clamp=False gives the raw decoder output."""
@@ -204,6 +209,15 @@ class VAE:
 
     def __repr__(self) -> str:
         return f"VAE({self.source}, dtype={self.dtype.name}, config={self.config})"
+
+
+def _by_image(fn, batch: jax.Array) -> jax.Array:
+    """fn over a batch: whole on an accelerator or when the batch is split over devices (a mesh); on
+    one CPU device image by image (batch-1 programs, so an image's result never depends on its batch
+    mates), the images side by side on host threads."""
+    if batch.shape[0] < 2 or jax.default_backend() != "cpu" or len(batch.sharding.device_set) > 1:
+        return fn(batch)
+    return jnp.concatenate(side_by_side(fn, [batch[i : i + 1] for i in range(batch.shape[0])]))
 
 
 def load_vae(

@@ -52,13 +52,16 @@ def inputs():
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _staged(graphdef, start, stop, params, args, ref_kv, key_lengths):
-    """The stages over blocks [0, start), [start, stop), [stop, total), as the cached loop runs them."""
+    """The stages over blocks [0, start), [start, stop), [stop, total), as the cached loop runs them: the
+    range that ends the stack through `image_after`, the others through `run_blocks`."""
     model = nnx.merge(graphdef, params)
     x, rope_img, t, txt, rope_txt = args
     step_inputs, streams = transformer.embed(model, x, rope_img, t, txt, rope_txt, key_lengths)
-    for a, b in ((0, start), (start, stop), (stop, TOTAL)):
+    *leading, last = [(a, b) for a, b in ((0, start), (start, stop), (stop, TOTAL)) if a < b]
+    for a, b in leading:
         streams = transformer.run_blocks(step_inputs, streams, transformer.block_range(model, ref_kv, a, b))
-    return transformer.velocity(model, step_inputs, transformer.image_tokens(streams, step_inputs.n_txt))
+    img = transformer.image_after(step_inputs, streams, transformer.block_range(model, ref_kv, *last))
+    return transformer.velocity(model, step_inputs, img)
 
 
 @pytest.mark.parametrize("with_refs", [False, True])
