@@ -336,8 +336,6 @@ def diffusers_child(spec_path: str, result_path: str) -> None:
     opening = writing = 0.0
     out = Path(spec["out"])
     clock = StageClock(pipe)
-    preprocess = pipe.image_processor.preprocess
-    pipe.image_processor.preprocess = clock._timed("references", preprocess)  # reference resize/crop
     loop_start = time.perf_counter()
     with clock.wrapped() as times, StepTimes(pipe.transformer) as steps:
         for edits in by_sku.values():
@@ -359,7 +357,6 @@ def diffusers_child(spec_path: str, result_path: str) -> None:
                 calls.append((len(group), time.perf_counter() - start))
         loop = time.perf_counter() - loop_start
         surplus = steps.extraction_surplus()
-    del pipe.image_processor.preprocess
     stages = dict(times)
     in_calls = sum(seconds for _, seconds in calls) - writing
     stages["references"] += opening
