@@ -20,8 +20,8 @@ import pytest
 
 from flowgen.engine.runtime import compile_cache
 from flowgen.errors import CheckpointError
+from tests.engine.child_python import ROOT, marked_json, run_python
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=2"]
 
 _RUNS = """
@@ -42,18 +42,10 @@ print("STATS " + json.dumps(vars(compile_cache.stats())) + " DIR " + str(compile
 
 
 def _render(recipes: Path, out: Path, env: dict) -> tuple[dict, str]:
-    done = subprocess.run(
-        [sys.executable, "-c", _RUNS.format(small=SMALL), str(recipes), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(_RUNS.format(small=SMALL), recipes, out, env=env)
     lines = done.stdout.splitlines()
     stats, _, folder = next(x for x in lines if x.startswith("STATS "))[len("STATS ") :].partition(" DIR ")
-    startup = json.loads(next(x for x in lines if x.startswith("STARTUP "))[len("STARTUP ") :])
+    startup = marked_json(done.stdout, "STARTUP")
     return {**json.loads(stats), "startup": startup}, folder
 
 

@@ -13,10 +13,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -29,8 +26,7 @@ from flowgen.engine import Pipeline, convert_weights, load_transformer, resolve_
 from flowgen.engine.transformer.checkpoint import open_checkpoint
 from flowgen.engine.weights import orbax_checkpoint
 from flowgen.errors import CheckpointError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.engine.child_python import cpu_env, run_python
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +158,5 @@ for data, model in ((8, 1), (4, 2)):
 
 @pytest.mark.slow
 def test_on_eight_devices_a_restore_lands_in_the_mesh_layout(tiny, converted):
-    env = {k: v for k, v in os.environ.items() if k != "FLOWGEN_MESH"}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    done = subprocess.run(
-        [sys.executable, "-c", _ON_EIGHT, str(converted / "transformer"), str(tiny / "transformer")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_python(_ON_EIGHT, converted / "transformer", tiny / "transformer", env=cpu_env(8))
     assert "OK data=8,model=1 split=0" in done.stdout and "OK data=4,model=2" in done.stdout

@@ -13,10 +13,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,8 +23,7 @@ from flowgen.engine.errors import EngineInputError
 from flowgen.engine.runtime import RuntimeConfig
 from flowgen.engine.runtime.mesh import MeshSpec, choose_model_size
 from flowgen.engine.runtime.placement import Placement
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.engine.child_python import cpu_env, marked_json, run_python
 
 
 @pytest.mark.parametrize(
@@ -171,16 +166,9 @@ print("RESULT " + json.dumps({
 
 
 def _render(tmp_path: Path, mesh: str, devices: int) -> tuple[dict, dict]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLOWGEN_MESH")}
-    env.update(JAX_PLATFORMS="cpu", FLOWGEN_CACHE=str(tmp_path / "cache"))
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = cpu_env(devices, FLOWGEN_CACHE=str(tmp_path / "cache"))
     out = tmp_path / f"{mesh}-{devices}.npz"
-    done = subprocess.run(
-        [sys.executable, "-c", _RENDER, mesh, str(out)], env=env, capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    result = marked_json(run_python(_RENDER, mesh, out, env=env, timeout=900).stdout, "RESULT")
     with np.load(out) as images:
         return result, {name: images[name] for name in images.files}
 

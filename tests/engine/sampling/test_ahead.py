@@ -9,15 +9,9 @@ announced still compiles its loop at first use — on one device and on an 8-dev
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[3]
+from tests.engine.child_python import ROOT, cpu_env, marked_json, run_python
 
 _SCRIPT = r"""
 import json, logging, sys
@@ -50,15 +44,8 @@ print("RESULT " + json.dumps({"ahead": ahead, "first_call": first_call, "unannou
 @pytest.mark.slow
 @pytest.mark.parametrize("devices", [1, 8])
 def test_an_announced_loop_is_compiled_before_the_first_batch(tmp_path, devices):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLOWGEN_MESH", "FLOWGEN_COMPILE_CACHE")}
-    env.update(JAX_PLATFORMS="cpu", FLOWGEN_CACHE=str(tmp_path / "cache"))
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    done = subprocess.run(
-        [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))[len("RESULT ") :])
+    env = cpu_env(devices, drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
+    result = marked_json(run_python(_SCRIPT, env=env).stdout, "RESULT")
     assert result["mesh"] == f"data={devices},model=1"
     assert sorted(result["ahead"]) == ["jit__prepare", "jit__steps"] and result["seconds"] > 0
     assert result["first_call"] == []  # nothing of the loop compiled at the first batch
@@ -77,17 +64,7 @@ with Manifest(sys.argv[2], create=False) as manifest:
 
 @pytest.mark.slow
 def test_a_run_compiles_its_batches_ahead_and_records_it(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLOWGEN_MESH", "FLOWGEN_COMPILE_CACHE")}
-    env.update(JAX_PLATFORMS="cpu", FLOWGEN_CACHE=str(tmp_path / "cache"))
-    recipe = ROOT / "recipes" / "quickstart.yaml"
-    done = subprocess.run(
-        [sys.executable, "-c", _RUN, str(recipe), str(tmp_path / "out")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    startup = json.loads(next(x for x in done.stdout.splitlines() if x.startswith("STARTUP "))[len("STARTUP ") :])
+    env = cpu_env(drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
+    done = run_python(_RUN, ROOT / "recipes" / "quickstart.yaml", tmp_path / "out", env=env)
+    startup = marked_json(done.stdout, "STARTUP")
     assert 0 < startup["ahead"] < startup["load"] < startup["first_image"]
