@@ -520,32 +520,23 @@ class Pipeline:
         )
         seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
+        out = self.denoiser(
+            self.params,
+            x,
+            cond,
+            sigmas,
+            choice.sampler(),
+            noise_keys(seeds),
+            req.guidance,
+            quantize_t=self.dtype == jnp.bfloat16,
+            on_step=on_step,
+            step_cache=step_cache,
+        )
         record = {}
         if step_cache is None:
-            tokens = self.denoiser(
-                self.params,
-                x,
-                cond,
-                sigmas,
-                choice.sampler(),
-                noise_keys(seeds),
-                req.guidance,
-                quantize_t=self.dtype == jnp.bfloat16,
-                on_step=on_step,
-            )
-        else:
-            tokens, trace = self.denoiser(
-                self.params,
-                x,
-                cond,
-                sigmas,
-                choice.sampler(),
-                noise_keys(seeds),
-                req.guidance,
-                quantize_t=self.dtype == jnp.bfloat16,
-                on_step=on_step,
-                step_cache=step_cache,
-            )
+            tokens = out
+        else:  # with a step cache the denoiser also says which steps it computed
+            tokens, trace = out
             record = {
                 **step_cache.as_dict(),
                 "distances": trace["distances"].tolist(),

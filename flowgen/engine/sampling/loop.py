@@ -174,91 +174,56 @@ def _steps(
     over when this runs under `shard_map` (each device on its rows; the step caches then decide
     over every device's rows), else None."""
     with placement.rows_split(rows_axis):
-        return _steps_traced(
-            params,
-            carry,
-            cond,
-            sigmas,
-            guidance,
-            keys,
-            start,
-            stop,
-            forward=forward,
-            cfg=cfg,
-            sampler=sampler,
-            quantize_t=quantize_t,
-            step_cache=step_cache,
-            stages=stages,
+        TRACE_COUNTS["denoise"] += 1
+        x = carry[0]
+        batch, n = x.shape[0], x.shape[1]
+        width = 2 * batch if cfg else batch
+        txt, rope_txt = cond.txt, cond.rope_txt
+        ref_kv, ref_tokens, lengths, rope_img = cond.ref_kv, cond.ref_tokens, cond.key_lengths, cond.rope_img
+
+        def model_using(transformer):  # the sampler's model(x, sigma) around transformer(tokens, times)
+            def model(x, sigma):
+                tokens = jnp.concatenate([x, x], axis=0) if cfg else x
+                if ref_tokens is not None:
+                    tokens = jnp.concatenate([tokens, ref_tokens], axis=1)
+                times = jnp.broadcast_to(model_time(sigma, quantize_t), (width,))
+                v = transformer(tokens, times)[:, :n]
+                if cfg:
+                    cond_v, uncond_v = v[:batch], v[batch:]
+                    v = uncond_v + guidance * (cond_v - uncond_v)
+                return v
+
+            return model
+
+        if step_cache is None:
+            plain = lambda tokens, times: forward(params, tokens, rope_img, times, txt, rope_txt, ref_kv, lengths)  # noqa: E731
+            return sample(sampler, model_using(plain), carry, sigmas, keys, start, stop)
+        # step caches (sampling/step_cache.py): the carry also holds the cache's state and per-step record
+        steps = sigmas.shape[0] - 1
+        ranges = step_caches.block_ranges(stages, params, step_cache, ref_kv)  # weights sliced outside the steps
+
+        def run(tokens, times, cache_state, i, decided):
+            return step_caches.cached_forward(
+                stages,
+                step_cache,
+                ranges,
+                params,
+                tokens,
+                rope_img,
+                times,
+                txt,
+                rope_txt,
+                lengths,
+                cache_state,
+                i,
+                steps,
+                decided,
+            )
+
+        shape = x.shape[1:]
+        return step_caches.sample_cached(
+            sampler, model_using, run, carry, sigmas, lambda i, k=0: row_noise(keys, i, k, shape), start, stop
         )
-
-
-def _steps_traced(
-    params,
-    carry,
-    cond: Conditioning,
-    sigmas,
-    guidance,
-    keys,
-    start,
-    stop,
-    *,
-    forward,
-    cfg: bool,
-    sampler: Sampler,
-    quantize_t: bool,
-    step_cache=None,
-    stages=None,
-):
-    TRACE_COUNTS["denoise"] += 1
-    x = carry[0]
-    batch, n = x.shape[0], x.shape[1]
-    width = 2 * batch if cfg else batch
-    txt, rope_txt = cond.txt, cond.rope_txt
-    ref_kv, ref_tokens, lengths, rope_img = cond.ref_kv, cond.ref_tokens, cond.key_lengths, cond.rope_img
-
-    def model_using(transformer):  # the sampler's model(x, sigma) around transformer(tokens, times)
-        def model(x, sigma):
-            tokens = jnp.concatenate([x, x], axis=0) if cfg else x
-            if ref_tokens is not None:
-                tokens = jnp.concatenate([tokens, ref_tokens], axis=1)
-            times = jnp.broadcast_to(model_time(sigma, quantize_t), (width,))
-            v = transformer(tokens, times)[:, :n]
-            if cfg:
-                cond_v, uncond_v = v[:batch], v[batch:]
-                v = uncond_v + guidance * (cond_v - uncond_v)
-            return v
-
-        return model
-
-    if step_cache is None:
-        plain = lambda tokens, times: forward(params, tokens, rope_img, times, txt, rope_txt, ref_kv, lengths)  # noqa: E731
-        return sample(sampler, model_using(plain), carry, sigmas, keys, start, stop)
-    # step caches (sampling/step_cache.py): the carry also holds the cache's state and per-step record
-    steps = sigmas.shape[0] - 1
-    ranges = step_caches.block_ranges(stages, params, step_cache, ref_kv)  # weights sliced outside the steps
-
-    def run(tokens, times, cache_state, i, decided):
-        return step_caches.cached_forward(
-            stages,
-            step_cache,
-            ranges,
-            params,
-            tokens,
-            rope_img,
-            times,
-            txt,
-            rope_txt,
-            lengths,
-            cache_state,
-            i,
-            steps,
-            decided,
-        )
-
-    shape = x.shape[1:]
-    return step_caches.sample_cached(
-        sampler, model_using, run, carry, sigmas, lambda i, k=0: row_noise(keys, i, k, shape), start, stop
-    )
 
 
 class Denoiser:
