@@ -57,6 +57,7 @@ _EXPORTS = {
     "guess_backend": "flowgen.engine.runtime.backend",
     "compile_stats": "flowgen.engine.runtime.compile_cache:stats",
     "LoopShape": "flowgen.engine.sampling.ahead",
+    "ReferenceSet": "flowgen.engine.sampling.ahead",
     "MeshSpec": "flowgen.engine.runtime.mesh",
     "mesh_for": "flowgen.engine.runtime.placement",
     "resolve_step_cache": "flowgen.engine.sampling.step_cache_settings:resolve",
@@ -97,7 +98,7 @@ if TYPE_CHECKING:  # the same names for type checkers (tests/test_layers.py keep
     from flowgen.engine.runtime.compile_cache import stats as compile_stats
     from flowgen.engine.runtime.mesh import MeshSpec
     from flowgen.engine.runtime.placement import mesh_for
-    from flowgen.engine.sampling.ahead import LoopShape
+    from flowgen.engine.sampling.ahead import LoopShape, ReferenceSet
     from flowgen.engine.sampling.step_cache_settings import option_problems as step_cache_option_problems
     from flowgen.engine.sampling.step_cache_settings import resolve as resolve_step_cache
     from flowgen.engine.source import resolve_source
@@ -132,6 +133,7 @@ __all__ = [  # what `from flowgen.engine import ...` may name (the keys of _EXPO
     "guess_backend",
     "compile_stats",
     "LoopShape",
+    "ReferenceSet",
     "MeshSpec",
     "mesh_for",
     "resolve_step_cache",

@@ -92,13 +92,13 @@ def img2img_start(strength: float, steps: int) -> int:
 
 
 def _compile_ahead(shapes, source: ModelSource, dtype: str, attention, where, text_length: int) -> list:
-    """Start compiling the loops of `shapes` (sampling/ahead.py); [] when there is nothing to compile
-    or no persistent cache to keep the programs in for the batches' own calls."""
+    """Start compiling the transformer programs of `shapes` (sampling/ahead.py); [] when there is
+    nothing to compile or no persistent cache to keep the programs in for the batches' own calls."""
     if not shapes or compile_cache.in_use() is None:
         return []
     from flowgen.engine.transformer.checkpoint import transformer_config
 
-    model = ahead.abstract_model(transformer_config(source.transformer), dtype, attention, where)
+    model = ahead.abstract_model(transformer_config(source.transformer), dtype, attention, where, source.is_kv)
     return ahead.start(
         shapes,
         model,
@@ -173,8 +173,8 @@ class Pipeline:
         runtime: dtype, attention kernel and device mesh (default: per backend, every device on
         "data", see `RuntimeConfig`); `dtype=` is a shorthand for `RuntimeConfig(dtype=...)`. Turns on
         JAX's persistent compilation cache first (`runtime/compile_cache.py`; FLOWGEN_COMPILE_CACHE).
-        compile_ahead: the batches' loop shapes to compile in threads while the weights load
-        (`sampling/ahead.py`); `ahead_seconds` says how long those compiles took.
+        compile_ahead: the batches' shapes (and reference sets) whose programs compile in threads
+        while the weights load (`sampling/ahead.py`); `ahead_seconds` says how long those compiles took.
         """
         from flowgen.engine.text.qwen3 import load_text_encoder
         from flowgen.engine.text.tokenizer import load_tokenizer
@@ -193,8 +193,10 @@ class Pipeline:
         attention = None if runtime.attention == "auto" else settings.attention
         compiling = _compile_ahead(compile_ahead, src, dtype, attention, where, max_sequence_length)
         with where.loading() if where is not None else contextlib.nullcontext():  # weights: host -> their shards
+            vae = load_vae(src.root / "vae", dtype)  # first: its programs compile while the rest loads
+            if compiling:  # (compiling ahead at all)
+                compiling += ahead.start_vae(compile_ahead, vae, where)
             transformer = load_transformer(src.transformer, dtype=dtype)
-            vae = load_vae(src.root / "vae", dtype)
             text_encoder = load_text_encoder(src.root / "text_encoder", dtype)
         if runtime.attention != "auto":
             transformer.use_attention(settings.attention)

@@ -111,7 +111,7 @@ class PipelineEngine:
         self._pipe = None
         self.load_seconds = 0.0
         self._compiled_before = _compile_stats()  # what this process compiled before this engine
-        self._ahead: list = []  # the loop shapes `expect` gave, compiled while the weights load
+        self._ahead: list = []  # the batch shapes `expect` gave, their programs compiled while the weights load
 
     @property
     def _key(self) -> tuple[str, str, str]:
@@ -134,9 +134,9 @@ class PipelineEngine:
         return self._pipe
 
     def expect(self, batches: Sequence[Any]) -> None:
-        """The plan batches this engine will render (before it loads): their sampling loops are
-        compiled ahead of time, in threads, while the weights load (batches with references compile
-        at first use: their layout follows from the decoded images)."""
+        """The plan batches this engine will render (before it loads): their programs (sampling loop,
+        reference pre-passes, VAE encodes and decode) compile ahead of time, in threads, while the
+        weights load."""
         if self._pipe is None and self._key not in _LOADED:
             self._ahead = [shape for batch in batches if (shape := _loop_shape(batch)) is not None]
 
@@ -211,13 +211,16 @@ class PipelineEngine:
 
 
 def _loop_shape(batch) -> Any:
-    """The `flowgen.engine.LoopShape` of a plan batch without references (None with references)."""
-    from flowgen.engine import LoopShape
+    """The `flowgen.engine.LoopShape` of a plan batch: its size and signature, and each row's
+    reference set as planned (the rows past its results repeat the last, as `BatchRequest.for_jobs` pads)."""
+    from flowgen.engine import LoopShape, ReferenceSet
 
-    jobs = [result.item.job for result in batch.results]
-    if not jobs or any(job.references for job in jobs):
+    items = [result.item for result in batch.results]
+    if not items:
         return None
-    first, signature = jobs[0], batch.signature
+    rows = [ReferenceSet(item.job.reference_set, item.reference_sizes) if item.references else None for item in items]
+    rows += rows[-1:] * (batch.size - len(rows))
+    first, signature = items[0].job, batch.signature
     return LoopShape(
         batch=batch.size,
         width=signature.width,
@@ -227,6 +230,7 @@ def _loop_shape(batch) -> Any:
         scheduler=first.engine_scheduler,
         acceleration=first.acceleration,
         accelerator_options=tuple(sorted((first.accelerator_dict or {}).items())),
+        references=tuple(rows) if any(rows) else (),
     )
 
 

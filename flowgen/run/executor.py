@@ -204,7 +204,7 @@ def execute(
             batches = todo.batches() if not (fail_fast and blocked) else ()
             share.agree(batches)  # --distributed: every process renders these very batches, in lockstep
             if render_batches is None and hasattr(engine, "expect"):
-                engine.expect(batches)  # their loops compile ahead of time while the weights load (run/engine.py)
+                engine.expect(batches)  # their programs compile ahead of time while the weights load (run/engine.py)
             rendered = (render_batches or render_locally)(runner, batches)  # lazily, one batch per next()
             summary.stopped_early = bool(fail_fast and blocked)
             progress.start(len(runnable), len(batches))

@@ -17,6 +17,8 @@ L and the batch size — is reported as `Layout` and can be forced back (`regen`
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,9 +83,7 @@ def batch_references(
     once = _OncePerCall(cache)
     batch = len(ref_sets)
     layout = (
-        _choose(ref_sets, once, kv_model, batch)
-        if forced is None
-        else _check_forced(forced, ref_sets, once, kv_model, batch)
+        _choose(ref_sets, once, kv_model) if forced is None else _check_forced(forced, ref_sets, once, kv_model, batch)
     )
     if layout.reference_layout == "none":
         return BatchReferences(layout, None, None, None, None)
@@ -136,14 +136,26 @@ class _OncePerCall:
         return self._tokens[refs.key]
 
 
-def _choose(ref_sets: list[PreparedSet | None], cache: _OncePerCall, kv_model: bool, batch: int) -> Layout:
-    present = [refs for refs in ref_sets if refs is not None]
+def choose_layout(rows: Sequence[tuple[Hashable, Callable[[], int]] | None]) -> Layout:
+    """The layout of a batch whose rows hold these reference sets: per row None (no references) or
+    (the set's identity, its padded length — called only where the layout needs it). Runs before
+    any image is decoded too (sampling/ahead.py compiles a batch's loop from the plan)."""
+    batch = len(rows)
+    present = [row for row in rows if row is not None]
     if not present:
         return Layout("none", 0, batch)
-    keys = {refs.key for refs in ref_sets if refs is not None}
-    if len(present) == batch and len(keys) == 1:
-        return Layout("shared", _padded_length(present[0], cache, kv_model), batch)
-    return Layout("rows", max(_padded_length(refs, cache, kv_model) for refs in present), batch)
+    if len(present) == batch and len({identity for identity, _ in present}) == 1:
+        return Layout("shared", present[0][1](), batch)
+    return Layout("rows", max(length() for _, length in present), batch)
+
+
+def _choose(ref_sets: list[PreparedSet | None], cache: _OncePerCall, kv_model: bool) -> Layout:
+    return choose_layout(
+        [
+            None if refs is None else (refs.key, functools.partial(_padded_length, refs, cache, kv_model))
+            for refs in ref_sets
+        ]
+    )
 
 
 def _check_forced(

@@ -74,6 +74,13 @@ _forward_jit = jax.jit(_forward_pure, static_argnums=(0, 1, 2))
 _prepass_jit = jax.jit(_prepass_pure, static_argnums=(0, 1, 2))
 
 
+def kv_shapes(config: Flux2Config, length: int, batch: int = 1) -> tuple[tuple[int, ...], ...]:
+    """Shapes of a `ReferenceKV` of `batch` rows and `length` keys: double K, double V, single K, single V."""
+    double = (config.depth, batch, config.num_heads, length, config.head_dim)
+    single = (config.depth_single_blocks, batch, config.num_heads, length, config.head_dim)
+    return double, double, single, single
+
+
 class CompiledTransformer:
     """A FLUX.2 [klein] transformer with its weights, forward and pre-pass jit-compiled; call it like the
     reference transformer (see module doc)."""
@@ -162,10 +169,7 @@ class CompiledTransformer:
 
     def kv_shape(self, length: int) -> tuple[tuple[int, ...], ...]:
         """Shapes of a batch-1 `ReferenceKV` of `length` keys: double K, double V, single K, single V."""
-        c = self.config
-        double = (c.depth, 1, c.num_heads, length, c.head_dim)
-        single = (c.depth_single_blocks, 1, c.num_heads, length, c.head_dim)
-        return double, double, single, single
+        return kv_shapes(self.config, length)
 
     def reference_kv(self, ref, ref_ids, key_lengths=None, params=None) -> ReferenceKV:
         """Reference pre-pass: per-layer post-RoPE K/V of reference tokens ref (1 or B, R, 128).

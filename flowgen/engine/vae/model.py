@@ -148,7 +148,7 @@ def decode_to_uint8(params: Params, z: jax.Array, config: VAEConfig) -> jax.Arra
 encode_jit = jax.jit(encode_images, static_argnames=("config",))
 decode_jit = jax.jit(decode_to_uint8, static_argnames=("config",))
 decode_float_jit = jax.jit(decode_latents, static_argnames=("config",))
-_to_uint8_jit = jax.jit(to_uint8)
+to_uint8_jit = jax.jit(to_uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class VAE:
         self._check_latents(z)
         # decoder and quantisation as two device calls, so decode and decode_float share one
         # compiled decoder per shape; the float image never leaves the device.
-        return _by_image(lambda x: _to_uint8_jit(self.decode_float_fn(self.params, x)), jnp.asarray(z))
+        return _by_image(lambda x: to_uint8_jit(self.decode_float_fn(self.params, x)), jnp.asarray(z))
 
     def decode_float(self, z: jax.Array | np.ndarray, *, clamp: bool = True) -> jax.Array:
         """As `decode` but float32 NHWC before quantisation; clamp=False gives the raw decoder output."""

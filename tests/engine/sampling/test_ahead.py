@@ -68,3 +68,60 @@ def test_a_run_compiles_its_batches_ahead_and_records_it(tmp_path):
     done = run_python(_RUN, ROOT / "recipes" / "quickstart.yaml", tmp_path / "out", env=env)
     startup = marked_json(done.stdout, "STARTUP")
     assert 0 < startup["ahead"] < startup["load"] < startup["first_image"]
+
+
+_REFERENCES = r"""
+import json, logging
+compiled = []
+class Misses(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("PERSISTENT COMPILATION CACHE MISS for"):
+            compiled.append(message.split("'")[1])
+logger = logging.getLogger("jax._src.compiler")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(Misses())
+
+import numpy as np
+from PIL import Image
+from flowgen.engine import LoopShape, Pipeline, ReferenceSet
+
+def picture(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+a, b, c = picture(96, 80, 0), picture(64, 64, 1), picture(112, 128, 2)
+set_a, set_bc = ReferenceSet("a", ((96, 80),)), ReferenceSet("b|c", ((64, 64), (112, 128)))  # 30 and 72 tokens
+set_d = ReferenceSet("d", ((80, 96),))  # another set of set_a's length: its shared batch runs set_a's loop
+shapes = [LoopShape(batch=4, width=64, height=64, steps=2, references=(set_a, set_a, set_bc, None)),
+          LoopShape(batch=2, width=64, height=48, steps=2, references=(set_a, set_a)),
+          LoopShape(batch=2, width=64, height=48, steps=2, references=(set_d, set_d))]
+PROGRAMS = ("jit__prepare", "jit__steps", "jit__prepass_pure", "jit_encode_images", "jit_decode_latents",
+            "jit_to_uint8")
+pipe = Pipeline.from_pretrained("flux2-klein-tiny", compile_ahead=shapes, max_sequence_length=24)
+ahead = sorted(name for name in compiled if name in PROGRAMS)
+compiled.clear()
+rows = pipe.generate(prompts=list("abcd"), seeds=list(range(4)), width=64, height=64, steps=2,
+                     references=[[a], [a], [b, c], []])
+shared = pipe.generate(prompts=list("ab"), seeds=[5, 6], width=64, height=48, steps=2, references=[[a], [a]])
+first_calls = [name for name in compiled if name in PROGRAMS]
+compiled.clear()
+pipe.generate(prompts=["e"], seeds=[7], width=64, height=64, steps=2, references=[[picture(112, 64, 3)]])
+unannounced = [name for name in compiled if name in PROGRAMS]
+print("RESULT " + json.dumps({"ahead": ahead, "first_calls": first_calls, "unannounced": unannounced,
+                              "layouts": [rows.layouts[0], shared.layouts[0]]}))
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_with_references_compiles_every_program_before_the_first_batch(tmp_path):
+    """Announced with their reference sets (identity and stored sizes, as a plan knows them), a
+    per-row batch and a shared one compile their encodes, pre-passes, loops and decodes while the
+    weights load, each distinct program once; their first calls compile nothing."""
+    env = cpu_env(drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
+    result = marked_json(run_python(_REFERENCES, env=env).stdout, "RESULT")
+    assert [layout["reference_layout"] for layout in result["layouts"]] == ["rows", "shared"]
+    # 4 reference sizes, 2 pre-pass lengths (buckets 64 and 80), 2 loops (not 3), 2 output sizes
+    assert result["ahead"].count("jit_encode_images") == 4 and result["ahead"].count("jit__prepass_pure") == 2
+    assert result["ahead"].count("jit__steps") == 2 and result["ahead"].count("jit_decode_latents") == 2
+    assert result["first_calls"] == []
+    assert "jit_encode_images" in result["unannounced"]  # the control: a size not announced compiles at first use
