@@ -16,6 +16,10 @@ do not point it at a folder others can write.
 
 JAX sets its cache up once per process, at the first compile: the first `enable()` decides.
 
+`ahead_mark(description)` is where `sampling/ahead.py` notes that it compiled a program into the
+cache: a later process finds the note and leaves that program to its first call, which reads it
+back (compiling it ahead again would trace and lower it twice).
+
 `stats()` counts, from JAX's own monitoring events, the programs this process compiled or found in
 the cache and the seconds spent tracing, lowering and compiling them (the start-up report of a run;
 tests assert cache hits from it).
@@ -23,6 +27,8 @@ tests assert cache hits from it).
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import threading
@@ -35,6 +41,7 @@ log = logging.getLogger(__name__)
 
 ENV = "FLOWGEN_COMPILE_CACHE"
 SUBFOLDER = "jax-compile"
+AHEAD_MARKS = "flowgen-ahead"  # in the cache folder: one empty file per program compiled ahead
 
 _enabled: Path | None = None
 _decided = False
@@ -158,3 +165,38 @@ def enable() -> Path | None:
 def in_use() -> Path | None:
     """The folder `enable()` turned on in this process, or None."""
     return _enabled
+
+
+def ahead_mark(description: str) -> Path | None:
+    """The note that the program `description` names was compiled ahead into the cache in use (None:
+    no cache in use). The note is keyed by the description and by everything else a program depends
+    on: jax and jaxlib, the devices, XLA_FLAGS and the engine's source files, so a change of any of
+    them compiles ahead again. A note whose cache entry is gone costs only a compile at first use."""
+    folder = in_use()
+    if folder is None:
+        return None
+    digest = hashlib.sha256(f"{description}\n{_environment()}".encode()).hexdigest()
+    return folder / AHEAD_MARKS / digest
+
+
+@functools.cache
+def _environment() -> str:
+    import jax
+    import jaxlib
+
+    devices = jax.devices()
+    engine = Path(__file__).resolve().parents[1]
+    sources = hashlib.sha256()
+    for path in sorted(engine.rglob("*.py")):
+        sources.update(path.relative_to(engine).as_posix().encode() + b"\0" + path.read_bytes())
+    return repr(
+        (
+            jax.__version__,
+            jaxlib.__version__,
+            jax.default_backend(),
+            devices[0].device_kind,
+            len(devices),
+            os.environ.get("XLA_FLAGS", ""),
+            sources.hexdigest(),
+        )
+    )

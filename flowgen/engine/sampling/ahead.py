@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
@@ -41,6 +42,8 @@ from jax.sharding import NamedSharding
 from flowgen.engine.references.batch_layout import Layout, choose_layout
 from flowgen.engine.references.cache import length_bucket
 from flowgen.engine.references.images import prepared_size
+from flowgen.engine.runtime import compile_cache
+from flowgen.engine.runtime.host_threads import host_cores
 from flowgen.engine.runtime.placement import Placement, row_spec
 from flowgen.engine.sampling import loop, names, step_cache_settings
 from flowgen.engine.transformer.compiled import kv_shapes
@@ -112,6 +115,7 @@ class Model:
     stages: Any
     dtype: jnp.dtype
     kv_model: bool  # reference K/V cached by a pre-pass (KV models), else reference tokens appended
+    identity: str  # what its programs depend on besides their inputs: config, dtype, attention, mesh
 
 
 def abstract_model(config, dtype: str, attention: str | None, placement: Placement | None, kv_model: bool) -> Model:
@@ -135,7 +139,9 @@ def abstract_model(config, dtype: str, attention: str | None, placement: Placeme
     forward = functools.partial(_forward_jit, graphdef, attention, gather)
     prepass = functools.partial(_prepass_jit, graphdef, attention, gather)
     stages = TransformerStages(graphdef, attention, gather)
-    return Model(config, graphdef, params, forward, prepass, stages, dt, kv_model)
+    mesh = None if placement is None else (dict(placement.mesh.shape), [d.id for d in placement.mesh.devices.flat])
+    identity = f"{config!r} {dt.name} attention={attention} mesh={mesh} gathered={gather is not None}"
+    return Model(config, graphdef, params, forward, prepass, stages, dt, kv_model, identity)
 
 
 def start(
@@ -151,23 +157,30 @@ def start(
     distinct pre-passes, in host threads; the futures resolve to each one's (start, end) time (`finish`)."""
     # a loop depends on its sets' layout only: shapes equal but for the sets they hold share one
     loops = _first((dataclasses.replace(shape, references=()), shape.layout) for shape in shapes)
+    settings = f"distilled={distilled} text={text_length} coefficients={coefficients!r} {model.identity}"
     jobs = [
-        functools.partial(
-            compile_loop,
-            shape,
-            layout,
-            model,
-            distilled=distilled,
-            text_length=text_length,
-            placement=placement,
-            coefficients=coefficients,
+        (
+            f"loop {shape!r} {layout!r} {settings}",
+            functools.partial(
+                compile_loop,
+                shape,
+                layout,
+                model,
+                distilled=distilled,
+                text_length=text_length,
+                placement=placement,
+                coefficients=coefficients,
+            ),
         )
         for shape, layout in loops
     ]
     if placement is None and model.kv_model:
         sets = (refs for shape in shapes for refs in shape.references if refs is not None)
         prepasses = _first((length_bucket(refs.tokens), length_bucket(refs.tokens) != refs.tokens) for refs in sets)
-        jobs += [functools.partial(compile_prepass, *program, model) for program in prepasses]
+        jobs += [
+            (f"prepass {length} {padded} {model.identity}", functools.partial(compile_prepass, length, padded, model))
+            for length, padded in prepasses
+        ]
     return _submit(jobs)
 
 
@@ -178,9 +191,10 @@ def start_vae(shapes: Sequence[LoopShape], vae, placement: Placement | None) -> 
         return []
     grids = _first(grid for shape in shapes for refs in shape.references if refs is not None for grid in refs.grids)
     decodes = _first((_decode_rows(shape.batch), shape.height, shape.width) for shape in shapes)
+    identity = f"{vae.config!r} {vae.dtype.name}"
     return _submit(
-        [functools.partial(compile_encode, vae, grid) for grid in grids]
-        + [functools.partial(compile_decode, vae, *decode) for decode in decodes]
+        [(f"encode {grid} {identity}", functools.partial(compile_encode, vae, grid)) for grid in grids]
+        + [(f"decode {decode} {identity}", functools.partial(compile_decode, vae, *decode)) for decode in decodes]
     )
 
 
@@ -204,21 +218,30 @@ def finish(futures: Sequence[concurrent.futures.Future]) -> float:
     return max(end for _, end in spans) - min(start for start, _ in spans) if spans else 0.0
 
 
-_WORKERS = 4
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def _submit(jobs: Sequence[Callable[[], object]]) -> list[concurrent.futures.Future]:
+def _submit(jobs: Sequence[tuple[str, Callable[[], object]]]) -> list[concurrent.futures.Future]:
+    """Start each (description, compile) job whose program no earlier process compiled ahead into
+    the cache (`compile_cache.ahead_mark`: that program's first call reads it back instead)."""
     global _pool
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="aot")
-    return [_pool.submit(_timed, job) for job in jobs]
+    if _pool is None:  # one compile per core (and at most 4): more only slow each other down
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=min(4, host_cores()), thread_name_prefix="aot")
+    marks = [(compile_cache.ahead_mark(description), job) for description, job in jobs]
+    return [_pool.submit(_timed, job, mark) for mark, job in marks if mark is None or not mark.exists()]
 
 
-def _timed(job: Callable[[], object]) -> tuple[float, float]:
+def _timed(job: Callable[[], object], mark: Path | None) -> tuple[float, float]:
     started = time.perf_counter()
     job()
-    return started, time.perf_counter()
+    ended = time.perf_counter()
+    if mark is not None:
+        try:
+            mark.parent.mkdir(parents=True, exist_ok=True)
+            mark.touch()
+        except OSError:  # only a hint: the next run compiles this program ahead again
+            pass
+    return started, ended
 
 
 def compile_loop(

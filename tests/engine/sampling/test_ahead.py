@@ -108,7 +108,7 @@ compiled.clear()
 pipe.generate(prompts=["e"], seeds=[7], width=64, height=64, steps=2, references=[[picture(112, 64, 3)]])
 unannounced = [name for name in compiled if name in PROGRAMS]
 print("RESULT " + json.dumps({"ahead": ahead, "first_calls": first_calls, "unannounced": unannounced,
-                              "layouts": [rows.layouts[0], shared.layouts[0]]}))
+                              "layouts": [rows.layouts[0], shared.layouts[0]], "seconds": pipe.ahead_seconds}))
 """
 
 
@@ -116,12 +116,16 @@ print("RESULT " + json.dumps({"ahead": ahead, "first_calls": first_calls, "unann
 def test_a_batch_with_references_compiles_every_program_before_the_first_batch(tmp_path):
     """Announced with their reference sets (identity and stored sizes, as a plan knows them), a
     per-row batch and a shared one compile their encodes, pre-passes, loops and decodes while the
-    weights load, each distinct program once; their first calls compile nothing."""
+    weights load, each distinct program once; their first calls compile nothing. A second process
+    with the same cache compiles nothing ahead: every program is read back at its first call."""
     env = cpu_env(drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
     result = marked_json(run_python(_REFERENCES, env=env).stdout, "RESULT")
+    again = marked_json(run_python(_REFERENCES, env=env).stdout, "RESULT")  # a second process, same cache
     assert [layout["reference_layout"] for layout in result["layouts"]] == ["rows", "shared"]
     # 4 reference sizes, 2 pre-pass lengths (buckets 64 and 80), 2 loops (not 3), 2 output sizes
     assert result["ahead"].count("jit_encode_images") == 4 and result["ahead"].count("jit__prepass_pure") == 2
     assert result["ahead"].count("jit__steps") == 2 and result["ahead"].count("jit_decode_latents") == 2
     assert result["first_calls"] == []
     assert "jit_encode_images" in result["unannounced"]  # the control: a size not announced compiles at first use
+    # the cache holds them now: nothing is compiled ahead again (each first call reads its program back)
+    assert again["ahead"] == [] and again["seconds"] == 0 and again["first_calls"] == [] and again["unannounced"] == []
