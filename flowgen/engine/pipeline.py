@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -80,8 +81,43 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     Equal to it for seeds < 2**32; above, the high word is kept (jax.random.key drops it when
     64-bit mode is off, so seeds differing only there would collide).
     """
-    key = jax.random.wrap_key_data(jnp.asarray(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)))
-    return jax.random.normal(key, shape, jnp.float32)
+    return _seed_noise(seed_words([seed])[0], tuple(shape))
+
+
+def seed_words(seeds: Sequence[int]) -> np.ndarray:
+    """(B, 2) uint32 key data of each seed: its high and low 32-bit words."""
+    return np.array([[seed >> 32, seed & 0xFFFFFFFF] for seed in seeds], dtype=np.uint32).reshape(-1, 2)
+
+
+def _normal(words, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(jax.random.wrap_key_data(words), shape, jnp.float32)
+
+
+_seed_noise = jax.jit(_normal, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _seed_noises(words, shape: tuple[int, ...]) -> jax.Array:
+    """(B, *shape): `seed_noise` of each row's seed words, in one program (the same draws)."""
+    return jnp.stack([_normal(words[row], shape) for row in range(words.shape[0])])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _noise_tokens(words, shape: tuple[int, ...], dtype) -> jax.Array:
+    """Packed initial noise (B, h·w, C) in `dtype` from each row's seed words (one program)."""
+    return pack(_seed_noises(words, shape).astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _latent_tokens(latents, dtype) -> jax.Array:
+    """Given latents (B, C, h, w) as packed tokens in `dtype` (one program)."""
+    return pack(latents.astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _token_latents(tokens, h: int, w: int) -> jax.Array:
+    """Sampled tokens (B, h·w, C) as float32 latents (B, C, h, w) for the VAE (one program)."""
+    return unpack(tokens.astype(jnp.float32), h, w)
 
 
 def img2img_start(strength: float, steps: int) -> int:
@@ -314,14 +350,13 @@ class Pipeline:
         sizes = [self._output_size(req, refs) for refs in ref_sets]
         for size in dict.fromkeys(sizes):  # one loop per output size (one, for a plan batch)
             idx = np.asarray([i for i, s in enumerate(sizes) if s == size])
-            group_neg = None if neg is None else neg[idx]
             out, used, record = self._generate_batch(
                 req,
                 idx,
                 size,
                 [ref_sets[i] for i in idx],
-                txt[idx],
-                group_neg,
+                _take_rows(txt, idx),
+                None if neg is None else _take_rows(neg, idx),
                 choice,
                 forced,
                 on_step,
@@ -405,7 +440,7 @@ class Pipeline:
 
         start = time.perf_counter()
         latents = self.vae.encode(2.0 * (pixels.astype(np.float32) / 255.0) - 1.0)  # as images.prepare_reference
-        noise = jnp.stack([seed_noise(seed, latents.shape[1:]) for seed in req.seeds])
+        noise = _seed_noises(seed_words(req.seeds), tuple(latents.shape[1:]))
         sigma = jnp.float32(sigmas[0])
         x = pack((sigma * noise + (1.0 - sigma) * latents).astype(self.dtype))  # diffusers' scale_noise
         jax.block_until_ready(x)
@@ -433,7 +468,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        out = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
+        out = to_host(self.vae.decode(_token_latents(tokens, h, w)))
         timings["decode"] += time.perf_counter() - start
         return GenerateOutput(list(out), {k: round(v, 6) for k, v in timings.items()}, [{}] * len(out))
 
@@ -506,9 +541,8 @@ class Pipeline:
         elif refs.ref_ids.ndim == 2:
             rope_img = self.transformer.rope(np.concatenate([x_ids, refs.ref_ids]))
         else:  # per-row reference positions
-            tables = [self.transformer.rope(np.concatenate([x_ids, ids])) for ids in refs.ref_ids]
-            rope_img = tuple(jnp.stack(parts) for parts in zip(*tables))
-        lengths = None if refs.key_lengths is None else jnp.asarray(refs.key_lengths)
+            rope_img = self.transformer.rope_rows([np.concatenate([x_ids, ids]) for ids in refs.ref_ids])
+        lengths = None if refs.key_lengths is None else jax.device_put(refs.key_lengths)  # a transfer, no program
         jax.block_until_ready((refs.ref_kv, refs.ref_tokens))
         timings["references"] += time.perf_counter() - start
 
@@ -545,7 +579,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        pixels = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))  # every row, every process
+        pixels = to_host(self.vae.decode(_token_latents(tokens, h, w)))  # every row, every process
         timings["decode"] += time.perf_counter() - start
         return list(pixels), refs.layout, record
 
@@ -565,12 +599,10 @@ class Pipeline:
                 raise EngineInputError(
                     f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; got {req.latents.shape}"
                 )
-            noise = jnp.asarray(latents.astype(np.float32))
-        else:
-            seeds = req.seeds
-            assert seeds is not None  # check_request: exactly one of seeds and latents
-            noise = jnp.stack([seed_noise(seeds[i], shape) for i in idx])
-        return pack(noise.astype(self.dtype))
+            return _latent_tokens(latents.astype(np.float32), self.dtype)
+        seeds = req.seeds
+        assert seeds is not None  # check_request: exactly one of seeds and latents
+        return _noise_tokens(seed_words([seeds[i] for i in idx]), shape, self.dtype)
 
     def _check_compatible(self, text_encoder) -> None:
         cfg = self.transformer.config
@@ -584,3 +616,9 @@ class Pipeline:
                 f"{self.source.root}: the VAE makes {self.vae.config.token_channels}-channel latents "
                 f"but the transformer expects {cfg.in_channels}"
             )
+
+
+def _take_rows(array: jax.Array, idx: np.ndarray) -> jax.Array:
+    """Rows `idx` of `array`: the array itself when they are all its rows in order (one output size,
+    the usual case: no gather program)."""
+    return array if np.array_equal(idx, np.arange(array.shape[0])) else array[idx]
