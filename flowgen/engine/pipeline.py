@@ -51,7 +51,7 @@ from flowgen.engine.runtime.backend import guess_backend
 from flowgen.engine.runtime.placement import Placement, placement_for, to_host
 from flowgen.engine.sampling import ahead, names, step_cache_settings
 from flowgen.engine.sampling.ahead import LoopShape
-from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
+from flowgen.engine.sampling.loop import Conditioning, Denoiser, keys_of_words, noise_keys, seed_words
 from flowgen.engine.source import ModelSource, resolve_source
 from flowgen.engine.text.prompt_cache import PromptEncoder
 from flowgen.engine.transformer.positions import image_ids, pack, text_ids, unpack
@@ -84,11 +84,6 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     return _seed_noise(seed_words([seed])[0], tuple(shape))
 
 
-def seed_words(seeds: Sequence[int]) -> np.ndarray:
-    """(B, 2) uint32 key data of each seed: its high and low 32-bit words."""
-    return np.array([[seed >> 32, seed & 0xFFFFFFFF] for seed in seeds], dtype=np.uint32).reshape(-1, 2)
-
-
 def _normal(words, shape: tuple[int, ...]) -> jax.Array:
     return jax.random.normal(jax.random.wrap_key_data(words), shape, jnp.float32)
 
@@ -103,9 +98,10 @@ def _seed_noises(words, shape: tuple[int, ...]) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _noise_tokens(words, shape: tuple[int, ...], dtype) -> jax.Array:
-    """Packed initial noise (B, h·w, C) in `dtype` from each row's seed words (one program)."""
-    return pack(_seed_noises(words, shape).astype(dtype))
+def _seed_draws(words, shape: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+    """From each row's seed words, in one program: the packed initial noise (B, h·w, C) in `dtype`
+    and the stochastic samplers' keys (`noise_keys`)."""
+    return pack(_seed_noises(words, shape).astype(dtype)), keys_of_words(words)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -547,12 +543,11 @@ class Pipeline:
         timings["references"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        x = self._initial_tokens(req, idx, (channels, h, w))
+        x, keys = self._initial_draws(req, idx, (channels, h, w))
         sigmas = choice.sigmas(req.steps, h * w)
         cond = Conditioning(
             txt, self.transformer.rope(text_ids(txt.shape[1])), rope_img, refs.ref_kv, refs.ref_tokens, lengths, neg
         )
-        seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
         out = self.denoiser(
             self.params,
@@ -560,7 +555,7 @@ class Pipeline:
             cond,
             sigmas,
             choice.sampler(),
-            noise_keys(seeds),
+            keys,
             req.guidance,
             quantize_t=self.dtype == jnp.bfloat16,
             on_step=on_step,
@@ -591,18 +586,19 @@ class Pipeline:
             default_w = self.source.defaults.get("width", default_w)
         return req.height or default_h, req.width or default_w
 
-    def _initial_tokens(self, req: Request, idx: np.ndarray, shape: tuple[int, int, int]) -> jax.Array:
-        """Packed initial noise (B, h·w, C) in the pipeline dtype, from seeds or given latents."""
+    def _initial_draws(self, req: Request, idx: np.ndarray, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+        """Packed initial noise (B, h·w, C) in the pipeline dtype, from seeds or given latents, and
+        the stochastic samplers' keys (from the seeds; with given latents, from the row numbers)."""
         if req.latents is not None:
             latents = req.latents[idx]
             if latents.shape[1:] != shape:
                 raise EngineInputError(
                     f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; got {req.latents.shape}"
                 )
-            return _latent_tokens(latents.astype(np.float32), self.dtype)
+            return _latent_tokens(latents.astype(np.float32), self.dtype), noise_keys([int(i) for i in idx])
         seeds = req.seeds
         assert seeds is not None  # check_request: exactly one of seeds and latents
-        return _noise_tokens(seed_words([seeds[i] for i in idx]), shape, self.dtype)
+        return _seed_draws(seed_words([seeds[i] for i in idx]), shape, self.dtype)
 
     def _check_compatible(self, text_encoder) -> None:
         cfg = self.transformer.config

@@ -33,14 +33,13 @@ print("PROGRAMS " + json.dumps({"load": names[:loaded], "edit": names[loaded:], 
 """
 
 # text encoder; VAE encode (once per reference size); a set's tokens (pack, join, pad); the K/V
-# pre-pass; the initial noise and the sampler's keys; the loop; tokens -> latents; decode
+# pre-pass; the initial noise with the sampler's keys; the loop; tokens -> latents; decode
 EDIT_PROGRAMS = {
     "_encode",
     "encode_images",
     "_set_tokens",
     "_prepass_pure",
-    "_noise_tokens",
-    "_noise_keys",
+    "_seed_draws",
     "_prepare",
     "_steps",
     "_token_latents",

@@ -415,11 +415,18 @@ def _on_mesh(placement: Placement, params, x, cond: Conditioning, sigmas, prepar
 
 def noise_keys(seeds) -> jax.Array:
     """(B,) PRNG keys for stochastic samplers, one per seed (64-bit seeds keep their high word)."""
-    data = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], dtype=np.uint32).reshape(-1, 2)
-    return _noise_keys(data)
+    return _noise_keys(seed_words(seeds))
 
 
-@jax.jit
-def _noise_keys(data) -> jax.Array:
-    """(B, 2) uint32 seed words -> (B,) keys, in one program (op by op, three)."""
-    return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(jax.random.wrap_key_data(data))
+def seed_words(seeds) -> np.ndarray:
+    """(B, 2) uint32 key data of each seed: its high and low 32-bit words."""
+    return np.array([[seed >> 32, seed & 0xFFFFFFFF] for seed in seeds], dtype=np.uint32).reshape(-1, 2)
+
+
+def keys_of_words(words) -> jax.Array:
+    """`noise_keys` from `seed_words` (B, 2), traceable: the pipeline draws them in the program
+    that draws the initial noise."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(jax.random.wrap_key_data(words))
+
+
+_noise_keys = jax.jit(keys_of_words)  # one program (op by op, three)
