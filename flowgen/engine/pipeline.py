@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -50,7 +51,7 @@ from flowgen.engine.runtime.backend import guess_backend
 from flowgen.engine.runtime.placement import Placement, placement_for, to_host
 from flowgen.engine.sampling import ahead, names, step_cache_settings
 from flowgen.engine.sampling.ahead import LoopShape
-from flowgen.engine.sampling.loop import Conditioning, Denoiser, noise_keys
+from flowgen.engine.sampling.loop import Conditioning, Denoiser, keys_of_words, noise_keys, seed_words
 from flowgen.engine.source import ModelSource, resolve_source
 from flowgen.engine.text.prompt_cache import PromptEncoder
 from flowgen.engine.transformer.positions import image_ids, pack, text_ids, unpack
@@ -80,8 +81,39 @@ def seed_noise(seed: int, shape: tuple[int, ...]) -> jax.Array:
     Equal to it for seeds < 2**32; above, the high word is kept (jax.random.key drops it when
     64-bit mode is off, so seeds differing only there would collide).
     """
-    key = jax.random.wrap_key_data(jnp.asarray(np.array([seed >> 32, seed & 0xFFFFFFFF], dtype=np.uint32)))
-    return jax.random.normal(key, shape, jnp.float32)
+    return _seed_noise(seed_words([seed])[0], tuple(shape))
+
+
+def _normal(words, shape: tuple[int, ...]) -> jax.Array:
+    return jax.random.normal(jax.random.wrap_key_data(words), shape, jnp.float32)
+
+
+_seed_noise = jax.jit(_normal, static_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _seed_noises(words, shape: tuple[int, ...]) -> jax.Array:
+    """(B, *shape): `seed_noise` of each row's seed words, in one program (the same draws)."""
+    return jnp.stack([_normal(words[row], shape) for row in range(words.shape[0])])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _seed_draws(words, shape: tuple[int, ...], dtype) -> tuple[jax.Array, jax.Array]:
+    """From each row's seed words, in one program: the packed initial noise (B, h·w, C) in `dtype`
+    and the stochastic samplers' keys (`noise_keys`)."""
+    return pack(_seed_noises(words, shape).astype(dtype)), keys_of_words(words)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _latent_tokens(latents, dtype) -> jax.Array:
+    """Given latents (B, C, h, w) as packed tokens in `dtype` (one program)."""
+    return pack(latents.astype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _token_latents(tokens, h: int, w: int) -> jax.Array:
+    """Sampled tokens (B, h·w, C) as float32 latents (B, C, h, w) for the VAE (one program)."""
+    return unpack(tokens.astype(jnp.float32), h, w)
 
 
 def img2img_start(strength: float, steps: int) -> int:
@@ -316,14 +348,13 @@ class Pipeline:
         sizes = [self._output_size(req, refs) for refs in ref_sets]
         for size in dict.fromkeys(sizes):  # one loop per output size (one, for a plan batch)
             idx = np.asarray([i for i, s in enumerate(sizes) if s == size])
-            group_neg = None if neg is None else neg[idx]
             out, used, record = self._generate_batch(
                 req,
                 idx,
                 size,
                 [ref_sets[i] for i in idx],
-                txt[idx],
-                group_neg,
+                _take_rows(txt, idx),
+                None if neg is None else _take_rows(neg, idx),
                 choice,
                 forced,
                 on_step,
@@ -407,7 +438,7 @@ class Pipeline:
 
         start = time.perf_counter()
         latents = self.vae.encode(2.0 * (pixels.astype(np.float32) / 255.0) - 1.0)  # as images.prepare_reference
-        noise = jnp.stack([seed_noise(seed, latents.shape[1:]) for seed in req.seeds])
+        noise = _seed_noises(seed_words(req.seeds), tuple(latents.shape[1:]))
         sigma = jnp.float32(sigmas[0])
         x = pack((sigma * noise + (1.0 - sigma) * latents).astype(self.dtype))  # diffusers' scale_noise
         jax.block_until_ready(x)
@@ -435,7 +466,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        out = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))
+        out = to_host(self.vae.decode(_token_latents(tokens, h, w)))
         timings["decode"] += time.perf_counter() - start
         return GenerateOutput(list(out), {k: round(v, 6) for k, v in timings.items()}, [{}] * len(out))
 
@@ -508,19 +539,17 @@ class Pipeline:
         elif refs.ref_ids.ndim == 2:
             rope_img = self.transformer.rope(np.concatenate([x_ids, refs.ref_ids]))
         else:  # per-row reference positions
-            tables = [self.transformer.rope(np.concatenate([x_ids, ids])) for ids in refs.ref_ids]
-            rope_img = tuple(jnp.stack(parts) for parts in zip(*tables))
-        lengths = None if refs.key_lengths is None else jnp.asarray(refs.key_lengths)
+            rope_img = self.transformer.rope_rows([np.concatenate([x_ids, ids]) for ids in refs.ref_ids])
+        lengths = None if refs.key_lengths is None else jax.device_put(refs.key_lengths)  # a transfer, no program
         jax.block_until_ready((refs.ref_kv, refs.ref_tokens))
         timings["references"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        x = self._initial_tokens(req, idx, (channels, h, w))
+        x, keys = self._initial_draws(req, idx, (channels, h, w))
         sigmas = choice.sigmas(req.steps, h * w)
         cond = Conditioning(
             txt, self.transformer.rope(text_ids(txt.shape[1])), rope_img, refs.ref_kv, refs.ref_tokens, lengths, neg
         )
-        seeds = [req.seeds[i] for i in idx] if req.seeds is not None else [int(i) for i in idx]
         self.counters["denoise"] += 1
         out = self.denoiser(
             self.params,
@@ -528,7 +557,7 @@ class Pipeline:
             cond,
             sigmas,
             choice.sampler(),
-            noise_keys(seeds),
+            keys,
             req.guidance,
             quantize_t=self.dtype == jnp.bfloat16,
             on_step=on_step,
@@ -547,7 +576,7 @@ class Pipeline:
         timings["denoise"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        pixels = to_host(self.vae.decode(unpack(tokens.astype(jnp.float32), h, w)))  # every row, every process
+        pixels = to_host(self.vae.decode(_token_latents(tokens, h, w)))  # every row, every process
         timings["decode"] += time.perf_counter() - start
         return list(pixels), refs.layout, record
 
@@ -559,20 +588,19 @@ class Pipeline:
             default_w = self.source.defaults.get("width", default_w)
         return req.height or default_h, req.width or default_w
 
-    def _initial_tokens(self, req: Request, idx: np.ndarray, shape: tuple[int, int, int]) -> jax.Array:
-        """Packed initial noise (B, h·w, C) in the pipeline dtype, from seeds or given latents."""
+    def _initial_draws(self, req: Request, idx: np.ndarray, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+        """Packed initial noise (B, h·w, C) in the pipeline dtype, from seeds or given latents, and
+        the stochastic samplers' keys (from the seeds; with given latents, from the row numbers)."""
         if req.latents is not None:
             latents = req.latents[idx]
             if latents.shape[1:] != shape:
                 raise EngineInputError(
                     f"latents: expected (B, {', '.join(map(str, shape))}) for this output size; got {req.latents.shape}"
                 )
-            noise = jnp.asarray(latents.astype(np.float32))
-        else:
-            seeds = req.seeds
-            assert seeds is not None  # check_request: exactly one of seeds and latents
-            noise = jnp.stack([seed_noise(seeds[i], shape) for i in idx])
-        return pack(noise.astype(self.dtype))
+            return _latent_tokens(latents.astype(np.float32), self.dtype), noise_keys([int(i) for i in idx])
+        seeds = req.seeds
+        assert seeds is not None  # check_request: exactly one of seeds and latents
+        return _seed_draws(seed_words([seeds[i] for i in idx]), shape, self.dtype)
 
     def _check_compatible(self, text_encoder) -> None:
         cfg = self.transformer.config
@@ -586,3 +614,9 @@ class Pipeline:
                 f"{self.source.root}: the VAE makes {self.vae.config.token_channels}-channel latents "
                 f"but the transformer expects {cfg.in_channels}"
             )
+
+
+def _take_rows(array: jax.Array, idx: np.ndarray) -> jax.Array:
+    """Rows `idx` of `array`: the array itself when they are all its rows in order (one output size,
+    the usual case: no gather program)."""
+    return array if np.array_equal(idx, np.arange(array.shape[0])) else array[idx]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flowgen.engine.errors import EngineInputError
-from flowgen.engine.references.cache import CachedKV, PreparedSet, ReferenceCache, ReferenceTokens
+from flowgen.engine.references.cache import CachedKV, PreparedSet, ReferenceCache, ReferenceTokens, padded_ids
 from flowgen.engine.transformer.model import ReferenceKV
 
 LAYOUTS = ("none", "shared", "rows")
@@ -93,24 +93,23 @@ def batch_references(
         assert refs is not None  # "shared": every row holds the same set
         if kv_model:
             cached = once.kv(refs)
-            real, ref_kv, tokens, ids = cached.length, cached.padded_to(length), None, None
+            real, ref_kv, tokens, ids = cached.length, _kv_rows(once, [cached.kv], length), None, None
         else:
-            padded = once.tokens(refs).padded_to(length)
-            real, ref_kv, tokens, ids = padded.length, None, padded.tokens, padded.ids
+            one = once.tokens(refs)
+            real, ref_kv = one.length, None
+            tokens, ids = _token_rows(once, [one.tokens], length), padded_ids(one.ids, length)
         lengths = np.full((batch,), fixed_keys + real, np.int32)
         return BatchReferences(layout, ref_kv, tokens, ids, lengths)
 
     reals = [0 if refs is None else _real_length(refs, once, kv_model) for refs in ref_sets]
     lengths = np.asarray([fixed_keys + real for real in reals], np.int32)
     if kv_model:
-        rows = [_empty_kv(once, length) if refs is None else once.kv(refs).padded_to(length) for refs in ref_sets]
-        ref_kv = ReferenceKV(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows)))
+        ref_kv = _kv_rows(once, [None if refs is None else once.kv(refs).kv for refs in ref_sets], length)
         return BatchReferences(layout, ref_kv, None, None, lengths)
-    rows_tokens = [
-        _empty_tokens(once, length) if refs is None else once.tokens(refs).padded_to(length) for refs in ref_sets
-    ]
-    tokens = jnp.concatenate([r.tokens for r in rows_tokens], axis=0)
-    ids = np.stack([r.ids for r in rows_tokens])
+    sets = [None if refs is None else once.tokens(refs) for refs in ref_sets]
+    tokens = _token_rows(once, [None if one is None else one.tokens for one in sets], length)
+    no_ids = np.zeros((0, 4), np.int64)
+    ids = np.stack([padded_ids(no_ids if one is None else one.ids, length) for one in sets])
     return BatchReferences(layout, None, tokens, ids, lengths)
 
 
@@ -184,12 +183,47 @@ def _real_length(refs: PreparedSet, cache: _OncePerCall, kv_model: bool) -> int:
     return cache.kv(refs).length if kv_model else cache.tokens(refs).length
 
 
-def _empty_kv(cache: _OncePerCall, length: int) -> ReferenceKV:
-    """Zero K/V for a row without references (all masked), shaped like the model's."""
-    shape = cache.transformer.kv_shape(length)
-    return ReferenceKV(*(jnp.zeros(s, cache.transformer.dtype) for s in shape))
+def _kv_rows(cache: _OncePerCall, rows: list[ReferenceKV | None], length: int) -> ReferenceKV:
+    """Batch-1 K/V per row (None: a row without references) as one (layers, rows, heads, length,
+    head_dim) K/V: each zero-padded along its keys to `length`, stacked on the batch axis. The
+    padding is masked by the key lengths. A single row already `length` long is used as it is."""
+    if len(rows) == 1 and rows[0] is not None and rows[0].double_k.shape[3] == length:
+        return rows[0]
+    transformer = cache.transformer
+    return _stack_kv(tuple(rows), transformer.kv_shape(length), jnp.dtype(transformer.dtype))
 
 
-def _empty_tokens(cache: _OncePerCall, length: int) -> ReferenceTokens:
-    channels = cache.transformer.config.in_channels
-    return ReferenceTokens(jnp.zeros((1, length, channels), jnp.float32), np.zeros((length, 4), np.int64), 0)
+def _token_rows(cache: _OncePerCall, rows: list[jax.Array | None], length: int) -> jax.Array:
+    """Batch-1 reference tokens per row (None: none) as (rows, length, C), zero-padded and stacked;
+    a single row already `length` long is used as it is."""
+    if len(rows) == 1 and rows[0] is not None and rows[0].shape[1] == length:
+        return rows[0]
+    return _stack_tokens(tuple(rows), (1, length, cache.transformer.config.in_channels))
+
+
+def _padded(array: jax.Array, axis: int, length: int) -> jax.Array:
+    pad = [(0, 0)] * array.ndim
+    pad[axis] = (0, length - array.shape[axis])
+    return jnp.pad(array, pad)
+
+
+# One program per batch's row shapes (op by op, every pad, zero block and concatenation was a
+# program of its own, traced and looked up in the compile cache again by every run).
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _stack_kv(rows: tuple[ReferenceKV | None, ...], shapes: tuple[tuple[int, ...], ...], dtype) -> ReferenceKV:
+    length = shapes[0][3]
+    parts = [
+        ReferenceKV(*(jnp.zeros(shape, dtype) for shape in shapes))
+        if row is None
+        else ReferenceKV(*(_padded(a, 3, length) for a in row))
+        for row in rows
+    ]
+    return ReferenceKV(*(jnp.concatenate(arrays, axis=1) for arrays in zip(*parts)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _stack_tokens(rows: tuple[jax.Array | None, ...], shape: tuple[int, int, int]) -> jax.Array:
+    parts = [jnp.zeros(shape, jnp.float32) if row is None else _padded(row, 1, shape[1]) for row in rows]
+    return jnp.concatenate(parts, axis=0)

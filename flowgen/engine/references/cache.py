@@ -72,16 +72,6 @@ class ReferenceTokens:
     ids: np.ndarray
     length: int
 
-    def padded_to(self, size: int) -> ReferenceTokens:
-        extra = size - self.tokens.shape[1]
-        if extra < 0:
-            raise ValueError(f"cannot pad {self.tokens.shape[1]} reference tokens down to {size}")
-        if extra == 0:
-            return self
-        tokens = jnp.pad(self.tokens, ((0, 0), (0, extra), (0, 0)))
-        ids = np.concatenate([self.ids, np.zeros((extra, self.ids.shape[1]), self.ids.dtype)])
-        return ReferenceTokens(tokens, ids, self.length)
-
 
 @dataclass
 class CachedKV:
@@ -93,16 +83,6 @@ class CachedKV:
     @property
     def padded_length(self) -> int:
         return int(self.kv.double_k.shape[3])
-
-    def padded_to(self, size: int) -> ReferenceKV:
-        """The K/V with zero keys appended up to `size` (masked by the caller's key lengths)."""
-        extra = size - self.padded_length
-        if extra < 0:
-            raise ValueError(f"cannot pad {self.padded_length} reference keys down to {size}")
-        if extra == 0:
-            return self.kv
-        pad = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
-        return ReferenceKV(*(jnp.pad(a, pad) for a in self.kv))
 
 
 # Token counts a reference set is padded to: 64 then four steps per octave (2^k · 1, 1.25, 1.5,
@@ -170,19 +150,19 @@ class ReferenceCache:
         the set's length bucket."""
         missing = {key: image for image, key in zip(refs.images, refs.keys) if key not in self._latents}
         made = dict(zip(missing, side_by_side(self._encode, list(missing.values()))))  # at once on CPU cores
-        packed, sizes = [], []
+        latents, sizes = [], []
         for image, key in zip(refs.images, refs.keys):
             if key in made:
-                latents = made[key]
-                self._latents.put(key, latents)
+                one = made[key]
+                self._latents.put(key, one)
             else:
-                latents = self._latents.get_or_make(key, functools.partial(self._encode, image))
-            height, width = latents.shape[2:]
+                one = self._latents.get_or_make(key, functools.partial(self._encode, image))
+            height, width = one.shape[2:]
             sizes.append((height, width))
-            packed.append(pack(latents))
-        tokens = jnp.concatenate(packed, axis=1)
-        exact = ReferenceTokens(tokens, reference_ids(sizes), int(tokens.shape[1]))
-        return exact.padded_to(length_bucket(exact.length))
+            latents.append(one)
+        length = sum(height * width for height, width in sizes)
+        bucket = length_bucket(length)
+        return ReferenceTokens(_set_tokens(tuple(latents), bucket), padded_ids(reference_ids(sizes), bucket), length)
 
     def kv(self, refs: PreparedSet) -> CachedKV:
         """The KV model's cached reference K/V for this set (batch 1, padded to its bucket), pre-pass
@@ -208,6 +188,22 @@ class ReferenceCache:
         ref = self.tokens(refs)
         lengths = None if ref.length == ref.tokens.shape[1] else np.array([ref.length], np.int32)
         return CachedKV(self.transformer.reference_kv(ref.tokens, ref.ids, lengths, params=self._params), ref.length)
+
+
+def padded_ids(ids: np.ndarray, size: int) -> np.ndarray:
+    """Position ids (R, 4) with zero ids appended up to `size` rows (padding tokens)."""
+    extra = size - ids.shape[0]
+    if extra < 0:
+        raise ValueError(f"cannot pad {ids.shape[0]} reference tokens down to {size}")
+    return np.concatenate([ids, np.zeros((extra, ids.shape[1]), ids.dtype)])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _set_tokens(latents: tuple[jax.Array, ...], length: int) -> jax.Array:
+    """A set's latents (1, C, h, w) each -> its tokens (1, length, C): packed, concatenated in order
+    and zero-padded to `length`, in one program (op by op, each op was a program of its own)."""
+    tokens = jnp.concatenate([pack(one) for one in latents], axis=1)
+    return jnp.pad(tokens, ((0, 0), (0, length - tokens.shape[1]), (0, 0)))
 
 
 def _as_pil(image, index: int, label: str):

@@ -2,7 +2,7 @@
 their sharding, a batch's rows split over "data", stacked block weights gathered a layer at a time.
 
     placement = Placement.build(data=4, model=2)        # the first 8 devices, axes ("data", "model")
-    with placement.loading():                           # loaders' to_device() / zeros() land here
+    with placement.loading():                           # loaders' to_device() lands here
         transformer = load_transformer(...)
     x = placement.rows(x)                               # (B, ...) split on "data"
 
@@ -11,7 +11,7 @@ modules (leading layer axis) larger than SHARD_BYTES are split on "model" along 
 other axis that `model` divides, the rest replicated. A loader hands each host (numpy) array to
 `to_device`, which copies it from host memory into its NamedSharding: no array goes to device 0
 first (moving device-0 arrays into a sharded layout compiles a resharding program per shape).
-Outside `loading()`, `to_device` is `jnp.asarray` (one device, as before meshes).
+Outside `loading()`, `to_device` puts the array on the default device (as before meshes).
 
 Layer gathering: traced code that runs a stacked module (`transformer.blocks.scan_layers`) asks
 `gather_layer(state)`: inside `gathering(sharding)` (the compiled transformer enters it when its
@@ -128,7 +128,7 @@ class Placement:
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
-        """Loaders called inside place their arrays on this mesh (`to_device`, `zeros`)."""
+        """Loaders called inside place their arrays on this mesh (`to_device`)."""
         previous = getattr(_STATE, "loading", None)
         _STATE.loading = self
         try:
@@ -205,32 +205,30 @@ def loading_placement() -> Placement | None:
 
 
 def to_device(host, dtype=None, *, stacked: bool = False) -> jax.Array:
-    """A host array on the device(s): into its sharding on the loading mesh, else `jnp.asarray`.
+    """A host array on the device(s): into its sharding on the loading mesh, else onto the default
+    device. A transfer (`jax.device_put`), never a program: `jnp.asarray` of a host array compiles
+    a `stage` program per shape (traced, lowered and looked up in the compile cache every run).
     stacked: the leaf of a stacked layer module (its axis 0 counts layers; may be split on "model")."""
+    host = np.asarray(host) if dtype is None else np.asarray(host, dtype=dtype)
     placement = loading_placement()
     if placement is None:
-        return jnp.asarray(host, dtype=dtype)
-    host = np.asarray(host) if dtype is None else np.asarray(host, dtype=dtype)
+        return jax.device_put(host)
     return jax.device_put(host, placement.weight_sharding(host.shape, host.dtype, stacked))
 
 
-def zeros(shape: tuple[int, ...], dtype, *, stacked: bool = False) -> jax.Array:
-    """Zeros in the sharding `to_device` would give an array of this shape (filled in place later)."""
-    placement = loading_placement()
-    if placement is None:
-        return jnp.zeros(shape, dtype)
-    sharding = placement.weight_sharding(shape, dtype, stacked)
-    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+def host_buffer(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An empty host array aligned to 64 bytes, for a loader to fill (a stacked leaf, layer by
+    layer) and hand to `to_device`: on the CPU backend `jax.device_put` adopts an aligned buffer as
+    the device array (no copy, so the load's peak stays near one copy of the params); numpy's own
+    large arrays are only 16-byte aligned and would be copied."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-def layer_sharding(stacked: jax.Array) -> jax.sharding.Sharding | None:
-    """The sharding of one layer of a stacked leaf placed by `to_device`/`zeros` (its spec without
-    the layer axis), or None for an unplaced array."""
-    sharding = getattr(stacked, "sharding", None)
-    if not isinstance(sharding, NamedSharding):
-        return None
-    spec = tuple(sharding.spec)[1:]
-    return NamedSharding(sharding.mesh, P(*spec))
+_ALIGN = 64
 
 
 # ---- inside traced code -----------------------------------------------------------------------

@@ -264,8 +264,8 @@ class Denoiser:
         if step_cache is not None and self.stages is None:
             raise ValueError("step caches need the transformer's stages: Denoiser(forward, transformer.stages)")
         cfg = guidance is not None
-        g = jnp.float32(guidance if cfg else 1.0)
-        sigmas = jnp.asarray(sigmas, jnp.float32)
+        g = np.float32(guidance if cfg else 1.0)  # host scalars go in as arguments (no eager op)
+        sigmas = jax.device_put(np.asarray(sigmas, np.float32))  # a transfer (jnp.asarray: a program)
         steps = sigmas.shape[0] - 1
         cache = {} if step_cache is None else {"step_cache": step_cache, "stages": self.stages}
         prepare_static = dict(cfg=cfg, sampler=sampler, **cache)
@@ -279,7 +279,7 @@ class Denoiser:
         prepared, carry = prepare(params, x, cond, sigmas)
         bounds = [(i, i + 1) for i in range(steps)] if on_step is not None else [(0, steps)]
         for start, stop in bounds:
-            carry = run_steps(params, carry, prepared, sigmas, g, keys, jnp.int32(start), jnp.int32(stop))
+            carry = run_steps(params, carry, prepared, sigmas, g, keys, np.int32(start), np.int32(stop))
             if on_step is not None:
                 jax.block_until_ready(carry[0])
                 on_step(stop)
@@ -415,6 +415,18 @@ def _on_mesh(placement: Placement, params, x, cond: Conditioning, sigmas, prepar
 
 def noise_keys(seeds) -> jax.Array:
     """(B,) PRNG keys for stochastic samplers, one per seed (64-bit seeds keep their high word)."""
-    data = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], dtype=np.uint32).reshape(-1, 2)
-    keys = jax.random.wrap_key_data(jnp.asarray(data))
-    return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(keys)
+    return _noise_keys(seed_words(seeds))
+
+
+def seed_words(seeds) -> np.ndarray:
+    """(B, 2) uint32 key data of each seed: its high and low 32-bit words."""
+    return np.array([[seed >> 32, seed & 0xFFFFFFFF] for seed in seeds], dtype=np.uint32).reshape(-1, 2)
+
+
+def keys_of_words(words) -> jax.Array:
+    """`noise_keys` from `seed_words` (B, 2), traceable: the pipeline draws them in the program
+    that draws the initial noise."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, NOISE_STREAM))(jax.random.wrap_key_data(words))
+
+
+_noise_keys = jax.jit(keys_of_words)  # one program (op by op, three)

@@ -16,6 +16,7 @@ from typing import TypeVar
 import ml_dtypes
 import numpy as np
 
+from flowgen.engine.runtime.placement import host_buffer
 from flowgen.engine.weights.safetensors_io import LazyTensors
 from flowgen.errors import CheckpointError
 
@@ -98,7 +99,7 @@ def load_stacked_layers(
     for kind, parts in LAYER_PARTS.items():
         rows = [shapes[p][0] for p in parts]
         trailing = shapes[parts[0]][1:]
-        host = np.empty((num_layers, sum(rows), *trailing), dtype=dtype)
+        host = host_buffer((num_layers, sum(rows), *trailing), dtype)  # aligned: the CPU device adopts it
         for n in range(num_layers):
             start = 0
             for part, count in zip(parts, rows):

@@ -63,6 +63,8 @@ class PromptEncoder:
     def embeddings(self, prompts: Sequence[str], max_length: int | None = None) -> jax.Array:
         """(B, T, D) embeddings; each distinct prompt is encoded once (at batch 1)."""
         distinct = {p: self.embed(p, max_length) for p in dict.fromkeys(prompts)}
+        if len(prompts) == 1:
+            return distinct[prompts[0]]  # as it is (a concatenation of one would be a program)
         return jnp.concatenate([distinct[p] for p in prompts], axis=0)
 
     def clear(self) -> None:

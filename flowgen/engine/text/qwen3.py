@@ -133,7 +133,7 @@ class TextEncoder:
         for slot, k in enumerate(self.layers):
             if k > 0:
                 slots[k - 1] = slot
-        self._slots = jnp.asarray(slots)
+        self._slots = placement.to_device(slots)  # a transfer: jnp.asarray would compile a program
         # Static settings of the jitted forward; equal settings share one compiled executable.
         self._static = dict(
             config=config,
@@ -160,8 +160,8 @@ class TextEncoder:
         if ids.size and (ids.min() < 0 or ids.max() >= self._embed_table.shape[0]):
             raise ValueError(f"token ids must lie in [0, {self._embed_table.shape[0]})")
         embeds = np.asarray(self._embed_table[ids.reshape(-1)], dtype=self.dtype).reshape(*ids.shape, -1)
-        valid = jnp.asarray(mask, dtype=bool)
-        return _encode(self._params, jnp.asarray(embeds), valid, self._slots, **self._static)
+        valid = np.asarray(mask, dtype=bool)  # host arrays go in as arguments of the program (no eager op)
+        return _encode(self._params, embeds, valid, self._slots, **self._static)
 
 
 def load_text_encoder(folder: str | Path, dtype: str = "float32", layers: Sequence[int] = KLEIN_LAYERS) -> TextEncoder:

@@ -154,9 +154,14 @@ class CompiledTransformer:
         if key not in self._rope_cache:
             if len(self._rope_cache) > 64:
                 self._rope_cache.clear()
-            cos, sin = rope_tables(ids, self.config.axes_dim, self.config.theta)
-            self._rope_cache[key] = (jnp.asarray(cos), jnp.asarray(sin))
+            self._rope_cache[key] = jax.device_put(rope_tables(ids, self.config.axes_dim, self.config.theta))
         return self._rope_cache[key]
+
+    def rope_rows(self, ids) -> tuple[jax.Array, jax.Array]:
+        """Device RoPE tables (B, N, ...) for per-row position ids (B, N, 4), stacked on the host
+        (one transfer, no program)."""
+        tables = [rope_tables(np.asarray(row), self.config.axes_dim, self.config.theta) for row in ids]
+        return jax.device_put(tuple(np.stack(parts) for parts in zip(*tables)))
 
     def __call__(self, x, x_ids, t, txt, txt_ids, ref_kv: ReferenceKV | None = None, key_lengths=None) -> jax.Array:
         """Velocity (B, N, 128) for tokens x (B, N, 128) at time t (B,) or scalar; optional cached ref K/V."""
@@ -176,5 +181,5 @@ class CompiledTransformer:
 
         key_lengths (B,): real tokens per row when rows are padded to one length. params: weights
         to use instead of the loaded ones (LoRA-merged, see lora/merge.py)."""
-        lengths = None if key_lengths is None else jnp.asarray(key_lengths, jnp.int32)
-        return self.prepass_fn(self.params if params is None else params, jnp.asarray(ref), self.rope(ref_ids), lengths)
+        lengths = None if key_lengths is None else np.asarray(key_lengths, np.int32)  # an argument, no eager op
+        return self.prepass_fn(self.params if params is None else params, ref, self.rope(ref_ids), lengths)

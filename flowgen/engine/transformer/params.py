@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -62,48 +61,45 @@ def validate_bfl_tensors(config: Flux2Config, tensors: Mapping) -> dict[str, tup
     return expected
 
 
-def _set_layer(stacked: jax.Array, index: int, value: jax.Array) -> jax.Array:
-    return stacked.at[index].set(value)
-
-
-_set_layer_inplace = jax.jit(_set_layer, donate_argnums=0)  # index is traced: one compile per shape
-
-
 def convert_bfl_tensors(config: Flux2Config, tensors: Mapping, abstract_params: dict, dtype) -> dict:
-    """Fill a pure-dict param tree (shapes from `abstract_params`) from BFL tensors, one tensor at a time.
+    """Fill a pure-dict param tree (shapes from `abstract_params`) from BFL tensors.
 
-    Stacked arrays are allocated on device once and filled layer by layer in place (donated
-    buffers), so host memory holds at most one source tensor beyond the growing params. Inside
-    `Placement.loading()` every array is placed from host memory into its sharding on the mesh.
+    Leaf by leaf: a stacked leaf is assembled in host memory layer by layer, then goes to the
+    device(s) in one transfer, so host memory holds at most one stacked leaf beyond the growing
+    params (on the CPU backend not even that: the aligned buffer becomes the device array). No
+    program runs: inside `Placement.loading()` every array goes from host memory straight into its
+    sharding on the mesh.
     """
     expected = validate_bfl_tensors(config, tensors)
-    params: dict = {}
-
-    def leaf_slot(path):
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        return node, path[-1]
-
-    def abstract_leaf(path):
-        node = abstract_params
-        for p in path:
-            node = node[p]
-        return node
-
+    layers_of: dict[tuple, dict[int | None, str]] = {}  # leaf path -> layer -> BFL key
     for key in expected:
         path, layer = param_location(key)
-        target = abstract_leaf(path)
+        layers_of.setdefault(path, {})[layer] = key
+    params: dict = {}
+    for path, keys in layers_of.items():
+        target = _abstract_leaf(abstract_params, path)
         leaf_dtype = target.dtype if path[-1] == "scale" else jnp.dtype(dtype)
-        host = np.asarray(tensors[key])
-        host = (host.T if path[-1] == "kernel" else host).astype(leaf_dtype, copy=False)
-        node, name = leaf_slot(path)
-        if layer is None:
-            node[name] = placement.to_device(host)
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        if None in keys:
+            node[path[-1]] = placement.to_device(_host_leaf(tensors, keys[None], path, leaf_dtype))
             continue
-        if name not in node:  # on a mesh: in the leaf's sharding (placement.py), filled layer by layer
-            node[name] = placement.zeros(target.shape, leaf_dtype, stacked=True)
-        into = placement.layer_sharding(node[name])  # a layer goes from host straight to its shards
-        value = jnp.asarray(host) if into is None else jax.device_put(host, into)
-        node[name] = _set_layer_inplace(node[name], layer, value)
+        stacked = placement.host_buffer(target.shape, leaf_dtype)
+        for layer, key in keys.items():
+            stacked[layer] = _host_leaf(tensors, key, path, leaf_dtype)
+        node[path[-1]] = placement.to_device(stacked, stacked=True)
+        del stacked
     return params
+
+
+def _abstract_leaf(tree: dict, path: tuple):
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+def _host_leaf(tensors: Mapping, key: str, path: tuple, dtype) -> np.ndarray:
+    """One BFL tensor in the param layout: kernels transposed to (in, out), cast to `dtype`."""
+    host = np.asarray(tensors[key])
+    return (host.T if path[-1] == "kernel" else host).astype(dtype, copy=False)

@@ -176,7 +176,7 @@ class VAE:
 
         On the CPU backend the images of a batch are encoded one per host thread (runtime/host_threads.py)."""
         self._check_images(images)
-        return _by_image(lambda x: self.encode_fn(self.params, x), jnp.asarray(images))
+        return _by_image(lambda x: self.encode_fn(self.params, x), images)
 
     def decode(self, z: jax.Array | np.ndarray) -> jax.Array:
         """(B, 128, h, w) normalised latents -> (B, 16h, 16w, 3) uint8, quantised on device.
@@ -185,12 +185,12 @@ class VAE:
         self._check_latents(z)
         # decoder and quantisation as two device calls, so decode and decode_float share one
         # compiled decoder per shape; the float image never leaves the device.
-        return _by_image(lambda x: to_uint8_jit(self.decode_float_fn(self.params, x)), jnp.asarray(z))
+        return _by_image(lambda x: to_uint8_jit(self.decode_float_fn(self.params, x)), z)
 
     def decode_float(self, z: jax.Array | np.ndarray, *, clamp: bool = True) -> jax.Array:
         """As `decode` but float32 NHWC before quantisation; clamp=False gives the raw decoder output."""
         self._check_latents(z)
-        x = self.decode_float_fn(self.params, jnp.asarray(z))
+        x = self.decode_float_fn(self.params, z)  # a host array goes in as the program's argument
         return jnp.clip(x, -1.0, 1.0) if clamp else x
 
     def _check_images(self, images) -> None:
@@ -211,13 +211,18 @@ class VAE:
         return f"VAE({self.source}, dtype={self.dtype.name}, config={self.config})"
 
 
-def _by_image(fn, batch: jax.Array) -> jax.Array:
-    """fn over a batch: whole on an accelerator or when the batch is split over devices (a mesh); on
-    one CPU device image by image (batch-1 programs, so an image's result never depends on its batch
-    mates), the images side by side on host threads."""
-    if batch.shape[0] < 2 or jax.default_backend() != "cpu" or len(batch.sharding.device_set) > 1:
+def _by_image(fn, batch: jax.Array | np.ndarray) -> jax.Array:
+    """fn over a batch (a device or host array): whole on an accelerator or when the batch is split
+    over devices (a mesh); on one CPU device image by image (batch-1 programs, so an image's result
+    never depends on its batch mates), the images side by side on host threads. There the batch is
+    split and the results joined in host memory (which is the device's): no slicing or
+    concatenating program."""
+    spread = isinstance(batch, jax.Array) and len(batch.sharding.device_set) > 1
+    if batch.shape[0] < 2 or jax.default_backend() != "cpu" or spread:
         return fn(batch)
-    return jnp.concatenate(side_by_side(fn, [batch[i : i + 1] for i in range(batch.shape[0])]))
+    host = np.asarray(batch)
+    images = side_by_side(fn, [host[i : i + 1] for i in range(host.shape[0])])
+    return jax.device_put(np.concatenate([np.asarray(image) for image in images]))
 
 
 def load_vae(

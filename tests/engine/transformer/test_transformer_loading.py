@@ -27,6 +27,7 @@ from flowgen.engine.transformer.checkpoint import Checkpoint, infer_config
 from flowgen.engine.transformer.compiled import CompiledTransformer
 from flowgen.engine.transformer.config import NAMED_CONFIGS, Flux2Config
 from flowgen.engine.transformer.keys import DiffusersAsBfl, bfl_to_diffusers, diffusers_shapes
+from flowgen.engine.transformer.params import param_location
 from flowgen.errors import CheckpointError
 
 TINY = Flux2Config(
@@ -151,6 +152,27 @@ def test_bfl_single_file_loads_the_same_params(tmp_path, bfl, expected_params):
     tr = load_transformer(_write(tmp_path / "flux-2-klein-tiny.safetensors", bfl))
     assert tr.config == TINY  # inferred from shapes
     _assert_same_params(tr.params, expected_params)
+
+
+def test_each_stacked_leaf_is_one_host_buffer_the_cpu_device_adopts(bfl, expected_params, monkeypatch):
+    """A stacked leaf is assembled layer by layer on the host and placed by one transfer (no program
+    per layer); on the CPU backend the device array is that aligned buffer, not a copy of it, so the
+    load's peak stays near one copy of the params."""
+    from flowgen.engine.runtime import placement
+
+    adopted, to_device = [], placement.to_device
+
+    def spy(host, dtype=None, *, stacked=False):
+        array = to_device(host, dtype, stacked=stacked)
+        if stacked:
+            adopted.append(host.ctypes.data == array.unsafe_buffer_pointer())
+        return array
+
+    monkeypatch.setattr(placement, "to_device", spy)
+    loaded = CompiledTransformer.from_bfl_tensors(TINY, bfl)
+    _assert_same_params(loaded.params, expected_params)
+    stacked = {param_location(key)[0] for key in bfl if param_location(key)[1] is not None}
+    assert len(adopted) == len(stacked) and all(adopted), adopted
 
 
 def test_comfy_prefix_is_stripped_and_other_models_ignored(tmp_path, bfl, expected_params):
