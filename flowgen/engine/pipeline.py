@@ -342,7 +342,7 @@ class Pipeline:
         timings["text"] += time.perf_counter() - start
 
         start = time.perf_counter()
-        ref_sets = [prepare_set(r, label=f"references[{i}]: ") if r else None for i, r in enumerate(req.references)]
+        ref_sets = self._prepared_sets(req.references)
         timings["references"] += time.perf_counter() - start
 
         sizes = [self._output_size(req, refs) for refs in ref_sets]
@@ -579,6 +579,23 @@ class Pipeline:
         pixels = to_host(self.vae.decode(_token_latents(tokens, h, w)))  # every row, every process
         timings["decode"] += time.perf_counter() - start
         return list(pixels), refs.layout, record
+
+    def _prepared_sets(self, references: Sequence) -> list[PreparedSet | None]:
+        """Each row's references prepared (None: none). Rows holding the very same image objects (a
+        set shared by the batch, a run's decoded packshot on several rows) are prepared, and content-
+        hashed, once."""
+        prepared: dict[tuple[int, ...], PreparedSet] = {}
+        sets: list[PreparedSet | None] = []
+        for row, images in enumerate(references):
+            if not images:
+                sets.append(None)
+                continue
+            key = tuple(map(id, images))  # the objects are alive for the whole call: ids are theirs
+            if key not in prepared:
+                self.counters["reference_prepare"] += 1
+                prepared[key] = prepare_set(images, label=f"references[{row}]: ")
+            sets.append(prepared[key])
+        return sets
 
     def _output_size(self, req: Request, refs: PreparedSet | None) -> tuple[int, int]:
         """(height, width): as given, else the first reference's prepared size, else the card's default."""

@@ -104,6 +104,7 @@ def test_work_is_done_once_per_distinct_input(pipe):
     assert [img.shape for img in out.images] == [(80, 64, 3)] * 4
     assert set(out.timings) == {"text", "references", "denoise", "decode"}
     assert pipe.counters["text_encode"] == 2  # distinct prompts
+    assert pipe.counters["reference_prepare"] == 3  # rows 2 and 3 hold the same image object: prepared once
     assert pipe.counters["vae_encode"] == 3  # distinct images
     assert pipe.counters["reference_prepass"] == 2  # distinct reference sets
     assert pipe.counters["denoise"] == 1  # one loop for the batch, whatever its reference sets
