@@ -129,3 +129,51 @@ def test_a_batch_with_references_compiles_every_program_before_the_first_batch(t
     assert "jit_encode_images" in result["unannounced"]  # the control: a size not announced compiles at first use
     # the cache holds them now: nothing is compiled ahead again (each first call reads its program back)
     assert again["ahead"] == [] and again["seconds"] == 0 and again["first_calls"] == [] and again["unannounced"] == []
+
+
+_MESH_REFERENCES = r"""
+import json, logging
+compiled = []
+class Misses(logging.Handler):
+    def emit(self, record):
+        message = record.getMessage()
+        if message.startswith("PERSISTENT COMPILATION CACHE MISS for"):
+            compiled.append(message.split("'")[1])
+logger = logging.getLogger("jax._src.compiler")
+logger.setLevel(logging.DEBUG)
+logger.addHandler(Misses())
+
+import numpy as np
+from PIL import Image
+from flowgen.engine import LoopShape, Pipeline, ReferenceSet
+
+def picture(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+a, b = picture(96, 80, 0), picture(64, 64, 1)
+set_a, set_b = ReferenceSet("a", ((96, 80),)), ReferenceSet("b", ((64, 64),))
+shapes = [LoopShape(batch=8, width=64, height=64, steps=2, references=(set_a,) * 4 + (set_b,) * 4),
+          LoopShape(batch=8, width=64, height=64, steps=2, references=(set_a,) * 8)]
+LOOPS = ("jit__prepare", "jit__steps")
+pipe = Pipeline.from_pretrained("flux2-klein-tiny", compile_ahead=shapes, max_sequence_length=24)
+ahead = sorted(name for name in compiled if name in LOOPS)
+compiled.clear()
+rows = pipe.generate(prompts=list("abcdefgh"), seeds=list(range(8)), width=64, height=64, steps=2,
+                     references=[[a]] * 4 + [[b]] * 4)
+shared = pipe.generate(prompts=list("abcdefgh"), seeds=list(range(8)), width=64, height=64, steps=2,
+                       references=[[a]] * 8)
+print("RESULT " + json.dumps({"mesh": pipe.mesh_text, "ahead": ahead,
+                              "first_calls": [name for name in compiled if name in LOOPS],
+                              "layouts": [rows.layouts[0]["reference_layout"], shared.layouts[0]["reference_layout"]]}))
+"""
+
+
+@pytest.mark.slow
+def test_on_a_mesh_the_loops_of_batches_with_references_compile_ahead(tmp_path):
+    """On 8 devices the reference inputs of a loop (per-row and shared K/V, key lengths) are split
+    over "data" as the call splits them: both loops compile ahead, their first calls compile none."""
+    env = cpu_env(8, drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
+    result = marked_json(run_python(_MESH_REFERENCES, env=env).stdout, "RESULT")
+    assert result["mesh"] == "data=8,model=1" and result["layouts"] == ["rows", "shared"]
+    assert result["ahead"] == ["jit__prepare", "jit__prepare", "jit__steps", "jit__steps"]
+    assert result["first_calls"] == []
