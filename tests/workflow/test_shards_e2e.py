@@ -83,8 +83,10 @@ def test_two_shards_at_once_one_killed_and_rerun_equal_a_single_process_run(tmp_
                 time.sleep(0.3)
                 break
         time.sleep(0.05)
+    ended_itself = second.poll()  # None: still running, as it must be until killed
     second.send_signal(signal.SIGKILL)
     second.wait()
+    assert ended_itself is None, f"shard 1 ended by itself ({ended_itself}) before recording a batch:\n{_output(second)}"
     rows_at_kill = len(_rows(killed_db))  # what it committed before it died
     assert 0 < rows_at_kill < 12, f"shard 1 held {rows_at_kill} rows when killed:\n{_output(second)}"
     log = _output(first)
