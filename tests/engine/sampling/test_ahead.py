@@ -13,8 +13,10 @@ import pytest
 
 from tests.engine.child_python import ROOT, cpu_env, marked_json, run_python
 
-_SCRIPT = r"""
-import json, logging, sys
+# The head of every child script: `compiled` collects the programs JAX compiles (persistent-cache
+# misses), by name, and `picture` makes a reference image.
+_MISSES = r"""
+import json, logging
 compiled = []
 class Misses(logging.Handler):
     def emit(self, record):
@@ -24,6 +26,15 @@ class Misses(logging.Handler):
 logger = logging.getLogger("jax._src.compiler")
 logger.setLevel(logging.DEBUG)
 logger.addHandler(Misses())
+
+import numpy as np
+from PIL import Image
+
+def picture(width, height, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+"""
+
+_SCRIPT = _MISSES + r"""
 
 from flowgen.engine import LoopShape, Pipeline
 
@@ -70,24 +81,8 @@ def test_a_run_compiles_its_batches_ahead_and_records_it(tmp_path):
     assert 0 < startup["ahead"] < startup["load"] < startup["first_image"]
 
 
-_REFERENCES = r"""
-import json, logging
-compiled = []
-class Misses(logging.Handler):
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("PERSISTENT COMPILATION CACHE MISS for"):
-            compiled.append(message.split("'")[1])
-logger = logging.getLogger("jax._src.compiler")
-logger.setLevel(logging.DEBUG)
-logger.addHandler(Misses())
-
-import numpy as np
-from PIL import Image
+_REFERENCES = _MISSES + r"""
 from flowgen.engine import LoopShape, Pipeline, ReferenceSet
-
-def picture(width, height, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 a, b, c = picture(96, 80, 0), picture(64, 64, 1), picture(112, 128, 2)
 set_a, set_bc = ReferenceSet("a", ((96, 80),)), ReferenceSet("b|c", ((64, 64), (112, 128)))  # 30 and 72 tokens
@@ -131,24 +126,8 @@ def test_a_batch_with_references_compiles_every_program_before_the_first_batch(t
     assert again["ahead"] == [] and again["seconds"] == 0 and again["first_calls"] == [] and again["unannounced"] == []
 
 
-_MESH_REFERENCES = r"""
-import json, logging
-compiled = []
-class Misses(logging.Handler):
-    def emit(self, record):
-        message = record.getMessage()
-        if message.startswith("PERSISTENT COMPILATION CACHE MISS for"):
-            compiled.append(message.split("'")[1])
-logger = logging.getLogger("jax._src.compiler")
-logger.setLevel(logging.DEBUG)
-logger.addHandler(Misses())
-
-import numpy as np
-from PIL import Image
+_MESH_REFERENCES = _MISSES + r"""
 from flowgen.engine import LoopShape, Pipeline, ReferenceSet
-
-def picture(width, height, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 a, b = picture(96, 80, 0), picture(64, 64, 1)
 set_a, set_b = ReferenceSet("a", ((96, 80),)), ReferenceSet("b", ((64, 64),))
@@ -177,3 +156,4 @@ def test_on_a_mesh_the_loops_of_batches_with_references_compile_ahead(tmp_path):
     assert result["mesh"] == "data=8,model=1" and result["layouts"] == ["rows", "shared"]
     assert result["ahead"] == ["jit__prepare", "jit__prepare", "jit__steps", "jit__steps"]
     assert result["first_calls"] == []
+
