@@ -124,10 +124,7 @@ def img2img_start(strength: float, steps: int) -> int:
 
 
 def _compile_ahead(shapes, source: ModelSource, dtype: str, attention, where, text_length: int) -> list:
-    """Start compiling the transformer programs of `shapes` (sampling/ahead.py); [] when there is
-    nothing to compile or no persistent cache to keep the programs in for the batches' own calls."""
-    if not shapes or compile_cache.in_use() is None:
-        return []
+    """Start compiling the transformer programs of `shapes` (sampling/ahead.py)."""
     from flowgen.engine.transformer.checkpoint import transformer_config
 
     model = ahead.abstract_model(transformer_config(source.transformer), dtype, attention, where, source.is_kv)
@@ -176,7 +173,7 @@ class Pipeline:
     ):
         self.transformer, self.vae, self.source = transformer, vae, source
         self.placement = placement  # the device mesh the weights were loaded onto; None: one device
-        self.ahead_seconds = 0.0  # seconds compiling loops ahead of time (from_pretrained's compile_ahead)
+        self.ahead_seconds = 0.0  # seconds compiling programs ahead of time (from_pretrained's compile_ahead)
         # the transformer was loaded in the runtime's dtype (from_pretrained) or brings its own
         self.runtime = (runtime or RuntimeConfig(dtype=dtype or transformer.dtype.name)).resolved()
         self.dtype = jnp.dtype(self.runtime.dtype)
@@ -223,10 +220,14 @@ class Pipeline:
         src = resolve_source(source)
         where = placement_for(runtime.mesh, src, dtype)  # None on one device
         attention = None if runtime.attention == "auto" else settings.attention
-        compiling = _compile_ahead(compile_ahead, src, dtype, attention, where, max_sequence_length)
+        # ahead only into a persistent cache: the batches' own calls find the programs there
+        ahead_of_time = bool(compile_ahead) and compile_cache.in_use() is not None
+        compiling = (
+            _compile_ahead(compile_ahead, src, dtype, attention, where, max_sequence_length) if ahead_of_time else []
+        )
         with where.loading() if where is not None else contextlib.nullcontext():  # weights: host -> their shards
             vae = load_vae(src.root / "vae", dtype)  # first: its programs compile while the rest loads
-            if compiling:  # (compiling ahead at all)
+            if ahead_of_time:
                 compiling += ahead.start_vae(compile_ahead, vae, where)
             transformer = load_transformer(src.transformer, dtype=dtype)
             text_encoder = load_text_encoder(src.root / "text_encoder", dtype)

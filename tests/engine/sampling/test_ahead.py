@@ -157,3 +157,27 @@ def test_on_a_mesh_the_loops_of_batches_with_references_compile_ahead(tmp_path):
     assert result["ahead"] == ["jit__prepare", "jit__prepare", "jit__steps", "jit__steps"]
     assert result["first_calls"] == []
 
+
+_NEW_SIZE = r"""
+width, height = int(sys.argv[1]), int(sys.argv[2])
+image, refs = picture(width, height, 0), ReferenceSet(f"{width}x{height}", ((width, height),))
+shape = LoopShape(batch=2, width=64, height=64, steps=2, references=(refs, refs))
+pipe = Pipeline.from_pretrained("flux2-klein-tiny", compile_ahead=[shape], max_sequence_length=24)
+ahead = sorted(compiled)
+compiled.clear()
+pipe.generate(prompts=list("ab"), seeds=[1, 2], width=64, height=64, steps=2, references=[[image], [image]])
+print("RESULT " + json.dumps({"ahead": ahead, "first_calls": compiled}))
+"""
+
+
+@pytest.mark.slow
+def test_a_new_reference_size_compiles_ahead_when_everything_else_is_in_the_cache(tmp_path):
+    """A second run whose only new program is one reference size's encode (its loop and pre-pass
+    are the first run's: same layout, same length bucket) still compiles that encode ahead."""
+    env = cpu_env(drop=("FLOWGEN_COMPILE_CACHE",), FLOWGEN_CACHE=str(tmp_path / "cache"))
+    script = "import sys\n" + _MISSES + "\nfrom flowgen.engine import LoopShape, Pipeline, ReferenceSet\n" + _NEW_SIZE
+    first = marked_json(run_python(script, 96, 80, env=env).stdout, "RESULT")  # 30 tokens: bucket 64
+    second = marked_json(run_python(script, 80, 96, env=env).stdout, "RESULT")  # 30 tokens too, another size
+    assert first["ahead"].count("jit_encode_images") == 1 and "jit__steps" in first["ahead"]
+    assert second["ahead"] == ["jit_encode_images"]  # only the new size; the rest is noted in the cache
+    assert "jit_encode_images" not in second["first_calls"]  # (a set's tokens program of the new size is glue)
