@@ -31,7 +31,7 @@ from flowgen.run.shards import Shard
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = ["model=flux2-klein-tiny", "task.width=128", "task.height=128", "task.steps=2", "task.numberResults=6"]
-HEARTBEAT = 5  # seconds: --heartbeat-timeout of these runs
+HEARTBEAT = 15  # seconds: --heartbeat-timeout of these runs (5 s missed a live peer once, under a loaded suite)
 TIMEOUT = 300
 
 
